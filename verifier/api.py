@@ -1,0 +1,187 @@
+"""The public API: wrap a model once, then ask for bounds under a perturbation.
+
+    model = BoundedModel(torch_module, input_shape=(1, 28, 28))    # or BoundedModel.from_onnx(path)
+    res = model.bounds(LpBall(x, eps=0.1, clip=(0, 1)), method="crown", spec=margin_spec(y, 10))
+    res.lower, res.upper            # [batch, spec] (or [batch, *out_shape] without a spec)
+    res["fc1"]                      # Interval of an intermediate node, by the model's node name
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .bound_types import Interval
+from .bounds.crown import crown_bounds, ibp_spec_bounds
+from .bounds.ibp import ibp_bounds
+from .errors import ShapeError, VerifierError
+from .graph.nodes import Graph
+from .graph.trace import build_graph
+from .perturbation import Box, LpBall, Perturbation
+
+METHODS = ("ibp", "crown", "crown-ibp")
+
+
+@dataclass(repr=False)
+class BoundResult:
+    """Bounds of ``spec·f(x)`` (or of ``f(x)``) over the perturbation set.
+
+    ``lower, upper: [batch, spec]`` (``[batch, *out_shape]`` without a spec); ``nodes`` maps node
+    names to the intervals the method computed on the way.
+    """
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+    method: str
+    spec: torch.Tensor | None
+    nodes: dict[str, Interval] = field(default_factory=dict)
+    time_s: float = 0.0
+
+    def __getitem__(self, name: str) -> Interval:
+        if name not in self.nodes:
+            raise KeyError(f"no bounds for node {name!r}; nodes with bounds: {sorted(self.nodes)}")
+        return self.nodes[name]
+
+    @property
+    def verified(self) -> torch.Tensor | None:
+        """Per sample: every spec row's lower bound > 0 (None without a spec)."""
+        if self.spec is None:
+            return None
+        return (self.lower > 0).all(dim=1)
+
+    def __repr__(self) -> str:
+        v = self.verified
+        vs = "" if v is None else f", verified={v.tolist()}"
+        return (f"BoundResult(method={self.method}, shape={list(self.lower.shape)}, "
+                f"lower.min={self.lower.min().item():.5g}, upper.max={self.upper.max().item():.5g}"
+                f"{vs}, nodes={len(self.nodes)}, time_s={self.time_s:.4f})")
+
+
+def margin_spec(labels, n_classes: int, dtype=torch.float32) -> torch.Tensor:
+    """Rows ``e_y - e_j`` for every ``j != y`` in ascending j: ``[batch, n_classes - 1, n_classes]``."""
+    labels = torch.as_tensor(labels).reshape(-1).long()
+    if ((labels < 0) | (labels >= n_classes)).any():
+        raise ShapeError(f"labels must lie in [0, {n_classes - 1}], got {labels.tolist()}")
+    B = labels.shape[0]
+    eye = torch.eye(n_classes, dtype=dtype)
+    C = eye[labels].unsqueeze(1) - eye.unsqueeze(0)           # [B, n, n]: row j = e_y - e_j
+    keep = torch.ones(B, n_classes, dtype=torch.bool)
+    keep[torch.arange(B), labels] = False
+    return C[keep].view(B, n_classes - 1, n_classes)
+
+
+class BoundedModel:
+    """A model traced once into a bound-propagation graph.
+
+    ``model``: an ``nn.Module`` (traced with torch.fx) or an fx.GraphModule; ``input_shape``: the
+    per-sample input shape (no batch dim), or ``example_input`` with a batch dim.
+    """
+
+    def __init__(self, model: torch.nn.Module, input_shape=None, example_input=None,
+                 dtype: torch.dtype = torch.float32, input_name: str | None = None):
+        if example_input is None:
+            if input_shape is None:
+                raise ShapeError("give input_shape (per sample) or example_input")
+            example_input = torch.zeros(1, *input_shape)
+        example_input = torch.as_tensor(example_input)[:1].to(torch.float32)
+        self.module = model.eval()
+        self.dtype = dtype
+        self.graph: Graph = build_graph(self.module, (example_input,),
+                                        [input_name] if input_name else None).to(dtype)
+        if len(self.graph.leaves) != 1:
+            raise ShapeError(f"the model takes {len(self.graph.leaves)} inputs; one is supported")
+        self.input = self.graph.leaves[0]
+        self.input_shape = self.graph[self.input].shape
+        self.output_shape = self.graph[self.graph.output].shape
+        self.source_path: str | None = None
+
+    @classmethod
+    def from_onnx(cls, path, dtype: torch.dtype = torch.float32) -> "BoundedModel":
+        """Load an ONNX file (``.onnx`` or ``.onnx.gz``); a symbolic batch dim is taken as 1."""
+        from .graph.onnx_loader import load_onnx
+        m = load_onnx(path)
+        if len(m.input_names) != 1:
+            raise ShapeError(f"{path}: the model has {len(m.input_names)} inputs; one is supported")
+        shape = tuple(max(1, d) for d in m.input_shapes[0]) or (1,)
+        if len(shape) == 1 and shape[0] != 1:
+            raise ShapeError(f"{path}: input {m.input_names[0]} has shape {list(shape)} without a "
+                             "batch dimension")
+        self = cls(m.module, example_input=torch.zeros(1, *shape[1:]), dtype=dtype)
+        self.source_path = str(path)
+        self.onnx = m
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The original model's output on ``x: [batch, *input_shape]``."""
+        with torch.no_grad():
+            return self.module(x.to(torch.float32))
+
+    def check_input(self, x: torch.Tensor, what: str = "input") -> torch.Tensor:
+        """Accept ``[*input_shape]``, ``[1, *input_shape]`` or ``[N, *input_shape]``, or anything with
+        the right number of elements per sample; -> [N, *input_shape]."""
+        x = torch.as_tensor(x)
+        n = math.prod(self.input_shape)
+        if tuple(x.shape) == tuple(self.input_shape):
+            x = x.unsqueeze(0)
+        elif tuple(x.shape[1:]) != tuple(self.input_shape):
+            if x.numel() == n:
+                x = x.reshape(1, *self.input_shape)
+            elif x.ndim >= 1 and x.numel() % n == 0 and math.prod(x.shape[1:]) == n:
+                x = x.reshape(x.shape[0], *self.input_shape)
+            else:
+                raise ShapeError(f"{what} of shape {list(x.shape)} does not fit the model's input "
+                                 f"shape {list(self.input_shape)} (per sample)")
+        return x.to(self.dtype)
+
+    def _leaves(self, perturbation) -> dict[str, Perturbation]:
+        if isinstance(perturbation, dict):
+            return perturbation
+        if isinstance(perturbation, LpBall):
+            c = self.check_input(perturbation.center, "the ball's center")
+            eps = perturbation.eps
+            if isinstance(eps, torch.Tensor) and eps.ndim > 1 and perturbation.norm == math.inf:
+                eps = eps.to(self.dtype)
+            clip = perturbation.clip
+            p = LpBall(c, eps, perturbation.norm, clip)
+        elif isinstance(perturbation, Box):
+            p = Box(self.check_input(perturbation.lower, "box lower"),
+                    self.check_input(perturbation.upper, "box upper"))
+        else:
+            raise VerifierError(f"unknown perturbation {type(perturbation).__name__}")
+        return {self.input: p.to(self.dtype)}
+
+    def bounds(self, perturbation: Perturbation, method: str = "crown",
+               spec: torch.Tensor | None = None) -> BoundResult:
+        """Bounds of ``spec·f(x)`` for every ``x`` in the perturbation set.
+
+        ``method``: "ibp", "crown" or "crown-ibp"; ``spec``: ``[batch, S, *out_shape]`` (or
+        ``[S, *out_shape]`` shared by the batch), merged into the last affine layer.
+        """
+        method = method.lower()
+        if method not in METHODS:
+            raise VerifierError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        leaves = self._leaves(perturbation)
+        B = next(iter(leaves.values())).interval().lower.shape[0]
+        C = None
+        if spec is not None:
+            C = torch.as_tensor(spec).to(self.dtype)
+            if C.ndim == 1 + len(self.output_shape):
+                C = C.unsqueeze(0).expand(B, *C.shape)
+            if C.shape[0] != B or tuple(C.shape[2:]) != tuple(self.output_shape):
+                raise ShapeError(f"spec of shape {list(C.shape)} does not fit batch {B} and output "
+                                 f"shape {list(self.output_shape)}")
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if method == "ibp":
+                nodes = ibp_bounds(self.graph, leaves)
+                if C is None:
+                    out = nodes[self.graph.output]
+                    lo, up = out.lower, out.upper
+                else:
+                    lo, up = ibp_spec_bounds(self.graph, nodes, C)
+            else:
+                lo, up, nodes = crown_bounds(self.graph, leaves, C, method=method)
+        dt = time.perf_counter() - t0
+        return BoundResult(lo, up, method, C, nodes, dt)

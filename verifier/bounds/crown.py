@@ -1,0 +1,198 @@
+"""CROWN: backward linear bound propagation over the graph.
+
+Starting from ``C`` at a node (``A = C: [B, S, *shape]``), every node passes its ``A`` to its
+inputs through its rule's linear relaxation, in reverse topological order; at a leaf the linear
+bound is concretized over the leaf's perturbation set (dual norm). Nonlinear rules need their
+inputs' intervals: ``crown_bounds`` computes them first, node by node in topological order, with
+CROWN itself (method "crown") or with IBP (method "crown-ibp"), always intersected with IBP.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..bound_types import Interval, concretize_interval
+from ..graph.nodes import Graph
+from ..ops import RULES
+from ..perturbation import Perturbation
+
+# Budget for one backward pass, in tensor elements of the widest A: rows of C are split into
+# chunks so that batch * rows * widest_node stays below it.
+MAX_A_ELEMENTS = 2 ** 25
+
+
+def _accumulate(store: dict, name: str, al, au) -> None:
+    if name not in store:
+        store[name] = (al, au)
+        return
+    ol, ou = store[name]
+    nl = ol + al
+    nu = nl if (ol is ou and al is au) else ou + au
+    store[name] = (nl, nu)
+
+
+def backward_bound(graph: Graph, start: str, C: torch.Tensor, bounds: dict[str, Interval],
+                   leaves: dict[str, Perturbation]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower and upper bounds ``[B, S]`` of ``C·x_start`` (``C: [B, S, *shape(start)]``)."""
+    A: dict[str, tuple] = {start: (C, C)}
+    lower = upper = 0.0
+    for name in reversed(graph.ancestors_order(start)):
+        if name not in A:
+            continue
+        A_l, A_u = A.pop(name)
+        node = graph[name]
+        if node.op == "input":
+            lower = lower + leaves[name].concretize(A_l, upper=False)
+            upper = upper + leaves[name].concretize(A_u, upper=True)
+            continue
+        rule = RULES[node.op]
+        ins = [bounds[i] for i in node.inputs] if rule.needs_bounds else None
+        parts, b_l, b_u = rule.backward(node, A_l, A_u, ins)
+        lower = lower + b_l
+        upper = upper + b_u
+        for inp, (al, au) in zip(node.inputs, parts):
+            if al is not None:
+                _accumulate(A, inp, al, au)
+    B, S = C.shape[:2]
+    if not isinstance(lower, torch.Tensor):  # the start does not depend on any leaf
+        lower = C.new_zeros(B, S) + lower
+        upper = C.new_zeros(B, S) + upper
+    return lower, upper
+
+
+def _rows_per_chunk(graph: Graph, start: str, batch: int) -> int:
+    widest = max(math.prod(graph[n].shape) for n in graph.ancestors_order(start))
+    return max(1, MAX_A_ELEMENTS // max(1, batch * widest))
+
+
+def chunked_backward(graph, start, C, bounds, leaves):
+    """``backward_bound`` over chunks of spec rows (bounded memory)."""
+    step = _rows_per_chunk(graph, start, C.shape[0])
+    if C.shape[1] <= step:
+        return backward_bound(graph, start, C, bounds, leaves)
+    lo, up = [], []
+    for k in range(0, C.shape[1], step):
+        l, u = backward_bound(graph, start, C[:, k:k + step], bounds, leaves)
+        lo.append(l)
+        up.append(u)
+    return torch.cat(lo, 1), torch.cat(up, 1)
+
+
+def _identity_spec(batch: int, shape, dtype, device, rows=None) -> torch.Tensor:
+    """One-hot rows ``[B, k, *shape]`` selecting the flat positions ``rows`` (all by default)."""
+    n = math.prod(shape)
+    if rows is None:
+        eye = torch.eye(n, dtype=dtype, device=device)
+    else:
+        eye = torch.zeros(len(rows), n, dtype=dtype, device=device)
+        eye[torch.arange(len(rows)), rows] = 1.0
+    return eye.view(1, -1, *shape).expand(batch, -1, *shape)
+
+
+def refine_node(graph, name, bounds, leaves, intersect: bool = True) -> tuple[Interval, bool]:
+    """CROWN bounds of one intermediate node, intersected with its current (IBP) bounds unless
+    ``intersect`` is False. Where every consumer is ReLU-like, only neurons unstable under the
+    current bounds are bounded again. -> (bounds, whether the intersection tightened them)."""
+    node = graph[name]
+    cur = bounds[name]
+    B = cur.lower.shape[0]
+    rows = None
+    if all(RULES[c.op].sign_only for c in graph.consumers(name)):
+        unstable = ((cur.lower < 0) & (cur.upper > 0)).reshape(B, -1).any(0)
+        rows = unstable.nonzero().flatten()
+        if rows.numel() == 0:
+            return cur, False
+    C = _identity_spec(B, node.shape, cur.lower.dtype, cur.lower.device, rows)
+    lo, up = chunked_backward(graph, name, C, bounds, leaves)
+    if rows is None:
+        new = Interval(lo.view_as(cur.lower), up.view_as(cur.upper))
+    else:
+        nl = cur.lower.reshape(B, -1).clone()
+        nu = cur.upper.reshape(B, -1).clone()
+        nl[:, rows] = lo
+        nu[:, rows] = up
+        new = Interval(nl.view_as(cur.lower), nu.view_as(cur.upper))
+    if not intersect:
+        return new, False
+    tol = 1e-5 * (new.upper - new.lower).clamp(min=1e-6)
+    helped = bool(((cur.lower - new.lower > tol) | (new.upper - cur.upper > tol)).any())
+    return cur.intersect(new), helped
+
+
+def _ibp_exact(graph, node, leaves) -> bool:
+    """One affine op applied to box-shaped leaves: its interval is already the exact range."""
+    return (RULES[node.op].affine and all(graph[i].op == "input" for i in node.inputs)
+            and all(getattr(leaves[i], "norm", math.inf) == math.inf for i in node.inputs))
+
+
+def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: str,
+                        upto: str | None = None, intersect: bool = True):
+    """Intervals of every node that a nonlinear rule reads (and IBP ones for the rest).
+
+    Walking in topological order, each node first gets IBP bounds from its inputs' current
+    (possibly refined) bounds; with method "crown", nodes read by a nonlinear rule are then
+    tightened by a CROWN pass (intersected with IBP unless ``intersect`` is False).
+    -> (bounds, whether IBP tightened some CROWN bound).
+    """
+    bounds: dict[str, Interval] = {}
+    any_help = False
+    names = graph.order if upto is None else graph.ancestors_order(upto)
+    for name in names:
+        node = graph[name]
+        if node.op == "input":
+            bounds[name] = leaves[name].interval()
+            continue
+        bounds[name] = RULES[node.op].interval(node, [bounds[i] for i in node.inputs])
+        if (method == "crown" and name != upto and not _ibp_exact(graph, node, leaves)
+                and any(RULES[c.op].needs_bounds for c in graph.consumers(name))):
+            bounds[name], helped = refine_node(graph, name, bounds, leaves, intersect)
+            any_help |= helped
+    return bounds, any_help
+
+
+def crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor | None,
+                 method: str = "crown"):
+    """-> (lower, upper, bounds): bounds of ``C·f`` (``[B, S]``), or of ``f`` itself
+    (``[B, *out_shape]``) when C is None, and the intermediate intervals by node name."""
+    out = graph.output
+    bounds, ibp_helped = intermediate_bounds(graph, leaves, method, upto=out)
+    ref = bounds[out].lower
+    B = ref.shape[0]
+    spec = C if C is not None else _identity_spec(B, graph[out].shape, ref.dtype, ref.device)
+    lo, up = chunked_backward(graph, out, spec, bounds, leaves)
+    if ibp_helped:
+        # Tighter intermediate bounds do not always give a tighter output bound: they change
+        # the adaptive ReLU lower slopes. When IBP tightened CROWN somewhere (typical of
+        # IBP-trained nets), also run plain CROWN and keep the better bound of each row.
+        pure, _ = intermediate_bounds(graph, leaves, method, upto=out, intersect=False)
+        lo2, up2 = chunked_backward(graph, out, spec, pure, leaves)
+        lo, up = torch.maximum(lo, lo2), torch.minimum(up, up2)
+    if C is None:
+        lo, up = lo.view_as(ref), up.view_as(ref)
+        bounds[out] = bounds[out].intersect(Interval(lo, up))
+        lo, up = bounds[out].lower, bounds[out].upper
+    else:
+        # the spec applied to the output's own interval is sound too: keep the tighter
+        ibp_l = concretize_interval(C, bounds[out], upper=False)
+        ibp_u = concretize_interval(C, bounds[out], upper=True)
+        lo, up = torch.maximum(lo, ibp_l), torch.minimum(up, ibp_u)
+    return lo, up, bounds
+
+
+def ibp_spec_bounds(graph: Graph, bounds: dict[str, Interval], C: torch.Tensor):
+    """Bounds of ``C·f`` from IBP intervals, with C merged into the output node when that node is
+    affine (``C W`` concretized over the node's input intervals: tighter than C over f's box)."""
+    out = graph.output
+    node = graph[out]
+    rule = RULES[node.op] if node.op != "input" else None
+    lo = concretize_interval(C, bounds[out], upper=False)
+    up = concretize_interval(C, bounds[out], upper=True)
+    if rule is not None and rule.affine:
+        parts, b_l, b_u = rule.backward(node, C, C, None)
+        ml, mu = b_l, b_u
+        for inp, (al, au) in zip(node.inputs, parts):
+            ml = ml + concretize_interval(al, bounds[inp], upper=False)
+            mu = mu + concretize_interval(au, bounds[inp], upper=True)
+        lo, up = torch.maximum(lo, ml), torch.minimum(up, mu)
+    return lo, up

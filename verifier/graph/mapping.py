@@ -1,0 +1,471 @@
+"""Tables that map fx nodes (modules, functions, methods) to bound rules.
+
+Each entry is ``handler(builder, fx_node, target, *args, **kwargs)`` where perturbed arguments
+arrive as ``Ref`` and every other argument as its recorded constant value. A handler adds one
+node (``builder.add``), makes an alias (identity ops), or reports a problem.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .trace import Ref
+
+
+def _refs(x) -> list[Ref]:
+    if isinstance(x, Ref):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [r for a in x for r in _refs(a)]
+    if isinstance(x, dict):
+        return [r for a in x.values() for r in _refs(a)]
+    return []
+
+
+def _tuple(v, nd):
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,) * nd
+
+
+def _float_const(b, v):
+    t = torch.as_tensor(v)
+    return t if t.is_floating_point() else t.to(torch.get_default_dtype())
+
+
+# --- generic handlers ------------------------------------------------------------------------
+def alias(b, n, target, *args, **kwargs):
+    refs = _refs(args)
+    b.make_alias(n, refs[0])
+
+
+def select(b, n, target, *args, **kwargs):
+    """A pure data movement: probe it with numbered tensors to get its index map."""
+    refs = _refs((args, kwargs))
+    if len(refs) != 1:
+        return b.problem(n, "a shape op over several perturbed tensors")
+    ref = refs[0]
+    src = [a for a in n.all_input_nodes if a.name in b.perturbed]
+    numel = math.prod(ref.shape)
+    t1 = torch.arange(1, numel + 1, dtype=torch.float64).reshape(1, *ref.shape)
+    t2 = -t1 - 0.5
+    with torch.no_grad():
+        o1 = b.rerun(n, {src[0].name: t1})
+        o2 = b.rerun(n, {src[0].name: t2})
+    out_shape = b.out_shape(n)
+    if not (isinstance(o1, torch.Tensor) and tuple(o1.shape) == (1, *out_shape) and o1.shape == o2.shape):
+        return b.problem(n, "a shape op whose output does not keep the batch dimension")
+    o1, o2 = o1.flatten().double(), o2.flatten().double()
+    moved = o1 != o2
+    idx = torch.where(moved, o1 - 1, torch.full_like(o1, -1)).round().long()
+    ok = (~moved) | ((o2 == -o1 - 0.5) & (o1 - 1 == idx.double()) & (idx >= 0) & (idx < numel))
+    if not bool(ok.all()):
+        return b.problem(n, "not a pure data movement (elements are combined)")
+    fill = None if bool(moved.all()) else torch.where(moved, 0.0, o1).to(torch.get_default_dtype())
+    identity = fill is None and idx.numel() == numel and bool((idx == torch.arange(numel)).all())
+    permutation = (fill is None and idx.numel() == numel
+                   and bool((torch.bincount(idx, minlength=numel) == 1).all()))
+    b.add(n, "select", [ref], index=idx, fill=fill, identity=identity, permutation=permutation,
+          in_shape=ref.shape)
+
+
+def _affine(b, n, ref, w=None, bias=None):
+    full_ndim = len(b.out_shape(n)) + 1
+
+    def norm(c):
+        if c is None:
+            return None
+        c = _float_const(b, c)
+        if c.ndim == full_ndim:
+            if c.shape[0] != 1:
+                raise ValueError(f"a constant of shape {list(c.shape)} varies along the batch")
+            c = c[0]
+        elif c.ndim > full_ndim:
+            raise ValueError(f"a constant of shape {list(c.shape)} has more dims than the output")
+        return c
+
+    b.add(n, "affine", [ref], w=norm(w), b=norm(bias), in_shape=ref.shape)
+
+
+def binary(kind):
+    def handler(b, n, target, x, y, *rest, **kwargs):
+        alpha = kwargs.get("alpha", 1)
+        if alpha != 1 or kwargs.get("rounding_mode"):
+            return b.problem(n, f"{kind} with alpha/rounding_mode")
+        xr, yr = isinstance(x, Ref), isinstance(y, Ref)
+        if xr and yr:
+            if kind in ("add", "sub"):
+                return b.add(n, "add", [x, y], signs=(1, 1 if kind == "add" else -1),
+                             in_shapes=(x.shape, y.shape))
+            if kind == "mul":
+                return b.add(n, "mul", [x, y], in_shapes=(x.shape, y.shape))
+            return b.problem(n, f"{kind} of two perturbed tensors is not supported")
+        if kind == "matmul":
+            if xr:
+                W = _float_const(b, y)
+                if W.ndim != 2:
+                    return b.problem(n, f"matmul with a constant of shape {list(W.shape)} (need 2-D)")
+                return b.add(n, "linear", [x], weight=W.t().contiguous(), bias=None)
+            M = _float_const(b, x)
+            if M.ndim != 2 or len(y.shape) < 2:
+                return b.problem(n, "constant @ perturbed needs a 2-D constant and a >= 2-D operand")
+            return b.add(n, "matmul_left", [y], M=M)
+        ref, c = (x, y) if xr else (y, x)
+        c = _float_const(b, c)
+        if kind == "add":
+            return _affine(b, n, ref, None, c)
+        if kind == "sub":
+            return _affine(b, n, ref, None, -c) if xr else _affine(b, n, ref, -torch.ones(()), c)
+        if kind == "mul":
+            return _affine(b, n, ref, c, None)
+        if kind == "div":
+            if not xr:
+                return b.problem(n, "division by a perturbed tensor is not supported")
+            return _affine(b, n, ref, 1.0 / c, None)
+        return b.problem(n, f"unknown arithmetic {kind}")
+    return handler
+
+
+def neg(b, n, target, x, *a, **k):
+    _affine(b, n, x, -torch.ones(()), None)
+
+
+def activation(op):
+    def handler(b, n, target, x, *args, **kwargs):
+        params = {}
+        if op == "leaky_relu":
+            slope = kwargs.get("negative_slope", args[0] if args else 0.01)
+            if isinstance(target, nn.LeakyReLU):
+                slope = target.negative_slope
+            if not 0 <= slope <= 1:
+                return b.problem(n, f"LeakyReLU with negative_slope {slope} outside [0, 1]")
+            params["negative_slope"] = float(slope)
+        b.add(n, op, [x], **params)
+    return handler
+
+
+def cat(b, n, target, tensors, dim=0, *a, **k):
+    dim = k.get("axis", dim)
+    return _concat(b, n, list(tensors), dim)
+
+
+def _concat(b, n, tensors, dim):
+    full = len(b.out_shape(n)) + 1
+    dim = dim + full if dim < 0 else dim
+    if dim == 0:
+        return b.problem(n, "concatenation along the batch dimension")
+    refs, parts, sizes = [], [], []
+    for t in tensors:
+        if isinstance(t, Ref):
+            if t.name not in [r.name for r in refs]:
+                refs.append(t)
+            parts.append([r.name for r in refs].index(t.name))
+            sizes.append(t.shape[dim - 1])
+        else:
+            c = _float_const(b, t)
+            if c.ndim != full or c.shape[0] != 1:
+                return b.problem(n, "concatenation with a constant that varies along the batch")
+            parts.append(c[0])
+            sizes.append(c.shape[dim])
+    b.add(n, "concat", refs, parts=parts, dim=dim - 1, sizes=sizes)
+
+
+# --- layers --------------------------------------------------------------------------------
+def linear_module(b, n, mod, x):
+    b.add(n, "linear", [x], weight=mod.weight.detach(),
+          bias=None if mod.bias is None else mod.bias.detach())
+
+
+def linear_fn(b, n, target, x, weight, bias=None):
+    if isinstance(weight, Ref) or isinstance(bias, Ref):
+        return b.problem(n, "a linear layer with perturbed weights (use a weight perturbation)")
+    b.add(n, "linear", [x], weight=_float_const(b, weight), bias=None if bias is None else _float_const(b, bias))
+
+
+def _conv_padding(padding, k, dilation, nd):
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0,) * nd
+        total = [d * (kk - 1) for d, kk in zip(dilation, k)]
+        if any(t % 2 for t in total):
+            raise ValueError("padding='same' with an asymmetric pad")
+        return tuple(t // 2 for t in total)
+    return _tuple(padding, nd)
+
+
+def _add_conv(b, n, x, weight, bias, stride, padding, dilation, groups):
+    if isinstance(weight, Ref) or isinstance(bias, Ref):
+        return b.problem(n, "a convolution with perturbed weights (use a weight perturbation)")
+    nd = weight.ndim - 2
+    if nd not in (1, 2):
+        return b.problem(n, f"{nd}-D convolution (1-D and 2-D are supported)")
+    k = tuple(weight.shape[2:])
+    dilation = _tuple(dilation, nd)
+    b.add(n, "conv", [x], weight=weight.detach(), bias=None if bias is None else bias.detach(),
+          stride=_tuple(stride, nd), padding=_conv_padding(padding, k, dilation, nd),
+          dilation=dilation, groups=int(groups), in_shape=x.shape)
+
+
+def conv_module(b, n, mod, x):
+    if mod.padding_mode != "zeros":
+        return b.problem(n, f"convolution with padding_mode={mod.padding_mode!r}")
+    _add_conv(b, n, x, mod.weight, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups)
+
+
+def conv_fn(b, n, target, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    _add_conv(b, n, x, _float_const(b, weight), None if bias is None else _float_const(b, bias),
+              stride, padding, dilation, groups)
+
+
+def conv_transpose_module(b, n, mod, x, output_size=None):
+    if mod.padding_mode != "zeros":
+        return b.problem(n, f"transposed convolution with padding_mode={mod.padding_mode!r}")
+    nd = mod.weight.ndim - 2
+    out_pad = mod.output_padding
+    if output_size is not None:  # nn.ConvTranspose picks output_padding from output_size
+        full = b.out_shape(n)
+        out_pad = tuple(full[1 + i] - ((x.shape[1 + i] - 1) * mod.stride[i] - 2 * mod.padding[i]
+                                       + mod.dilation[i] * (mod.kernel_size[i] - 1) + 1) for i in range(nd))
+    b.add(n, "conv_transpose", [x], weight=mod.weight.detach(),
+          bias=None if mod.bias is None else mod.bias.detach(), stride=_tuple(mod.stride, nd),
+          padding=_tuple(mod.padding, nd), output_padding=_tuple(out_pad, nd),
+          dilation=_tuple(mod.dilation, nd), groups=mod.groups, in_shape=x.shape)
+
+
+def _batchnorm(b, n, x, weight, bias, mean, var, eps):
+    if mean is None or var is None:
+        return b.problem(n, "BatchNorm without running statistics (it would use batch statistics)")
+    scale = 1.0 / torch.sqrt(var.detach() + eps)
+    if weight is not None:
+        scale = scale * weight.detach()
+    shift = -mean.detach() * scale
+    if bias is not None:
+        shift = shift + bias.detach()
+    view = (-1,) + (1,) * (len(x.shape) - 1)
+    b.add(n, "affine", [x], w=scale.reshape(view), b=shift.reshape(view), in_shape=x.shape)
+
+
+def batchnorm_module(b, n, mod, x):
+    _batchnorm(b, n, x, mod.weight, mod.bias, mod.running_mean, mod.running_var, mod.eps)
+
+
+def batchnorm_fn(b, n, target, x, running_mean, running_var, weight=None, bias=None, training=False,
+                 momentum=0.1, eps=1e-5):
+    if training:
+        return b.problem(n, "batch_norm in training mode")
+    _batchnorm(b, n, x, weight, bias, running_mean, running_var, eps)
+
+
+def avgpool_module(b, n, mod, x):
+    nd = 1 if isinstance(mod, nn.AvgPool1d) else 2
+    _avgpool(b, n, x, nd, mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
+             mod.count_include_pad, getattr(mod, "divisor_override", None))
+
+
+def _avgpool(b, n, x, nd, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    stride = kernel if stride is None or stride == [] or stride == () else stride
+    b.add(n, "avgpool", [x], nd=nd, kernel_size=_tuple(kernel, nd), stride=_tuple(stride, nd),
+          padding=_tuple(padding, nd), ceil_mode=bool(ceil_mode),
+          count_include_pad=bool(count_include_pad), divisor_override=divisor_override,
+          in_shape=x.shape)
+
+
+def avgpool_fn(b, n, target, x, kernel_size, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True, divisor_override=None):
+    nd = 1 if target is F.avg_pool1d else 2
+    _avgpool(b, n, x, nd, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+
+def adaptive_avgpool(b, n, mod, x):
+    nd = 1 if isinstance(mod, nn.AdaptiveAvgPool1d) else 2
+    out = b.out_shape(n)[1:]
+    ins = x.shape[1:]
+    if any(i % o for i, o in zip(ins, out)):
+        return b.problem(n, f"adaptive average pooling {list(ins)} -> {list(out)} (sizes must divide)")
+    k = tuple(i // o for i, o in zip(ins, out))
+    _avgpool(b, n, x, nd, k, k, 0, False, True, None)
+
+
+def global_avgpool(b, n, mod, x):
+    sp = tuple(x.shape[1:])
+    if len(sp) not in (1, 2):
+        return b.problem(n, f"global average pooling over {len(sp)} spatial dims")
+    _avgpool(b, n, x, len(sp), sp, sp, 0, False, True, None)
+
+
+def _maxpool(b, n, x, kernel, stride, padding, dilation, ceil_mode, return_indices):
+    if return_indices:
+        return b.problem(n, "max pooling that returns indices")
+    if len(x.shape) != 3:
+        return b.problem(n, "max pooling over other than 2 spatial dims")
+    kernel = _tuple(kernel, 2)
+    stride = kernel if stride is None or stride == [] or stride == () else _tuple(stride, 2)
+    padding, dilation = _tuple(padding, 2), _tuple(dilation, 2)
+    if ceil_mode:
+        floor = tuple((x.shape[1 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+                      for i in range(2))
+        if floor != tuple(b.out_shape(n)[1:]):
+            return b.problem(n, "max pooling with ceil_mode=True that adds a partial window")
+    b.add(n, "maxpool", [x], kernel_size=kernel, stride=stride, padding=padding, dilation=dilation,
+          in_shape=x.shape)
+
+
+def maxpool_module(b, n, mod, x):
+    _maxpool(b, n, x, mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode,
+             mod.return_indices)
+
+
+def maxpool_fn(b, n, target, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    _maxpool(b, n, x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+
+
+# --- onnx2torch modules --------------------------------------------------------------------
+def onnx_binary(b, n, mod, x, y):
+    if getattr(mod, "broadcast", None) == 1 and getattr(mod, "axis", None) is not None:
+        return b.problem(n, "old-style broadcast with axis")
+    f = mod.math_op_function
+    kind = {torch.add: "add", torch.sub: "sub", torch.mul: "mul"}.get(f, "div")
+    return binary(kind)(b, n, mod, x, y)
+
+
+def onnx_gemm(b, n, mod, a, w, c=None):
+    if not isinstance(a, Ref) or isinstance(w, Ref) or isinstance(c, Ref) or mod.trans_a:
+        return b.problem(n, "Gemm with a perturbed B or C, or transA=1")
+    W = _float_const(b, w)
+    W = W if mod.trans_b else W.t()  # -> [out, in]
+    bias = None
+    if c is not None:
+        bias = _float_const(b, c) * mod.beta
+        if bias.ndim == 2:
+            if bias.shape[0] != 1:
+                return b.problem(n, "Gemm with a C that varies along the batch")
+            bias = bias[0]
+        bias = bias.expand(W.shape[0]).contiguous()
+    b.add(n, "linear", [a], weight=(W * mod.alpha).contiguous(), bias=bias)
+
+
+def onnx_batchnorm(b, n, mod, x, weight, bias, mean, var):
+    _batchnorm(b, n, x, weight, bias, mean, var, mod.epsilon)
+
+
+def onnx_concat(b, n, mod, *tensors):
+    return _concat(b, n, list(tensors), mod.axis)
+
+
+def _onnx_classes():
+    """onnx2torch's module classes, imported lazily and only where present."""
+    import importlib
+    names = {
+        "reshape": ["OnnxReshape"], "transpose": ["OnnxTranspose"], "slice": ["OnnxSlice", "OnnxSliceV9"],
+        "gather": ["OnnxGather", "OnnxGatherElements", "OnnxGatherND"],
+        "squeeze": ["OnnxSqueezeStaticAxes", "OnnxSqueezeDynamicAxes"],
+        "unsqueeze": ["OnnxUnsqueezeStaticAxes", "OnnxUnsqueezeDynamicAxes"],
+        "flatten": ["OnnxFlatten"], "pad": ["OnnxPadStatic", "OnnxPadDynamic"], "expand": ["OnnxExpand"],
+        "tile": ["OnnxTile"], "depth_to_space": ["OnnxDepthToSpace"],
+        "identity": ["OnnxCopyIdentity"], "dropout": ["OnnxDropoutDynamic"],
+        "binary_math_operations": ["OnnxBinaryMathOperation"], "matmul": ["OnnxMatMul"],
+        "gemm": ["OnnxGemm"], "batch_norm": ["OnnxBatchNorm"], "concat": ["OnnxConcat"],
+        "neg": ["OnnxNeg"], "global_average_pool": ["OnnxGlobalAveragePool",
+                                                    "OnnxGlobalAveragePoolWithKnownInputShape"],
+    }
+    found = {}
+    for mod_name, classes in names.items():
+        try:
+            m = importlib.import_module(f"onnx2torch.node_converters.{mod_name}")
+        except Exception:
+            continue
+        for c in classes:
+            if hasattr(m, c):
+                found[c] = getattr(m, c)
+    return found
+
+
+def _build_module_table():
+    t = {
+        nn.Linear: linear_module, nn.Conv1d: conv_module, nn.Conv2d: conv_module,
+        nn.ConvTranspose1d: conv_transpose_module, nn.ConvTranspose2d: conv_transpose_module,
+        nn.BatchNorm1d: batchnorm_module, nn.BatchNorm2d: batchnorm_module,
+        nn.ReLU: activation("relu"), nn.LeakyReLU: activation("leaky_relu"),
+        nn.Sigmoid: activation("sigmoid"), nn.Tanh: activation("tanh"),
+        nn.Flatten: select, nn.Unflatten: select, nn.ZeroPad2d: select, nn.ConstantPad1d: select,
+        nn.ConstantPad2d: select, nn.ReflectionPad1d: select, nn.ReflectionPad2d: select,
+        nn.ReplicationPad1d: select, nn.ReplicationPad2d: select,
+        nn.Identity: alias, nn.Dropout: alias, nn.Dropout1d: alias, nn.Dropout2d: alias,
+        nn.AvgPool1d: avgpool_module, nn.AvgPool2d: avgpool_module,
+        nn.AdaptiveAvgPool1d: adaptive_avgpool, nn.AdaptiveAvgPool2d: adaptive_avgpool,
+        nn.MaxPool2d: maxpool_module,
+    }
+    onnx = _onnx_classes()
+    for c in ("OnnxReshape", "OnnxTranspose", "OnnxSlice", "OnnxSliceV9", "OnnxGather", "OnnxGatherElements",
+              "OnnxGatherND", "OnnxSqueezeStaticAxes", "OnnxSqueezeDynamicAxes", "OnnxUnsqueezeStaticAxes",
+              "OnnxUnsqueezeDynamicAxes", "OnnxFlatten", "OnnxPadStatic", "OnnxPadDynamic", "OnnxExpand",
+              "OnnxTile", "OnnxDepthToSpace"):
+        if c in onnx:
+            t[onnx[c]] = select
+    for c, h in (("OnnxCopyIdentity", alias), ("OnnxDropoutDynamic", alias),
+                 ("OnnxBinaryMathOperation", onnx_binary), ("OnnxMatMul", binary("matmul")),
+                 ("OnnxGemm", onnx_gemm), ("OnnxBatchNorm", onnx_batchnorm), ("OnnxConcat", onnx_concat),
+                 ("OnnxNeg", neg), ("OnnxGlobalAveragePool", global_avgpool),
+                 ("OnnxGlobalAveragePoolWithKnownInputShape", global_avgpool)):
+        if c in onnx:
+            t[onnx[c]] = h
+    return t
+
+
+FUNCTIONS = {
+    operator.add: binary("add"), torch.add: binary("add"), operator.sub: binary("sub"),
+    torch.sub: binary("sub"), operator.mul: binary("mul"), torch.mul: binary("mul"),
+    operator.truediv: binary("div"), torch.div: binary("div"), operator.matmul: binary("matmul"),
+    torch.matmul: binary("matmul"), torch.mm: binary("matmul"), operator.neg: neg, torch.neg: neg,
+    torch.relu: activation("relu"), F.relu: activation("relu"), F.leaky_relu: activation("leaky_relu"),
+    torch.sigmoid: activation("sigmoid"), F.sigmoid: activation("sigmoid"),
+    torch.tanh: activation("tanh"), F.tanh: activation("tanh"),
+    torch.flatten: select, torch.reshape: select, torch.permute: select, torch.transpose: select,
+    torch.squeeze: select, torch.unsqueeze: select, operator.getitem: select, F.pad: select,
+    torch.narrow: select, torch.t: select, torch.movedim: select, torch.index_select: select,
+    torch.select: select,
+    torch.cat: cat, torch.concat: cat, F.linear: linear_fn, F.conv1d: conv_fn, F.conv2d: conv_fn,
+    F.avg_pool1d: avgpool_fn, F.avg_pool2d: avgpool_fn, F.max_pool2d: maxpool_fn, F.dropout: alias,
+    F.batch_norm: batchnorm_fn,
+}
+
+METHODS = {
+    **{m: select for m in ("view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze",
+                           "expand", "repeat", "narrow", "t", "unflatten", "select", "index_select",
+                           "__getitem__", "movedim")},
+    "contiguous": alias, "clone": alias, "add": binary("add"), "sub": binary("sub"), "mul": binary("mul"),
+    "div": binary("div"), "matmul": binary("matmul"), "neg": neg, "relu": activation("relu"),
+    "sigmoid": activation("sigmoid"), "tanh": activation("tanh"),
+    "__add__": binary("add"), "__sub__": binary("sub"), "__mul__": binary("mul"),
+}
+
+_MODULES = None
+
+
+def map_node(b, n):
+    global _MODULES
+    args = b.resolve(n.args)
+    kwargs = b.resolve(n.kwargs)
+    if n.op == "call_module":
+        if _MODULES is None:
+            _MODULES = _build_module_table()
+        mod = b.gm.get_submodule(n.target)
+        h = _MODULES.get(type(mod))
+        if h is None:
+            h = next((f for cls, f in _MODULES.items() if isinstance(mod, cls)), None)
+        if h is None:
+            return b.problem(n, "no bound rule for this module")
+        return h(b, n, mod, *args, **kwargs)
+    table = FUNCTIONS if n.op == "call_function" else METHODS
+    h = table.get(n.target)
+    if h is None:
+        return b.problem(n, "no bound rule")
+    if n.op == "call_method" and not isinstance(args[0], Ref):
+        # a method on a constant with a perturbed argument, e.g. W.matmul(x)
+        if n.target in ("add", "mul", "matmul", "__add__", "__mul__"):
+            return h(b, n, n.target, *args, **kwargs)
+        return b.problem(n, "method on a constant with a perturbed argument")
+    return h(b, n, n.target, *args, **kwargs)

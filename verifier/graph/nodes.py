@@ -1,0 +1,84 @@
+"""The normalized computational graph: perturbed nodes only; constants live in node params.
+
+A ``Node`` is one operator application whose value depends on a perturbed leaf. Its ``op`` names
+a bound rule in ``verifier.ops``; ``inputs`` are the names of the perturbed nodes it reads;
+``params`` hold the constant tensors and attributes the rule needs. ``shape`` is the per-sample
+shape (the batch dimension excluded).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+
+
+@dataclass
+class Node:
+    name: str
+    op: str
+    inputs: list[str]
+    shape: tuple[int, ...]
+    params: dict = field(default_factory=dict)
+    source: str = ""  # the source model's op (module type or function) for messages
+
+    def __repr__(self) -> str:
+        return f"Node({self.name}: {self.op}{tuple(self.inputs)} -> {list(self.shape)})"
+
+
+class Graph:
+    """A DAG of ``Node`` (networkx.DiGraph, edges input -> consumer) with one output node.
+
+    ``leaves`` are the perturbed inputs (``op == "input"``) in the model's argument order.
+    """
+
+    def __init__(self, nodes: list[Node], output: str, leaves: list[str]):
+        self.dag = nx.DiGraph()
+        for n in nodes:
+            self.dag.add_node(n.name, node=n)
+        for n in nodes:
+            for i in n.inputs:
+                self.dag.add_edge(i, n.name)
+        self.output = output
+        self.leaves = list(leaves)
+        rank = {n.name: i for i, n in enumerate(nodes)}
+        self.order: list[str] = list(nx.lexicographical_topological_sort(self.dag, key=rank.__getitem__))
+        self._ancestors: dict[str, list[str]] = {}
+
+    def __getitem__(self, name: str) -> Node:
+        return self.dag.nodes[name]["node"]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.dag
+
+    def __iter__(self):
+        return (self[n] for n in self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def consumers(self, name: str) -> list[Node]:
+        return [self[s] for s in self.dag.successors(name)]
+
+    def ancestors_order(self, name: str) -> list[str]:
+        """Names of ``name`` and every node it depends on, in topological order."""
+        if name not in self._ancestors:
+            keep = nx.ancestors(self.dag, name) | {name}
+            self._ancestors[name] = [n for n in self.order if n in keep]
+        return self._ancestors[name]
+
+    def to(self, dtype: torch.dtype, device=None) -> "Graph":
+        """Cast every floating constant held in node params (in place); returns self."""
+        for node in self:
+            for k, v in node.params.items():
+                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    node.params[k] = v.to(dtype=dtype, device=device)
+                elif isinstance(v, list):
+                    node.params[k] = [x.to(dtype=dtype, device=device)
+                                      if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                                      for x in v]
+        return self
+
+    def __repr__(self) -> str:
+        body = "\n".join(f"  {self[n]!r}" for n in self.order)
+        return f"Graph(output={self.output}, {len(self)} nodes)\n{body}"

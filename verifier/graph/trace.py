@@ -1,0 +1,199 @@
+"""Build a ``Graph`` from a PyTorch module through torch.fx.
+
+The module runs once on an example input (batch 1) under an fx Interpreter that records every
+value. A value is *perturbed* when it is a floating tensor that depends on an input; everything
+else (weights, shapes, constant subgraphs such as ONNX Shape/Gather/Concat chains) is folded into
+constants. Each perturbed fx node is then mapped to a bound rule by the tables in
+``verifier.graph.mapping``; every node without a mapping is collected, and one
+``UnsupportedOpsError`` lists them all before any bounding starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..errors import ModelLoadError, ShapeError, UnsupportedOpsError
+from .nodes import Graph, Node
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A perturbed argument of an fx node: the graph node it refers to and its per-sample shape."""
+    name: str
+    shape: tuple
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm):
+        super().__init__(gm, garbage_collect_values=False)
+        self.values: dict[str, object] = {}
+
+    def run_node(self, n):
+        v = super().run_node(n)
+        self.values[n.name] = v
+        return v
+
+
+def _describe(gm: fx.GraphModule, n: fx.Node) -> str:
+    if n.op == "call_module":
+        return f"module {type(gm.get_submodule(n.target)).__name__}"
+    if n.op == "call_function":
+        return f"function {getattr(n.target, '__name__', n.target)}"
+    return f"method .{n.target}()"
+
+
+class Builder:
+    """State of one fx -> Graph conversion, handed to the mapping functions."""
+
+    def __init__(self, gm: fx.GraphModule, values: dict, perturbed: set[str]):
+        self.gm = gm
+        self.values = values
+        self.perturbed = perturbed
+        self.nodes: list[Node] = []
+        self.alias: dict[str, str] = {}
+        self.problems: list[tuple[str, str]] = []
+        self.by_name: dict[str, Node] = {}
+
+    # -- helpers for mapping functions -------------------------------------------------------
+    def resolve(self, a):
+        """fx args -> Ref for perturbed values, the recorded constant otherwise (recursively)."""
+        if isinstance(a, fx.Node):
+            if a.name in self.perturbed:
+                name = self.alias.get(a.name, a.name)
+                return Ref(name, tuple(self.values[a.name].shape[1:]))
+            return self.values[a.name]
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.resolve(x) for x in a)
+        if isinstance(a, dict):
+            return {k: self.resolve(v) for k, v in a.items()}
+        return a
+
+    def out_shape(self, n: fx.Node) -> tuple:
+        return tuple(self.values[n.name].shape[1:])
+
+    def add(self, n: fx.Node, op: str, inputs: list[Ref], **params) -> Node:
+        names = []
+        for r in inputs:
+            if r.name not in names:
+                names.append(r.name)
+        node = Node(name=n.name, op=op, inputs=names, shape=self.out_shape(n), params=params,
+                    source=_describe(self.gm, n))
+        self.nodes.append(node)
+        self.by_name[node.name] = node
+        return node
+
+    def make_alias(self, n: fx.Node, ref: Ref) -> None:
+        self.alias[n.name] = ref.name
+
+    def problem(self, n: fx.Node, what: str) -> None:
+        shape = list(self.values[n.name].shape) if isinstance(self.values.get(n.name), torch.Tensor) else "?"
+        self.problems.append((n.name, f"{_describe(self.gm, n)}: {what} (output shape {shape})"))
+
+    def rerun(self, n: fx.Node, substitute: dict[str, torch.Tensor]):
+        """Run the fx node's op again with some perturbed args replaced by given tensors."""
+        def sub(a):
+            if isinstance(a, fx.Node):
+                if a.name in substitute:
+                    return substitute[a.name]
+                return self.values[a.name]
+            if isinstance(a, (list, tuple)):
+                return type(a)(sub(x) for x in a)
+            if isinstance(a, dict):
+                return {k: sub(v) for k, v in a.items()}
+            return a
+        args, kwargs = sub(n.args), sub(n.kwargs)
+        if n.op == "call_module":
+            return self.gm.get_submodule(n.target)(*args, **kwargs)
+        if n.op == "call_function":
+            return n.target(*args, **kwargs)
+        self_obj, *rest = args
+        return getattr(self_obj, n.target)(*rest, **kwargs)
+
+
+def _is_float_tensor(v) -> bool:
+    return isinstance(v, torch.Tensor) and v.is_floating_point()
+
+
+def build_graph(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...],
+                input_names: list[str] | None = None) -> Graph:
+    """Trace ``module`` (or take it as is when it is already an fx.GraphModule) and normalize it.
+
+    ``example_inputs`` carry a batch dimension of 1.
+    """
+    from .mapping import map_node
+
+    module = module.eval()
+    if isinstance(module, fx.GraphModule):
+        gm = module
+    else:
+        try:
+            gm = fx.symbolic_trace(module)
+        except Exception as e:  # fx cannot trace data-dependent control flow
+            raise ModelLoadError(
+                f"cannot trace {type(module).__name__} with torch.fx: {type(e).__name__}: {e}") from None
+    rec = _Recorder(gm)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(example_inputs) != len(placeholders):
+        raise ShapeError(f"the model takes {len(placeholders)} input(s), got {len(example_inputs)}")
+    try:
+        with torch.no_grad():
+            rec.run(*example_inputs)
+    except Exception as e:
+        shapes = [tuple(x.shape) for x in example_inputs]
+        raise ShapeError(f"the model fails on an input of shape {shapes}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    values = rec.values
+
+    perturbed: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            perturbed.add(n.name)
+        elif n.op in ("call_module", "call_function", "call_method"):
+            deps = any(a.name in perturbed for a in n.all_input_nodes)
+            if deps and _is_float_tensor(values[n.name]):
+                perturbed.add(n.name)
+
+    b = Builder(gm, values, perturbed)
+    leaves = []
+    output_ref = None
+    for i, n in enumerate(gm.graph.nodes):
+        if n.op == "placeholder":
+            v = values[n.name]
+            if not _is_float_tensor(v) or v.ndim == 0 or v.shape[0] != 1:
+                raise ShapeError(f"input {n.name}: expected a floating tensor with batch dim 1, "
+                                 f"got {getattr(v, 'shape', type(v))}")
+            name = input_names[len(leaves)] if input_names else n.name
+            node = Node(name=n.name, op="input", inputs=[], shape=tuple(v.shape[1:]),
+                        params={"display_name": name}, source="input")
+            b.nodes.append(node)
+            b.by_name[n.name] = node
+            leaves.append(n.name)
+        elif n.op == "output":
+            out = n.args[0]
+            if isinstance(out, (list, tuple)):
+                if len(out) != 1:
+                    raise UnsupportedOpsError([(n.name, f"the model returns {len(out)} outputs; "
+                                                        "bound one output at a time")])
+                out = out[0]
+            if not isinstance(out, fx.Node) or out.name not in perturbed:
+                raise UnsupportedOpsError([(n.name, "the model's output does not depend on its input")])
+            output_ref = b.alias.get(out.name, out.name)
+        elif n.name in perturbed:
+            v = values[n.name]
+            if v.ndim == 0 or v.shape[0] != 1:
+                b.problem(n, "the op removes or changes the batch dimension")
+                continue
+            try:
+                map_node(b, n)
+            except Exception as e:  # a mapping that cannot read the node's attributes
+                b.problem(n, f"cannot be converted ({type(e).__name__}: {e})")
+    if b.problems:
+        raise UnsupportedOpsError(b.problems)
+    used = {output_ref}
+    for node in reversed(b.nodes):
+        if node.name in used:
+            used.update(node.inputs)
+    nodes = [nd for nd in b.nodes if nd.name in used or nd.op == "input"]
+    return Graph(nodes, output=output_ref, leaves=leaves)

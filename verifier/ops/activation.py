@@ -1,0 +1,138 @@
+"""Element-wise activations, each relaxed on [l, u] by two lines  kl x + bl <= f(x) <= ku x + bu.
+
+The backward step is shared: for a lower bound, positive entries of A take the lower line and
+negative ones the upper line (the reverse for an upper bound).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..bound_types import Interval
+from .base import BoundRule, pos_neg, register
+
+
+class ElementwiseRelaxation(BoundRule):
+    needs_bounds = True
+
+    def f(self, x):
+        raise NotImplementedError
+
+    def relax(self, node, l, u):
+        """-> (kl, bl, ku, bu), each [B, *shape]."""
+        raise NotImplementedError
+
+    def interval(self, node, inputs):
+        (x,) = inputs  # monotone non-decreasing activations
+        return Interval(self.f(node, x.lower), self.f(node, x.upper))
+
+    def backward(self, node, A_lower, A_upper, inputs):
+        (x,) = inputs
+        kl, bl, ku, bu = (t.unsqueeze(1) for t in self.relax(node, x.lower, x.upper))
+        Ap, An = pos_neg(A_lower)
+        A_l = Ap * kl + An * ku
+        b_l = (Ap * bl + An * bu).flatten(2).sum(-1)
+        Ap, An = pos_neg(A_upper)
+        A_u = Ap * ku + An * kl
+        b_u = (Ap * bu + An * bl).flatten(2).sum(-1)
+        return [(A_l, A_u)], b_l, b_u
+
+
+@register("relu")
+class ReLU(ElementwiseRelaxation):
+    """Upper: the chord through (l, 0) and (u, u). Lower: slope 1 if u > -l else 0 (CROWN's
+    adaptive choice); exact where the neuron is stable."""
+
+    sign_only = True
+    slope = 0.0  # LeakyReLU overrides per node
+
+    def f(self, node, x):
+        a = node.params.get("negative_slope", self.slope)
+        return torch.where(x >= 0, x, x * a)
+
+    def relax(self, node, l, u):
+        a = node.params.get("negative_slope", self.slope)
+        active, inactive = l >= 0, u <= 0
+        unstable = ~(active | inactive)
+        width = torch.where(unstable, u - l, torch.ones_like(u))
+        ku_unstable = (u - a * l) / width
+        ku = torch.where(active, 1.0, torch.where(inactive, a, ku_unstable))
+        bu = torch.where(unstable, u - ku_unstable * u, 0.0)
+        kl = torch.where(active, 1.0, torch.where(inactive, a, torch.where(u > -l, 1.0, a)))
+        return kl.to(l.dtype), torch.zeros_like(l), ku.to(l.dtype), bu.to(l.dtype)
+
+
+@register("leaky_relu")
+class LeakyReLU(ReLU):
+    """``max(x, a x)`` for 0 <= a <= 1 (param ``negative_slope``); relaxed as ReLU."""
+
+
+class SShaped(ElementwiseRelaxation):
+    """Sigmoid-like f: increasing, convex on x <= 0, concave on x >= 0, f(-x) = 2 f(0) - f(x).
+
+    Upper line on [l, u]: u <= 0: the chord. l >= 0: the tangent at the midpoint. l < 0 < u: the
+    chord when it stays above f (u at or before the point d >= 0 whose tangent passes through
+    (l, f(l))), else the tangent at d, found by bisection and rounded towards the valid side.
+    The lower line follows from the symmetry.
+    """
+
+    iters = 30
+
+    def df(self, x):
+        raise NotImplementedError
+
+    def _tangent(self, d):
+        k = self.df(d)
+        return k, self.f(None, d) - k * d
+
+    def _gap(self, d, l):
+        """t_d(l) - f(l): >= 0 iff the tangent at d (d >= 0) lies above f on [l, inf)."""
+        return self.f(None, d) + self.df(d) * (l - d) - self.f(None, l)
+
+    def upper_line(self, l, u):
+        fl, fu = self.f(None, l), self.f(None, u)
+        narrow = (u - l) < 1e-6
+        chord_k = (fu - fl) / torch.where(narrow, torch.ones_like(u), u - l)
+        chord_b = fl - chord_k * l
+        m = (l + u) / 2
+        tm_k, tm_b = self._tangent(m)
+        mixed = (l < 0) & (u > 0)
+        need_d = mixed & (self._gap(u, l) > 0)  # the chord would cut f: use the tangent at d
+        lo = torch.zeros_like(u)
+        hi = torch.where(need_d, u, torch.zeros_like(u))
+        for _ in range(self.iters):
+            mid = (lo + hi) / 2
+            ok = self._gap(mid, l) >= 0
+            hi = torch.where(ok, mid, hi)
+            lo = torch.where(ok, lo, mid)
+        td_k, td_b = self._tangent(hi)
+        k = torch.where(l >= 0, tm_k, torch.where(need_d, td_k, chord_k))
+        b = torch.where(l >= 0, tm_b, torch.where(need_d, td_b, chord_b))
+        # a box too narrow for a stable chord: the constant f(u) is an upper bound (monotone)
+        k = torch.where(narrow, torch.zeros_like(k), k)
+        b = torch.where(narrow, fu, b)
+        return k, b
+
+    def relax(self, node, l, u):
+        ku, bu = self.upper_line(l, u)
+        k, b = self.upper_line(-u, -l)
+        c2 = 2 * self.f(None, torch.zeros((), dtype=l.dtype))
+        return k, c2 - b, ku, bu
+
+
+@register("sigmoid")
+class Sigmoid(SShaped):
+    def f(self, node, x):
+        return torch.sigmoid(x)
+
+    def df(self, x):
+        s = torch.sigmoid(x)
+        return s * (1 - s)
+
+
+@register("tanh")
+class Tanh(SShaped):
+    def f(self, node, x):
+        return torch.tanh(x)
+
+    def df(self, x):
+        return 1 - torch.tanh(x) ** 2

@@ -1,0 +1,100 @@
+"""Pooling. AvgPool (and global average pooling) is linear with non-negative weights: IBP maps
+the bounds through it, CROWN through its adjoint. MaxPool is relaxed per window: lower bound by
+the element with the largest lower bound (max >= any element); upper bound by that same element
+when its lower bound reaches every other upper bound (the max is decided), else by the constant
+max of the upper bounds.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..bound_types import Interval
+from .base import AffineRule, BoundRule, register
+
+
+@register("avgpool")
+class AvgPool(AffineRule):
+    """params: ``nd`` (1 or 2), kernel_size, stride, padding, ceil_mode, count_include_pad,
+    divisor_override (2-D only), in_shape."""
+
+    def _pool(self, node, x):
+        p = node.params
+        if p["nd"] == 1:
+            return F.avg_pool1d(x, p["kernel_size"], p["stride"], p["padding"], p["ceil_mode"],
+                                p["count_include_pad"])
+        return F.avg_pool2d(x, p["kernel_size"], p["stride"], p["padding"], p["ceil_mode"],
+                            p["count_include_pad"], p["divisor_override"])
+
+    def interval(self, node, inputs):
+        (x,) = inputs
+        return Interval(self._pool(node, x.lower), self._pool(node, x.upper))
+
+    def transpose(self, node, A):
+        B, S = A.shape[:2]
+        in_shape = node.params["in_shape"]
+        x0 = A.new_zeros(B * S, *in_shape)
+        _, vjp = torch.func.vjp(lambda x: self._pool(node, x), x0)
+        (r,) = vjp(A.reshape(B * S, *A.shape[2:]))
+        return [r.reshape(B, S, *in_shape)]
+
+
+@register("maxpool")
+class MaxPool(BoundRule):
+    """2-D max pooling; params kernel_size, stride, padding, dilation (pairs), in_shape [C,H,W]."""
+
+    needs_bounds = True
+
+    def _pool(self, node, x):
+        p = node.params
+        return F.max_pool2d(x, p["kernel_size"], p["stride"], p["padding"], p["dilation"])
+
+    def interval(self, node, inputs):
+        (x,) = inputs
+        return Interval(self._pool(node, x.lower), self._pool(node, x.upper))
+
+    def _windows(self, node, t, fill):
+        """[B, C, H, W] -> [B, C, k, L] windows (padding filled with ``fill``)."""
+        p = node.params
+        ph, pw = p["padding"]
+        t = F.pad(t, (pw, pw, ph, ph), value=fill)
+        B, C = t.shape[:2]
+        w = F.unfold(t, p["kernel_size"], dilation=p["dilation"], stride=p["stride"])
+        return w.view(B, C, -1, w.shape[-1])
+
+    def backward(self, node, A_lower, A_upper, inputs):
+        (x,) = inputs
+        p = node.params
+        lw = self._windows(node, x.lower, float("-inf"))
+        uw = self._windows(node, x.upper, float("-inf"))
+        best_l, j = lw.max(dim=2, keepdim=True)             # [B, C, 1, L]
+        u_others = uw.scatter(2, j, float("-inf")).max(dim=2, keepdim=True).values
+        decided = (best_l >= u_others).squeeze(2)           # [B, C, L]
+        u_max = uw.max(dim=2).values                        # [B, C, L]
+        onehot = torch.zeros_like(lw).scatter_(2, j, 1.0)   # [B, C, k, L]
+        B, C, k, L = onehot.shape
+        S = A_lower.shape[1]
+        in_shape = p["in_shape"]
+        Hp, Wp = in_shape[1] + 2 * p["padding"][0], in_shape[2] + 2 * p["padding"][1]
+
+        def to_input(A_win):  # [B, S, C, k, L] -> [B, S, C, H, W]
+            cols = A_win.reshape(B * S, C * k, L)
+            img = F.fold(cols, (Hp, Wp), p["kernel_size"], dilation=p["dilation"], stride=p["stride"])
+            ph, pw = p["padding"]
+            img = img[:, :, ph:ph + in_shape[1], pw:pw + in_shape[2]]
+            return img.reshape(B, S, *in_shape)
+
+        def one(A, upper):
+            A = A.reshape(B, S, C, L)
+            Ap, An = A.clamp(min=0), A.clamp(max=0)
+            if upper:
+                Ap, An = An, Ap  # Ap now takes the lower relaxation
+            # lower relaxation: the chosen element (coefficient 1);
+            # upper relaxation: the chosen element if decided, else the constant u_max
+            lin = Ap + An * decided.unsqueeze(1)
+            bias = (An * (~decided).unsqueeze(1) * u_max.unsqueeze(1)).flatten(2).sum(-1)
+            return to_input(lin.unsqueeze(3) * onehot.unsqueeze(1)), bias
+
+        A_l, b_l = one(A_lower, False)
+        A_u, b_u = one(A_upper, True)
+        return [(A_l, A_u)], b_l, b_u
