@@ -90,10 +90,9 @@ def _identity_spec(batch: int, shape, dtype, device, rows=None) -> torch.Tensor:
     return eye.view(1, -1, *shape).expand(batch, -1, *shape)
 
 
-def refine_node(graph, name, bounds, leaves, intersect: bool = True) -> tuple[Interval, bool]:
-    """CROWN bounds of one intermediate node, intersected with its current (IBP) bounds unless
-    ``intersect`` is False. Where every consumer is ReLU-like, only neurons unstable under the
-    current bounds are bounded again. -> (bounds, whether the intersection tightened them)."""
+def refine_node(graph, name, bounds, leaves) -> Interval:
+    """CROWN bounds of one intermediate node. Where every consumer is ReLU-like, only neurons
+    unstable under the current bounds are bounded again (the others keep their bounds)."""
     node = graph[name]
     cur = bounds[name]
     B = cur.lower.shape[0]
@@ -102,22 +101,16 @@ def refine_node(graph, name, bounds, leaves, intersect: bool = True) -> tuple[In
         unstable = ((cur.lower < 0) & (cur.upper > 0)).reshape(B, -1).any(0)
         rows = unstable.nonzero().flatten()
         if rows.numel() == 0:
-            return cur, False
+            return cur
     C = _identity_spec(B, node.shape, cur.lower.dtype, cur.lower.device, rows)
     lo, up = chunked_backward(graph, name, C, bounds, leaves)
     if rows is None:
-        new = Interval(lo.view_as(cur.lower), up.view_as(cur.upper))
-    else:
-        nl = cur.lower.reshape(B, -1).clone()
-        nu = cur.upper.reshape(B, -1).clone()
-        nl[:, rows] = lo
-        nu[:, rows] = up
-        new = Interval(nl.view_as(cur.lower), nu.view_as(cur.upper))
-    if not intersect:
-        return new, False
-    tol = 1e-5 * (new.upper - new.lower).clamp(min=1e-6)
-    helped = bool(((cur.lower - new.lower > tol) | (new.upper - cur.upper > tol)).any())
-    return cur.intersect(new), helped
+        return Interval(lo.view_as(cur.lower), up.view_as(cur.upper))
+    nl = cur.lower.reshape(B, -1).clone()
+    nu = cur.upper.reshape(B, -1).clone()
+    nl[:, rows] = lo
+    nu[:, rows] = up
+    return Interval(nl.view_as(cur.lower), nu.view_as(cur.upper))
 
 
 def _ibp_exact(graph, node, leaves) -> bool:
@@ -126,29 +119,49 @@ def _ibp_exact(graph, node, leaves) -> bool:
             and all(getattr(leaves[i], "norm", math.inf) == math.inf for i in node.inputs))
 
 
+def _tightens(a: Interval, b: Interval) -> bool:
+    """Whether ``a`` is tighter than ``b`` somewhere (beyond float noise)."""
+    tol = 1e-5 * (b.upper - b.lower).clamp(min=1e-6)
+    return bool(((a.lower - b.lower > tol) | (b.upper - a.upper > tol)).any())
+
+
 def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: str,
-                        upto: str | None = None, intersect: bool = True):
+                        upto: str | None = None):
     """Intervals of every node that a nonlinear rule reads (and IBP ones for the rest).
 
     Walking in topological order, each node first gets IBP bounds from its inputs' current
     (possibly refined) bounds; with method "crown", nodes read by a nonlinear rule are then
-    tightened by a CROWN pass (intersected with IBP unless ``intersect`` is False).
-    -> (bounds, whether IBP tightened some CROWN bound).
+    tightened by a CROWN pass and intersected with IBP.
+
+    Tighter intermediate bounds do not always give a tighter output bound (they move CROWN's
+    adaptive ReLU lower slopes), so a second track keeps plain CROWN bounds (no intersection).
+    The tracks share all work until IBP first tightens a CROWN bound; ``pure`` is None when
+    that never happens. -> (bounds, pure)
     """
     bounds: dict[str, Interval] = {}
-    any_help = False
+    pure: dict[str, Interval] | None = None
     names = graph.order if upto is None else graph.ancestors_order(upto)
     for name in names:
         node = graph[name]
         if node.op == "input":
             bounds[name] = leaves[name].interval()
+            if pure is not None:
+                pure[name] = bounds[name]
             continue
-        bounds[name] = RULES[node.op].interval(node, [bounds[i] for i in node.inputs])
+        rule = RULES[node.op]
+        bounds[name] = rule.interval(node, [bounds[i] for i in node.inputs])
+        if pure is not None:
+            pure[name] = rule.interval(node, [pure[i] for i in node.inputs])
         if (method == "crown" and name != upto and not _ibp_exact(graph, node, leaves)
                 and any(RULES[c.op].needs_bounds for c in graph.consumers(name))):
-            bounds[name], helped = refine_node(graph, name, bounds, leaves, intersect)
-            any_help |= helped
-    return bounds, any_help
+            new = refine_node(graph, name, bounds, leaves)
+            if pure is not None:
+                pure[name] = refine_node(graph, name, pure, leaves)
+            elif _tightens(bounds[name], new):
+                pure = dict(bounds)
+                pure[name] = new
+            bounds[name] = bounds[name].intersect(new)
+    return bounds, pure
 
 
 def crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor | None,
@@ -156,16 +169,12 @@ def crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor 
     """-> (lower, upper, bounds): bounds of ``C·f`` (``[B, S]``), or of ``f`` itself
     (``[B, *out_shape]``) when C is None, and the intermediate intervals by node name."""
     out = graph.output
-    bounds, ibp_helped = intermediate_bounds(graph, leaves, method, upto=out)
+    bounds, pure = intermediate_bounds(graph, leaves, method, upto=out)
     ref = bounds[out].lower
     B = ref.shape[0]
     spec = C if C is not None else _identity_spec(B, graph[out].shape, ref.dtype, ref.device)
     lo, up = chunked_backward(graph, out, spec, bounds, leaves)
-    if ibp_helped:
-        # Tighter intermediate bounds do not always give a tighter output bound: they change
-        # the adaptive ReLU lower slopes. When IBP tightened CROWN somewhere (typical of
-        # IBP-trained nets), also run plain CROWN and keep the better bound of each row.
-        pure, _ = intermediate_bounds(graph, leaves, method, upto=out, intersect=False)
+    if pure is not None:  # keep the better bound of each row
         lo2, up2 = chunked_backward(graph, out, spec, pure, leaves)
         lo, up = torch.maximum(lo, lo2), torch.minimum(up, up2)
     if C is None:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import torch
 
 from ..bound_types import Interval
-from .base import BoundRule, pos_neg, register
+from .base import BoundRule, register
 
 
 class ElementwiseRelaxation(BoundRule):
     needs_bounds = True
+    has_lower_bias = True  # False where the lower line always passes through 0 (ReLU)
 
     def f(self, x):
         raise NotImplementedError
@@ -27,13 +28,25 @@ class ElementwiseRelaxation(BoundRule):
 
     def backward(self, node, A_lower, A_upper, inputs):
         (x,) = inputs
-        kl, bl, ku, bu = (t.unsqueeze(1) for t in self.relax(node, x.lower, x.upper))
-        Ap, An = pos_neg(A_lower)
-        A_l = Ap * kl + An * ku
-        b_l = (Ap * bl + An * bu).flatten(2).sum(-1)
-        Ap, An = pos_neg(A_upper)
-        A_u = Ap * ku + An * kl
-        b_u = (Ap * bu + An * bl).flatten(2).sum(-1)
+        kl, bl, ku, bu = self.relax(node, x.lower, x.upper)
+        B = kl.shape[0]
+        kl, ku = kl.unsqueeze(1), ku.unsqueeze(1)
+        bl, bu = bl.reshape(B, -1, 1), bu.reshape(B, -1, 1)
+
+        def one(A, k_pos, k_neg, b_pos, b_neg, upper):
+            """Entries of A >= 0 take the (k_pos, b_pos) line, the others (k_neg, b_neg)."""
+            A_new = torch.where(A >= 0, A * k_pos, A * k_neg)
+            Af = A.flatten(2)
+            bias = 0.0
+            # skip the product with the lower line's bias where it is known to be 0
+            if upper or self.has_lower_bias:
+                bias = bias + torch.bmm(Af.clamp(min=0), b_pos).squeeze(-1)
+            if not upper or self.has_lower_bias:
+                bias = bias + torch.bmm(Af.clamp(max=0), b_neg).squeeze(-1)
+            return A_new, bias
+
+        A_l, b_l = one(A_lower, kl, ku, bl, bu, upper=False)
+        A_u, b_u = one(A_upper, ku, kl, bu, bl, upper=True)
         return [(A_l, A_u)], b_l, b_u
 
 
@@ -43,6 +56,7 @@ class ReLU(ElementwiseRelaxation):
     adaptive choice); exact where the neuron is stable."""
 
     sign_only = True
+    has_lower_bias = False
     slope = 0.0  # LeakyReLU overrides per node
 
     def f(self, node, x):
