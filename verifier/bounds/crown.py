@@ -16,6 +16,7 @@ from ..bound_types import Interval, concretize_interval
 from ..graph.nodes import Graph
 from ..ops import RULES
 from ..perturbation import Perturbation
+from .patches import backward_bound_patches, patchable
 
 # Budget for one backward pass, in tensor elements of the widest A: rows of C are split into
 # chunks so that batch * rows * widest_node stays below it.
@@ -102,8 +103,11 @@ def refine_node(graph, name, bounds, leaves) -> Interval:
         rows = unstable.nonzero().flatten()
         if rows.numel() == 0:
             return cur
-    C = _identity_spec(B, node.shape, cur.lower.dtype, cur.lower.device, rows)
-    lo, up = chunked_backward(graph, name, C, bounds, leaves)
+    if len(node.shape) == 3 and patchable(graph, name, leaves):
+        lo, up = _patch_bounds(graph, name, rows, bounds, leaves)
+    else:
+        C = _identity_spec(B, node.shape, cur.lower.dtype, cur.lower.device, rows)
+        lo, up = chunked_backward(graph, name, C, bounds, leaves)
     if rows is None:
         return Interval(lo.view_as(cur.lower), up.view_as(cur.upper))
     nl = cur.lower.reshape(B, -1).clone()
@@ -111,6 +115,22 @@ def refine_node(graph, name, bounds, leaves) -> Interval:
     nl[:, rows] = lo
     nu[:, rows] = up
     return Interval(nl.view_as(cur.lower), nu.view_as(cur.upper))
+
+
+def _patch_bounds(graph, name, rows, bounds, leaves):
+    """Patch-form CROWN of the given neurons (all if rows is None), in chunks of rows."""
+    node = graph[name]
+    if rows is None:
+        rows = torch.arange(math.prod(node.shape))
+    B = bounds[name].lower.shape[0]
+    widest = max(math.prod(graph[n].shape) for n in graph.ancestors_order(name))
+    step = max(1, (4 * MAX_A_ELEMENTS) // max(1, B * widest))
+    lo, up = [], []
+    for k in range(0, rows.numel(), step):
+        l, u = backward_bound_patches(graph, name, rows[k:k + step], bounds, leaves)
+        lo.append(l)
+        up.append(u)
+    return torch.cat(lo, 1), torch.cat(up, 1)
 
 
 def _ibp_exact(graph, node, leaves) -> bool:

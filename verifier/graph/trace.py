@@ -74,10 +74,7 @@ class Builder:
         return tuple(self.values[n.name].shape[1:])
 
     def add(self, n: fx.Node, op: str, inputs: list[Ref], **params) -> Node:
-        names = []
-        for r in inputs:
-            if r.name not in names:
-                names.append(r.name)
+        names = [r.name for r in inputs]  # duplicates kept: x + x has two inputs
         node = Node(name=n.name, op=op, inputs=names, shape=self.out_shape(n), params=params,
                     source=_describe(self.gm, n))
         self.nodes.append(node)
