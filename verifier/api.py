@@ -118,6 +118,17 @@ class BoundedModel:
         with torch.no_grad():
             return self.module(x.to(torch.float32))
 
+    def graph_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The traced graph evaluated on ``x`` (differentiable; for attacks): every node's
+        rule maps the degenerate interval [x, x]."""
+        from .ops import RULES
+        vals = {self.input: x.to(self.dtype)}
+        for node in self.graph:
+            if node.op != "input":
+                ins = [Interval(vals[i], vals[i]) for i in node.inputs]
+                vals[node.name] = RULES[node.op].interval(node, ins).lower
+        return vals[self.graph.output]
+
     def check_input(self, x: torch.Tensor, what: str = "input") -> torch.Tensor:
         """Accept ``[*input_shape]``, ``[1, *input_shape]`` or ``[N, *input_shape]``, or anything with
         the right number of elements per sample; -> [N, *input_shape]."""

@@ -17,7 +17,7 @@ TARGET_OPSET = 13
 @dataclass
 class OnnxModel:
     module: object            # torch.fx.GraphModule
-    proto: object             # onnx.ModelProto (after any up-conversion)
+    proto: object             # onnx.ModelProto as read (for replay with onnxruntime)
     input_names: list[str]
     input_shapes: list[tuple]  # as declared (0 or -1 for a symbolic dim)
     output_names: list[str]
@@ -61,7 +61,7 @@ def _missing_converters(model) -> list[tuple[str, str]]:
 def load_onnx(path) -> OnnxModel:
     import onnx
     from onnx import version_converter
-    model = read_onnx_proto(path)
+    model = original = read_onnx_proto(path)
     missing = _missing_converters(model)
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=1)
     if missing and opset < TARGET_OPSET:
@@ -78,9 +78,74 @@ def load_onnx(path) -> OnnxModel:
     names = [i.name for i in inputs]
     shapes = [tuple(d.dim_value if d.HasField("dim_value") else 0 for d in i.type.tensor_type.shape.dim)
               for i in inputs]
+    if len(inputs) == 1 and len(shapes[0]) == 1:
+        # a batchless input [n]: convert a copy whose input is [1, n] (numpy-style broadcasting
+        # gives the same values for the MatMul/Add/Relu chains such files hold); the result is
+        # checked against onnxruntime on the original file below
+        model = _with_batch_dim(model, inputs[0].name)
+        shapes = [(1,) + shapes[0]]
     try:
         import onnx2torch
         gm = onnx2torch.convert(model)
     except Exception as e:
         raise ModelLoadError(f"{path}: onnx2torch cannot convert the model ({type(e).__name__}: {e})") from None
-    return OnnxModel(gm, model, names, shapes, [o.name for o in model.graph.output], os.fspath(path))
+    if len(shapes[0]) >= 1 and model is not original and len(original.graph.input) and \
+            len(shapes[0]) != len(_declared_shape(original, names[0])):
+        _check_batchless(gm, original, names[0], shapes[0], path)
+    return OnnxModel(gm, original, names, shapes, [o.name for o in model.graph.output], os.fspath(path))
+
+
+def _declared_shape(model, name):
+    for i in model.graph.input:
+        if i.name == name:
+            return [d.dim_value for d in i.type.tensor_type.shape.dim]
+    return []
+
+
+def _with_batch_dim(model, name):
+    import onnx
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for i in m.graph.input:
+        if i.name == name:
+            dims = i.type.tensor_type.shape.dim
+            first = onnx.TensorShapeProto.Dimension()
+            first.dim_value = 1
+            dims.insert(0, first)
+    # constant @ vector (nnet2onnx style, W [k, n] @ x [n]) becomes x [1, n] @ W^T [n, k]
+    from onnx import numpy_helper
+    inits = {t.name: t for t in m.graph.initializer}
+    for node in m.graph.node:
+        if node.op_type == "MatMul" and node.input[0] in inits and node.input[1] not in inits:
+            W = numpy_helper.to_array(inits[node.input[0]])
+            if W.ndim != 2:
+                continue
+            t = numpy_helper.from_array(W.T.copy(), name=node.input[0] + "__T")
+            m.graph.initializer.append(t)
+            a, b = node.input[0], node.input[1]
+            node.input[0], node.input[1] = b, t.name
+    del m.graph.value_info[:]
+    for o in m.graph.output:  # let the converter infer output shapes
+        o.type.tensor_type.ClearField("shape")
+    return m
+
+
+def _check_batchless(gm, original, name, shape, path):
+    """The batch-dim copy must compute what onnxruntime computes on the original file."""
+    import numpy as np
+    import torch
+    try:
+        import onnxruntime as ort
+    except ImportError:  # nothing to compare with: refuse rather than guess
+        raise ModelLoadError(f"{path}: input {name} has no batch dimension and onnxruntime is "
+                             "not installed to check the conversion") from None
+    sess = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        x = rng.standard_normal(shape[1:]).astype(np.float32)
+        want = np.asarray(sess.run(None, {name: x})[0]).reshape(-1)
+        with torch.no_grad():
+            got = gm(torch.from_numpy(x).reshape(shape)).numpy().reshape(-1)
+        if want.shape != got.shape or not np.allclose(want, got, rtol=1e-5, atol=1e-6):
+            raise ModelLoadError(f"{path}: input {name} has no batch dimension and adding one "
+                                 "changes what the model computes; not supported")

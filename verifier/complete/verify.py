@@ -1,0 +1,151 @@
+"""``verify(model, spec, timeout)``: a verdict for a VNN-LIB property, with its reason.
+
+The property is violated (``sat``) iff some region's box holds an ``x`` whose output ``y``
+satisfies one of the region's conjunctions ``C y <= d``. In order:
+
+1. an attack (PGD on the violation ``max_r (C_r y - d_r)``) looks for such an ``x``; a candidate
+   is **replayed on the original model** (onnxruntime for ONNX) and reported only if the
+   replayed output satisfies the conjunction exactly: ``sat``;
+2. incomplete methods of increasing cost (IBP, then CROWN) bound ``C y`` over each box; a
+   conjunction is refuted when some row has ``lower(C_r y) > d_r``; when every conjunction of
+   every region is refuted: ``unsat``, proved by that method;
+3. otherwise ``unknown`` (bounds too loose, no counterexample found), or ``timeout`` when the
+   budget ran out first. An internal error is raised, never turned into a verdict.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import ShapeError
+
+STATUSES = ("sat", "unsat", "unknown", "timeout")
+
+
+@dataclass
+class Counterexample:
+    """An input inside the spec's box and the original model's output on it."""
+    x: np.ndarray          # flat, C order, float64 values of the float32 input that was replayed
+    y: np.ndarray          # flat output of the original model
+    region: int
+    disjunct: int
+    replayed_by: str       # "onnxruntime" or "torch"
+
+    def vnncomp_text(self) -> str:
+        """The VNN-COMP counterexample: ``((X_0 v) ... (Y_0 v) ...)``."""
+        parts = [f"(X_{i} {float(v)!r})" for i, v in enumerate(self.x)]
+        parts += [f"(Y_{j} {float(v)!r})" for j, v in enumerate(self.y)]
+        return "(" + "\n".join(parts) + ")"
+
+
+@dataclass
+class Verdict:
+    status: str                      # sat | unsat | unknown | timeout
+    reason: str
+    method: str | None = None        # what decided it: "pgd", "ibp", "crown", ...
+    counterexample: Counterexample | None = None
+    time_s: float = 0.0
+    details: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"Verdict({self.status}: {self.reason}; {self.time_s:.3f}s)"
+
+    def to_json(self) -> dict:
+        out = {"status": self.status, "reason": self.reason, "method": self.method,
+               "time_s": self.time_s}
+        if self.counterexample is not None:
+            out["counterexample"] = {"x": self.counterexample.x.tolist(),
+                                     "y": self.counterexample.y.tolist(),
+                                     "replayed_by": self.counterexample.replayed_by}
+        return out
+
+
+def _holds(c, y: np.ndarray) -> bool:
+    return bool(np.all(c.C @ y <= c.d))
+
+
+def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown"), attack: bool = True,
+           seed: int = 0) -> Verdict:
+    """Decide a VNN-LIB property on a model.
+
+    ``model``: a ``BoundedModel`` or an ONNX path; ``spec``: a ``VnnlibSpec`` or a path;
+    ``timeout``: wall-clock seconds for the whole call (checked between steps).
+    """
+    from ..api import BoundedModel
+    from ..spec.vnnlib import VnnlibSpec, read_vnnlib
+    from .replay import replay_runner
+    from .spec_attack import spec_attack
+
+    t0 = time.perf_counter()
+    deadline = t0 + timeout
+    if not isinstance(model, BoundedModel):
+        model = BoundedModel.from_onnx(model)
+    if not isinstance(spec, VnnlibSpec):
+        spec = read_vnnlib(spec)
+    n_in = int(np.prod(model.input_shape))
+    n_out = int(np.prod(model.output_shape))
+    if spec.n_inputs != n_in or spec.n_outputs != n_out:
+        raise ShapeError(f"the spec declares {spec.n_inputs} inputs and {spec.n_outputs} outputs; "
+                         f"the model has {n_in} inputs {list(model.input_shape)} and {n_out} outputs")
+
+    def done(status, reason, method=None, cex=None, **details):
+        return Verdict(status, reason, method, cex, time.perf_counter() - t0, details)
+
+    dt = model.dtype
+    boxes = [(torch.as_tensor(r.lower, dtype=dt).reshape(model.input_shape),
+              torch.as_tensor(r.upper, dtype=dt).reshape(model.input_shape)) for r in spec.regions]
+
+    # 1. attack, with replay on the original model
+    if attack:
+        run, replayer = replay_runner(model)
+
+        def f(x):
+            return model.graph_forward(x)
+
+        for ri, (region, (lo, hi)) in enumerate(zip(spec.regions, boxes)):
+            if time.perf_counter() > deadline:
+                return done("timeout", f"budget of {timeout:g}s ran out during the attack")
+            Cs = [torch.as_tensor(c.C, dtype=dt) for c in region.disjuncts]
+            ds = [torch.as_tensor(c.d, dtype=dt) for c in region.disjuncts]
+            x, k, v = spec_attack(f, lo, hi, Cs, ds, seed=seed + ri, deadline=deadline)
+            if v <= 0:
+                x32 = np.clip(x.detach().numpy().astype(np.float32).reshape(-1),
+                              region.lower.astype(np.float32), region.upper.astype(np.float32))
+                inside = np.all(x32 >= region.lower) and np.all(x32 <= region.upper)
+                y = run(x32)
+                if inside:
+                    for kk in [k] + [j for j in range(len(region.disjuncts)) if j != k]:
+                        if _holds(region.disjuncts[kk], y):
+                            cex = Counterexample(x32.astype(np.float64), y, ri, kk, replayer)
+                            return done("sat", f"counterexample found by PGD and replayed with "
+                                               f"{replayer}", "pgd", cex)
+
+    # 2. incomplete methods of increasing cost
+    last_open = None
+    for method in methods:
+        if time.perf_counter() > deadline:
+            return done("timeout", f"budget of {timeout:g}s ran out before {method}")
+        open_count = 0
+        for ri, (region, (lo, hi)) in enumerate(zip(spec.regions, boxes)):
+            C = torch.as_tensor(np.concatenate([c.C for c in region.disjuncts]), dtype=dt)
+            d = np.concatenate([c.d for c in region.disjuncts])
+            from ..perturbation import Box
+            res = model.bounds(Box(lo.unsqueeze(0), hi.unsqueeze(0)), method,
+                               spec=C.reshape(1, C.shape[0], *model.output_shape))
+            lower = res.lower[0].double().numpy()
+            k = 0
+            for c in region.disjuncts:
+                rows = slice(k, k + c.C.shape[0])
+                k += c.C.shape[0]
+                if not np.any(lower[rows] > c.d):
+                    open_count += 1
+        if open_count == 0:
+            return done("unsat", f"every output condition refuted by {method} bounds", method)
+        last_open = open_count
+    if time.perf_counter() > deadline:
+        return done("timeout", f"budget of {timeout:g}s ran out")
+    return done("unknown", f"{last_open} output condition(s) not refuted by "
+                           f"{', '.join(methods)}; no counterexample found", None)
