@@ -194,5 +194,9 @@ class BoundedModel:
                     lo, up = ibp_spec_bounds(self.graph, nodes, C)
             else:
                 lo, up, nodes = crown_bounds(self.graph, leaves, C, method=method)
+            # NaN (inf - inf after a float overflow) carries no information: widen it
+            sane = Interval(lo, up).sanitized()
+            lo, up = sane.lower, sane.upper
+            nodes = {k: v.sanitized() for k, v in nodes.items()}
         dt = time.perf_counter() - t0
         return BoundResult(lo, up, method, C, nodes, dt)

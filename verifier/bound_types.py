@@ -30,6 +30,14 @@ class Interval:
     def shape(self) -> torch.Size:
         return self.lower.shape
 
+    def sanitized(self) -> "Interval":
+        """NaN (e.g. inf - inf after a float overflow) means "no information": -inf / +inf."""
+        lo, up = self.lower, self.upper
+        if torch.isnan(lo).any() or torch.isnan(up).any():
+            lo = torch.nan_to_num(lo, nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+            up = torch.nan_to_num(up, nan=torch.inf, posinf=torch.inf, neginf=-torch.inf)
+        return Interval(lo, up)
+
     def intersect(self, other: "Interval") -> "Interval":
         """Both are sound, so their intersection is sound (and at least as tight)."""
         return Interval(torch.maximum(self.lower, other.lower), torch.minimum(self.upper, other.upper))

@@ -38,7 +38,10 @@ class _Recorder(fx.Interpreter):
 
 def _describe(gm: fx.GraphModule, n: fx.Node) -> str:
     if n.op == "call_module":
-        return f"module {type(gm.get_submodule(n.target)).__name__}"
+        mod = gm.get_submodule(n.target)
+        fn = getattr(mod, "function", None) or getattr(mod, "math_op_function", None)
+        extra = f" ({getattr(fn, '__name__', fn)})" if fn is not None else ""
+        return f"module {type(mod).__name__}{extra}"
     if n.op == "call_function":
         return f"function {getattr(n.target, '__name__', n.target)}"
     return f"method .{n.target}()"
@@ -85,8 +88,9 @@ class Builder:
         self.alias[n.name] = ref.name
 
     def problem(self, n: fx.Node, what: str) -> None:
-        shape = list(self.values[n.name].shape) if isinstance(self.values.get(n.name), torch.Tensor) else "?"
-        self.problems.append((n.name, f"{_describe(self.gm, n)}: {what} (output shape {shape})"))
+        v = self.values.get(n.name)
+        shape = list(v.shape[1:]) if isinstance(v, torch.Tensor) and v.ndim else "?"
+        self.problems.append((n.name, f"{_describe(self.gm, n)}: {what} (output shape per sample {shape})"))
 
     def rerun(self, n: fx.Node, substitute: dict[str, torch.Tensor]):
         """Run the fx node's op again with some perturbed args replaced by given tensors."""
@@ -126,7 +130,14 @@ def build_graph(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...
         gm = module
     else:
         try:
-            gm = fx.symbolic_trace(module)
+            try:
+                gm = fx.symbolic_trace(module)
+            except Exception:
+                if not fx.Tracer().is_leaf_module(module, ""):
+                    raise
+                # a bare torch.nn layer whose forward branches on its arguments (e.g.
+                # ConvTranspose2d): trace it as one call, the way it is traced inside a model
+                gm = fx.symbolic_trace(torch.nn.Sequential(module))
         except Exception as e:  # fx cannot trace data-dependent control flow
             raise ModelLoadError(
                 f"cannot trace {type(module).__name__} with torch.fx: {type(e).__name__}: {e}") from None

@@ -1,0 +1,148 @@
+"""Argument parsing and validation helpers of the ``verifier`` command line.
+
+Everything a user can get wrong is checked here and raised as :class:`CliError`, whose message
+names the flag or the file at fault; ``verifier.cli.main`` prints it as ``error: <message>`` and
+exits with status 2. numpy is imported inside the functions that need it, torch never.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
+
+
+class CliError(Exception):
+    """A usage or input error: printed as ``error: <message>``, exit status 2."""
+
+
+class ArgParser(argparse.ArgumentParser):
+    """An ArgumentParser that raises :class:`CliError` instead of printing usage and exiting,
+    so that every error reaches the user as one ``error: ...`` line."""
+
+    def error(self, message):
+        raise CliError(f"{message} (see '{self.prog} --help')")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the description's and the epilog's line breaks (examples); the help strings state
+    their defaults themselves."""
+
+
+# -- argparse ``type=`` callables: their ValueError/ArgumentTypeError becomes a usage error --------
+
+def finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return v
+
+
+def nonneg_float(text: str) -> float:
+    v = finite_float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return v
+
+
+_INT = re.compile(r"^[+-]?\d+$")
+
+
+def int_or_path(text: str) -> int | str:
+    """``--label``: an integer, or else the path of a ``.npy`` file."""
+    return int(text) if _INT.match(text.strip()) else text
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+def load_npy(path: str, what: str):
+    """A numeric array from a ``.npy`` file (never unpickles); ``what`` names it in errors."""
+    import numpy as np
+    if not os.path.exists(path):
+        raise CliError(f"{what} {path}: no such file")
+    if os.path.isdir(path):
+        raise CliError(f"{what} {path}: is a directory, expected a .npy file")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CliError(f"{what} {path}: not a readable .npy file ({first})") from None
+    if not isinstance(arr, np.ndarray):       # an .npz archive
+        arr.close()
+        raise CliError(f"{what} {path}: is an .npz archive, expected a single .npy array")
+    if arr.dtype.kind not in "biuf":
+        raise CliError(f"{what} {path}: expected numbers, got an array of dtype {arr.dtype}")
+    if arr.size == 0:
+        raise CliError(f"{what} {path}: the array is empty (shape {list(arr.shape)})")
+    return arr
+
+
+def check_finite(arr, what: str) -> None:
+    import numpy as np
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise CliError(f"{what} holds NaN or infinite values ({int(bad.sum())} of {arr.size} "
+                       f"entries; the first at flat index {i}: {arr.reshape(-1)[i]})")
+
+
+def check_box(lower, upper, what_lower: str, what_upper: str) -> None:
+    """``lower <= upper`` entry-wise; both are arrays of the same shape."""
+    import numpy as np
+    if lower.shape != upper.shape:
+        raise CliError(f"{what_lower} and {what_upper} differ in shape: {list(lower.shape)} vs "
+                       f"{list(upper.shape)}")
+    bad = lower > upper
+    if bad.any():
+        n = lower.shape[0]
+        i = int(np.flatnonzero(bad)[0])
+        per = lower.size // n
+        raise CliError(f"{what_lower} > {what_upper} at {int(bad.sum())} entries; the first in "
+                       f"sample {i // per} at index {i % per}: {lower.reshape(-1)[i]} > "
+                       f"{upper.reshape(-1)[i]}")
+
+
+def labels_for(label, n_samples: int, n_classes: int):
+    """``--label`` (an int, or a .npy path) -> an int64 array of ``n_samples`` labels in
+    ``[0, n_classes)``; one label is broadcast to every sample."""
+    import numpy as np
+    if isinstance(label, int):
+        what, arr = "--label", np.array([label])
+    else:
+        what = f"label file {label}"
+        arr = load_npy(label, "label file").reshape(-1)
+        if arr.dtype.kind == "f":
+            if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
+                bad = arr[~np.isfinite(arr) | (arr != np.round(arr))][0]
+                raise CliError(f"{what}: labels must be integers, found {bad}")
+        elif arr.dtype.kind == "b":
+            raise CliError(f"{what}: labels must be integers, got an array of booleans")
+        arr = arr.astype(np.int64)
+    if n_classes < 2:
+        raise CliError(f"--label needs a model with at least 2 outputs; this one has {n_classes}")
+    out = (arr < 0) | (arr >= n_classes)
+    if out.any():
+        raise CliError(f"{what}: label {int(arr[out][0])} is out of range for a model with "
+                       f"{n_classes} outputs (valid labels: 0 to {n_classes - 1})")
+    if arr.size == 1:
+        return np.repeat(arr, n_samples)
+    if arr.size != n_samples:
+        raise CliError(f"{what}: {arr.size} labels for {n_samples} sample"
+                       f"{'' if n_samples == 1 else 's'} (give one label per sample, or a single "
+                       "label for all)")
+    return arr
