@@ -19,6 +19,8 @@ from .cli_util import (EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, ArgParser, CliError, 
                        check_box, check_finite, finite_float, int_or_path, labels_for, load_npy,
                        nonneg_float, positive_int)
 
+from . import cli_verify as cv
+
 PROG = "verifier"
 
 
@@ -221,6 +223,13 @@ def cmd_bounds(a: argparse.Namespace) -> int:
 SUBCOMMANDS: list[Subcommand] = [
     Subcommand("bounds", "bound a model's outputs or margins over an input set (IBP, CROWN)",
                BOUNDS_DESCRIPTION, BOUNDS_EPILOG, bounds_arguments, cmd_bounds),
+    Subcommand("verify", "decide a VNN-LIB property on an ONNX model (sat/unsat/unknown/timeout)",
+               cv.VERIFY_DESCRIPTION, cv.VERIFY_EPILOG, cv.verify_arguments, cv.cmd_verify),
+    Subcommand("batch", "run a VNN-COMP instances.csv, results to a csv, with a summary",
+               cv.BATCH_DESCRIPTION, cv.BATCH_EPILOG, cv.batch_arguments, cv.cmd_batch),
+    Subcommand("vnncomp-run", "one VNN-COMP instance to a results file (used by vnncomp/)",
+               "Write the VNN-COMP results file of one instance.", "", cv.vnncomp_arguments,
+               cv.cmd_vnncomp_run),
 ]
 
 
