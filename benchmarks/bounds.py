@@ -1,0 +1,94 @@
+"""Bounds benchmark against auto_LiRPA's reference bounds (../shared/benchmarks/classifiers/).
+
+For each reference model prints: graph build time, IBP / CROWN-IBP / CROWN time per sample
+(margin spec, one sample per call, one thread, process CPU time like the reference), peak
+memory, mean margin lower bound (ours and the reference), the worst agreement figures (IBP:
+relative error; CROWN: how much looser than the reference, relative; <= 0 means at least as
+tight), and the reference's CPU seconds per sample.
+
+    python benchmarks/bounds.py [--models NAME ...] [--shared PATH] [--repeat K]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from verifier import BoundedModel, Box, margin_spec  # noqa: E402
+
+METHODS = [("IBP", "ibp"), ("CROWN-IBP", "crown-ibp"), ("CROWN", "crown")]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared", default=str(ROOT.parent / "shared"), help="the shared/ folder")
+    ap.add_argument("--models", nargs="*", help="model names (default: all in reference.json)")
+    ap.add_argument("--repeat", type=int, default=1, help="timed repetitions per sample (min is kept)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    D = Path(args.shared) / "benchmarks" / "classifiers"
+    if not (D / "reference.json").exists():
+        print(f"no reference data at {D}", file=sys.stderr)
+        return 1
+    ref = json.loads((D / "reference.json").read_text())
+    names = args.models or list(ref["models"])
+    print(f"{'model':24s} {'build_s':>7s} {'method':>9s} {'ms/sample':>9s} {'ref_ms':>8s} "
+          f"{'speedup':>7s} {'mean_lb':>11s} {'ref_lb':>11s} {'worst':>9s} {'peak_MB':>8s}")
+    for name in names:
+        m = ref["models"][name]
+        t0 = time.perf_counter()
+        bm = BoundedModel.from_onnx(D / "models" / f"{name}.onnx")
+        build = time.perf_counter() - t0
+        xl = np.load(D / "models" / f"{name}_xl.npy")
+        xu = np.load(D / "models" / f"{name}_xu.npy")
+        y = np.load(D / "models" / f"{name}_y.npy")
+        # warm-up (first calls initialise kernels)
+        bm.bounds(Box(torch.tensor(xl[:1]), torch.tensor(xu[:1])), "crown-ibp", spec=margin_spec(y[:1], 10))
+        for label, method in METHODS:
+            runs = [r for r in m["runs"] if r["method"] == label]
+            if not runs:
+                continue
+            times, ours, refs, worst = [], [], [], -np.inf
+            for r in runs:
+                i = r["idx"]
+                box = Box(torch.tensor(xl[i:i + 1]), torch.tensor(xu[i:i + 1]))
+                C = margin_spec([int(y[i])], 10)
+                best = np.inf
+                for _ in range(args.repeat):
+                    c0 = time.process_time()
+                    res = bm.bounds(box, method, spec=C)
+                    best = min(best, time.process_time() - c0)
+                times.append(best)
+                lo = res.lower[0].double().numpy()
+                rl = np.array(r["margin"]["lower"])
+                ours.append(lo.mean())
+                refs.append(rl.mean())
+                scale = np.maximum(1.0, np.abs(rl))
+                if method == "ibp":
+                    worst = max(worst, float(np.max(np.abs(lo - rl) / scale)))
+                else:
+                    worst = max(worst, float(np.max((rl - lo) / scale)))
+            ref_t = np.mean([r["cpu_margin_s"] for r in runs])
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            ms = 1e3 * np.mean(times)
+            print(f"{name:24s} {build:7.2f} {label:>9s} {ms:9.2f} {1e3 * ref_t:8.2f} "
+                  f"{1e3 * ref_t / ms:6.2f}x {np.mean(ours):11.4f} {np.mean(refs):11.4f} "
+                  f"{worst:9.1e} {peak:8.0f}", flush=True)
+    print("worst: IBP = max relative error vs reference; CROWN/CROWN-IBP = max relative amount "
+          "looser than the reference (<= 0: at least as tight on every row). peak_MB = process "
+          "peak RSS so far.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
