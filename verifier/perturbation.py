@@ -29,6 +29,22 @@ def parse_norm(p) -> float:
     return p
 
 
+def round_down(t, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` cast to ``dtype`` rounded towards -inf (the cast never moves a lower end inwards)."""
+    t = torch.as_tensor(t)
+    if not t.is_floating_point():
+        t = t.double()
+    r = t.to(dtype)
+    if torch.finfo(dtype).bits >= torch.finfo(t.dtype).bits:
+        return r
+    return torch.where(r.to(t.dtype) > t, torch.nextafter(r, torch.full_like(r, -torch.inf)), r)
+
+
+def round_up(t, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` cast to ``dtype`` rounded towards +inf."""
+    return -round_down(-torch.as_tensor(t), dtype)
+
+
 def _check_finite(name: str, t: torch.Tensor) -> None:
     if not torch.isfinite(t).all():
         raise PerturbationError(f"{name} holds NaN or infinite values")
@@ -88,7 +104,8 @@ class Box(Perturbation):
         return concretize_interval(A, self.interval(), upper)
 
     def to(self, dtype, device=None):
-        return Box(self.lower.to(dtype=dtype, device=device), self.upper.to(dtype=dtype, device=device))
+        """Cast outwards: the cast box contains the original one."""
+        return Box(round_down(self.lower, dtype).to(device), round_up(self.upper, dtype).to(device))
 
     def sample(self, n, generator=None):
         u = torch.rand((n, *self.lower.shape), generator=generator, dtype=self.lower.dtype)
@@ -115,14 +132,16 @@ class LpBall(Perturbation):
             self.center = self.center.float()
         self.norm = parse_norm(self.norm)
         _check_finite("center", self.center)
-        eps = torch.as_tensor(self.eps, dtype=self.center.dtype)
+        # rounded up: a float32 radius never describes a smaller ball than the one asked for
+        eps = round_up(torch.as_tensor(self.eps, dtype=torch.float64)
+                       if not isinstance(self.eps, torch.Tensor) else self.eps, self.center.dtype)
         _check_finite("eps", eps)
         if (eps < 0).any():
             raise PerturbationError(f"eps must be >= 0, got {self.eps}")
         B = self.center.shape[0]
         if eps.ndim == 0:
             self._eps_t = eps.expand(B)
-        elif eps.ndim == 1 and eps.shape[0] == B and self.norm != math.inf:
+        elif eps.ndim == 1 and eps.shape[0] == B:  # one radius per sample (any norm)
             self._eps_t = eps
         elif self.norm == math.inf:
             try:
@@ -138,8 +157,10 @@ class LpBall(Perturbation):
                 f"(shape [{B}]), got shape {tuple(eps.shape)}")
         if self.clip is not None:
             lo, hi = self.clip
-            lo = torch.as_tensor(lo, dtype=self.center.dtype)
-            hi = torch.as_tensor(hi, dtype=self.center.dtype)
+            lo = round_down(torch.as_tensor(lo, dtype=torch.float64) if not isinstance(lo, torch.Tensor)
+                            else lo, self.center.dtype)
+            hi = round_up(torch.as_tensor(hi, dtype=torch.float64) if not isinstance(hi, torch.Tensor)
+                          else hi, self.center.dtype)
             if (lo > hi).any():
                 raise PerturbationError(f"clip range is empty: lo={self.clip[0]} > hi={self.clip[1]}")
             self.clip = (lo, hi)
@@ -152,8 +173,11 @@ class LpBall(Perturbation):
         return e
 
     def interval(self) -> Interval:
+        """The bounding box, rounded outwards (center -/+ eps in float64, then cast)."""
         e = self._eps_elementwise()
-        lo, hi = self.center - e, self.center + e
+        dt = self.center.dtype
+        lo = round_down(self.center.double() - e.double(), dt)
+        hi = round_up(self.center.double() + e.double(), dt)
         if self.clip is not None:
             lo = torch.maximum(lo, self.clip[0])
             hi = torch.minimum(hi, self.clip[1])
@@ -177,11 +201,18 @@ class LpBall(Perturbation):
         return val
 
     def to(self, dtype, device=None):
-        clip = None if self.clip is None else tuple(c.to(dtype=dtype, device=device) for c in self.clip)
-        eps = self.eps
-        if isinstance(eps, torch.Tensor):
-            eps = eps.to(dtype=dtype, device=device)
-        return LpBall(self.center.to(dtype=dtype, device=device), eps, self.norm, clip)
+        """Cast outwards: the radius grows by the center's rounding error (and rounds up), the
+        clip box rounds outwards, so the cast set contains the original one."""
+        clip = None if self.clip is None else (round_down(self.clip[0], dtype).to(device),
+                                               round_up(self.clip[1], dtype).to(device))
+        center = self.center.to(dtype=dtype, device=device)
+        err = (self.center.double() - center.double()).abs()
+        eps = self._eps_elementwise().double()
+        if self.norm == math.inf:
+            eps = eps + err
+        else:
+            eps = eps.reshape(-1) + torch.linalg.vector_norm(err.flatten(1), ord=self.norm, dim=1)
+        return LpBall(center, round_up(eps, dtype).to(device), self.norm, clip)
 
     def sample(self, n, generator=None):
         """Points in the ball (for L2/L1, then clipped: clipping keeps L-inf points inside, and

@@ -67,6 +67,21 @@ def _holds(c, y: np.ndarray) -> bool:
     return bool(np.all(c.C @ y <= c.d))
 
 
+def _float32_inside(x: np.ndarray, lower: np.ndarray, upper: np.ndarray):
+    """The float32 point nearest ``x`` inside [lower, upper] (bounds in float64): rounding to
+    float32 may step outside the box, so such entries move one float32 ulp back inside.
+    -> (x32, inside); ``inside`` is False only where the box holds no float32 value (a
+    degenerate bound that float32 cannot represent) beyond a 1e-7 relative slack."""
+    x32 = np.clip(x, lower, upper).astype(np.float32)
+    lo_bad = x32 < lower
+    x32[lo_bad] = np.nextafter(x32[lo_bad], np.float32(np.inf))
+    hi_bad = x32 > upper
+    x32[hi_bad] = np.nextafter(x32[hi_bad], np.float32(-np.inf))
+    slack = 1e-7 * np.maximum(1.0, np.abs(lower))
+    inside = bool(np.all(x32 >= lower - slack) and np.all(x32 <= upper + slack))
+    return x32, inside
+
+
 def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown"), attack: bool = True,
            seed: int = 0) -> Verdict:
     """Decide a VNN-LIB property on a model.
@@ -95,8 +110,10 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown"), attack:
         return Verdict(status, reason, method, cex, time.perf_counter() - t0, details)
 
     dt = model.dtype
-    boxes = [(torch.as_tensor(r.lower, dtype=dt).reshape(model.input_shape),
-              torch.as_tensor(r.upper, dtype=dt).reshape(model.input_shape)) for r in spec.regions]
+    from ..perturbation import round_down, round_up
+    # rounded outwards: the float32 box contains the spec's float64 box
+    boxes = [(round_down(torch.as_tensor(r.lower), dt).reshape(model.input_shape),
+              round_up(torch.as_tensor(r.upper), dt).reshape(model.input_shape)) for r in spec.regions]
 
     # 1. attack, with replay on the original model
     if attack:
@@ -112,9 +129,8 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown"), attack:
             ds = [torch.as_tensor(c.d, dtype=dt) for c in region.disjuncts]
             x, k, v = spec_attack(f, lo, hi, Cs, ds, seed=seed + ri, deadline=deadline)
             if v <= 0:
-                x32 = np.clip(x.detach().numpy().astype(np.float32).reshape(-1),
-                              region.lower.astype(np.float32), region.upper.astype(np.float32))
-                inside = np.all(x32 >= region.lower) and np.all(x32 <= region.upper)
+                x32, inside = _float32_inside(x.detach().double().numpy().reshape(-1),
+                                              region.lower, region.upper)
                 y = run(x32)
                 if inside:
                     for kk in [k] + [j for j in range(len(region.disjuncts)) if j != k]:

@@ -1,0 +1,143 @@
+"""A small zoo of architectures, as plain PyTorch code (no weights).
+
+Each function returns a freshly initialized ``nn.Module`` in eval mode that the verifier can
+trace with torch.fx. The layers used are all in the supported-operator table of the README, so
+each model is also a small end-to-end test of the graph builder and the bound rules:
+
+* :func:`mlp`: fully connected (Linear + activation), flattening its input first;
+* :func:`small_cnn`: two strided convolutions, then two dense layers (optionally with pooling);
+* :func:`resnet_block_net`: a stem convolution, residual blocks (conv, BatchNorm, skip
+  connection), global average pooling and a dense head.
+
+Initialize the weights yourself (``torch.manual_seed`` before the call) when you need
+reproducible numbers.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+_ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.1),
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+}
+
+
+def _activation(name: str) -> nn.Module:
+    try:
+        return _ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}: use one of {sorted(_ACTIVATIONS)}") from None
+
+
+def mlp(in_dim: int, hidden: int | Sequence[int], out: int, activation: str = "relu") -> nn.Module:
+    """``Flatten -> [Linear -> activation] * len(hidden) -> Linear``.
+
+    ``in_dim``: the number of input features (inputs of any shape with that many elements per
+    sample are flattened); ``hidden``: one width or a list of widths; ``out``: the number of
+    outputs; ``activation``: "relu", "leaky_relu" (slope 0.1), "sigmoid" or "tanh".
+    """
+    widths = [hidden] if isinstance(hidden, int) else list(hidden)
+    layers: list[nn.Module] = [nn.Flatten()]
+    d = in_dim
+    for w in widths:
+        layers += [nn.Linear(d, w), _activation(activation)]
+        d = w
+    layers.append(nn.Linear(d, out))
+    return nn.Sequential(*layers).eval()
+
+
+def small_cnn(in_ch: int = 1, n_classes: int = 10, input_size: int = 28, width: int = 8,
+              pool: str | None = None) -> nn.Module:
+    """``Conv(3x3, stride 2) -> ReLU -> Conv(3x3, stride 2) -> ReLU -> [pool] -> Flatten ->
+    Linear(64) -> ReLU -> Linear(n_classes)``.
+
+    ``input_size``: the height (= width) of the square input ``[in_ch, input_size, input_size]``;
+    ``width``: channels of the first convolution (the second has twice as many); ``pool``: None,
+    "max" or "avg" (a 2x2, stride 2 pooling before the dense layers).
+    """
+    if pool not in (None, "max", "avg"):
+        raise ValueError(f"pool must be None, 'max' or 'avg', got {pool!r}")
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_ch, width, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
+    ]
+    side = (input_size + 1) // 2
+    side = (side + 1) // 2
+    if pool is not None:
+        layers.append(nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2))
+        side //= 2
+    if side < 1:
+        raise ValueError(f"input_size={input_size} is too small for this network")
+    layers += [nn.Flatten(), nn.Linear(2 * width * side * side, 64), nn.ReLU(),
+               nn.Linear(64, n_classes)]
+    return nn.Sequential(*layers).eval()
+
+
+class ResidualBlock(nn.Module):
+    """``relu(x + bn2(conv2(relu(bn1(conv1(x))))))``: two 3x3 convolutions, same shape in and out."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.bn2(self.conv2(y)))
+
+
+class ResNetBlockNet(nn.Module):
+    """A stem convolution, ``n_blocks`` residual blocks, global average pooling, a dense head."""
+
+    def __init__(self, in_ch: int, n_classes: int, width: int, n_blocks: int):
+        super().__init__()
+        self.stem = nn.Conv2d(in_ch, width, 3, stride=2, padding=1)
+        self.blocks = nn.Sequential(*[ResidualBlock(width) for _ in range(n_blocks)])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = self.blocks(x)
+        return self.fc(self.pool(x).flatten(1))
+
+
+def resnet_block_net(in_ch: int = 3, n_classes: int = 10, width: int = 8,
+                     n_blocks: int = 2) -> nn.Module:
+    """A small residual network (see :class:`ResNetBlockNet`) for inputs ``[in_ch, H, W]`` of any
+    size (the global average pooling makes the head independent of H and W).
+
+    BatchNorm layers are in eval mode with their initial running statistics (mean 0, variance
+    1); load or set statistics before bounding a trained model.
+    """
+    return ResNetBlockNet(in_ch, n_classes, width, n_blocks).eval()
+
+
+# name -> (builder, keyword arguments of a small instance, per-sample input shape)
+ZOO = {
+    "mlp": (mlp, dict(in_dim=784, hidden=[64, 32], out=10), (1, 28, 28)),
+    "mlp_tanh": (mlp, dict(in_dim=20, hidden=[16, 16], out=4, activation="tanh"), (20,)),
+    "small_cnn": (small_cnn, dict(in_ch=1, n_classes=10, input_size=28), (1, 28, 28)),
+    "small_cnn_maxpool": (small_cnn, dict(in_ch=3, n_classes=10, input_size=32, pool="max"),
+                          (3, 32, 32)),
+    "resnet_block_net": (resnet_block_net, dict(in_ch=3, n_classes=10, width=8, n_blocks=2),
+                         (3, 16, 16)),
+}
+
+
+def build(name: str, seed: int | None = 0) -> tuple[nn.Module, tuple[int, ...]]:
+    """A small instance of a zoo entry: ``(model, input_shape)``; the weights are drawn with
+    ``torch.manual_seed(seed)`` (no seeding when ``seed`` is None)."""
+    if name not in ZOO:
+        raise KeyError(f"unknown model {name!r}: the zoo holds {sorted(ZOO)}")
+    fn, kwargs, shape = ZOO[name]
+    if seed is not None:
+        torch.manual_seed(seed)
+    return fn(**kwargs), shape
