@@ -212,14 +212,34 @@ def test_cli_verify_bad_input_is_one_clear_error(args, needle, tmp_path, monkeyp
 
 
 def test_vnncomp_scripts_write_results_file(tmp_path):
+    import os
     root = Path(__file__).resolve().parents[2] / "vnncomp"
+    sock = str(tmp_path / "v.sock")
+    env = {**os.environ, "VERIFIER_SOCKET": sock}
+    try:
+        subprocess.run(["bash", str(root / "prepare_instance.sh"), "v1", "test", str(DATA / "onnx/test_sat.onnx"),
+                        str(DATA / "vnnlib/test_prop.vnnlib")], check=True, timeout=120, env=env)
+        assert Path(sock).exists()  # the warm process is up
+        for onnx_rel, vnnlib_rel, expected in _expected():
+            res = tmp_path / "out.txt"
+            subprocess.run(["bash", str(root / "run_instance.sh"), "v1", "test", str(DATA / onnx_rel),
+                            str(DATA / vnnlib_rel), str(res), "30"], check=True, timeout=120, env=env)
+            lines = res.read_text().splitlines()
+            assert lines[0] == expected
+            if expected == "sat":
+                assert lines[1].startswith("((X_0 ")
+                n_x = sum(1 for l in lines if "(X_" in l)
+                n_y = sum(1 for l in lines if "(Y_" in l)
+                assert (n_x, n_y) == (5, 5)
+    finally:
+        subprocess.run([sys.executable, "-m", "verifier.vnncomp_server", "stop", sock], timeout=30)
+
+
+def test_run_instance_without_server_runs_in_process(tmp_path):
+    import os
+    root = Path(__file__).resolve().parents[2] / "vnncomp"
+    env = {**os.environ, "VERIFIER_SOCKET": str(tmp_path / "none.sock")}
     res = tmp_path / "out.txt"
-    subprocess.run(["bash", str(root / "prepare_instance.sh"), "v1", "test", str(DATA / "onnx/test_sat.onnx"),
-                    str(DATA / "vnnlib/test_prop.vnnlib")], check=True, timeout=60)
-    subprocess.run(["bash", str(root / "run_instance.sh"), "v1", "test", str(DATA / "onnx/test_sat.onnx"),
-                    str(DATA / "vnnlib/test_prop.vnnlib"), str(res), "30"], check=True, timeout=120)
-    lines = res.read_text().splitlines()
-    assert lines[0] == "sat" and lines[1].startswith("((X_0 ")
-    n_x = sum(1 for l in lines if "(X_" in l)
-    n_y = sum(1 for l in lines if "(Y_" in l)
-    assert (n_x, n_y) == (5, 5)
+    subprocess.run(["bash", str(root / "run_instance.sh"), "v1", "test", str(DATA / "onnx/test_unsat.onnx"),
+                    str(DATA / "vnnlib/test_prop.vnnlib"), str(res), "30"], check=True, timeout=120, env=env)
+    assert res.read_text().splitlines()[0] == "unsat"
