@@ -104,9 +104,12 @@ def test_unknown_when_bounds_are_loose_and_no_counterexample(tmp_path):
     # y0 = relu(x) - relu(x) = 0 exactly, but interval/CROWN bounds on [-1, 1] are loose
     net = _onnx_relu_net(tmp_path / "z.onnx", [[1.0], [1.0]], [0, 0], [[1, -1], [0, 0]], [0, 0])
     p = _spec(tmp_path, HEAD + "(assert (>= X_0 -1))\n(assert (<= X_0 1))\n(assert (>= Y_0 0.5))\n")
-    v = verify(net, p, timeout=20)
+    v = verify(net, p, timeout=20, bab=False)
     assert v.status == "unknown", v
     assert v.counterexample is None
+    # input splitting makes both ReLUs stable on each half: then the bound is exact
+    v = verify(net, p, timeout=20)
+    assert v.status == "unsat" and v.method == "bab-input", v
 
 
 def test_spec_and_model_sizes_must_agree(absnet, tmp_path):

@@ -63,7 +63,9 @@ def select(b, n, target, *args, **kwargs):
     ok = (~moved) | ((o2 == -o1 - 0.5) & (o1 - 1 == idx.double()) & (idx >= 0) & (idx < numel))
     if not bool(ok.all()):
         return b.problem(n, "not a pure data movement (elements are combined)")
-    fill = None if bool(moved.all()) else torch.where(moved, 0.0, o1).to(torch.get_default_dtype())
+    # the fill stays float64 (as probed; the graph is cast to its dtype later): a float64 graph
+    # pads with the exact value, e.g. 0.7, not its float32 rounding
+    fill = None if bool(moved.all()) else torch.where(moved, 0.0, o1)
     identity = fill is None and idx.numel() == numel and bool((idx == torch.arange(numel)).all())
     permutation = (fill is None and idx.numel() == numel
                    and bool((torch.bincount(idx, minlength=numel) == 1).all()))
@@ -123,7 +125,7 @@ def binary(kind):
         if kind == "div":
             if not xr:
                 return b.problem(n, "division by a perturbed tensor is not supported")
-            return _affine(b, n, ref, 1.0 / c, None)
+            return _affine(b, n, ref, 1.0 / c.double(), None)  # exact in a float64 graph
         return b.problem(n, f"unknown arithmetic {kind}")
     return handler
 
@@ -237,12 +239,13 @@ def conv_transpose_module(b, n, mod, x, output_size=None):
 def _batchnorm(b, n, x, weight, bias, mean, var, eps):
     if mean is None or var is None:
         return b.problem(n, "BatchNorm without running statistics (it would use batch statistics)")
-    scale = 1.0 / torch.sqrt(var.detach() + eps)
+    # folded in float64 (the graph is cast to its dtype later): exact in a float64 graph
+    scale = 1.0 / torch.sqrt(var.detach().double() + eps)
     if weight is not None:
-        scale = scale * weight.detach()
-    shift = -mean.detach() * scale
+        scale = scale * weight.detach().double()
+    shift = -mean.detach().double() * scale
     if bias is not None:
-        shift = shift + bias.detach()
+        shift = shift + bias.detach().double()
     view = (-1,) + (1,) * (len(x.shape) - 1)
     b.add(n, "affine", [x], w=scale.reshape(view), b=shift.reshape(view), in_shape=x.shape)
 
@@ -355,6 +358,16 @@ def onnx_concat(b, n, mod, *tensors):
     return _concat(b, n, list(tensors), mod.axis)
 
 
+def onnx_function(b, n, mod, x, *args, **kwargs):
+    """onnx2torch's generic element-wise module: map the functions that have a rule."""
+    fn = getattr(mod, "function", None)
+    op = {torch.tanh: "tanh", torch.sigmoid: "sigmoid", torch.relu: "relu"}.get(fn)
+    if op is None:
+        return b.problem(n, f"no bound rule for the element-wise function "
+                            f"{getattr(fn, '__name__', fn)}")
+    return activation(op)(b, n, mod, x)
+
+
 def _onnx_classes():
     """onnx2torch's module classes, imported lazily and only where present."""
     import importlib
@@ -368,7 +381,7 @@ def _onnx_classes():
         "identity": ["OnnxCopyIdentity"], "dropout": ["OnnxDropoutDynamic"],
         "binary_math_operations": ["OnnxBinaryMathOperation"], "matmul": ["OnnxMatMul"],
         "gemm": ["OnnxGemm"], "batch_norm": ["OnnxBatchNorm"], "concat": ["OnnxConcat"],
-        "neg": ["OnnxNeg"], "global_average_pool": ["OnnxGlobalAveragePool",
+        "neg": ["OnnxNeg"], "functions": ["OnnxFunction"], "global_average_pool": ["OnnxGlobalAveragePool",
                                                     "OnnxGlobalAveragePoolWithKnownInputShape"],
     }
     found = {}
@@ -408,7 +421,8 @@ def _build_module_table():
     for c, h in (("OnnxCopyIdentity", alias), ("OnnxDropoutDynamic", alias),
                  ("OnnxBinaryMathOperation", onnx_binary), ("OnnxMatMul", binary("matmul")),
                  ("OnnxGemm", onnx_gemm), ("OnnxBatchNorm", onnx_batchnorm), ("OnnxConcat", onnx_concat),
-                 ("OnnxNeg", neg), ("OnnxGlobalAveragePool", global_avgpool),
+                 ("OnnxNeg", neg), ("OnnxFunction", onnx_function),
+                 ("OnnxGlobalAveragePool", global_avgpool),
                  ("OnnxGlobalAveragePoolWithKnownInputShape", global_avgpool)):
         if c in onnx:
             t[onnx[c]] = h
@@ -465,7 +479,7 @@ def map_node(b, n):
         return b.problem(n, "no bound rule")
     if n.op == "call_method" and not isinstance(args[0], Ref):
         # a method on a constant with a perturbed argument, e.g. W.matmul(x)
-        if n.target in ("add", "mul", "matmul", "__add__", "__mul__"):
+        if n.target in ("add", "sub", "mul", "div", "matmul", "__add__", "__sub__", "__mul__"):
             return h(b, n, n.target, *args, **kwargs)
         return b.problem(n, "method on a constant with a perturbed argument")
     return h(b, n, n.target, *args, **kwargs)

@@ -117,6 +117,36 @@ def _is_float_tensor(v) -> bool:
     return isinstance(v, torch.Tensor) and v.is_floating_point()
 
 
+def _holds_tensor(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    return isinstance(v, (list, tuple)) and any(_holds_tensor(x) for x in v)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool((a == b).all())
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b
+
+
+def _varies_with_input(b: "Builder", n: fx.Node, deps: list, value) -> bool:
+    """Whether a non-float result of perturbed (float) arguments depends on their values, not
+    only on their shapes (as an ONNX Shape op does): rerun on random values of the same shapes."""
+    g = torch.Generator().manual_seed(0)
+    for scale in (3.0, -7.0):
+        sub = {a.name: torch.randn(b.values[a.name].shape, generator=g,
+                                   dtype=b.values[a.name].dtype) * scale for a in deps}
+        try:
+            with torch.no_grad():
+                if not _same(b.rerun(n, sub), value):
+                    return True
+        except Exception:
+            return True
+    return False
+
+
 def build_graph(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...],
                 input_names: list[str] | None = None) -> Graph:
     """Trace ``module`` (or take it as is when it is already an fx.GraphModule) and normalize it.
@@ -155,13 +185,24 @@ def build_graph(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...
     values = rec.values
 
     perturbed: set[str] = set()
+    # tensors (or tuples of tensors) that vary with the input but are not one float tensor:
+    # comparisons, argmax, sort, chunk... Folding them into constants would be unsound.
+    nonfloat: set[str] = set()
+    probe = Builder(gm, values, perturbed)
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             perturbed.add(n.name)
         elif n.op in ("call_module", "call_function", "call_method"):
-            deps = any(a.name in perturbed for a in n.all_input_nodes)
-            if deps and _is_float_tensor(values[n.name]):
+            deps = [a for a in n.all_input_nodes if a.name in perturbed]
+            if not deps:
+                continue
+            v = values[n.name]
+            if _is_float_tensor(v):
                 perturbed.add(n.name)
+            elif _holds_tensor(v) and (any(a.name in nonfloat for a in deps)
+                                       or _varies_with_input(probe, n, deps, v)):
+                perturbed.add(n.name)
+                nonfloat.add(n.name)
 
     b = Builder(gm, values, perturbed)
     leaves = []
@@ -190,6 +231,14 @@ def build_graph(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...
             output_ref = b.alias.get(out.name, out.name)
         elif n.name in perturbed:
             v = values[n.name]
+            if any(a.name in nonfloat for a in n.all_input_nodes):
+                nonfloat.add(n.name)  # downstream of a reported node: reported there
+                continue
+            if n.name in nonfloat:
+                what = (f"a {v.dtype} tensor" if isinstance(v, torch.Tensor) else "several tensors")
+                b.problem(n, f"returns {what} computed from the perturbed input (e.g. a "
+                             "comparison, argmax, sort, chunk): no bound rule")
+                continue
             if v.ndim == 0 or v.shape[0] != 1:
                 b.problem(n, "the op removes or changes the batch dimension")
                 continue
