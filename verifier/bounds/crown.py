@@ -99,8 +99,8 @@ def refine_node(graph, name, bounds, leaves) -> Interval:
     B = cur.lower.shape[0]
     rows = None
     if all(RULES[c.op].sign_only for c in graph.consumers(name)):
-        unstable = ((cur.lower < 0) & (cur.upper > 0)).reshape(B, -1).any(0)
-        rows = unstable.nonzero().flatten()
+        unstable_b = ((cur.lower < 0) & (cur.upper > 0)).reshape(B, -1)
+        rows = unstable_b.any(0).nonzero().flatten()
         if rows.numel() == 0:
             return cur
     if len(node.shape) == 3 and patchable(graph, name, leaves):
@@ -112,8 +112,11 @@ def refine_node(graph, name, bounds, leaves) -> Interval:
         return Interval(lo.view_as(cur.lower), up.view_as(cur.upper))
     nl = cur.lower.reshape(B, -1).clone()
     nu = cur.upper.reshape(B, -1).clone()
-    nl[:, rows] = lo
-    nu[:, rows] = up
+    # only where the neuron is unstable in that sample: a sample's bounds never depend on the
+    # rest of the batch
+    keep = unstable_b[:, rows]
+    nl[:, rows] = torch.where(keep, lo, nl[:, rows])
+    nu[:, rows] = torch.where(keep, up, nu[:, rows])
     return Interval(nl.view_as(cur.lower), nu.view_as(cur.upper))
 
 
@@ -202,9 +205,22 @@ def crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor 
         bounds[out] = bounds[out].intersect(Interval(lo, up))
         lo, up = bounds[out].lower, bounds[out].upper
     else:
-        # the spec applied to the output's own interval is sound too: keep the tighter
-        ibp_l = concretize_interval(C, bounds[out], upper=False)
-        ibp_u = concretize_interval(C, bounds[out], upper=True)
+        # the spec applied to the output's own box is sound too: keep the tighter of each row.
+        # That box is CROWN's (without a spec) intersected with IBP's, so bounds with a spec are
+        # never looser than bounds on f combined afterwards; skipped when the output is much
+        # wider than the spec (then its cost would dominate).
+        box = bounds[out]
+        n_out = math.prod(graph[out].shape)
+        if n_out <= 4 * C.shape[1] + 16:
+            eye = _identity_spec(B, graph[out].shape, ref.dtype, ref.device)
+            bl, bu = chunked_backward(graph, out, eye, bounds, leaves)
+            box = box.intersect(Interval(bl.view_as(ref), bu.view_as(ref)))
+            if pure is not None:
+                bl, bu = chunked_backward(graph, out, eye, pure, leaves)
+                box = box.intersect(Interval(bl.view_as(ref), bu.view_as(ref)))
+            bounds[out] = box
+        ibp_l = concretize_interval(C, box, upper=False)
+        ibp_u = concretize_interval(C, box, upper=True)
         lo, up = torch.maximum(lo, ibp_l), torch.minimum(up, ibp_u)
     return lo, up, bounds
 
