@@ -195,7 +195,19 @@ def crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor 
     bounds, pure = intermediate_bounds(graph, leaves, method, upto=out)
     ref = bounds[out].lower
     B = ref.shape[0]
-    spec = C if C is not None else _identity_spec(B, graph[out].shape, ref.dtype, ref.device)
+    n_out = math.prod(graph[out].shape)
+    eye = _identity_spec(B, graph[out].shape, ref.dtype, ref.device)
+    # With a spec, the output's own box (CROWN's without the spec, intersected with IBP's) is
+    # bounded in the same pass: C applied to it is sound too, and keeping the tighter of each
+    # row means bounds with a spec are never looser than bounds on f combined afterwards.
+    # Skipped when the output is much wider than the spec (its cost would dominate).
+    with_box = C is not None and n_out <= 4 * C.shape[1] + 16
+    if C is None:
+        spec = eye
+    elif with_box:
+        spec = torch.cat([C, eye], 1)
+    else:
+        spec = C
     lo, up = chunked_backward(graph, out, spec, bounds, leaves)
     if pure is not None:  # keep the better bound of each row
         lo2, up2 = chunked_backward(graph, out, spec, pure, leaves)
@@ -203,25 +215,15 @@ def crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor 
     if C is None:
         lo, up = lo.view_as(ref), up.view_as(ref)
         bounds[out] = bounds[out].intersect(Interval(lo, up))
-        lo, up = bounds[out].lower, bounds[out].upper
-    else:
-        # the spec applied to the output's own box is sound too: keep the tighter of each row.
-        # That box is CROWN's (without a spec) intersected with IBP's, so bounds with a spec are
-        # never looser than bounds on f combined afterwards; skipped when the output is much
-        # wider than the spec (then its cost would dominate).
-        box = bounds[out]
-        n_out = math.prod(graph[out].shape)
-        if n_out <= 4 * C.shape[1] + 16:
-            eye = _identity_spec(B, graph[out].shape, ref.dtype, ref.device)
-            bl, bu = chunked_backward(graph, out, eye, bounds, leaves)
-            box = box.intersect(Interval(bl.view_as(ref), bu.view_as(ref)))
-            if pure is not None:
-                bl, bu = chunked_backward(graph, out, eye, pure, leaves)
-                box = box.intersect(Interval(bl.view_as(ref), bu.view_as(ref)))
-            bounds[out] = box
-        ibp_l = concretize_interval(C, box, upper=False)
-        ibp_u = concretize_interval(C, box, upper=True)
-        lo, up = torch.maximum(lo, ibp_l), torch.minimum(up, ibp_u)
+        return bounds[out].lower, bounds[out].upper, bounds
+    S = C.shape[1]
+    box = bounds[out]
+    if with_box:
+        box = box.intersect(Interval(lo[:, S:].view_as(ref), up[:, S:].view_as(ref)))
+        bounds[out] = box
+        lo, up = lo[:, :S], up[:, :S]
+    lo = torch.maximum(lo, concretize_interval(C, box, upper=False))
+    up = torch.minimum(up, concretize_interval(C, box, upper=True))
     return lo, up, bounds
 
 
