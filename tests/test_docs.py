@@ -103,6 +103,7 @@ def test_bash_snippet_runs(code, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     (work / "examples").symlink_to(ROOT / "examples")
+    (work / "tests").symlink_to(ROOT / "tests")
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}"
                                 f"{os.pathsep}{os.environ.get('PATH', '')}")
     r = subprocess.run(["bash", "-e", "-c", code], cwd=work, env=env, capture_output=True,
