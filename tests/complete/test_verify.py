@@ -214,6 +214,60 @@ def test_cli_verify_bad_input_is_one_clear_error(args, needle, tmp_path, monkeyp
     assert r.stdout.strip() == ""
 
 
+def _bad_files(tmp_path):
+    good_onnx = DATA / "onnx/test_sat.onnx"
+    good_spec = DATA / "vnnlib/test_prop.vnnlib"
+    trunc = tmp_path / "trunc.onnx"
+    data = good_onnx.read_bytes()
+    trunc.write_bytes(data[: len(data) // 2])
+    # an ONNX model with two ops we cannot bound
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])
+    g = helper.make_graph([helper.make_node("Exp", ["x"], ["e"], name="the_exp"),
+                           helper.make_node("Softmax", ["e"], ["y"], name="the_softmax", axis=1)],
+                          "g", [x], [y])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    unsup = tmp_path / "unsup.onnx"
+    onnx.save(m, unsup)
+    syntax = tmp_path / "syntax.vnnlib"
+    syntax.write_text(good_spec.read_text().replace("(assert", "(assert (", 1))
+    semantic = tmp_path / "semantic.vnnlib"
+    semantic.write_text("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(assert (<= X_0 1))\n"
+                        "(assert (<= Y_0 0))\n")  # X_0 has no lower bound
+    return [
+        ([str(trunc), str(good_spec)], "trunc.onnx"),
+        ([str(unsup), str(good_spec)], "the_exp"),
+        ([str(good_onnx), str(syntax)], "syntax.vnnlib:"),
+        ([str(good_onnx), str(semantic)], "semantic.vnnlib:"),
+        ([str(good_onnx), str(DATA / "vnnlib/test_nano.vnnlib")], "inputs"),
+        ([str(tmp_path / "missing.onnx"), str(good_spec)], "no such file"),
+        ([str(good_onnx), str(tmp_path / "missing.vnnlib")], "no such file"),
+    ]
+
+
+def test_cli_verify_bad_input_corpus(tmp_path):
+    for args, needle in _bad_files(tmp_path):
+        r = subprocess.run([sys.executable, "-m", "verifier", "verify", *args, "--timeout", "10"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr and needle in r.stderr, (needle, r.stderr)
+        assert r.stdout.strip() == "", "an error must never print a verdict"
+        if needle == "the_exp":
+            assert "the_softmax" in r.stderr
+
+
+def test_vnncomp_scripts_write_error_for_bad_input(tmp_path):
+    import os
+    root = Path(__file__).resolve().parents[2] / "vnncomp"
+    env = {**os.environ, "VERIFIER_SOCKET": str(tmp_path / "none.sock")}
+    for args, _ in _bad_files(tmp_path)[:4]:
+        res = tmp_path / "out.txt"
+        subprocess.run(["bash", str(root / "run_instance.sh"), "v1", "x", *args, str(res), "10"],
+                       check=True, timeout=120, env=env)
+        assert res.read_text().splitlines()[0] == "error"
+
+
 def test_vnncomp_scripts_write_results_file(tmp_path):
     import os
     root = Path(__file__).resolve().parents[2] / "vnncomp"

@@ -137,9 +137,14 @@ def _patch_bounds(graph, name, rows, bounds, leaves):
 
 
 def _ibp_exact(graph, node, leaves) -> bool:
-    """One affine op applied to box-shaped leaves: its interval is already the exact range."""
-    return (RULES[node.op].affine and all(graph[i].op == "input" for i in node.inputs)
-            and all(getattr(leaves[i], "norm", math.inf) == math.inf for i in node.inputs))
+    """One affine op applied (through pure data movements such as Flatten) to one box-shaped
+    leaf: its interval is already the exact range."""
+    if not RULES[node.op].affine or len(set(node.inputs)) != 1:
+        return False
+    src = graph[node.inputs[0]]
+    while src.op == "select":
+        src = graph[src.inputs[0]]
+    return src.op == "input" and getattr(leaves[src.name], "norm", math.inf) == math.inf
 
 
 def _tightens(a: Interval, b: Interval) -> bool:
