@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from verifier import BoundedModel, Box, margin_spec  # noqa: E402
 
-METHODS = [("IBP", "ibp"), ("CROWN-IBP", "crown-ibp"), ("CROWN", "crown")]
+METHODS = [("IBP", "ibp"), ("CROWN-IBP", "crown-ibp"), ("CROWN", "crown"), ("alpha-CROWN", "alpha-crown")]
 
 
 def main(argv=None):
@@ -42,7 +42,7 @@ def main(argv=None):
         return 1
     ref = json.loads((D / "reference.json").read_text())
     names = args.models or list(ref["models"])
-    print(f"{'model':24s} {'build_s':>7s} {'method':>9s} {'ms/sample':>9s} {'ref_ms':>8s} "
+    print(f"{'model':24s} {'build_s':>7s} {'method':>11s} {'ms/sample':>9s} {'ref_ms':>8s} "
           f"{'speedup':>7s} {'mean_lb':>11s} {'ref_lb':>11s} {'worst':>9s} {'peak_MB':>8s}")
     for name in names:
         m = ref["models"][name]
@@ -81,10 +81,10 @@ def main(argv=None):
             ref_t = np.mean([r["cpu_margin_s"] for r in runs])
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             ms = 1e3 * np.mean(times)
-            print(f"{name:24s} {build:7.2f} {label:>9s} {ms:9.2f} {1e3 * ref_t:8.2f} "
+            print(f"{name:24s} {build:7.2f} {label:>11s} {ms:9.2f} {1e3 * ref_t:8.2f} "
                   f"{1e3 * ref_t / ms:6.2f}x {np.mean(ours):11.4f} {np.mean(refs):11.4f} "
                   f"{worst:9.1e} {peak:8.0f}", flush=True)
-    print("worst: IBP = max relative error vs reference; CROWN/CROWN-IBP = max relative amount "
+    print("worst: IBP = max relative error vs reference; the others = max relative amount "
           "looser than the reference (<= 0: at least as tight on every row). peak_MB = process "
           "peak RSS so far.")
     return 0

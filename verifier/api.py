@@ -21,7 +21,7 @@ from .graph.nodes import Graph
 from .graph.trace import build_graph
 from .perturbation import Box, LpBall, Perturbation
 
-METHODS = ("ibp", "crown", "crown-ibp")
+METHODS = ("ibp", "crown", "crown-ibp", "alpha-crown")
 
 
 @dataclass(repr=False)
@@ -192,6 +192,9 @@ class BoundedModel:
                     lo, up = out.lower, out.upper
                 else:
                     lo, up = ibp_spec_bounds(self.graph, nodes, C)
+            elif method == "alpha-crown":
+                from .bounds.alpha import alpha_crown_bounds
+                lo, up, nodes = alpha_crown_bounds(self.graph, leaves, C)
             else:
                 lo, up, nodes = crown_bounds(self.graph, leaves, C, method=method)
             # NaN (inf - inf after a float overflow) carries no information: widen it

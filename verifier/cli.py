@@ -78,10 +78,11 @@ def bounds_arguments(p: argparse.ArgumentParser) -> None:
     box.add_argument("--upper", metavar="XU.npy",
                      help="upper corner(s) of the box; needs --lower, and lower <= upper")
     q = p.add_argument_group("what to bound and how")
-    q.add_argument("--method", choices=("ibp", "crown", "crown-ibp"), default="crown",
+    q.add_argument("--method", choices=("ibp", "crown", "crown-ibp", "alpha-crown"), default="crown",
                    help="ibp: interval bounds (fast, loose); crown: backward linear bounds with "
-                        "CROWN intermediate bounds (tightest); crown-ibp: CROWN on the output "
-                        "with IBP intermediate bounds (default: crown)")
+                        "CROWN intermediate bounds; crown-ibp: CROWN on the output with IBP "
+                        "intermediate bounds; alpha-crown: CROWN with the output bound's ReLU "
+                        "lower slopes optimized (tightest, slower) (default: crown)")
     q.add_argument("--label", type=int_or_path, metavar="Y",
                    help="the correct class: an integer, or a .npy file of integers (one per "
                         "sample, or one for all); bounds the margins f_Y - f_j for j != Y "

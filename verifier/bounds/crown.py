@@ -34,8 +34,10 @@ def _accumulate(store: dict, name: str, al, au) -> None:
 
 
 def backward_bound(graph: Graph, start: str, C: torch.Tensor, bounds: dict[str, Interval],
-                   leaves: dict[str, Perturbation]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lower and upper bounds ``[B, S]`` of ``C·x_start`` (``C: [B, S, *shape(start)]``)."""
+                   leaves: dict[str, Perturbation], alpha: dict | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower and upper bounds ``[B, S]`` of ``C·x_start`` (``C: [B, S, *shape(start)]``);
+    ``alpha``: optimized slopes by node name for the rules that take them (alpha-CROWN)."""
     A: dict[str, tuple] = {start: (C, C)}
     lower = upper = 0.0
     for name in reversed(graph.ancestors_order(start)):
@@ -49,7 +51,10 @@ def backward_bound(graph: Graph, start: str, C: torch.Tensor, bounds: dict[str, 
             continue
         rule = RULES[node.op]
         ins = [bounds[i] for i in node.inputs] if rule.needs_bounds else None
-        parts, b_l, b_u = rule.backward(node, A_l, A_u, ins)
+        if alpha is not None and name in alpha:
+            parts, b_l, b_u = rule.backward(node, A_l, A_u, ins, alpha=alpha[name])
+        else:
+            parts, b_l, b_u = rule.backward(node, A_l, A_u, ins)
         lower = lower + b_l
         upper = upper + b_u
         for inp, (al, au) in zip(node.inputs, parts):

@@ -6,10 +6,13 @@ satisfies one of the region's conjunctions ``C y <= d``. In order:
 1. an attack (PGD on the violation ``max_r (C_r y - d_r)``) looks for such an ``x``; a candidate
    is **replayed on the original model** (onnxruntime for ONNX) and reported only if the
    replayed output satisfies the conjunction exactly: ``sat``;
-2. incomplete methods of increasing cost (IBP, then CROWN) bound ``C y`` over each box; a
+2. incomplete methods of increasing cost (IBP, CROWN, alpha-CROWN) bound ``C y`` over each box; a
    conjunction is refuted when some row has ``lower(C_r y) > d_r``; when every conjunction of
    every region is refuted: ``unsat``, proved by that method;
-3. otherwise ``unknown`` (bounds too loose, no counterexample found), or ``timeout`` when the
+3. for inputs of at most ``max_split_inputs`` values, branch and bound on input splits
+   (``input_bab``) until every domain is refuted (``unsat``) or a replayed counterexample
+   turns up (``sat``);
+4. otherwise ``unknown`` (bounds too loose, no counterexample found), or ``timeout`` when the
    budget ran out first. An internal error is raised, never turned into a verdict.
 """
 from __future__ import annotations
@@ -82,7 +85,7 @@ def _float32_inside(x: np.ndarray, lower: np.ndarray, upper: np.ndarray):
     return x32, inside
 
 
-def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown"), attack: bool = True,
+def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-crown"), attack: bool = True,
            seed: int = 0, bab: bool = True, max_split_inputs: int = 16, progress=None) -> Verdict:
     """Decide a VNN-LIB property on a model.
 

@@ -26,12 +26,19 @@ class ElementwiseRelaxation(BoundRule):
         (x,) = inputs  # monotone non-decreasing activations
         return Interval(self.f(node, x.lower), self.f(node, x.upper))
 
-    def backward(self, node, A_lower, A_upper, inputs):
+    def backward(self, node, A_lower, A_upper, inputs, alpha=None):
+        """``alpha``: optional optimized lower-line slopes ``(for the lower bound, for the upper
+        bound)``, each ``[B, S, *shape]``, used where the neuron is unstable (alpha-CROWN; only
+        rules whose lower line passes through 0 for every slope in range accept them)."""
         (x,) = inputs
         kl, bl, ku, bu = self.relax(node, x.lower, x.upper)
         B = kl.shape[0]
         kl, ku = kl.unsqueeze(1), ku.unsqueeze(1)
         bl, bu = bl.reshape(B, -1, 1), bu.reshape(B, -1, 1)
+        kl_u = kl
+        if alpha is not None:
+            unstable = ((x.lower < 0) & (x.upper > 0)).unsqueeze(1)
+            kl, kl_u = torch.where(unstable, alpha[0], kl), torch.where(unstable, alpha[1], kl)
 
         def one(A, k_pos, k_neg, b_pos, b_neg, upper):
             """Entries of A >= 0 take the (k_pos, b_pos) line, the others (k_neg, b_neg)."""
@@ -46,7 +53,7 @@ class ElementwiseRelaxation(BoundRule):
             return A_new, bias
 
         A_l, b_l = one(A_lower, kl, ku, bl, bu, upper=False)
-        A_u, b_u = one(A_upper, ku, kl, bu, bl, upper=True)
+        A_u, b_u = one(A_upper, ku, kl_u, bu, bl, upper=True)
         return [(A_l, A_u)], b_l, b_u
 
 

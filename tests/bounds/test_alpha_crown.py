@@ -1,0 +1,41 @@
+"""alpha-CROWN: sound (sampling + PGD), never looser than CROWN, and tighter somewhere."""
+import pytest
+import torch
+import torch.nn as nn
+
+from helpers import check_sound, linf
+from verifier import BoundedModel, LpBall, margin_spec
+
+
+def _nets():
+    torch.manual_seed(0)
+    yield nn.Sequential(nn.Linear(6, 20), nn.ReLU(), nn.Linear(20, 20), nn.LeakyReLU(0.1),
+                        nn.Linear(20, 4)), (6,)
+    yield nn.Sequential(nn.Conv2d(1, 3, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 10),
+                        nn.ReLU(), nn.Linear(10, 5)), (1, 9, 9)
+
+
+@pytest.mark.parametrize("i", [0, 1])
+@pytest.mark.parametrize("norm", ["inf", 2])
+def test_alpha_crown_is_sound_and_never_looser_than_crown(i, norm):
+    net, shape = list(_nets())[i]
+    bm = BoundedModel(net, input_shape=shape, dtype=torch.float64)
+    torch.manual_seed(1)
+    x = torch.rand(2, *shape)
+    eps = 0.15 if norm == "inf" else 0.5
+    ball = LpBall(x, eps, norm=norm)
+    n_out = bm.output_shape[0]
+    for spec in (None, margin_spec([0, 2], n_out, dtype=torch.float64)):
+        rep = check_sound(bm, ball, spec=spec, methods=("crown", "alpha-crown"), check_nodes=False)
+        a, c = rep.results["alpha-crown"], rep.results["crown"]
+        assert (a.lower >= c.lower - 1e-9).all() and (a.upper <= c.upper + 1e-9).all()
+
+
+def test_alpha_crown_tightens_an_unstable_net():
+    net, shape = list(_nets())[0]
+    bm = BoundedModel(net, input_shape=shape, dtype=torch.float64)
+    ball = linf(torch.rand(1, *shape), 0.3)
+    C = margin_spec([1], 4, dtype=torch.float64)
+    a = bm.bounds(ball, "alpha-crown", spec=C)
+    c = bm.bounds(ball, "crown", spec=C)
+    assert (a.lower - c.lower).max() > 1e-4
