@@ -29,15 +29,7 @@ METHODS = ("ibp", "crown", "crown-ibp")
 
 
 # --- the reference model ---------------------------------------------------------------------
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm):
-        super().__init__(gm, garbage_collect_values=False)
-        self.values: dict[str, object] = {}
-
-    def run_node(self, n):
-        v = super().run_node(n)
-        self.values[n.name] = v
-        return v
+from verifier.graph.trace import _Recorder  # noqa: E402  (the same value recorder)
 
 
 class Reference:

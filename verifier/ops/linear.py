@@ -53,6 +53,15 @@ class MatMulLeft(AffineRule):
         return [node.params["M"].transpose(-1, -2).matmul(A)]
 
 
+def _channel_bias(node, A):
+    """``A·b`` for a per-channel bias over the spatial dims: [B, S]."""
+    b = node.params.get("bias")
+    if b is None:
+        return 0.0
+    nd = node.params["weight"].ndim - 2
+    return A.sum(dim=tuple(range(-nd, 0))).matmul(b)
+
+
 def _conv_fn(nd):
     return F.conv1d if nd == 1 else F.conv2d
 
@@ -114,11 +123,7 @@ class Conv(AffineRule):
         return [r.reshape(A.shape[0], A.shape[1], *in_shape)]
 
     def bias(self, node, A):
-        b = node.params.get("bias")
-        if b is None:
-            return 0.0
-        nd = node.params["weight"].ndim - 2
-        return A.sum(dim=tuple(range(-nd, 0))).matmul(b)
+        return _channel_bias(node, A)
 
 
 @register("conv_transpose")
@@ -154,8 +159,4 @@ class ConvTranspose(AffineRule):
         return [r.reshape(A.shape[0], A.shape[1], *in_shape)]
 
     def bias(self, node, A):
-        b = node.params.get("bias")
-        if b is None:
-            return 0.0
-        nd = node.params["weight"].ndim - 2
-        return A.sum(dim=tuple(range(-nd, 0))).matmul(b)
+        return _channel_bias(node, A)
