@@ -110,6 +110,14 @@ def refine_node(graph, name, bounds, leaves) -> Interval:
             return cur
     if len(node.shape) == 3 and patchable(graph, name, leaves):
         lo, up = _patch_bounds(graph, name, rows, bounds, leaves)
+    elif node.op == "linear" and len(node.shape) == 1:
+        # one-hot rows through y = W x + b are rows of W: start one node earlier
+        W, b = node.params["weight"], node.params.get("bias")
+        idx = torch.arange(node.shape[0]) if rows is None else rows
+        A0 = W[idx].unsqueeze(0).expand(B, -1, -1)
+        lo, up = chunked_backward(graph, node.inputs[0], A0, bounds, leaves)
+        if b is not None:
+            lo, up = lo + b[idx], up + b[idx]
     else:
         C = _identity_spec(B, node.shape, cur.lower.dtype, cur.lower.device, rows)
         lo, up = chunked_backward(graph, name, C, bounds, leaves)
