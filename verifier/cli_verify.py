@@ -46,6 +46,9 @@ def verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="wall-clock budget in seconds (default 60)")
     p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    p.add_argument("--progress", action="store_true",
+                   help="show a live branch-and-bound line on stderr (default: when stderr is a "
+                        "terminal)")
     p.add_argument("--cex-file", metavar="F",
                    help="on sat, write the counterexample there in the VNN-COMP format "
                         "((X_0 v) ... (Y_0 v) ...)")
@@ -58,6 +61,16 @@ def _check_files(*paths):
             raise CliError(f"{path}: no such file")
 
 
+def _progress_line(domains_left: int, worst: float, elapsed: float) -> None:
+    """One live line on stderr while branch and bound runs."""
+    _progress_line.shown = True
+    print(f"\rbranch and bound: {domains_left} domains left, worst margin {worst:.4g}, "
+          f"{elapsed:.1f} s   ", end="", file=sys.stderr, flush=True)
+
+
+_progress_line.shown = False
+
+
 def cmd_verify(a: argparse.Namespace) -> int:
     if a.timeout <= 0:
         raise CliError(f"--timeout must be > 0, got {a.timeout}")
@@ -66,7 +79,10 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
     from .complete import verify
     torch.set_num_threads(a.threads)
-    v = verify(a.model, a.spec, timeout=a.timeout, seed=a.seed)
+    progress = _progress_line if (a.progress or sys.stderr.isatty()) else None
+    v = verify(a.model, a.spec, timeout=a.timeout, seed=a.seed, progress=progress)
+    if progress is not None and _progress_line.shown:
+        print(file=sys.stderr)
     if a.cex_file and v.counterexample is not None:
         with open(a.cex_file, "w") as f:
             f.write(v.counterexample.vnncomp_text() + "\n")
