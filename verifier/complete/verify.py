@@ -175,11 +175,9 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
         for ri, (region, (lo, hi)) in enumerate(zip(spec.regions, boxes)):
             Cs = [torch.as_tensor(c.C, dtype=dt) for c in region.disjuncts]
             ds = [torch.as_tensor(c.d, dtype=dt) for c in region.disjuncts]
-            while True:
-                r = input_split_bab(model, lo, hi, Cs, ds, deadline, progress=progress)
-                total += r.domains
-                if r.status != "candidate":
-                    break
+            r = input_split_bab(model, lo, hi, Cs, ds, deadline, progress=progress)
+            total += r.domains
+            if r.status == "candidate":
                 x32, inside = _float32_inside(r.x.detach().double().numpy().reshape(-1),
                                               region.lower, region.upper)
                 y = run(x32)
@@ -190,10 +188,9 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
                             return done("sat", f"counterexample found by input-split branch and "
                                                f"bound and replayed with {replayer}", "bab-input",
                                         cex, domains=total)
-                # the candidate did not replay (float32 rounding at a boundary): keep searching
-                # without attacks would loop; report what we know
-                return done("unknown", "a candidate counterexample did not replay on the "
-                                       "original model", None, domains=total)
+                # our float32 graph and the original model disagree at a boundary point
+                return done("unknown", "a candidate counterexample of branch and bound did not "
+                                       "replay on the original model", None, domains=total)
             if r.status == "timeout":
                 return done("timeout", f"budget of {timeout:g}s ran out in branch and bound "
                                        f"({total} domains)", None, domains=total)
