@@ -33,6 +33,19 @@ def _accumulate(store: dict, name: str, al, au) -> None:
     store[name] = (nl, nu)
 
 
+def dense_step(graph: Graph, node, A_l, A_u, bounds, leaves, alpha=None):
+    """One backward step with dense A at ``node``: -> ([(A_l, A_u) per input], bias_l, bias_u);
+    at a leaf, no inputs and the concretized bounds over its perturbation set."""
+    if node.op == "input":
+        leaf = leaves[node.name]
+        return [], leaf.concretize(A_l, upper=False), leaf.concretize(A_u, upper=True)
+    rule = RULES[node.op]
+    ins = [bounds[i] for i in node.inputs] if rule.needs_bounds else None
+    if alpha is not None and node.name in alpha:
+        return rule.backward(node, A_l, A_u, ins, alpha=alpha[node.name])
+    return rule.backward(node, A_l, A_u, ins)
+
+
 def backward_bound(graph: Graph, start: str, C: torch.Tensor, bounds: dict[str, Interval],
                    leaves: dict[str, Perturbation], alpha: dict | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,16 +58,7 @@ def backward_bound(graph: Graph, start: str, C: torch.Tensor, bounds: dict[str, 
             continue
         A_l, A_u = A.pop(name)
         node = graph[name]
-        if node.op == "input":
-            lower = lower + leaves[name].concretize(A_l, upper=False)
-            upper = upper + leaves[name].concretize(A_u, upper=True)
-            continue
-        rule = RULES[node.op]
-        ins = [bounds[i] for i in node.inputs] if rule.needs_bounds else None
-        if alpha is not None and name in alpha:
-            parts, b_l, b_u = rule.backward(node, A_l, A_u, ins, alpha=alpha[name])
-        else:
-            parts, b_l, b_u = rule.backward(node, A_l, A_u, ins)
+        parts, b_l, b_u = dense_step(graph, node, A_l, A_u, bounds, leaves, alpha)
         lower = lower + b_l
         upper = upper + b_u
         for inp, (al, au) in zip(node.inputs, parts):

@@ -132,7 +132,7 @@ def backward_bound_patches(graph, start, rows, bounds, leaves):
     """Bounds ``[B, K]`` of the neurons ``rows`` (flat indices) of ``start``, like
     ``crown.backward_bound`` with one-hot rows. A starts as patches and turns dense once a
     window covers more than ``DENSE_SHARE`` of its feature map."""
-    from .crown import _accumulate
+    from .crown import _accumulate, dense_step
     C, H, W = graph[start].shape
     ref = bounds[start].lower
     B, dtype = ref.shape[0], ref.dtype
@@ -181,13 +181,7 @@ def backward_bound_patches(graph, start, rows, bounds, leaves):
         if name not in dense:
             continue
         A_l, A_u = dense.pop(name)
-        if node.op == "input":
-            lower = lower + leaves[name].concretize(A_l, upper=False)
-            upper = upper + leaves[name].concretize(A_u, upper=True)
-            continue
-        rule = RULES[node.op]
-        ins = [bounds[i] for i in node.inputs] if rule.needs_bounds else None
-        parts, bl, bu = rule.backward(node, A_l, A_u, ins)
+        parts, bl, bu = dense_step(graph, node, A_l, A_u, bounds, leaves)
         lower, upper = lower + bl, upper + bu
         for inp, (al, au) in zip(node.inputs, parts):
             if inp in patches:  # meet a patch entry: make it dense
