@@ -109,6 +109,11 @@ class BoundedModel:
             raise ShapeError(f"{path}: input {m.input_names[0]} has shape {list(shape)} without a "
                              "batch dimension")
         self = cls(m.module, example_input=torch.zeros(1, *shape[1:]), dtype=dtype)
+        aliases = m.parameter_names()
+        for node in self.graph:  # parameters go by their ONNX initializer names
+            if "param_names" in node.params:
+                node.params["param_names"] = {r: (aliases.get(n, n), lay)
+                                              for r, (n, lay) in node.params["param_names"].items()}
         self.source_path = str(path)
         self.onnx = m
         return self
@@ -118,16 +123,24 @@ class BoundedModel:
         with torch.no_grad():
             return self.module(x.to(torch.float32))
 
-    def graph_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def graph_forward(self, x: torch.Tensor, params: dict | None = None) -> torch.Tensor:
         """The traced graph evaluated on ``x`` (differentiable; for attacks): every node's
-        rule maps the degenerate interval [x, x]."""
-        from .ops import RULES
+        rule maps the degenerate interval [x, x]. ``params``: parameter name -> a value to use
+        instead of the model's (same shape), e.g. a point of a weight perturbation set."""
+        from .weight_attack import evaluate
+        graph = self.graph
         vals = {self.input: x.to(self.dtype)}
-        for node in self.graph:
-            if node.op != "input":
-                ins = [Interval(vals[i], vals[i]) for i in node.inputs]
-                vals[node.name] = RULES[node.op].interval(node, ins).lower
-        return vals[self.graph.output]
+        if params:
+            from .weights import ParameterSets, WeightPerturbation
+            graph = ParameterSets(self.graph, WeightPerturbation(list(params), 0.0), self.dtype).graph
+            vals.update({k: torch.as_tensor(v).to(self.dtype).unsqueeze(0) for k, v in params.items()})
+        return evaluate(graph, vals)[0]
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """The parameters a weight perturbation can select (those of linear and conv layers), by
+        the source model's names: parameter name -> value."""
+        from .graph.params import parameter_values
+        return parameter_values(self.graph)
 
     def check_input(self, x: torch.Tensor, what: str = "input") -> torch.Tensor:
         """Accept ``[*input_shape]``, ``[1, *input_shape]`` or ``[N, *input_shape]``, or anything with
@@ -149,6 +162,9 @@ class BoundedModel:
     def _leaves(self, perturbation) -> dict[str, Perturbation]:
         if isinstance(perturbation, dict):
             return perturbation
+        if isinstance(perturbation, torch.Tensor):  # a fixed input (weights perturbed only)
+            x = self.check_input(perturbation)
+            return {self.input: Box(x, x).to(self.dtype)}
         if isinstance(perturbation, LpBall):
             c = self.check_input(perturbation.center, "the ball's center")
             eps = perturbation.eps
@@ -163,18 +179,29 @@ class BoundedModel:
             raise VerifierError(f"unknown perturbation {type(perturbation).__name__}")
         return {self.input: p.to(self.dtype)}
 
-    def bounds(self, perturbation: Perturbation, method: str = "crown",
-               spec: torch.Tensor | None = None) -> BoundResult:
-        """Bounds of ``spec·f(x)`` for every ``x`` in the perturbation set.
+    def bounds(self, perturbation: Perturbation | torch.Tensor, method: str = "crown",
+               spec: torch.Tensor | None = None, weights=None) -> BoundResult:
+        """Bounds of ``spec·f(x)`` for every ``x`` in the perturbation set (and every parameter
+        value in the ``weights`` sets).
 
-        ``method``: "ibp", "crown" or "crown-ibp"; ``spec``: ``[batch, S, *out_shape]`` (or
-        ``[S, *out_shape]`` shared by the batch), merged into the last affine layer.
+        ``perturbation``: an input set, or a tensor for a fixed input; ``method``: "ibp",
+        "crown", "crown-ibp" or "alpha-crown"; ``spec``: ``[batch, S, *out_shape]`` (or
+        ``[S, *out_shape]`` shared by the batch), merged into the last affine layer;
+        ``weights``: a ``WeightPerturbation`` or ``WeightSegment`` (or a list of them) on
+        parameters, each sample's bounds holding for every parameter value in the sets.
         """
         method = method.lower()
         if method not in METHODS:
             raise VerifierError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
         leaves = self._leaves(perturbation)
-        B = next(iter(leaves.values())).interval().lower.shape[0]
+        B = leaves[self.input].interval().lower.shape[0] if self.input in leaves else \
+            next(iter(leaves.values())).interval().lower.shape[0]
+        graph = self.graph
+        if weights is not None:
+            from .weights import ParameterSets
+            sets = ParameterSets(self.graph, weights, self.dtype)
+            graph = sets.graph
+            leaves = {**leaves, **sets.leaves}
         C = None
         if spec is not None:
             C = torch.as_tensor(spec).to(self.dtype)
@@ -186,17 +213,17 @@ class BoundedModel:
         t0 = time.perf_counter()
         with torch.no_grad():
             if method == "ibp":
-                nodes = ibp_bounds(self.graph, leaves)
+                nodes = ibp_bounds(graph, leaves)
                 if C is None:
-                    out = nodes[self.graph.output]
+                    out = nodes[graph.output]
                     lo, up = out.lower, out.upper
                 else:
-                    lo, up = ibp_spec_bounds(self.graph, nodes, C)
+                    lo, up = ibp_spec_bounds(graph, nodes, C)
             elif method == "alpha-crown":
                 from .bounds.alpha import alpha_crown_bounds
-                lo, up, nodes = alpha_crown_bounds(self.graph, leaves, C)
+                lo, up, nodes = alpha_crown_bounds(graph, leaves, C)
             else:
-                lo, up, nodes = crown_bounds(self.graph, leaves, C, method=method)
+                lo, up, nodes = crown_bounds(graph, leaves, C, method=method)
             # NaN (inf - inf after a float overflow) carries no information: widen it
             sane = Interval(lo, up).sanitized()
             lo, up = sane.lower, sane.upper

@@ -63,10 +63,15 @@ class LinearBound:
 
 
 def concretize_interval(A: torch.Tensor, box: Interval, upper: bool) -> torch.Tensor:
-    """min (or max) of ``A·x`` over ``x`` in ``box``: ``A·c -/+ |A|·r``. A: [B, S, *shape] -> [B, S]."""
+    """min (or max) of ``A·x`` over ``x`` in ``box``: ``A·c -/+ |A|·r``. A: [B, S, *shape] -> [B, S];
+    the box has the batch B, or 1 when it is shared by the batch."""
     c = box.center.flatten(1).unsqueeze(-1)
     r = box.radius.flatten(1).unsqueeze(-1)
     A = A.flatten(2)
-    mid = torch.bmm(A, c).squeeze(-1)
-    dev = torch.bmm(A.abs(), r).squeeze(-1)
+    if c.shape[0] == A.shape[0]:
+        mid = torch.bmm(A, c).squeeze(-1)
+        dev = torch.bmm(A.abs(), r).squeeze(-1)
+    else:  # a box shared by the batch (a parameter's set): [1, ...]
+        mid = torch.matmul(A, c).squeeze(-1)
+        dev = torch.matmul(A.abs(), r).squeeze(-1)
     return mid + dev if upper else mid - dev

@@ -189,7 +189,9 @@ class LpBall(Perturbation):
             # the (clipped) L-inf ball is exactly a box
             return concretize_interval(A, self.interval(), upper)
         Af = A.flatten(2)
-        mid = torch.bmm(Af, self.center.flatten(1).unsqueeze(-1)).squeeze(-1)
+        c = self.center.flatten(1).unsqueeze(-1)
+        # a center of batch 1 is a set shared by the batch (a parameter's ball)
+        mid = (torch.bmm(Af, c) if c.shape[0] == Af.shape[0] else torch.matmul(Af, c)).squeeze(-1)
         q = 2.0 if self.norm == 2.0 else math.inf
         dual = torch.linalg.vector_norm(Af, ord=q, dim=-1)
         dev = self._eps_t.view(-1, 1) * dual

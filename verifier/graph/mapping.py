@@ -35,6 +35,18 @@ def _float_const(b, v):
     return t if t.is_floating_point() else t.to(torch.get_default_dtype())
 
 
+def _stored(n, pos: int, key: str | None = None) -> str | None:
+    """The name of the stored tensor (fx get_attr target) passed as argument ``pos`` of ``n``."""
+    a = n.args[pos] if pos < len(n.args) else n.kwargs.get(key) if key else None
+    return a.target if getattr(a, "op", None) == "get_attr" else None
+
+
+def _param_names(**roles) -> dict:
+    """``{role: (parameter name, layout)}`` for the roles whose tensor is a named parameter;
+    layout "t" means the node holds the parameter transposed (weight perturbations use it)."""
+    return {r: v for r, v in roles.items() if v is not None and v[0] is not None}
+
+
 # --- generic handlers ------------------------------------------------------------------------
 def alias(b, n, target, *args, **kwargs):
     refs = _refs(args)
@@ -109,7 +121,8 @@ def binary(kind):
                 W = _float_const(b, y)
                 if W.ndim != 2:
                     return b.problem(n, f"matmul with a constant of shape {list(W.shape)} (need 2-D)")
-                return b.add(n, "linear", [x], weight=W.t().contiguous(), bias=None)
+                return b.add(n, "linear", [x], weight=W.t().contiguous(), bias=None,
+                             param_names=_param_names(weight=(_stored(n, 1), "t")))
             M = _float_const(b, x)
             if M.ndim != 2 or len(y.shape) < 2:
                 return b.problem(n, "constant @ perturbed needs a 2-D constant and a >= 2-D operand")
@@ -175,15 +188,22 @@ def _concat(b, n, tensors, dim):
 
 
 # --- layers --------------------------------------------------------------------------------
+def _module_params(n, mod) -> dict:
+    return _param_names(weight=(f"{n.target}.weight", None),
+                        bias=None if mod.bias is None else (f"{n.target}.bias", None))
+
+
 def linear_module(b, n, mod, x):
     b.add(n, "linear", [x], weight=mod.weight.detach(),
-          bias=None if mod.bias is None else mod.bias.detach())
+          bias=None if mod.bias is None else mod.bias.detach(), param_names=_module_params(n, mod))
 
 
 def linear_fn(b, n, target, x, weight, bias=None):
     if isinstance(weight, Ref) or isinstance(bias, Ref):
         return b.problem(n, "a linear layer with perturbed weights (use a weight perturbation)")
-    b.add(n, "linear", [x], weight=_float_const(b, weight), bias=None if bias is None else _float_const(b, bias))
+    b.add(n, "linear", [x], weight=_float_const(b, weight), bias=None if bias is None else _float_const(b, bias),
+          param_names=_param_names(weight=(_stored(n, 1, "weight"), None),
+                                   bias=(_stored(n, 2, "bias"), None)))
 
 
 def _conv_padding(padding, k, dilation, nd):
@@ -197,7 +217,7 @@ def _conv_padding(padding, k, dilation, nd):
     return _tuple(padding, nd)
 
 
-def _add_conv(b, n, x, weight, bias, stride, padding, dilation, groups):
+def _add_conv(b, n, x, weight, bias, stride, padding, dilation, groups, param_names=None):
     if isinstance(weight, Ref) or isinstance(bias, Ref):
         return b.problem(n, "a convolution with perturbed weights (use a weight perturbation)")
     nd = weight.ndim - 2
@@ -207,18 +227,20 @@ def _add_conv(b, n, x, weight, bias, stride, padding, dilation, groups):
     dilation = _tuple(dilation, nd)
     b.add(n, "conv", [x], weight=weight.detach(), bias=None if bias is None else bias.detach(),
           stride=_tuple(stride, nd), padding=_conv_padding(padding, k, dilation, nd),
-          dilation=dilation, groups=int(groups), in_shape=x.shape)
+          dilation=dilation, groups=int(groups), in_shape=x.shape, param_names=param_names or {})
 
 
 def conv_module(b, n, mod, x):
     if mod.padding_mode != "zeros":
         return b.problem(n, f"convolution with padding_mode={mod.padding_mode!r}")
-    _add_conv(b, n, x, mod.weight, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups)
+    _add_conv(b, n, x, mod.weight, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups,
+              _module_params(n, mod))
 
 
 def conv_fn(b, n, target, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     _add_conv(b, n, x, _float_const(b, weight), None if bias is None else _float_const(b, bias),
-              stride, padding, dilation, groups)
+              stride, padding, dilation, groups,
+              _param_names(weight=(_stored(n, 1, "weight"), None), bias=(_stored(n, 2, "bias"), None)))
 
 
 def conv_transpose_module(b, n, mod, x, output_size=None):
@@ -347,7 +369,13 @@ def onnx_gemm(b, n, mod, a, w, c=None):
                 return b.problem(n, "Gemm with a C that varies along the batch")
             bias = bias[0]
         bias = bias.expand(W.shape[0]).contiguous()
-    b.add(n, "linear", [a], weight=(W * mod.alpha).contiguous(), bias=bias)
+    names = {}
+    if mod.alpha == 1:  # a scaled weight is not the stored parameter
+        names["weight"] = (_stored(n, 1), None if mod.trans_b else "t")
+    if c is not None and mod.beta == 1 and c.ndim == 1 and c.shape[0] == W.shape[0]:
+        names["bias"] = (_stored(n, 2), None)
+    b.add(n, "linear", [a], weight=(W * mod.alpha).contiguous(), bias=bias,
+          param_names=_param_names(**names))
 
 
 def onnx_batchnorm(b, n, mod, x, weight, bias, mean, var):

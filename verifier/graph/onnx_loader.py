@@ -22,6 +22,12 @@ class OnnxModel:
     input_shapes: list[tuple]  # as declared (0 or -1 for a symbolic dim)
     output_names: list[str]
     path: str
+    converted: object = None  # the onnx.ModelProto onnx2torch converted (after up-conversion)
+
+    def parameter_names(self) -> dict[str, str]:
+        """Map the converted module's parameter and buffer names (``fc1/Gemm.weight``,
+        ``initializers.onnx_initializer_3``) to the ONNX initializer names (``fc1.weight``)."""
+        return onnx_parameter_names(self.module, self.converted or self.proto)
 
 
 def read_onnx_proto(path):
@@ -92,7 +98,58 @@ def load_onnx(path) -> OnnxModel:
     if len(shapes[0]) >= 1 and model is not original and len(original.graph.input) and \
             len(shapes[0]) != len(_declared_shape(original, names[0])):
         _check_batchless(gm, original, names[0], shapes[0], path)
-    return OnnxModel(gm, original, names, shapes, [o.name for o in model.graph.output], os.fspath(path))
+    return OnnxModel(gm, original, names, shapes, [o.name for o in model.graph.output], os.fspath(path),
+                     model)
+
+
+def onnx_parameter_names(gm, model) -> dict[str, str]:
+    """For every tensor the converted module stores, the ONNX initializer it came from: among
+    the initializers that the ONNX node which uses it reads, the one with the same values (as
+    is or transposed). Tensors without such an initializer are left out."""
+    import numpy as np
+    import torch
+    from onnx import numpy_helper
+    from onnx2torch.onnx_graph import OnnxGraph
+    nodes = OnnxGraph(model.graph).nodes          # keys: the module names onnx2torch gives
+    inits = {t.name: t for t in model.graph.initializer}
+    arrays: dict[str, np.ndarray] = {}
+
+    def match(tensor, onnx_node_name):
+        node = nodes.get(onnx_node_name)
+        if node is None:
+            return None
+        v = tensor.detach().cpu().numpy()
+        for name in node.input_values:
+            if name not in inits:
+                continue
+            if name not in arrays:
+                arrays[name] = numpy_helper.to_array(inits[name])
+            a = arrays[name]
+            if a.shape == v.shape and np.array_equal(a, v):
+                return name
+            if a.ndim == 2 and a.T.shape == v.shape and np.array_equal(a.T, v):
+                return name
+        return None
+
+    out: dict[str, str] = {}
+    for mod_name, mod in gm.named_modules():
+        if mod_name in nodes:
+            for pname, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+                found = match(t, mod_name)
+                if found:
+                    out[f"{mod_name}.{pname}"] = found
+    for n in gm.graph.nodes:
+        if n.op != "get_attr":
+            continue
+        t = gm.get_submodule(n.target.rpartition(".")[0]).get_buffer(n.target.rpartition(".")[2]) \
+            if "." in n.target else getattr(gm, n.target)
+        if not isinstance(t, torch.Tensor):
+            continue
+        for user in n.users:
+            if user.op == "call_module" and (found := match(t, user.target)):
+                out[n.target] = found
+                break
+    return out
 
 
 def _declared_shape(model, name):

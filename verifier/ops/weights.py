@@ -1,0 +1,303 @@
+"""Layers whose parameters are perturbed: ``y = x W^T + b`` (``linear_w``) and
+``y = conv(x, W) + b`` (``conv_w``) with W and/or b among the node's inputs, and a parameter moving
+along a segment, ``W = W0 + t·delta`` (``param_affine``).
+
+Inputs of ``linear_w``/``conv_w`` are ``[x, *params]``; ``params["roles"]`` names each parameter
+input ("weight" or "bias"), ``params["layouts"]`` says when a weight input is stored transposed
+(ONNX MatMul), and the roles not perturbed stay constants in ``params`` as in ``linear``/``conv``.
+Parameter intervals carry a batch dim of 1 (one set shared by every sample) or of the batch.
+
+The bilinear product of a perturbed input and a perturbed weight is relaxed per product around
+the centers of both intervals::
+
+    x w = xc w + wc x - xc wc + (x - xc)(w - wc),      |(x - xc)(w - wc)| <= rx rw,
+
+so the linear part is the same for the lower and the upper bound and only the constant moves, by
+``|A|·(rx rw)`` summed over the products (exact when the input is fixed, rx = 0). IBP uses the
+exact range of each product when the input is non-negative (after a ReLU, images) and for
+``linear_w`` in general; ``conv_w`` with a sign-changing input uses the center/radius form.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..bound_types import Interval
+from .base import AffineRule, BoundRule, register
+from .linear import _conv_args, _fold, conv_adjoint
+
+# products held at once by the exact IBP of a linear layer with sign-changing inputs
+_CORNER_ELEMENTS = 2 ** 22
+
+
+def _shared(t: torch.Tensor) -> torch.Tensor | None:
+    """The one sample of a parameter tensor that is the same for the whole batch, else None."""
+    if t.shape[0] == 1:
+        return t[0]
+    if t.stride(0) == 0:
+        return t[0]
+    return None
+
+
+def _params(node, inputs):
+    """-> (x, W, b, roles): Intervals, W and b with a leading batch dim (1 for constants), W in
+    the node's layout; b None without a bias."""
+    x, rest = inputs[0], inputs[1:]
+    got = dict(zip(node.params["roles"], rest))
+    layouts = node.params.get("layouts", {})
+    W = got.get("weight")
+    if W is None:
+        c = node.params["weight"].unsqueeze(0)
+        W = Interval(c, c)
+    elif layouts.get("weight") == "t":
+        W = Interval(W.lower.transpose(-1, -2), W.upper.transpose(-1, -2))
+    b = got.get("bias")
+    if b is None and node.params.get("bias") is not None:
+        c = node.params["bias"].unsqueeze(0)
+        b = Interval(c, c)
+    return x, W, b, node.params["roles"]
+
+
+def _dot(A, t):
+    """``sum A * t`` over the node's dims: ``A: [B, S, *out]``, ``t: [1 | B, *out]`` -> [B, S]."""
+    return (A * t.unsqueeze(1)).flatten(2).sum(-1)
+
+
+class _Bilinear(BoundRule):
+    """Shared CROWN rule of ``y = f(x, W) + b``, f linear in each argument."""
+
+    needs_bounds = True
+
+    def f(self, node, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """``f(x, W)`` for ``x: [B, *in]`` and ``W: [1 | B, *weight]``."""
+        raise NotImplementedError
+
+    def adj_x(self, node, A, W):
+        """A·f(., W): ``A: [B, S, *out]``, ``W: [1 | B, *weight]`` -> ``[B, S, *in]``."""
+        raise NotImplementedError
+
+    def adj_w(self, node, A, x):
+        """A·f(x, .): -> ``[B, S, *weight]``."""
+        raise NotImplementedError
+
+    def adj_b(self, node, A):
+        """A·b for a bias b: -> ``[B, S, out_channels]``."""
+        raise NotImplementedError
+
+    def patch_norms(self, node, t):
+        """``||patch_p(t)||_2`` for every output position p (the input window that one output
+        reads), broadcastable to the output: ``[B, 1 | *out]``."""
+        raise NotImplementedError
+
+    def channel_sum(self, node, A):
+        """Sum ``A: [B, S, *out]`` over the output positions of each channel -> [B, S, C_out]."""
+        raise NotImplementedError
+
+    def backward(self, node, A_lower, A_upper, inputs):
+        x, W, b, roles = _params(node, inputs)
+        eps2 = node.params.get("l2_eps")
+        if eps2 is not None:
+            return self._backward_l2(node, A_lower, A_upper, x, W, b, roles, eps2)
+        if "weight" not in roles:  # only the bias moves: the layer is affine in (x, b)
+            Wl = Wu = W.lower
+            xa = None
+        else:
+            Wl, Wu, xa = W.lower, W.upper, x.lower
+        const_b = None
+        if b is not None and "bias" not in roles:
+            const_b = self._bias_term(node, b.lower)
+
+        def one(A, upper):
+            # lower bound: A+ takes the lower plane at (xl, wl), A- the upper plane at (xl, wu);
+            # the upper bound swaps the planes
+            Ap, An = A.clamp(min=0), A.clamp(max=0)
+            Wp, Wn = (Wu, Wl) if upper else (Wl, Wu)
+            ax = self.adj_x(node, Ap, Wp) + self.adj_x(node, An, Wn)
+            bias = 0.0
+            if xa is not None:
+                bias = -(_dot(Ap, self.f(node, xa, Wp)) + _dot(An, self.f(node, xa, Wn)))
+            if const_b is not None:
+                bias = bias + _dot(A, const_b)
+            return ax, self._weight_parts(node, A, xa, roles), bias
+
+        axl, pl, bl = one(A_lower, False)
+        axu, pu, bu = one(A_upper, True)
+        return [(axl, axu)] + list(zip(pl, pu)), bl, bu
+
+    def _weight_parts(self, node, A, xa, roles):
+        parts = []
+        for role in roles:
+            if role == "weight":
+                aw = self.adj_w(node, A, xa)
+                if node.params.get("layouts", {}).get("weight") == "t":
+                    aw = aw.transpose(-1, -2)
+                parts.append(aw)
+            else:
+                parts.append(self.adj_b(node, A))
+        return parts
+
+    def _backward_l2(self, node, A_lower, A_upper, x, W, b, roles, eps):
+        """The weight is an L2 (Frobenius) ball of radius eps around ``wc``: around the centers,
+        ``x w = wc x + xc w - xc wc + dw (x - xc)`` and, with ``dw_o`` the weights of output
+        channel o, ``sum |a| |dw_o · patch(x - xc)| <= eps ||(sum_p |a_op| ||patch_p(rx)||)_o||_2``
+        (Cauchy-Schwarz twice; ``sum_o ||dw_o||^2 <= eps^2``)."""
+        Wc, xc = W.center, x.center
+        const = self.f(node, xc, Wc)
+        if b is not None and "bias" not in roles:
+            const = const - self._bias_term(node, b.lower)
+        pn = self.patch_norms(node, x.radius)
+
+        def one(A, sign):
+            ax = self.adj_x(node, A, Wc)
+            v = self.channel_sum(node, A.abs() * pn.unsqueeze(1))
+            bias = -_dot(A, const) + sign * eps * torch.linalg.vector_norm(v, dim=-1)
+            return ax, self._weight_parts(node, A, xc, roles), bias
+
+        axl, pl, bl = one(A_lower, -1.0)
+        axu, pu, bu = one(A_upper, 1.0)
+        return [(axl, axu)] + list(zip(pl, pu)), bl, bu
+
+    def _bias_term(self, node, b):
+        """The bias broadcast to the node's output: ``[1 | B, *out]``."""
+        raise NotImplementedError
+
+    def _nonneg_range(self, node, x, W):
+        """Exact range of ``f(x, W)`` for ``x >= 0``: each product's extremes sit at a fixed end
+        of the weight interval, picked by its sign."""
+        lo = self.f(node, x.lower, W.lower.clamp(min=0)) + self.f(node, x.upper, W.lower.clamp(max=0))
+        up = self.f(node, x.upper, W.upper.clamp(min=0)) + self.f(node, x.lower, W.upper.clamp(max=0))
+        return lo, up
+
+    def _center_range(self, node, x, W):
+        """``f(xc, wc) ± (f(|xc|, rw) + f(rx, |wc|) + f(rx, rw))``: sound for any signs."""
+        mid = self.f(node, x.center, W.center)
+        rad = (self.f(node, x.center.abs(), W.radius) + self.f(node, x.radius, W.center.abs())
+               + self.f(node, x.radius, W.radius))
+        return mid - rad, mid + rad
+
+    def interval(self, node, inputs):
+        x, W, b, _ = _params(node, inputs)
+        if bool((x.lower >= 0).all()):
+            lo, up = self._nonneg_range(node, x, W)
+        else:
+            lo, up = self._general_range(node, x, W)
+        eps2 = node.params.get("l2_eps")
+        if eps2 is not None:
+            # |dw_o · patch(x)| <= eps ||patch(x)||_2 for x in its box
+            mid = self.f(node, x.center, W.center)
+            rad = self.f(node, x.radius, W.center.abs())
+            big = torch.maximum(x.lower.abs(), x.upper.abs())
+            rad = rad + eps2 * self.patch_norms(node, big)
+            lo, up = torch.maximum(lo, mid - rad), torch.minimum(up, mid + rad)
+        if b is not None:
+            lo = lo + self._bias_term(node, b.lower)
+            up = up + self._bias_term(node, b.upper)
+        return Interval(lo, up)
+
+    def _general_range(self, node, x, W):
+        return self._center_range(node, x, W)
+
+
+@register("linear_w")
+class LinearW(_Bilinear):
+    """``y = x W^T + b`` with a perturbed weight and/or bias; ``x: [B, in]``."""
+
+    def f(self, node, x, W):
+        return torch.matmul(W, x.unsqueeze(-1)).squeeze(-1)
+
+    def adj_x(self, node, A, W):
+        return torch.matmul(A, W)
+
+    def adj_w(self, node, A, x):
+        return A.unsqueeze(-1) * x[:, None, None, :]
+
+    def adj_b(self, node, A):
+        return A
+
+    def patch_norms(self, node, t):
+        return torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+
+    def channel_sum(self, node, A):
+        return A
+
+    def _bias_term(self, node, b):
+        return b
+
+    def _general_range(self, node, x, W):
+        """Exact: the min and max of the four corner products of every product, summed; rows
+        of W in chunks to bound memory."""
+        B, n_in = x.lower.shape
+        step = max(1, _CORNER_ELEMENTS // max(1, B * n_in))
+        xl, xu = x.lower[:, None, :], x.upper[:, None, :]
+        lo, up = [], []
+        for k in range(0, W.lower.shape[1], step):
+            wl, wu = W.lower[:, k:k + step], W.upper[:, k:k + step]
+            c = torch.stack([xl * wl, xl * wu, xu * wl, xu * wu])
+            lo.append(c.min(0).values.sum(-1))
+            up.append(c.max(0).values.sum(-1))
+        return torch.cat(lo, -1), torch.cat(up, -1)
+
+
+@register("conv_w")
+class ConvW(_Bilinear):
+    """2-D convolution (groups 1) with a perturbed weight and/or bias; ``x: [B, C, H, W]``."""
+
+    def f(self, node, x, W):
+        p = node.params
+        s = _shared(W)
+        if s is not None:
+            return F.conv2d(x, s, None, **_conv_args(p))
+        B = x.shape[0]
+        y = F.conv2d(x.reshape(1, -1, *x.shape[2:]), W.reshape(-1, *W.shape[2:]), None,
+                     stride=p["stride"], padding=p["padding"], dilation=p["dilation"], groups=B)
+        return y.reshape(B, -1, *y.shape[2:])
+
+    def adj_x(self, node, A, W):
+        p = node.params
+        in_shape = p["in_shape"]
+        s = _shared(W)
+        if s is not None:
+            r = conv_adjoint(_fold(A), s, p["stride"], p["padding"], p["dilation"], 1, in_shape[1:])
+            return r.reshape(A.shape[0], A.shape[1], *in_shape)
+        return torch.stack([conv_adjoint(A[i], W[i], p["stride"], p["padding"], p["dilation"], 1,
+                                         in_shape[1:]) for i in range(A.shape[0])])
+
+    def adj_w(self, node, A, x):
+        p = node.params
+        Wshape = node.params["weight"].shape
+        cols = F.unfold(x, Wshape[2:], dilation=p["dilation"], padding=p["padding"], stride=p["stride"])
+        aw = torch.einsum("bsol,bkl->bsok", A.flatten(3), cols)
+        return aw.reshape(A.shape[0], A.shape[1], *Wshape)
+
+    def adj_b(self, node, A):
+        return A.flatten(3).sum(-1)
+
+    def patch_norms(self, node, t):
+        p = node.params
+        sq = F.unfold(t * t, p["weight"].shape[2:], dilation=p["dilation"], padding=p["padding"],
+                      stride=p["stride"]).sum(1)
+        return sq.sqrt().reshape(t.shape[0], 1, *node.shape[1:])
+
+    def channel_sum(self, node, A):
+        return A.flatten(3).sum(-1)
+
+    def _bias_term(self, node, b):
+        return b[:, :, None, None]
+
+
+@register("param_affine")
+class ParamAffine(AffineRule):
+    """``W = W0 + t·delta`` for a scalar ``t: [1]``; params ``base``, ``direction``."""
+
+    def interval(self, node, inputs):
+        (t,) = inputs
+        W0, d = node.params["base"].unsqueeze(0), node.params["direction"].unsqueeze(0)
+        shape = (-1,) + (1,) * (W0.ndim - 1)
+        a, b = t.lower.reshape(shape) * d, t.upper.reshape(shape) * d
+        return Interval(W0 + torch.minimum(a, b), W0 + torch.maximum(a, b))
+
+    def transpose(self, node, A):
+        return [(A * node.params["direction"]).flatten(2).sum(-1, keepdim=True)]
+
+    def bias(self, node, A):
+        return (A * node.params["base"]).flatten(2).sum(-1)

@@ -1,0 +1,140 @@
+"""Perturbation sets on a model's parameters.
+
+    WeightPerturbation("fc*.weight", eps=0.01)                 # every entry |dW| <= 0.01
+    WeightPerturbation(["fc1.weight", "fc1.bias"], eps=0.05, relative=True)   # |dW| <= 0.05 |W|
+    WeightPerturbation("fc2.weight", eps=0.1, norm=2)          # ||dW||_F <= 0.1 (one ball per tensor)
+    WeightSegment({"fc1.weight": delta1, "fc2.weight": delta2}, t=(0, 1))   # W + t·delta, one t
+
+A set applies to each selected tensor separately; several sets (on disjoint parameters) combine
+as a product set. Parameters are named as in the source model (``fc1.weight`` for a PyTorch
+module, the initializer names for an ONNX file); ``*``, ``?`` and ``[...]`` globs are allowed.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import PerturbationError
+from .graph.nodes import Graph, Node
+from .graph.params import lift, parameter_values
+from .perturbation import Box, LpBall, Perturbation, parse_norm
+
+SEGMENT_LEAF = "weight_segment.t"
+
+
+def _patterns(p) -> list[str]:
+    return [p] if isinstance(p, str) else list(p)
+
+
+def select_parameters(names, patterns) -> list[str]:
+    """The parameter names matched by any of the glob patterns, in the model's order; a pattern
+    that matches nothing is an error that lists the available names."""
+    names = list(names)
+    chosen = []
+    for pat in _patterns(patterns):
+        hit = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hit:
+            raise PerturbationError(f"no parameter matches {pat!r}; the model's perturbable "
+                                    f"parameters are: {', '.join(names)}")
+        chosen += [n for n in hit if n not in chosen]
+    return [n for n in names if n in chosen]
+
+
+@dataclass
+class WeightPerturbation:
+    """Each selected parameter tensor W within ``{W + dW}``: ``norm`` inf: ``|dW| <= eps``
+    element-wise (``relative``: ``|dW| <= eps·|W|``); ``norm`` 2: ``||dW||_F <= eps``."""
+
+    params: str | list[str]
+    eps: float
+    norm: float | str = math.inf
+    relative: bool = False
+
+    def __post_init__(self):
+        self.norm = parse_norm(self.norm)
+        if self.norm not in (math.inf, 2.0):
+            raise PerturbationError(f"weight perturbations support the L-inf and L2 norms, got {self.norm:g}")
+        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps >= 0):
+            raise PerturbationError(f"weight eps must be a finite number >= 0, got {self.eps!r}")
+        if self.relative and self.norm != math.inf:
+            raise PerturbationError("relative weight eps (|dW| <= eps |W|) is element-wise: use norm inf")
+
+    def ball(self, W: torch.Tensor) -> LpBall:
+        eps = self.eps * W.abs().unsqueeze(0) if self.relative else self.eps
+        return LpBall(W.unsqueeze(0), eps, self.norm)
+
+
+@dataclass
+class WeightSegment:
+    """Every model ``W + t·delta`` for one scalar ``t`` in ``[t0, t1]`` shared by all the given
+    parameters (a fine-tuning or merging direction, a task vector): ``delta`` maps parameter
+    names to tensors of the parameter's shape."""
+
+    delta: dict
+    t: tuple = (0.0, 1.0)
+
+    def __post_init__(self):
+        t0, t1 = (float(v) for v in self.t)
+        if not (math.isfinite(t0) and math.isfinite(t1)) or t0 > t1:
+            raise PerturbationError(f"t range must be finite with t0 <= t1, got {self.t}")
+        self.t = (t0, t1)
+
+
+class ParameterSets:
+    """The parameter sets of one ``bounds`` call resolved against a graph: the lifted graph and
+    the perturbations of its new leaves."""
+
+    def __init__(self, graph: Graph, specs, dtype: torch.dtype):
+        specs = [specs] if isinstance(specs, (WeightPerturbation, WeightSegment)) else list(specs)
+        values = parameter_values(graph)
+        self.leaves: dict[str, Perturbation] = {}
+        self.balls: dict[str, LpBall] = {}
+        sources: dict[str, str] = {}
+        extra: list[Node] = []
+        for spec in specs:
+            if isinstance(spec, WeightPerturbation):
+                for name in select_parameters(values, spec.params):
+                    self._claim(sources, name)
+                    ball = spec.ball(values[name].to(torch.float64)).to(dtype)
+                    sources[name] = name
+                    self.leaves[name] = self.balls[name] = ball
+                    extra.append(Node(name, "input", [], tuple(values[name].shape),
+                                      {"display_name": name, "parameter": True}, "parameter"))
+            elif isinstance(spec, WeightSegment):
+                if SEGMENT_LEAF in self.leaves:
+                    raise PerturbationError("only one WeightSegment per call")
+                t0, t1 = spec.t
+                self.leaves[SEGMENT_LEAF] = Box(torch.tensor([[t0]], dtype=dtype),
+                                                torch.tensor([[t1]], dtype=dtype))
+                extra.insert(0, Node(SEGMENT_LEAF, "input", [], (1,), {"display_name": "t"}, "segment"))
+                for name, d in spec.delta.items():
+                    if name not in values:
+                        select_parameters(values, name)  # the error names the parameters
+                    d = torch.as_tensor(d).to(dtype)
+                    if tuple(d.shape) != tuple(values[name].shape):
+                        raise PerturbationError(f"delta for {name!r} has shape {list(d.shape)}, the "
+                                                f"parameter {list(values[name].shape)}")
+                    if not bool(torch.isfinite(d).all()):
+                        raise PerturbationError(f"delta for {name!r} holds NaN or inf")
+                    self._claim(sources, name)
+                    sources[name] = name
+                    extra.append(Node(name, "param_affine", [SEGMENT_LEAF], tuple(d.shape),
+                                      {"base": values[name].to(dtype), "direction": d}, "segment"))
+            else:
+                raise PerturbationError(f"unknown weight perturbation {type(spec).__name__}")
+        self.names = list(sources)
+        self.graph = lift(graph, sources, extra)
+        for node in self.graph:
+            # a weight read straight from an L2 ball: its rule uses the ball, not just its box
+            roles = dict(zip(node.params.get("roles", ()), node.inputs[1:]))
+            ball = self.balls.get(roles.get("weight"))
+            if ball is not None and ball.norm == 2.0:
+                node.params["l2_eps"] = ball._eps_t.reshape(-1)[0]
+
+    @staticmethod
+    def _claim(sources, name):
+        if name in sources:
+            raise PerturbationError(f"parameter {name!r} is selected by two weight perturbations")
