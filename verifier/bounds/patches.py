@@ -8,10 +8,11 @@ strides passed and ``P`` the accumulated padding. Going back through a convoluti
 (stride s, padding p, kernel k, dilation d) maps the window to
 ``ph' = (ph - 1)·s + d·(k - 1) + 1``, ``S' = S·s``, ``P' = P·s + p``; element-wise ops multiply
 the window by the matching window of their slope maps. Positions outside the map (the
-convolution's zero padding) are masked to 0.
+convolution's zero padding) are masked to 0, so a window holds zeros wherever it leaves its map.
 
 Used by ``crown.backward_bound`` when every node between the start and the leaves has a patch
-rule here (conv, element-wise affine, add, activations); otherwise the dense path runs.
+rule here (conv, element-wise affine, add, activations); otherwise the dense path runs. At the
+input, patches are concretized as they are (over windows of the set's center and radius).
 """
 from __future__ import annotations
 
@@ -23,10 +24,6 @@ import torch.nn.functional as F
 
 from ..ops import RULES
 from ..perturbation import Box, LpBall
-
-
-class NotPatchable(Exception):
-    """This pass cannot run in patch form (the caller falls back to dense A)."""
 
 
 @dataclass
@@ -47,53 +44,55 @@ class Geometry:
                          (self.size[1] - 1) * s[1] + d[1] * (k[1] - 1) + 1))
 
     def windows(self, T: torch.Tensor) -> torch.Tensor:
-        """Windows of a map ``T: [B, C, H, W]`` for every row -> ``[B, K, C, ph, pw]``
+        """Windows of maps ``T: [N, C, H, W]`` for every row -> ``[N, K, C, ph, pw]``
         (zeros outside the map)."""
-        B, C, H, W = T.shape
+        N, C, H, W = T.shape
         (ph, pw), (Sh, Sw), (Ph, Pw) = self.size, self.S, self.P
         Gh, Gw = self.grid
         bottom = max(0, (Gh - 1) * Sh - Ph + ph - H)
         right = max(0, (Gw - 1) * Sw - Pw + pw - W)
         Tp = F.pad(T, (Pw, right, Ph, bottom))
-        cols = F.unfold(Tp, (ph, pw), stride=(Sh, Sw))            # [B, C*ph*pw, Lh*Lw]
+        cols = F.unfold(Tp, (ph, pw), stride=(Sh, Sw))            # [N, C*ph*pw, Lh*Lw]
         Lw = (Tp.shape[3] - pw) // Sw + 1
         idx = self.oi * Lw + self.oj
-        return cols[:, :, idx].permute(0, 2, 1).reshape(B, len(idx), C, ph, pw)
+        return cols.transpose(1, 2)[:, idx].view(N, len(idx), C, ph, pw)
 
     def mask(self, H, W, dtype):
         return self.windows(torch.ones(1, 1, H, W, dtype=dtype))  # [1, K, 1, ph, pw]
 
     def to_dense(self, v: torch.Tensor, shape) -> torch.Tensor:
-        """Patches ``v: [B, K, C, ph, pw]`` -> dense ``A: [B, K, C, H, W]``."""
+        """Patches ``v: [B, K, C, ph, pw]`` -> dense ``A: [B, K, C, H, W]`` (the entries of a
+        window outside the map are zeros: they are added to position 0 harmlessly)."""
         B, K, C, ph, pw = v.shape
         _, H, W = shape
         (Sh, Sw), (Ph, Pw) = self.S, self.P
-        top = self.oi * Sh  # in the padded map (shifted by P)
-        left = self.oj * Sw
-        Hp = max(H + Ph, int(top.max()) + ph) if K else H + Ph
-        Wp = max(W + Pw, int(left.max()) + pw) if K else W + Pw
-        out = v.new_zeros(K, Hp, Wp, B, C)
-        r = (top.view(K, 1, 1) + torch.arange(ph).view(1, ph, 1)).expand(K, ph, pw)
-        c = (left.view(K, 1, 1) + torch.arange(pw).view(1, 1, pw)).expand(K, ph, pw)
-        k = torch.arange(K).view(K, 1, 1).expand(K, ph, pw)
-        out[k, r, c] = v.permute(1, 3, 4, 0, 2)
-        return out[:, Ph:Ph + H, Pw:Pw + W].permute(3, 0, 4, 1, 2)
+        r = (self.oi * Sh - Ph).view(K, 1, 1) + torch.arange(ph).view(1, ph, 1)
+        c = (self.oj * Sw - Pw).view(K, 1, 1) + torch.arange(pw).view(1, 1, pw)
+        inside = (r >= 0) & (r < H) & (c >= 0) & (c < W)
+        idx = torch.where(inside, r * W + c, 0).view(1, K, 1, ph * pw)
+        out = v.new_zeros(B, K, C, H * W)
+        out.scatter_add_(3, idx.expand(B, K, C, ph * pw), v.reshape(B, K, C, ph * pw))
+        return out.view(B, K, C, H, W)
 
 
-def _align(g1: Geometry, v1, g2: Geometry, v2):
-    """Pad two patch sets of the same rows to a common window."""
+def _common(g1: Geometry, g2: Geometry) -> Geometry | None:
+    """The smallest window holding both (same rows); None for different strides."""
     if g1.S != g2.S:
-        raise NotPatchable("patches with different strides meet")
+        return None
     P = (max(g1.P[0], g2.P[0]), max(g1.P[1], g2.P[1]))
-    end = (max(g1.size[0] - g1.P[0], g2.size[0] - g2.P[0]), max(g1.size[1] - g1.P[1], g2.size[1] - g2.P[1]))
-    size = (end[0] + P[0], end[1] + P[1])
+    end = (max(g1.size[0] - g1.P[0], g2.size[0] - g2.P[0]),
+           max(g1.size[1] - g1.P[1], g2.size[1] - g2.P[1]))
+    return Geometry(g1.oi, g1.oj, g1.grid, g1.S, P, (end[0] + P[0], end[1] + P[1]))
 
-    def pad(g, v):
-        top, left = P[0] - g.P[0], P[1] - g.P[1]
-        return F.pad(v, (left, size[1] - g.size[1] - left, top, size[0] - g.size[0] - top))
 
-    g = Geometry(g1.oi, g1.oj, g1.grid, g1.S, P, size)
-    return g, pad(g1, v1), pad(g2, v2)
+def _add_into(g: Geometry, parts) -> torch.Tensor:
+    """Sum of patches ``[(geometry, value), ...]`` whose windows lie inside ``g``'s."""
+    v0 = parts[0][1]
+    out = v0.new_zeros(*v0.shape[:3], *g.size)
+    for gx, v in parts:
+        top, left = g.P[0] - gx.P[0], g.P[1] - gx.P[1]
+        out[..., top:top + gx.size[0], left:left + gx.size[1]] += v
+    return out
 
 
 def _full(t, shape):
@@ -124,91 +123,120 @@ def patchable(graph, start, leaves) -> bool:
     return _can_step(graph, graph[start], leaves) and graph[start].op != "input"
 
 
-# a window larger than this share of its map is cheaper as dense A
+# a window larger than this share of its map is cheaper as dense A (at the input: larger than
+# the whole map)
 DENSE_SHARE = 0.5
+
+
+def _stays_patch(node, g: Geometry) -> bool:
+    area = g.size[0] * g.size[1]
+    limit = node.shape[1] * node.shape[2]
+    return area <= (limit if node.op == "input" else DENSE_SHARE * limit)
+
+
+class _Store:
+    """The A of each node reached so far: patches ``(geometry, A_l, A_u)`` or dense
+    ``(A_l, A_u)``; a node whose A arrives in both forms (or as patches of different strides)
+    is made dense."""
+
+    def __init__(self, graph):
+        self.graph = graph
+        self.patches: dict = {}
+        self.dense: dict = {}
+
+    def add_dense(self, name, al, au):
+        if name in self.patches:
+            self.densify(name)
+        if name not in self.dense:
+            self.dense[name] = (al, au)
+            return
+        ol, ou = self.dense[name]
+        nl = ol + al
+        self.dense[name] = (nl, nl if (ol is ou and al is au) else ou + au)
+
+    def add_patch(self, name, g, al, au):
+        if name in self.patches:
+            g0, l0, u0 = self.patches[name]
+            gc = _common(g0, g)
+            if gc is not None:
+                nl = _add_into(gc, [(g0, l0), (g, al)])
+                nu = nl if (l0 is u0 and al is au) else _add_into(gc, [(g0, u0), (g, au)])
+                self.patches[name] = (gc, nl, nu)
+                return
+            self.densify(name)
+        if name in self.dense:
+            self.add_dense(name, *self._dense_pair(name, g, al, au))
+        else:
+            self.patches[name] = (g, al, au)
+
+    def densify(self, name):
+        g, al, au = self.patches.pop(name)
+        self.add_dense(name, *self._dense_pair(name, g, al, au))
+
+    def _dense_pair(self, name, g, al, au):
+        shape = self.graph[name].shape
+        dl = g.to_dense(al, shape)
+        return dl, (dl if au is al else g.to_dense(au, shape))
 
 
 def backward_bound_patches(graph, start, rows, bounds, leaves):
     """Bounds ``[B, K]`` of the neurons ``rows`` (flat indices) of ``start``, like
     ``crown.backward_bound`` with one-hot rows. A starts as patches and turns dense once a
     window covers more than ``DENSE_SHARE`` of its feature map."""
-    from .crown import _accumulate, dense_step
+    from .crown import dense_step
     C, H, W = graph[start].shape
     ref = bounds[start].lower
     B, dtype = ref.shape[0], ref.dtype
-    c = rows // (H * W)
-    oi = (rows % (H * W)) // W
-    oj = rows % W
     K = rows.numel()
     v = torch.zeros(B, K, C, 1, 1, dtype=dtype)
-    v[:, torch.arange(K), c, 0, 0] = 1.0
-    g = Geometry(oi, oj, (H, W), (1, 1), (0, 0), (1, 1))
-    patches = {start: (g, v, v)}
-    dense: dict = {}
+    v[:, torch.arange(K), rows // (H * W), 0, 0] = 1.0
+    store = _Store(graph)
+    store.patches[start] = (Geometry((rows % (H * W)) // W, rows % W, (H, W), (1, 1), (0, 0), (1, 1)), v, v)
     lower = upper = 0.0
     for name in reversed(graph.ancestors_order(start)):
         node = graph[name]
-        if name in patches:
-            g, vl, vu = patches.pop(name)
-            if (name in dense or not _can_step(graph, node, leaves)
-                    or g.size[0] * g.size[1] > DENSE_SHARE * node.shape[1] * node.shape[2]):
-                _accumulate(dense, name, g.to_dense(vl, node.shape), g.to_dense(vu, node.shape))
-            else:
-                if node.op == "input":
-                    lower = lower + _concretize(g, vl, leaves[name], upper=False)
-                    upper = upper + _concretize(g, vu, leaves[name], upper=True)
-                    continue
-                outs, bl, bu = _STEP[node.op](graph, node, g, vl, vu, bounds)
-                lower, upper = lower + bl, upper + bu
-                for inp, (gi, al, au) in zip(node.inputs, outs):
-                    if inp in dense:
-                        _accumulate(dense, inp, gi.to_dense(al, graph[inp].shape),
-                                    gi.to_dense(au, graph[inp].shape))
-                    elif inp in patches:
-                        g0, l0, u0 = patches[inp]
-                        try:
-                            gn, l0, al = _align(g0, l0, gi, al)
-                            _, u0, au = _align(g0, u0, gi, au)
-                            patches[inp] = (gn, l0 + al, u0 + au)
-                        except NotPatchable:
-                            shp = graph[inp].shape
-                            del patches[inp]
-                            _accumulate(dense, inp, g0.to_dense(l0, shp), g0.to_dense(u0, shp))
-                            _accumulate(dense, inp, gi.to_dense(al, shp), gi.to_dense(au, shp))
-                    else:
-                        patches[inp] = (gi, al, au)
+        if name in store.patches and not (_can_step(graph, node, leaves)
+                                          and _stays_patch(node, store.patches[name][0])):
+            store.densify(name)
+        if name in store.patches:
+            g, vl, vu = store.patches.pop(name)
+            if node.op == "input":
+                lower = lower + _concretize(g, vl, leaves[name], upper=False)
+                upper = upper + _concretize(g, vu, leaves[name], upper=True)
                 continue
-        if name not in dense:
-            continue
-        A_l, A_u = dense.pop(name)
-        parts, bl, bu = dense_step(graph, node, A_l, A_u, bounds, leaves)
-        lower, upper = lower + bl, upper + bu
-        for inp, (al, au) in zip(node.inputs, parts):
-            if inp in patches:  # meet a patch entry: make it dense
-                g0, l0, u0 = patches.pop(inp)
-                shp = graph[inp].shape
-                _accumulate(dense, inp, g0.to_dense(l0, shp), g0.to_dense(u0, shp))
-            _accumulate(dense, inp, al, au)
+            outs, bl, bu = _STEP[node.op](graph, node, g, vl, vu, bounds)
+            lower, upper = lower + bl, upper + bu
+            for inp, (gi, al, au) in zip(node.inputs, outs):
+                store.add_patch(inp, gi, al, au)
+        elif name in store.dense:
+            A_l, A_u = store.dense.pop(name)
+            parts, bl, bu = dense_step(graph, node, A_l, A_u, bounds, leaves)
+            lower, upper = lower + bl, upper + bu
+            for inp, (al, au) in zip(node.inputs, parts):
+                store.add_dense(inp, al, au)
     return lower, upper
 
 
 def _concretize(g, v, leaf, upper):
+    """min (or max) of ``A·x`` over the leaf's set for patches ``v`` at the input."""
     box = leaf.interval()
-    c = g.windows(box.center)
+    ball = isinstance(leaf, LpBall) and leaf.norm != math.inf
+    maps = [box.center, box.radius] + ([leaf.center] if ball else [])
+    B = max(t.shape[0] for t in maps)
+    win = g.windows(torch.cat([t.expand(B, *t.shape[1:]) for t in maps])).flatten(2)
     Bk = v.flatten(2)
-    mid = (Bk * c.flatten(2)).sum(-1)
-    if isinstance(leaf, LpBall) and leaf.norm != math.inf:
-        q = 2.0 if leaf.norm == 2.0 else math.inf
-        cen = (Bk * g.windows(leaf.center).flatten(2)).sum(-1)
-        dev = leaf._eps_t.view(-1, 1) * torch.linalg.vector_norm(Bk, ord=q, dim=-1)
-        val = cen + dev if upper else cen - dev
-        if leaf.clip is None:
-            return val
-    dev = (Bk.abs() * g.windows(box.radius).flatten(2)).sum(-1)
+    mid = (Bk * win[:B]).sum(-1)
+    dev = (Bk.abs().mul_(win[B:2 * B])).sum(-1)
     boxval = mid + dev if upper else mid - dev
-    if isinstance(leaf, LpBall) and leaf.norm != math.inf:
-        return torch.minimum(val, boxval) if upper else torch.maximum(val, boxval)
-    return boxval
+    if not ball:
+        return boxval
+    q = 2.0 if leaf.norm == 2.0 else math.inf
+    cen = (Bk * win[2 * B:]).sum(-1)
+    dev = leaf._eps_t.view(-1, 1) * torch.linalg.vector_norm(Bk, ord=q, dim=-1)
+    val = cen + dev if upper else cen - dev
+    if leaf.clip is None:
+        return val
+    return torch.minimum(val, boxval) if upper else torch.maximum(val, boxval)
 
 
 def _tconv(x, W, stride, groups, dilation, out_size):
@@ -217,38 +245,35 @@ def _tconv(x, W, stride, groups, dilation, out_size):
     if groups == 1 and h * w == 1 and all(d == 1 for d in dilation):  # one position: a matmul
         return (x.reshape(N, co) @ W.reshape(co, -1)).reshape(N, *W.shape[1:])
     if groups == 1 and W.shape[1] <= 4:  # few input channels: columns, then scatter-add
-        cols = (x.reshape(N, co, h * w).transpose(1, 2) @ W.reshape(co, -1)).transpose(1, 2)
+        cols = torch.matmul(W.reshape(co, -1).t(), x.reshape(N, co, h * w))
         return F.fold(cols, out_size, W.shape[2:], dilation=dilation, stride=stride)
     return F.conv_transpose2d(x, W, None, stride=stride, groups=groups, dilation=dilation)
 
 
 def _conv_step(graph, node, g, vl, vu, bounds):
     p = node.params
-    Wt = p["weight"]
-    B, K = vl.shape[:2]
+    Wt, bias = p["weight"], p.get("bias")
     gi = g.back_through_conv(Wt.shape[2:], p["stride"], p["padding"], p["dilation"])
     _, Hin, Win = p["in_shape"]
-    mask = g_mask = gi.mask(Hin, Win, vl.dtype)
-    both = vl if vl is vu else torch.cat([vl, vu], 1)
-    x = both.reshape(-1, *both.shape[2:])
-    y = _tconv(x, Wt, p["stride"], p["groups"], p["dilation"], gi.size)
-    y = y.reshape(B, both.shape[1], *y.shape[1:])
-    bias = p.get("bias")
-    if bias is not None:
-        bb = (both.sum(dim=(-1, -2)) * bias).sum(-1)
-    else:
-        bb = torch.zeros(B, both.shape[1], dtype=vl.dtype)
-    if vl is vu:
-        y = y * mask
-        return [(gi, y, y)], bb, bb
-    ml = torch.cat([g_mask, g_mask], 1)
-    y = y * ml
-    return [(gi, y[:, :K], y[:, K:])], bb[:, :K], bb[:, K:]
+    mask = gi.mask(Hin, Win, vl.dtype)
+    inside = bool(mask.all())
+
+    def one(v):
+        B, K = v.shape[:2]
+        y = _tconv(v.reshape(B * K, *v.shape[2:]), Wt, p["stride"], p["groups"], p["dilation"],
+                   gi.size)
+        y = y.reshape(B, K, *y.shape[1:])
+        if not inside:
+            y.mul_(mask)
+        return y, (0.0 if bias is None else v.sum(dim=(-1, -2)).matmul(bias))
+
+    al, bl = one(vl)
+    au, bu = (al, bl) if vu is vl else one(vu)
+    return [(gi, al, au)], bl, bu
 
 
 def _affine_step(graph, node, g, vl, vu, bounds):
     p = node.params
-    out = []
     bl = bu = 0.0
     w, b = p.get("w"), p.get("b")
     shape = node.shape
@@ -261,8 +286,7 @@ def _affine_step(graph, node, g, vl, vu, bounds):
         bw = g.windows(_full(b, shape).to(vl.dtype).expand(vl.shape[0], *shape)).flatten(2)
         bl = (vl.flatten(2) * bw).sum(-1)
         bu = bl if vu is vl else (vu.flatten(2) * bw).sum(-1)
-    out.append((g, nl, nl if nu is None else nu))
-    return out, bl, bu
+    return [(g, nl, nl if nu is None else nu)], bl, bu
 
 
 def _add_step(graph, node, g, vl, vu, bounds):
@@ -271,18 +295,31 @@ def _add_step(graph, node, g, vl, vu, bounds):
         if s > 0:
             outs.append((g, vl, vu))
         else:
-            outs.append((g, -vl, -vu))
+            nl = -vl
+            outs.append((g, nl, nl if vu is vl else -vu))
     return outs, 0.0, 0.0
 
 
 def _act_step(graph, node, g, vl, vu, bounds):
+    """Entries of A >= 0 take the lower line for the lower bound and the upper line for the
+    upper bound, the others the opposite line (as ``ElementwiseRelaxation.backward``)."""
     rule = RULES[node.op]
     x = bounds[node.inputs[0]]
-    kl, bl, ku, bu = (g.windows(t) for t in rule.relax(node, x.lower, x.upper))
+    kl, bl, ku, bu = rule.relax(node, x.lower, x.upper)
+    B = kl.shape[0]
+    maps = [kl, ku, bu] + ([bl] if rule.has_lower_bias else [])
+    win = g.windows(torch.cat(maps)).split(B)
+    kl, ku, bu = win[:3]
+    bl = win[3] if rule.has_lower_bias else None
 
     def one(v, k_pos, k_neg, b_pos, b_neg):
-        nv = torch.where(v >= 0, v * k_pos, v * k_neg)
-        bias = (v.clamp(min=0) * b_pos).flatten(2).sum(-1) + (v.clamp(max=0) * b_neg).flatten(2).sum(-1)
+        vp, vn = v.clamp(min=0), v.clamp(max=0)
+        nv = torch.addcmul(vp * k_pos, vn, k_neg)  # exact: one of the two products is 0
+        bias = 0.0
+        if b_neg is not None:
+            bias = vn.mul_(b_neg).flatten(2).sum(-1)
+        if b_pos is not None:
+            bias = bias + vp.mul_(b_pos).flatten(2).sum(-1)
         return nv, bias
 
     al, b_l = one(vl, kl, ku, bl, bu)

@@ -29,7 +29,10 @@ class ElementwiseRelaxation(BoundRule):
     def backward(self, node, A_lower, A_upper, inputs, alpha=None):
         """``alpha``: optional optimized lower-line slopes ``(for the lower bound, for the upper
         bound)``, each ``[B, S, *shape]``, used where the neuron is unstable (alpha-CROWN; only
-        rules whose lower line passes through 0 for every slope in range accept them)."""
+        rules whose lower line passes through 0 for every slope in range accept them).
+
+        The two new A are the halves of one tensor ``[B, 2S, *shape]``, so that the next affine
+        rule maps both in one call without copying them together."""
         (x,) = inputs
         kl, bl, ku, bu = self.relax(node, x.lower, x.upper)
         B = kl.shape[0]
@@ -39,21 +42,29 @@ class ElementwiseRelaxation(BoundRule):
         if alpha is not None:
             unstable = ((x.lower < 0) & (x.upper > 0)).unsqueeze(1)
             kl, kl_u = torch.where(unstable, alpha[0], kl), torch.where(unstable, alpha[1], kl)
+        S = A_lower.shape[1]
+        tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (A_lower, A_upper, kl, kl_u))
+        both = None if tracked else A_lower.new_empty(A_lower.shape[0], 2 * S, *A_lower.shape[2:])
 
-        def one(A, k_pos, k_neg, b_pos, b_neg, upper):
+        def one(A, k_pos, k_neg, b_pos, b_neg, half):
             """Entries of A >= 0 take the (k_pos, b_pos) line, the others (k_neg, b_neg)."""
-            A_new = torch.where(A >= 0, A * k_pos, A * k_neg)
-            Af = A.flatten(2)
+            Ap, An = A.clamp(min=0), A.clamp(max=0)
+            if both is None:  # autograd cannot write into a buffer
+                A_new = Ap * k_pos + An * k_neg
+            else:  # exact: one of the two products is 0 (torch.where is much slower on CPU)
+                A_new = torch.mul(Ap, k_pos, out=both[:, half * S:(half + 1) * S])
+                A_new.addcmul_(An, k_neg)
             bias = 0.0
-            # skip the product with the lower line's bias where it is known to be 0
-            if upper or self.has_lower_bias:
-                bias = bias + torch.bmm(Af.clamp(min=0), b_pos).squeeze(-1)
-            if not upper or self.has_lower_bias:
-                bias = bias + torch.bmm(Af.clamp(max=0), b_neg).squeeze(-1)
+            # skip the product with a line's bias where it is known to be 0 (ReLU's lower line)
+            if b_pos is not None:
+                bias = bias + torch.bmm(Ap.flatten(2), b_pos).squeeze(-1)
+            if b_neg is not None:
+                bias = bias + torch.bmm(An.flatten(2), b_neg).squeeze(-1)
             return A_new, bias
 
-        A_l, b_l = one(A_lower, kl, ku, bl, bu, upper=False)
-        A_u, b_u = one(A_upper, ku, kl_u, bu, bl, upper=True)
+        bl = bl if self.has_lower_bias else None
+        A_l, b_l = one(A_lower, kl, ku, bl, bu, 0)
+        A_u, b_u = one(A_upper, ku, kl_u, bu, bl, 1)
         return [(A_l, A_u)], b_l, b_u
 
 

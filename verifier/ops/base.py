@@ -60,10 +60,22 @@ class AffineRule(BoundRule):
         # one call on both (concatenated along the spec dim): kernels such as the transposed
         # convolution cost about the same for twice the rows
         S = A_lower.shape[1]
-        both = self.transpose(node, torch.cat([A_lower, A_upper], 1))
-        b = self.bias(node, torch.cat([A_lower, A_upper], 1))
+        A = stacked(A_lower, A_upper)
+        both = self.transpose(node, A)
+        b = self.bias(node, A)
         b_lo, b_up = (b[:, :S], b[:, S:]) if isinstance(b, torch.Tensor) else (b, b)
         return [(a[:, :S], a[:, S:]) for a in both], b_lo, b_up
+
+
+def stacked(A_lower: torch.Tensor, A_upper: torch.Tensor) -> torch.Tensor:
+    """``cat([A_lower, A_upper], 1)``: a view, without copying, when the two are the halves of
+    one tensor ``[B, 2S, ...]`` (as ``ElementwiseRelaxation.backward`` returns them)."""
+    S = A_lower.shape[1]
+    if (A_lower.shape == A_upper.shape and A_lower.stride() == A_upper.stride()
+            and A_lower.untyped_storage().data_ptr() == A_upper.untyped_storage().data_ptr()
+            and A_upper.data_ptr() - A_lower.data_ptr() == S * A_lower.stride(1) * A_lower.element_size()):
+        return A_lower.as_strided((A_lower.shape[0], 2 * S, *A_lower.shape[2:]), A_lower.stride())
+    return torch.cat([A_lower, A_upper], 1)
 
 
 def unbroadcast(A: torch.Tensor, shape: tuple) -> torch.Tensor:
