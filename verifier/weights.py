@@ -46,10 +46,14 @@ def select_parameters(names, patterns) -> list[str]:
 @dataclass
 class WeightPerturbation:
     """Each selected parameter tensor W within ``{W + dW}``: ``norm`` inf: ``|dW| <= eps``
-    element-wise (``relative``: ``|dW| <= eps·|W|``); ``norm`` 2: ``||dW||_F <= eps``."""
+    element-wise (``relative``: ``|dW| <= eps·|W|``); ``norm`` 2: ``||dW||_F <= eps``.
 
-    params: str | list[str]
-    eps: float
+    ``eps`` is one number, or a dict parameter name -> number or (L-inf) tensor of the
+    parameter's shape (per-element radii, e.g. a quantization step); then ``params`` may be
+    left out (the dict's keys)."""
+
+    params: str | list[str] | None
+    eps: float | dict
     norm: float | str = math.inf
     relative: bool = False
 
@@ -57,13 +61,35 @@ class WeightPerturbation:
         self.norm = parse_norm(self.norm)
         if self.norm not in (math.inf, 2.0):
             raise PerturbationError(f"weight perturbations support the L-inf and L2 norms, got {self.norm:g}")
-        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps >= 0):
+        if isinstance(self.eps, dict):
+            if self.params is None:
+                self.params = list(self.eps)
+            for k, e in self.eps.items():
+                t = torch.as_tensor(e, dtype=torch.float64)
+                if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                    raise PerturbationError(f"weight eps for {k!r} must be finite and >= 0")
+                if t.ndim and self.norm != math.inf:
+                    raise PerturbationError("per-element weight eps needs the L-inf norm")
+        elif not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps >= 0):
             raise PerturbationError(f"weight eps must be a finite number >= 0, got {self.eps!r}")
+        if self.params is None:
+            raise PerturbationError("give the parameters to perturb (names or globs)")
         if self.relative and self.norm != math.inf:
             raise PerturbationError("relative weight eps (|dW| <= eps |W|) is element-wise: use norm inf")
 
-    def ball(self, W: torch.Tensor) -> LpBall:
-        eps = self.eps * W.abs().unsqueeze(0) if self.relative else self.eps
+    def ball(self, name: str, W: torch.Tensor) -> LpBall:
+        eps = self.eps
+        if isinstance(eps, dict):
+            if name not in eps:
+                raise PerturbationError(f"no weight eps given for {name!r}")
+            eps = torch.as_tensor(eps[name], dtype=torch.float64)
+            if eps.ndim:
+                if tuple(eps.shape) != tuple(W.shape):
+                    raise PerturbationError(f"weight eps for {name!r} has shape {list(eps.shape)}, "
+                                            f"the parameter {list(W.shape)}")
+                eps = eps.unsqueeze(0)
+        if self.relative:
+            eps = eps * W.abs().unsqueeze(0)
         return LpBall(W.unsqueeze(0), eps, self.norm)
 
 
@@ -98,7 +124,7 @@ class ParameterSets:
             if isinstance(spec, WeightPerturbation):
                 for name in select_parameters(values, spec.params):
                     self._claim(sources, name)
-                    ball = spec.ball(values[name].to(torch.float64)).to(dtype)
+                    ball = spec.ball(name, values[name].to(torch.float64)).to(dtype)
                     sources[name] = name
                     self.leaves[name] = self.balls[name] = ball
                     extra.append(Node(name, "input", [], tuple(values[name].shape),
@@ -128,11 +154,17 @@ class ParameterSets:
         self.names = list(sources)
         self.graph = lift(graph, sources, extra)
         for node in self.graph:
-            # a weight read straight from an L2 ball: its rule uses the ball, not just its box
+            # a weight read straight from a ball: its rule uses the ball, not just its box
             roles = dict(zip(node.params.get("roles", ()), node.inputs[1:]))
-            ball = self.balls.get(roles.get("weight"))
-            if ball is not None and ball.norm == 2.0:
+            leaf = roles.get("weight")
+            ball = self.balls.get(leaf)
+            if ball is None:
+                continue
+            if ball.norm == 2.0:
                 node.params["l2_eps"] = ball._eps_t.reshape(-1)[0]
+            if node.op == "linear_w" and len(self.graph.consumers(leaf)) == 1:
+                # the rule concretizes the ball itself (its A is an outer product)
+                node.params["weight_ball"] = ball
 
     @staticmethod
     def _claim(sources, name):

@@ -19,6 +19,8 @@ exact range of each product when the input is non-negative (after a ReLU, images
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -118,16 +120,26 @@ class _Bilinear(BoundRule):
                 bias = -(_dot(Ap, self.f(node, xa, Wp)) + _dot(An, self.f(node, xa, Wn)))
             if const_b is not None:
                 bias = bias + _dot(A, const_b)
-            return ax, self._weight_parts(node, A, xa, roles), bias
+            ball = node.params.get("weight_ball")
+            if ball is not None:  # the weight's set is concretized here, without forming A_W
+                bias = bias + self.concretize_weight(node, A, xa, ball, upper)
+            return ax, self._weight_parts(node, A, xa, roles, fused=ball is not None), bias
 
         axl, pl, bl = one(A_lower, False)
         axu, pu, bu = one(A_upper, True)
-        return [(axl, axu)] + list(zip(pl, pu)), bl, bu
+        return [(axl, axu)] + [(p, q) for p, q in zip(pl, pu)], bl, bu
 
-    def _weight_parts(self, node, A, xa, roles):
+    def concretize_weight(self, node, A, xa, ball, upper: bool):
+        """min (max) over the weight's ball of ``A·f(xa, W)`` -> [B, S]; rules that can do it
+        without forming ``A_W`` (``[B, S, *weight]``) implement it and get ``weight_ball``."""
+        raise NotImplementedError
+
+    def _weight_parts(self, node, A, xa, roles, fused: bool = False):
         parts = []
         for role in roles:
-            if role == "weight":
+            if role == "weight" and fused:
+                parts.append(None)
+            elif role == "weight":
                 aw = self.adj_w(node, A, xa)
                 if node.params.get("layouts", {}).get("weight") == "t":
                     aw = aw.transpose(-1, -2)
@@ -151,11 +163,14 @@ class _Bilinear(BoundRule):
             ax = self.adj_x(node, A, Wc)
             v = self.channel_sum(node, A.abs() * pn.unsqueeze(1))
             bias = -_dot(A, const) + sign * eps * torch.linalg.vector_norm(v, dim=-1)
-            return ax, self._weight_parts(node, A, xc, roles), bias
+            ball = node.params.get("weight_ball")
+            if ball is not None:
+                bias = bias + self.concretize_weight(node, A, xc, ball, sign > 0)
+            return ax, self._weight_parts(node, A, xc, roles, fused=ball is not None), bias
 
         axl, pl, bl = one(A_lower, -1.0)
         axu, pu, bu = one(A_upper, 1.0)
-        return [(axl, axu)] + list(zip(pl, pu)), bl, bu
+        return [(axl, axu)] + [(p, q) for p, q in zip(pl, pu)], bl, bu
 
     def _bias_term(self, node, b):
         """The bias broadcast to the node's output: ``[1 | B, *out]``."""
@@ -216,6 +231,25 @@ class LinearW(_Bilinear):
 
     def patch_norms(self, node, t):
         return torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+
+    def concretize_weight(self, node, A, xa, ball, upper):
+        """``A_W = A ⊗ xa`` is an outer product: ``A_W·c = A·(c xa)``, and its dual norms
+        factor: ``sum |A_W| e = |A|·(e |xa|)`` (L-inf, e the per-element radii),
+        ``||A_W||_F = ||A||_2 ||xa||_2`` (L2)."""
+        t = node.params.get("layouts", {}).get("weight") == "t"
+
+        def lay(w):  # stored [1, *shape] -> the node's layout
+            return w.transpose(-1, -2) if t else w
+        if ball.norm == math.inf:
+            box = ball.interval()
+            c, e = lay(box.center), lay(box.radius)
+            dev = _dot(A.abs(), self.f(node, xa.abs(), e))
+        else:
+            c = lay(ball.center)
+            dev = (ball._eps_t.reshape(-1)[0] * torch.linalg.vector_norm(A, dim=-1)
+                   * torch.linalg.vector_norm(xa, dim=-1, keepdim=True))
+        mid = _dot(A, self.f(node, xa, c))
+        return mid + dev if upper else mid - dev
 
     def channel_sum(self, node, A):
         return A
