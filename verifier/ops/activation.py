@@ -44,23 +44,26 @@ class ElementwiseRelaxation(BoundRule):
             kl, kl_u = torch.where(unstable, alpha[0], kl), torch.where(unstable, alpha[1], kl)
         S = A_lower.shape[1]
         tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (A_lower, A_upper, kl, kl_u))
-        both = None if tracked else A_lower.new_empty(A_lower.shape[0], 2 * S, *A_lower.shape[2:])
+        both = scratch = None
+        if not tracked:  # autograd cannot write into buffers
+            both = A_lower.new_empty(A_lower.shape[0], 2 * S, *A_lower.shape[2:])
+            scratch = torch.empty_like(A_lower)
 
         def one(A, k_pos, k_neg, b_pos, b_neg, half):
-            """Entries of A >= 0 take the (k_pos, b_pos) line, the others (k_neg, b_neg)."""
-            Ap, An = A.clamp(min=0), A.clamp(max=0)
-            if both is None:  # autograd cannot write into a buffer
-                A_new = Ap * k_pos + An * k_neg
-            else:  # exact: one of the two products is 0 (torch.where is much slower on CPU)
-                A_new = torch.mul(Ap, k_pos, out=both[:, half * S:(half + 1) * S])
-                A_new.addcmul_(An, k_neg)
+            """Entries of A >= 0 take the (k_pos, b_pos) line, the others (k_neg, b_neg):
+            A+ k_pos + A- k_neg, exact since one of the two products is 0 (torch.where is much
+            slower on CPU)."""
+            out = None if both is None else both[:, half * S:(half + 1) * S]
+            An = torch.clamp(A, max=0, out=out)
             bias = 0.0
             # skip the product with a line's bias where it is known to be 0 (ReLU's lower line)
+            if b_neg is not None:
+                bias = torch.bmm(An.flatten(2), b_neg).squeeze(-1)
+            A_new = An.mul_(k_neg) if out is not None else An * k_neg
+            Ap = torch.clamp(A, min=0, out=scratch)
             if b_pos is not None:
                 bias = bias + torch.bmm(Ap.flatten(2), b_pos).squeeze(-1)
-            if b_neg is not None:
-                bias = bias + torch.bmm(An.flatten(2), b_neg).squeeze(-1)
-            return A_new, bias
+            return A_new.addcmul_(Ap, k_pos), bias
 
         bl = bl if self.has_lower_bias else None
         A_l, b_l = one(A_lower, kl, ku, bl, bu, 0)

@@ -70,6 +70,31 @@ def _conv_args(p):
     return dict(stride=p["stride"], padding=p["padding"], dilation=p["dilation"], groups=p["groups"])
 
 
+# elements of the column buffer per chunk of rows in ``fold_adjoint``: small enough to stay in
+# the CPU cache (one buffer for all rows runs about 3x slower)
+FOLD_CHUNK = 2 ** 19
+
+
+def fold_adjoint(A, W, out_size, stride, padding=(0, 0), dilation=(1, 1)):
+    """``conv_transpose2d(A, W)`` (groups 1), cropped by ``padding`` to ``out_size``, as columns
+    ``W^T A`` then a scatter-add (``F.fold``), in chunks of rows: on CPU the fastest route when
+    W has few input channels (an image). ``A: [N, C_out, h, w]`` -> ``[N, C_in, *out_size]``."""
+    N, co = A.shape[:2]
+    Wt = W.reshape(co, -1).t()
+    A = A.reshape(N, co, -1)
+    step = max(1, FOLD_CHUNK // (Wt.shape[0] * A.shape[2]))
+    out = None
+    for k in range(0, N, step):
+        y = F.fold(torch.matmul(Wt, A[k:k + step]), tuple(out_size), tuple(W.shape[2:]),
+                   dilation=dilation, padding=padding, stride=stride)
+        if step >= N:
+            return y
+        if out is None:
+            out = y.new_empty(N, *y.shape[1:])
+        out[k:k + step] = y
+    return out
+
+
 def conv_adjoint(A, W, stride, padding, dilation, groups, in_spatial):
     """The adjoint of ``conv(x, W)`` applied to ``A: [N, C_out, *out]`` -> ``[N, C_in, *in_spatial]``.
 
@@ -81,8 +106,7 @@ def conv_adjoint(A, W, stride, padding, dilation, groups, in_spatial):
     k = W.shape[2:]
     if any(s > 1 for s in stride) and groups == 1 and W.shape[1] <= 4 and nd == 2:
         # strided, few input channels (an image): columns then fold (scatter-add) is fastest
-        cols = torch.matmul(W.reshape(W.shape[0], -1).t(), A.reshape(A.shape[0], A.shape[1], -1))
-        return F.fold(cols, tuple(in_spatial), tuple(k), dilation=dilation, padding=padding, stride=stride)
+        return fold_adjoint(A, W, in_spatial, stride, padding, dilation)
     if any(s > 1 for s in stride):  # strided: the built-in transposed convolution is faster
         out_pad = [in_spatial[i] - ((A.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
                                     + dilation[i] * (k[i] - 1) + 1) for i in range(nd)]
