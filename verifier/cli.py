@@ -20,6 +20,7 @@ from .cli_util import (EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, ArgParser, CliError, 
                        nonneg_float, positive_int)
 
 from . import cli_verify as cv
+from . import cli_weights as cw
 
 PROG = "verifier"
 
@@ -40,9 +41,10 @@ class Subcommand:
 
 BOUNDS_DESCRIPTION = """\
 Bound the outputs of an ONNX classifier over a set of inputs: an Lp ball around --input
-(radius --eps, optionally clipped to [LO, HI]) or the box [--lower, --upper]. With --label Y
-it bounds the margins f_Y(x) - f_j(x) for every j != Y in ascending j; the input set is
-verified when every margin's lower bound is > 0.
+(radius --eps, optionally clipped to [LO, HI]) or the box [--lower, --upper], and optionally
+over a set of parameter values (--weights, --weight-eps; then --input without --eps keeps the
+input fixed). With --label Y it bounds the margins f_Y(x) - f_j(x) for every j != Y in
+ascending j; the sample is verified when every margin's lower bound is > 0.
 
 The .npy files hold one input (with or without a leading batch dimension of 1) or a batch of
 N inputs [N, *input_shape]; every sample is bounded in one batched call."""
@@ -54,7 +56,11 @@ examples:
       --input examples/data/mnist_sample.npy --eps 0.03 --label examples/data/mnist_label.npy
 
   # IBP bounds of the logits of 5 samples over explicit boxes, as JSON
-  verifier bounds model.onnx --lower xl.npy --upper xu.npy --method ibp --json"""
+  verifier bounds model.onnx --lower xl.npy --upper xu.npy --method ibp --json
+
+  # margins when every weight of the model moves by at most 0.1% of its value (fixed input)
+  verifier bounds examples/data/lirpa_mnist_fc_3layer.onnx --input examples/data/mnist_sample.npy \
+      --label examples/data/mnist_label.npy --weights '*.weight' --weight-eps 0.001 --relative"""
 
 
 def bounds_arguments(p: argparse.ArgumentParser) -> None:
@@ -93,6 +99,7 @@ def bounds_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (default: 1). Bounding a small batch runs many small "
                         "kernels, which get much slower with more threads on a busy machine; "
                         "raise it for big batches or big models on an idle machine")
+    cw.weight_arguments(p)
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true",
                      help='print one JSON object on stdout: {"lower": [[...] per sample], '
@@ -114,16 +121,25 @@ def _check_bounds_args(a: argparse.Namespace) -> None:
                        "--lower XL.npy --upper XU.npy (a box)")
     if ball and a.input is None:
         raise CliError(f"{ball[0]} needs --input X.npy (the center of the ball)")
-    if ball and a.eps is None:
-        raise CliError("--input needs --eps E (the radius of the ball)")
+    if ball and a.eps is None and not cw.check_weight_args(a, need=False):
+        raise CliError("--input needs --eps E (the radius of the ball; with --weights, no --eps "
+                       "keeps the input fixed)")
+    if a.eps is None and a.norm is not None or a.eps is None and a.clip is not None:
+        raise CliError("--norm and --clip need --eps E")
     if box and (a.lower is None or a.upper is None):
         raise CliError("--lower and --upper go together: give both")
     if a.clip is not None and a.clip[0] > a.clip[1]:
         raise CliError(f"--clip {a.clip[0]:g} {a.clip[1]:g}: LO > HI, the range is empty")
+    cw.check_weight_args(a, need=False)
 
 
 def _describe_set(a: argparse.Namespace, n: int) -> str:
     s = "" if n == 1 else "s"
+    if a.weights:
+        fixed = not a.eps
+        a2 = argparse.Namespace(**{**vars(a), "weights": None})
+        inp = f"fixed input {a.input} ({n} sample{s})" if fixed else _describe_set(a2, n)
+        return f"{inp}; parameters: {cw.describe_weights(a)}"
     if a.input is not None:
         norm = {"inf": "L-inf", "2": "L2", "1": "L1"}[a.norm or "inf"]
         clip = "" if a.clip is None else f" clipped to [{a.clip[0]:g}, {a.clip[1]:g}]"
@@ -178,9 +194,13 @@ def cmd_bounds(a: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "float64": torch.float64}[a.dtype]
     model = BoundedModel.from_onnx(a.model, dtype=dtype)
 
+    weights = cw.make_weights(a, a.weight_eps) if a.weights else None
     if a.input is not None:
         center = model.check_input(torch.from_numpy(x), f"input file {a.input}")
-        pert = LpBall(center, a.eps, a.norm or "inf", None if a.clip is None else tuple(a.clip))
+        if a.eps is None:  # a fixed input (weights perturbed)
+            pert = Box(center, center)
+        else:
+            pert = LpBall(center, a.eps, a.norm or "inf", None if a.clip is None else tuple(a.clip))
     else:
         lo = model.check_input(torch.from_numpy(xl), f"lower-bound file {a.lower}")
         up = model.check_input(torch.from_numpy(xu), f"upper-bound file {a.upper}")
@@ -199,7 +219,7 @@ def cmd_bounds(a: argparse.Namespace) -> int:
         spec = margin_spec(labels, n_out, dtype=dtype).reshape(n, n_out - 1, *out_shape)
 
     t0 = time.perf_counter()
-    res = model.bounds(pert, method=a.method, spec=spec)
+    res = model.bounds(pert, method=a.method, spec=spec, weights=weights)
     time_s = time.perf_counter() - t0
 
     lower = res.lower.reshape(n, -1).double()
@@ -224,6 +244,13 @@ def cmd_bounds(a: argparse.Namespace) -> int:
 SUBCOMMANDS: list[Subcommand] = [
     Subcommand("bounds", "bound a model's outputs or margins over an input set (IBP, CROWN)",
                BOUNDS_DESCRIPTION, BOUNDS_EPILOG, bounds_arguments, cmd_bounds),
+    Subcommand("flatness", "certified worst-case loss of a classifier when its weights move",
+               cw.FLATNESS_DESCRIPTION, cw.FLATNESS_EPILOG, cw.flatness_arguments, cw.cmd_flatness),
+    Subcommand("sensitivity", "certified loss increase per module under weight perturbations",
+               cw.SENSITIVITY_DESCRIPTION, cw.SENSITIVITY_EPILOG, cw.sensitivity_arguments,
+               cw.cmd_sensitivity),
+    Subcommand("delta", "certify models between a base and another (fine-tuned, merged, quantized)",
+               cw.DELTA_DESCRIPTION, cw.DELTA_EPILOG, cw.delta_arguments, cw.cmd_delta),
     Subcommand("verify", "decide a VNN-LIB property on an ONNX model (sat/unsat/unknown/timeout)",
                cv.VERIFY_DESCRIPTION, cv.VERIFY_EPILOG, cv.verify_arguments, cv.cmd_verify),
     Subcommand("batch", "run a VNN-COMP instances.csv, results to a csv, with a summary",

@@ -71,9 +71,9 @@ def weight_pgd(sets, x: torch.Tensor, objective, steps: int = 40, restarts: int 
             vs = {k: v.detach().requires_grad_(True) for k, v in cur.items()}
             out, _ = evaluate(graph, {inp: x, **vs})
             val = objective(out)
-            if float(val) > best_v and all(bool(inside(sets.leaves[k], v.detach().unsqueeze(1)).all())
+            if val.item() > best_v and all(bool(inside(sets.leaves[k], v.detach().unsqueeze(1)).all())
                                            for k, v in vs.items()):
-                best_v, best = float(val), {k: v.detach().clone() for k, v in vs.items()}
+                best_v, best = val.item(), {k: v.detach().clone() for k, v in vs.items()}
             if it == steps:
                 break
             grads = torch.autograd.grad(val, list(vs.values()), allow_unused=True)

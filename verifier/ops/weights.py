@@ -218,9 +218,15 @@ class LinearW(_Bilinear):
     """``y = x W^T + b`` with a perturbed weight and/or bias; ``x: [B, in]``."""
 
     def f(self, node, x, W):
+        s = _shared(W)
+        if s is not None:  # one weight for the batch: a plain (fast) GEMM
+            return F.linear(x, s)
         return torch.matmul(W, x.unsqueeze(-1)).squeeze(-1)
 
     def adj_x(self, node, A, W):
+        s = _shared(W)
+        if s is not None:
+            return A.matmul(s)
         return torch.matmul(A, W)
 
     def adj_w(self, node, A, x):
