@@ -97,8 +97,19 @@ def make_weights(a: argparse.Namespace, eps: float, patterns=None):
 
 
 def data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL.onnx",
-                   help="the classifier, an ONNX file (.onnx or .onnx.gz) with one input")
+    p.add_argument("model", metavar="MODEL",
+                   help="the classifier: an ONNX file (.onnx or .onnx.gz) with one input, or a "
+                        "PyTorch state dict (.pt, .pth, .ckpt; read with weights_only=True) "
+                        "with --arch")
+    a = p.add_argument_group("PyTorch checkpoints")
+    a.add_argument("--arch", metavar="NAME",
+                   help="the architecture of a .pt state dict: a zoo model (mlp, mlp_tanh, "
+                        "small_cnn, ... from models/architectures.py) or package.module:function")
+    a.add_argument("--arch-kwargs", metavar="JSON",
+                   help="keyword arguments of the architecture, a JSON object (e.g. "
+                        "'{\"hidden\": [128]}')")
+    a.add_argument("--input-shape", type=positive_int, nargs="+", metavar="D",
+                   help="the per-sample input shape (zoo models know theirs)")
     p.add_argument("--data", required=True, metavar="DATA.npz",
                    help="inputs x [N, *input_shape] and integer labels y [N] (an .npz file)")
     q = p.add_argument_group("how")
@@ -133,7 +144,8 @@ def sensitivity_arguments(p: argparse.ArgumentParser) -> None:
 def delta_arguments(p: argparse.ArgumentParser) -> None:
     data_arguments(p)
     g = p.add_argument_group("the set of models (one of --other, --delta, --quantize)")
-    g.add_argument("--other", metavar="M.onnx", help="another model of the same architecture")
+    g.add_argument("--other", metavar="M", help="another model of the same architecture (same "
+                                                "format as MODEL)")
     g.add_argument("--delta", metavar="D.npz", help="a task vector: one array per parameter name")
     g.add_argument("--quantize", type=positive_int, metavar="BITS",
                    help="every rounding of the weights to a BITS-bit symmetric grid")
@@ -171,11 +183,10 @@ def _models_set(a, model):
         radii = {k: d.abs() for k, d in parameter_delta(model, q).items()}
         return WeightPerturbation(None, radii), f"{a.quantize}-bit"
     if a.other is not None:
-        import os
-        if not os.path.exists(a.other):
-            raise CliError(f"{a.other}: no such file")
-        from .api import BoundedModel
-        delta = parameter_delta(model, BoundedModel.from_onnx(a.other))
+        from .model_io import load_model
+        other = load_model(a.other, a.arch if a.model.endswith((".pt", ".pth", ".ckpt")) else None,
+                           a.arch_kwargs, a.input_shape)
+        delta = parameter_delta(model, other)
         if a.ball:
             return WeightPerturbation(None, {k: d.abs() for k, d in delta.items()}), "ball"
     else:
@@ -221,10 +232,10 @@ def _load(a):
             raise CliError(f"{f}: no such file")
     import torch
 
-    from .api import BoundedModel
     from .flatness import load_npz
+    from .model_io import load_model
     torch.set_num_threads(a.threads)
-    model = BoundedModel.from_onnx(a.model)
+    model = load_model(a.model, a.arch, a.arch_kwargs, a.input_shape)
     x, y = load_npz(a.data)
     if a.max_samples:
         x, y = x[:a.max_samples], y[:a.max_samples]

@@ -149,3 +149,50 @@ def test_delta_quantize_reports_a_fraction(cli, wdata):
 def test_flatness_missing_data_file(cli, wdata):
     r = cli("flatness", wdata["model"], "--data", "absent.npz", "--weights", "*", "--weight-eps", "0.1")
     assert r.code == 2 and "absent.npz: no such file" in r.err
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    import sys
+
+    import torch
+    from cli_support import REPO
+    sys.path.insert(0, str(REPO))
+    from models.architectures import build
+    d = tmp_path_factory.mktemp("ckpt")
+    m, shape = build("mlp_tanh", seed=0)
+    torch.save(m.state_dict(), d / "m.pt")
+    x = np.random.default_rng(0).standard_normal((6, *shape)).astype(np.float32)
+    with torch.no_grad():
+        y = m(torch.from_numpy(x)).argmax(1).numpy()
+    np.savez(d / "data.npz", x=x, y=y)
+    bad = {k: v.clone() for k, v in m.state_dict().items()}
+    bad["1.weight"][0, 0] = float("nan")
+    torch.save(bad, d / "nan.pt")
+    (d / "garbage.pt").write_bytes(b"not a checkpoint")
+    torch.save({"w": [1, 2]}, d / "notensors.pt")
+    return d
+
+
+def test_pytorch_checkpoint_with_zoo_arch(cli, ckpt):
+    r = cli("flatness", str(ckpt / "m.pt"), "--arch", "mlp_tanh", "--data", str(ckpt / "data.npz"),
+            "--weights", "*.weight", "--weight-eps", "0.01", "--json", "--attack-steps", "3")
+    assert r.code == 0, r.err
+    row = r.json["radii"][0]
+    assert row["clean_accuracy"] == 1.0  # labels are the model's predictions
+    assert row["attack_loss"] <= row["certified_loss"]
+
+
+@pytest.mark.parametrize("file, extra, msg", [
+    ("m.pt", [], "needs --arch"),
+    ("m.pt", ["--arch", "small_cnn"], "does not fit --arch small_cnn"),
+    ("m.pt", ["--arch", "nope"], "not a zoo model"),
+    ("m.pt", ["--arch", "mlp_tanh", "--arch-kwargs", "{bad json"], "not a valid JSON"),
+    ("nan.pt", ["--arch", "mlp_tanh"], "parameter 1.weight holds 1 NaN"),
+    ("garbage.pt", ["--arch", "mlp_tanh"], "not a readable PyTorch state dict"),
+    ("notensors.pt", ["--arch", "mlp_tanh"], "expected a state dict"),
+])
+def test_bad_checkpoints_are_clear_errors(cli, ckpt, file, extra, msg):
+    r = cli("sensitivity", str(ckpt / file), *extra, "--data", str(ckpt / "data.npz"),
+            "--weight-eps", "0.01")
+    assert r.code == 2 and msg in r.err and "Traceback" not in r.err, r.err
