@@ -305,7 +305,7 @@ def _act_step(graph, node, g, vl, vu, bounds):
     upper bound, the others the opposite line (as ``ElementwiseRelaxation.backward``)."""
     rule = RULES[node.op]
     x = bounds[node.inputs[0]]
-    kl, bl, ku, bu = rule.relax(node, x.lower, x.upper)
+    kl, bl, ku, bu = rule.relaxation(node, x)
     B = kl.shape[0]
     maps = [kl, ku, bu] + ([bl] if rule.has_lower_bias else [])
     win = g.windows(torch.cat(maps)).split(B)

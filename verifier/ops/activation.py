@@ -22,6 +22,16 @@ class ElementwiseRelaxation(BoundRule):
         """-> (kl, bl, ku, bu), each [B, *shape]."""
         raise NotImplementedError
 
+    def relaxation(self, node, x: Interval):
+        """``relax`` over the input interval ``x``, computed once per interval object: every
+        backward pass of a bounds computation reads the same input intervals. The key holds the
+        tensors' version counters, so an in-place change of the bounds is never served stale."""
+        cache = x.__dict__.setdefault("_relaxations", {})
+        key = (node.name, self.op, x.lower._version, x.upper._version)
+        if key not in cache:
+            cache[key] = self.relax(node, x.lower, x.upper)
+        return cache[key]
+
     def interval(self, node, inputs):
         (x,) = inputs  # monotone non-decreasing activations
         return Interval(self.f(node, x.lower), self.f(node, x.upper))
@@ -34,7 +44,7 @@ class ElementwiseRelaxation(BoundRule):
         The two new A are the halves of one tensor ``[B, 2S, *shape]``, so that the next affine
         rule maps both in one call without copying them together."""
         (x,) = inputs
-        kl, bl, ku, bu = self.relax(node, x.lower, x.upper)
+        kl, bl, ku, bu = self.relaxation(node, x)
         B = kl.shape[0]
         kl, ku = kl.unsqueeze(1), ku.unsqueeze(1)
         bl, bu = bl.reshape(B, -1, 1), bu.reshape(B, -1, 1)
@@ -82,7 +92,7 @@ class ReLU(ElementwiseRelaxation):
 
     def f(self, node, x):
         a = node.params.get("negative_slope", self.slope)
-        return torch.where(x >= 0, x, x * a)
+        return x.clamp(min=0) if a == 0 else torch.where(x >= 0, x, x * a)
 
     def relax(self, node, l, u):
         a = node.params.get("negative_slope", self.slope)
