@@ -202,6 +202,7 @@ class BoundedModel:
             sets = ParameterSets(self.graph, weights, self.dtype)
             graph = sets.graph
             leaves = {**leaves, **sets.leaves}
+            sets.annotate(leaves)
         C = None
         if spec is not None:
             C = torch.as_tensor(spec).to(self.dtype)

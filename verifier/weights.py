@@ -166,6 +166,17 @@ class ParameterSets:
                 # the rule concretizes the ball itself (its A is an outer product)
                 node.params["weight_ball"] = ball
 
+    def annotate(self, leaves: dict) -> None:
+        """Give each perturbed layer the certified L2 deviations of its input and output from
+        their values at the sets' centers (``verifier.bounds.deviation``): its rule intersects
+        its interval with them and uses them in the L2 remainder."""
+        from .bounds.deviation import deviations
+        v0, d = deviations(self.graph, leaves)
+        for node in self.graph:
+            if node.op in ("linear_w", "conv_w"):
+                x = node.inputs[0]
+                node.params["dev"] = (v0[x], d[x], v0[node.name], d[node.name])
+
     @staticmethod
     def _claim(sources, name):
         if name in sources:

@@ -125,10 +125,13 @@ def test_linf_alpha_crown_at_least_as_tight_on_average(run):
 
 
 @_runs(lambda r: r["norm"] != "inf" and r["method"] == "IBP")
-def test_l2_ibp_equals_reference(run):
+def test_l2_ibp_at_least_as_tight_as_reference(run):
+    """The reference's L2 IBP (per-row ``|dw_o · x| <= eps ||x||``) is sound; ours uses the same
+    per-row bound and also intersects with the layer's certified joint L2 deviation."""
     lo, up = bounds(run)
     rl, ru = np.array(run["lower"]), np.array(run["upper"])
-    assert np.allclose(lo, rl, rtol=TOL, atol=TOL) and np.allclose(up, ru, rtol=TOL, atol=TOL)
+    assert (lo >= rl - TOL * (1 + np.abs(rl))).all() and (up <= ru + TOL * (1 + np.abs(ru))).all()
+    assert (lo > rl + 1e-3).any()  # the joint bound does tighten the hidden layers
 
 
 def _attack_rows(S: int) -> list[int]:

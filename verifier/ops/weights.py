@@ -60,6 +60,11 @@ def _params(node, inputs):
     return x, W, b, node.params["roles"]
 
 
+def _bview(d: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample numbers ``[B | 1]`` (float64) shaped to broadcast against ``like``."""
+    return d.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
 def _dot(A, t):
     """``sum A * t`` over the node's dims: ``A: [B, S, *out]``, ``t: [1 | B, *out]`` -> [B, S]."""
     return (A * t.unsqueeze(1)).flatten(2).sum(-1)
@@ -93,6 +98,10 @@ class _Bilinear(BoundRule):
 
     def channel_sum(self, node, A):
         """Sum ``A: [B, S, *out]`` over the output positions of each channel -> [B, S, C_out]."""
+        raise NotImplementedError
+
+    def window_count(self, node) -> int:
+        """The most output windows that read one input entry."""
         raise NotImplementedError
 
     def backward(self, node, A_lower, A_upper, inputs):
@@ -154,14 +163,35 @@ class _Bilinear(BoundRule):
         channel o, ``sum |a| |dw_o · patch(x - xc)| <= eps ||(sum_p |a_op| ||patch_p(rx)||)_o||_2``
         (Cauchy-Schwarz twice; ``sum_o ||dw_o||^2 <= eps^2``)."""
         Wc, xc = W.center, x.center
+        pn = self.patch_norms(node, x.radius)
+        joint = None
+        dev = node.params.get("dev")
+        if dev is not None:
+            # expand around the clean x0 instead where ||x - x0||_2 <= d_x is the smaller
+            # radius: every window's deviation is at most d_x too
+            x0, d_x = dev[0].to(xc.dtype), dev[1]
+            far = torch.maximum(x0 - x.lower, x.upper - x0)
+            box0 = torch.linalg.vector_norm(far.flatten(1), dim=1).double()
+            rho = torch.minimum(d_x.expand_as(box0), box0)
+            use0 = rho < torch.linalg.vector_norm(x.radius.flatten(1), dim=1).double()
+            if bool(use0.any()):
+                xc = torch.where(_bview(use0.double(), xc) > 0, x0, xc)
+                pn0 = torch.minimum(self.patch_norms(node, far), _bview(rho, pn))
+                pn = torch.where(_bview(use0.double(), pn) > 0, pn0, pn)
+                joint = torch.where(use0, rho, torch.full_like(rho, math.inf))
         const = self.f(node, xc, Wc)
         if b is not None and "bias" not in roles:
             const = const - self._bias_term(node, b.lower)
-        pn = self.patch_norms(node, x.radius)
 
         def one(A, sign):
             ax = self.adj_x(node, A, Wc)
             v = self.channel_sum(node, A.abs() * pn.unsqueeze(1))
+            if joint is not None:
+                # Cauchy-Schwarz over the windows: sum_p |a_op| ||patch_p(dx)|| <=
+                # ||a_o||_2 sqrt(m) ||dx||_2 (each input entry lies in at most m windows)
+                a2 = self.channel_sum(node, A * A).sqrt()
+                cap = a2 * (self.window_count(node) ** 0.5) * _bview(joint, a2)
+                v = torch.minimum(v, cap)
             bias = -_dot(A, const) + sign * eps * torch.linalg.vector_norm(v, dim=-1)
             ball = node.params.get("weight_ball")
             if ball is not None:
@@ -207,6 +237,11 @@ class _Bilinear(BoundRule):
         if b is not None:
             lo = lo + self._bias_term(node, b.lower)
             up = up + self._bias_term(node, b.upper)
+        dev = node.params.get("dev")
+        if dev is not None:  # every entry lies within the layer's L2 deviation of y0
+            y0, d_y = dev[2], dev[3]
+            r = _bview(d_y, y0) + 1e-5 * (1 + y0.abs())
+            lo, up = torch.maximum(lo, y0 - r), torch.minimum(up, y0 + r)
         return Interval(lo, up)
 
     def _general_range(self, node, x, W):
@@ -259,6 +294,9 @@ class LinearW(_Bilinear):
 
     def channel_sum(self, node, A):
         return A
+
+    def window_count(self, node) -> int:
+        return 1
 
     def _bias_term(self, node, b):
         return b
@@ -320,6 +358,10 @@ class ConvW(_Bilinear):
 
     def channel_sum(self, node, A):
         return A.flatten(3).sum(-1)
+
+    def window_count(self, node) -> int:
+        from ..bounds.deviation import _windows
+        return _windows(node.params)
 
     def _bias_term(self, node, b):
         return b[:, :, None, None]
