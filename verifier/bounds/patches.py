@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import RULES
-from ..ops.linear import fold_adjoint
+from ..ops.linear import fold_adjoint, folds_faster
 from ..perturbation import Box, LpBall
 
 
@@ -245,7 +245,7 @@ def _tconv(x, W, stride, groups, dilation, out_size):
     N, co, h, w = x.shape
     if groups == 1 and h * w == 1 and all(d == 1 for d in dilation):  # one position: a matmul
         return (x.reshape(N, co) @ W.reshape(co, -1)).reshape(N, *W.shape[1:])
-    if groups == 1 and W.shape[1] <= 4:  # few input channels: columns, then scatter-add
+    if any(s > 1 for s in stride) and folds_faster(W, groups, N):  # columns, then scatter-add
         return fold_adjoint(x, W, out_size, stride, dilation=dilation)
     return F.conv_transpose2d(x, W, None, stride=stride, groups=groups, dilation=dilation)
 

@@ -75,6 +75,13 @@ def _conv_args(p):
 FOLD_CHUNK = 2 ** 19
 
 
+def folds_faster(W, groups, rows) -> bool:
+    """Whether ``fold_adjoint`` beats the built-in transposed convolution (CPU, strided 2-D):
+    it does for narrow columns (few input channels times kernel taps, e.g. an image's first
+    layer or a 1x1 shortcut) and for many rows; the built-in one for wide kernels on few rows."""
+    return W.ndim == 4 and groups == 1 and (W.shape[1] * W.shape[2] * W.shape[3] <= 96 or rows >= 512)
+
+
 def fold_adjoint(A, W, out_size, stride, padding=(0, 0), dilation=(1, 1)):
     """``conv_transpose2d(A, W)`` (groups 1), cropped by ``padding`` to ``out_size``, as columns
     ``W^T A`` then a scatter-add (``F.fold``), in chunks of rows: on CPU the fastest route when
@@ -100,12 +107,12 @@ def conv_adjoint(A, W, stride, padding, dilation, groups, in_spatial):
 
     With stride 1 it is written as a plain convolution of the padded A with the flipped kernel
     whose in/out channels are swapped per group: on CPU about 2x faster than ``conv_transpose``
-    for the small channel counts of verification benchmarks. Strided: ``conv_transpose``.
+    for the small channel counts of verification benchmarks. Strided: ``fold_adjoint`` or
+    ``conv_transpose``, whichever ``folds_faster`` picks.
     """
     nd = W.ndim - 2
     k = W.shape[2:]
-    if any(s > 1 for s in stride) and groups == 1 and W.shape[1] <= 4 and nd == 2:
-        # strided, few input channels (an image): columns then fold (scatter-add) is fastest
+    if any(s > 1 for s in stride) and folds_faster(W, groups, A.shape[0]):
         return fold_adjoint(A, W, in_spatial, stride, padding, dilation)
     if any(s > 1 for s in stride):  # strided: the built-in transposed convolution is faster
         out_pad = [in_spatial[i] - ((A.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
