@@ -12,6 +12,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 DATA = ROOT / "examples" / "data"
 NEEDS_DATA = {
     "bound_onnx_model.py": ["lirpa_mnist_fc_3layer.onnx", "mnist_sample.npy", "mnist_label.npy"],
+    "weight_flatness.py": ["lirpa_mnist_fc_3layer.onnx", "mnist_test100.npz"],
 }
 
 
