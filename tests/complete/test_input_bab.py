@@ -60,3 +60,40 @@ def test_budget_is_kept():
     if r.status == "candidate":  # the attack may beat dense sampling: then it must be real
         y = net(r.x.reshape(1, 3)).detach()
         assert float(y[0, 0] - y[0, 1]) <= m - 1e-6
+
+
+def test_split_follows_the_bound_coefficients():
+    """The split goes to the input with the largest |A_i|·width_i of the row closest to
+    refuting the most open conjunction; without coefficients, to the widest input."""
+    from verifier.complete.input_bab import _branch_dims
+    A = torch.tensor([[[0.1, 5.0, 1.0], [3.0, 0.0, 0.0]],      # domain 0: rows 0, 1
+                      [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])     # domain 1: the bound sees nothing
+    margin = torch.tensor([[-0.1, -2.0], [-1.0, -1.0]])        # row 0 is closest to > 0
+    per_k = margin.max(1, keepdim=True).values                 # one conjunction
+    owner = torch.tensor([0, 0])
+    lo = torch.zeros(2, 3)
+    hi = torch.tensor([[1.0, 0.1, 1.0], [0.5, 2.0, 1.0]])
+    scale = torch.ones(3)
+    dims = _branch_dims(A, torch.tensor([True, True]), margin, per_k, owner, lo, hi, scale)
+    assert dims.tolist() == [2, 1]   # 1.0·1 > 5·0.1 > 0.1·1; domain 1: the widest
+    assert _branch_dims(None, torch.tensor([True, True]), margin, per_k, owner, lo, hi,
+                        scale).tolist() == [0, 1]
+
+
+def test_coefficient_branching_skips_an_input_the_output_barely_sees(monkeypatch):
+    """Input 0 hardly matters (its weights are scaled by 0.01): widest-first splits it as often
+    as the others, the coefficient rule almost never."""
+    import verifier.complete.input_bab as ib
+    net = _net(3)
+    with torch.no_grad():
+        net[0].weight[:, 0] *= 0.01
+    bm = BoundedModel(net, input_shape=(3,))
+    lo, hi = -torch.ones(3), torch.ones(3)
+    d = _true_min(net, lo, hi) - 0.05
+    args = (bm, lo, hi, [torch.tensor([[1.0, -1.0]])], [torch.tensor([d])])
+    smart = input_split_bab(*args, deadline=time.perf_counter() + 60)
+    orig = ib._branch_dims
+    monkeypatch.setattr(ib, "_branch_dims", lambda A, *a: orig(None, *a))
+    widest = input_split_bab(*args, deadline=time.perf_counter() + 60)
+    assert smart.status == widest.status == "unsat"
+    assert smart.domains < widest.domains

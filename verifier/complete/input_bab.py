@@ -22,6 +22,41 @@ from ..perturbation import Box
 log = logging.getLogger(__name__)
 
 
+class _RecordingBox(Box):
+    """A Box that keeps the linear coefficients ``A`` of the last lower bound concretized over
+    it with ``rows`` leading spec rows (the output spec's pass; used to pick the split)."""
+
+    def __init__(self, lower, upper, rows: int):
+        super().__init__(lower, upper)
+        self.rows = rows
+        self.A = None
+
+    def concretize(self, A, upper):
+        if not upper and A.shape[1] >= self.rows:
+            self.A = A[:, :self.rows]
+        return super().concretize(A, upper)
+
+
+def _branch_dims(A, open_, margin, per_k, owner, olo, ohi, scale):
+    """The input to split in each open domain. With the output bound's coefficients ``A``
+    (``lower(C_r y) >= A_r·x + b_r``), splitting input i shrinks ``|A_ri| (hi_i - lo_i)``, the
+    slack input i adds to row r: split where it is largest for the row that is closest to
+    refuting the domain's most open conjunction. Without A: the widest input (relative to the
+    region)."""
+    width = (ohi - olo).flatten(1)
+    if A is None or A.shape[0] != open_.shape[0]:
+        return (width / scale).argmax(1)
+    A = A[open_].flatten(2)                              # [n_open, R, n_in]
+    m = margin[open_]                                    # [n_open, R]
+    k = per_k[open_].argmin(1)                           # the most open conjunction
+    mask = owner.unsqueeze(0) == k.unsqueeze(1)          # rows of that conjunction
+    r = torch.where(mask, m, torch.full_like(m, -torch.inf)).argmax(1)
+    a = A[torch.arange(A.shape[0]), r]                   # [n_open, n_in]
+    score = a.abs() * width
+    # ties (an input the bound does not see): fall back to the widest
+    return torch.where(score.amax(1) > 0, score.argmax(1), (width / scale).argmax(1))
+
+
 @dataclass
 class BabResult:
     status: str                 # "unsat", "candidate", "timeout"
@@ -67,7 +102,8 @@ def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dea
             i, k = (int(v) for v in holds.nonzero()[0])
             return BabResult("candidate", centres[i], k, total, rounds, worst)
         spec = C_all.reshape(1, *C_all.shape[:1], *model.output_shape).expand(n, -1, *model.output_shape)
-        res = model.bounds(Box(blo, bhi), method, spec=spec)
+        leaf = _RecordingBox(blo, bhi, rows=C_all.shape[0])
+        res = model.bounds({model.input: leaf}, method, spec=spec)
         total += n
         margin = res.lower - d_all                                    # [n, R]: > 0 refutes a row
         per_k = torch.stack([margin[:, owner == k].max(1).values for k in range(K)], 1)
@@ -88,9 +124,7 @@ def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dea
                                       restarts=4, seed=rounds + j, deadline=deadline)
                 if v <= 0:
                     return BabResult("candidate", x, k, total, rounds, worst)
-        # split the widest input (relative to the region) at its midpoint
-        width = ((ohi - olo).flatten(1) / scale)
-        dim = width.argmax(1)
+        dim = _branch_dims(leaf.A, open_, margin, per_k, owner, olo, ohi, scale)
         mid = ((olo.flatten(1).gather(1, dim[:, None]) + ohi.flatten(1).gather(1, dim[:, None])) / 2)
         left_hi = ohi.flatten(1).clone()
         left_hi.scatter_(1, dim[:, None], mid)
