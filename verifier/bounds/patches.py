@@ -17,7 +17,7 @@ input, patches are concretized as they are (over windows of the set's center and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,23 +30,26 @@ from ..perturbation import Box, LpBall
 @dataclass
 class Geometry:
     """Where each row's window lies: rows k at start positions (oi[k], oj[k]) on a grid of
-    ``grid`` positions; top-left = (oi·S - P); window size ``size``."""
+    ``grid`` positions; top-left = (oi·S - P); window size ``size``. ``cache``, shared by the
+    geometries of one node's bounds (all its chunks of rows), keeps the windows of constant
+    maps at every grid position."""
     oi: torch.Tensor
     oj: torch.Tensor
     grid: tuple
     S: tuple
     P: tuple
     size: tuple
+    cache: dict | None = field(default=None, repr=False, compare=False)
 
     def back_through_conv(self, k, s, p, d):
         return Geometry(self.oi, self.oj, self.grid, (self.S[0] * s[0], self.S[1] * s[1]),
                         (self.P[0] * s[0] + p[0], self.P[1] * s[1] + p[1]),
                         ((self.size[0] - 1) * s[0] + d[0] * (k[0] - 1) + 1,
-                         (self.size[1] - 1) * s[1] + d[1] * (k[1] - 1) + 1))
+                         (self.size[1] - 1) * s[1] + d[1] * (k[1] - 1) + 1), self.cache)
 
-    def windows(self, T: torch.Tensor) -> torch.Tensor:
-        """Windows of maps ``T: [N, C, H, W]`` for every row -> ``[N, K, C, ph, pw]``
-        (zeros outside the map)."""
+    def _columns(self, T: torch.Tensor):
+        """The windows of ``T: [N, C, H, W]`` at every grid position -> (``[N, L, C*ph*pw]``,
+        positions per grid row)."""
         N, C, H, W = T.shape
         (ph, pw), (Sh, Sw), (Ph, Pw) = self.size, self.S, self.P
         Gh, Gw = self.grid
@@ -54,12 +57,25 @@ class Geometry:
         right = max(0, (Gw - 1) * Sw - Pw + pw - W)
         Tp = F.pad(T, (Pw, right, Ph, bottom))
         cols = F.unfold(Tp, (ph, pw), stride=(Sh, Sw))            # [N, C*ph*pw, Lh*Lw]
-        Lw = (Tp.shape[3] - pw) // Sw + 1
-        idx = self.oi * Lw + self.oj
-        return cols.transpose(1, 2)[:, idx].view(N, len(idx), C, ph, pw)
+        return cols.transpose(1, 2), (Tp.shape[3] - pw) // Sw + 1
+
+    def windows(self, T, key=None) -> torch.Tensor:
+        """Windows of maps ``T: [N, C, H, W]`` for every row -> ``[N, K, C, ph, pw]`` (zeros
+        outside the map). With a ``key`` naming a constant map, ``T`` may be a function that
+        makes it, called only when the cache does not hold its windows yet."""
+        ck = None if key is None or self.cache is None else (key, self.size, self.S, self.P)
+        if ck is not None and ck in self.cache:
+            cols, Lw = self.cache[ck]
+        else:
+            cols, Lw = self._columns(T() if callable(T) else T)
+            if ck is not None:
+                self.cache[ck] = cols, Lw
+        K = self.oi.numel()
+        return cols[:, self.oi * Lw + self.oj].view(cols.shape[0], K, -1, *self.size)
 
     def mask(self, H, W, dtype):
-        return self.windows(torch.ones(1, 1, H, W, dtype=dtype))  # [1, K, 1, ph, pw]
+        """1 inside the map, 0 outside: ``[1, K, 1, ph, pw]``."""
+        return self.windows(lambda: torch.ones(1, 1, H, W, dtype=dtype), ("mask", H, W, dtype))
 
     def to_dense(self, v: torch.Tensor, shape) -> torch.Tensor:
         """Patches ``v: [B, K, C, ph, pw]`` -> dense ``A: [B, K, C, H, W]`` (the entries of a
@@ -83,7 +99,7 @@ def _common(g1: Geometry, g2: Geometry) -> Geometry | None:
     P = (max(g1.P[0], g2.P[0]), max(g1.P[1], g2.P[1]))
     end = (max(g1.size[0] - g1.P[0], g2.size[0] - g2.P[0]),
            max(g1.size[1] - g1.P[1], g2.size[1] - g2.P[1]))
-    return Geometry(g1.oi, g1.oj, g1.grid, g1.S, P, (end[0] + P[0], end[1] + P[1]))
+    return Geometry(g1.oi, g1.oj, g1.grid, g1.S, P, (end[0] + P[0], end[1] + P[1]), g1.cache)
 
 
 def _add_into(g: Geometry, parts) -> torch.Tensor:
@@ -180,10 +196,11 @@ class _Store:
         return dl, (dl if au is al else g.to_dense(au, shape))
 
 
-def backward_bound_patches(graph, start, rows, bounds, leaves):
+def backward_bound_patches(graph, start, rows, bounds, leaves, cache=None):
     """Bounds ``[B, K]`` of the neurons ``rows`` (flat indices) of ``start``, like
     ``crown.backward_bound`` with one-hot rows. A starts as patches and turns dense once a
-    window covers more than ``DENSE_SHARE`` of its feature map."""
+    window covers more than ``DENSE_SHARE`` of its feature map. ``cache``: a dict shared by the
+    calls for chunks of rows of the same start and bounds (windows of constant maps)."""
     from .crown import dense_step
     C, H, W = graph[start].shape
     ref = bounds[start].lower
@@ -192,7 +209,8 @@ def backward_bound_patches(graph, start, rows, bounds, leaves):
     v = torch.zeros(B, K, C, 1, 1, dtype=dtype)
     v[:, torch.arange(K), rows // (H * W), 0, 0] = 1.0
     store = _Store(graph)
-    store.patches[start] = (Geometry((rows % (H * W)) // W, rows % W, (H, W), (1, 1), (0, 0), (1, 1)), v, v)
+    g = Geometry((rows % (H * W)) // W, rows % W, (H, W), (1, 1), (0, 0), (1, 1), cache)
+    store.patches[start] = (g, v, v)
     lower = upper = 0.0
     for name in reversed(graph.ancestors_order(start)):
         node = graph[name]
@@ -202,8 +220,8 @@ def backward_bound_patches(graph, start, rows, bounds, leaves):
         if name in store.patches:
             g, vl, vu = store.patches.pop(name)
             if node.op == "input":
-                lower = lower + _concretize(g, vl, leaves[name], upper=False)
-                upper = upper + _concretize(g, vu, leaves[name], upper=True)
+                lower = lower + _concretize(g, vl, leaves[name], name, upper=False)
+                upper = upper + _concretize(g, vu, leaves[name], name, upper=True)
                 continue
             outs, bl, bu = _STEP[node.op](graph, node, g, vl, vu, bounds)
             lower, upper = lower + bl, upper + bu
@@ -218,13 +236,14 @@ def backward_bound_patches(graph, start, rows, bounds, leaves):
     return lower, upper
 
 
-def _concretize(g, v, leaf, upper):
-    """min (or max) of ``A·x`` over the leaf's set for patches ``v`` at the input."""
+def _concretize(g, v, leaf, name, upper):
+    """min (or max) of ``A·x`` over the set of the leaf ``name`` for patches ``v`` there."""
     box = leaf.interval()
     ball = isinstance(leaf, LpBall) and leaf.norm != math.inf
     maps = [box.center, box.radius] + ([leaf.center] if ball else [])
     B = max(t.shape[0] for t in maps)
-    win = g.windows(torch.cat([t.expand(B, *t.shape[1:]) for t in maps])).flatten(2)
+    win = g.windows(lambda: torch.cat([t.expand(B, *t.shape[1:]) for t in maps]),
+                    ("input", name)).flatten(2)
     Bk = v.flatten(2)
     mid = (Bk * win[:B]).sum(-1)
     dev = (Bk.abs().mul_(win[B:2 * B])).sum(-1)
@@ -278,12 +297,14 @@ def _affine_step(graph, node, g, vl, vu, bounds):
     w, b = p.get("w"), p.get("b")
     shape = node.shape
     if w is not None:
-        ww = g.windows(_full(w, shape).to(vl.dtype).expand(vl.shape[0], *shape))
+        ww = g.windows(lambda: _full(w, shape).to(vl.dtype).expand(vl.shape[0], *shape),
+                       ("w", node.name))
         nl, nu = vl * ww, (vu * ww if vu is not vl else None)
     else:
         nl, nu = vl, (vu if vu is not vl else None)
     if b is not None:
-        bw = g.windows(_full(b, shape).to(vl.dtype).expand(vl.shape[0], *shape)).flatten(2)
+        bw = g.windows(lambda: _full(b, shape).to(vl.dtype).expand(vl.shape[0], *shape),
+                       ("b", node.name)).flatten(2)
         bl = (vl.flatten(2) * bw).sum(-1)
         bu = bl if vu is vl else (vu.flatten(2) * bw).sum(-1)
     return [(g, nl, nl if nu is None else nu)], bl, bu
@@ -308,7 +329,7 @@ def _act_step(graph, node, g, vl, vu, bounds):
     kl, bl, ku, bu = rule.relaxation(node, x)
     B = kl.shape[0]
     maps = [kl, ku, bu] + ([bl] if rule.has_lower_bias else [])
-    win = g.windows(torch.cat(maps)).split(B)
+    win = g.windows(lambda: torch.cat(maps), ("relax", node.name)).split(B)
     kl, ku, bu = win[:3]
     bl = win[3] if rule.has_lower_bias else None
 
