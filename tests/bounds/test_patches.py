@@ -72,3 +72,20 @@ def test_patches_turn_dense_when_windows_grow(monkeypatch):
     b = bm.bounds(ball, "crown")
     torch.testing.assert_close(a.lower, b.lower, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(a.upper, b.upper, rtol=1e-9, atol=1e-9)
+
+
+def test_patch_chunks_of_rows_give_the_same_bounds(monkeypatch):
+    """Chunks of one row each (sharing the windows of the relaxations, masks and input set)
+    give the bounds of one chunk for every row."""
+    net, shape = list(_nets())[1]
+    _randomize_bn(net)
+    bm = BoundedModel(net, input_shape=shape, dtype=torch.float64)
+    ball = LpBall(torch.rand(2, *shape), 0.05, clip=(0, 1))
+    a = bm.bounds(ball, "crown")
+    monkeypatch.setattr(crown, "PATCH_CHUNK", 1)
+    monkeypatch.setattr(crown, "PATCH_MIN_ROWS", 1)
+    b = bm.bounds(ball, "crown")
+    torch.testing.assert_close(a.lower, b.lower, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(a.upper, b.upper, rtol=1e-9, atol=1e-9)
+    for name, iv in a.nodes.items():
+        torch.testing.assert_close(b[name].lower, iv.lower, rtol=1e-9, atol=1e-9)

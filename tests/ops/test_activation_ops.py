@@ -182,3 +182,16 @@ def test_bounds_contain_f_at_interval_ends_for_very_narrow_boxes():
             r = check_sound(bm, Box(x - w, x + w), n_random=16, n_extreme=8, pgd_steps=3)
             for res in r.results.values():
                 assert (res.upper - res.lower).max().item() <= 1e-6
+
+
+def test_relaxation_is_shared_and_follows_in_place_changes():
+    """``relaxation`` computes ``relax`` once per input interval, and again after the interval's
+    tensors change in place (never a stale relaxation)."""
+    rule, node = RULES["relu"], Node("r", "relu", ["x"], (3,), {})
+    x = Interval(torch.tensor([[-1.0, 0.5, -2.0]]), torch.tensor([[1.0, 2.0, -1.0]]))
+    first = rule.relaxation(node, x)
+    assert rule.relaxation(node, x) is first
+    x.lower.add_(2.0)                                   # every neuron now active
+    kl, bl, ku, bu = rule.relaxation(node, x)
+    assert kl.tolist() == [[1.0, 1.0, 1.0]] and ku.tolist() == [[1.0, 1.0, 1.0]]
+    assert bu.abs().max() == 0
