@@ -239,3 +239,24 @@ def test_one_layer_input_and_weight_exact_extremes(layer, norm):
         assert (lo <= best_lo + 1e-5).all(), (method, lo, best_lo)
         if method == "crown":
             assert ((up - lo) <= 2.5 * (best_hi - best_lo)).all(), (up - lo, best_hi - best_lo)
+
+
+def test_linear_before_a_convolution_with_perturbed_weights():
+    """A perturbed dense layer below a convolution: the convolution's bounds take the
+    patch-form pass, which must accept the dense layer concretizing its own weight set."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2 * 6 * 6)
+            self.c = nn.Conv2d(2, 3, 3)
+            self.o = nn.Linear(3 * 4 * 4, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.fc(x)).view(-1, 2, 6, 6)
+            return self.o(torch.relu(self.c(h)).flatten(1))
+
+    torch.manual_seed(0)
+    module = Net().eval()
+    bm = BoundedModel(module, input_shape=(4,))
+    check(bm, module, _x((4,)), WeightPerturbation(["fc.weight", "c.weight"], 0.02), 0.05,
+          methods=("crown", "alpha-crown"), n=12)

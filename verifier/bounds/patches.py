@@ -232,7 +232,8 @@ def backward_bound_patches(graph, start, rows, bounds, leaves, cache=None):
             parts, bl, bu = dense_step(graph, node, A_l, A_u, bounds, leaves)
             lower, upper = lower + bl, upper + bu
             for inp, (al, au) in zip(node.inputs, parts):
-                store.add_dense(inp, al, au)
+                if al is not None:  # None: the rule concretized that input itself
+                    store.add_dense(inp, al, au)
     return lower, upper
 
 
