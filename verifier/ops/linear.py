@@ -84,8 +84,8 @@ def folds_faster(W, groups, rows) -> bool:
 
 def fold_adjoint(A, W, out_size, stride, padding=(0, 0), dilation=(1, 1)):
     """``conv_transpose2d(A, W)`` (groups 1), cropped by ``padding`` to ``out_size``, as columns
-    ``W^T A`` then a scatter-add (``F.fold``), in chunks of rows: on CPU the fastest route when
-    W has few input channels (an image). ``A: [N, C_out, h, w]`` -> ``[N, C_in, *out_size]``."""
+    ``W^T A`` then a scatter-add (``F.fold``), in chunks of rows (see ``folds_faster`` for when
+    it pays off). ``A: [N, C_out, h, w]`` -> ``[N, C_in, *out_size]``."""
     N, co = A.shape[:2]
     Wt = W.reshape(co, -1).t()
     A = A.reshape(N, co, -1)
