@@ -335,13 +335,16 @@ def _act_step(graph, node, g, vl, vu, bounds):
     bl = win[3] if rule.has_lower_bias else None
 
     def one(v, k_pos, k_neg, b_pos, b_neg):
-        vp, vn = v.clamp(min=0), v.clamp(max=0)
-        nv = torch.addcmul(vp * k_pos, vn, k_neg)  # exact: one of the two products is 0
+        """v- k_neg + v+ k_pos (exact: one of the two products is 0), with one scratch buffer."""
+        part = v.clamp(max=0)
+        nv = part * k_neg
         bias = 0.0
         if b_neg is not None:
-            bias = vn.mul_(b_neg).flatten(2).sum(-1)
+            bias = part.mul_(b_neg).flatten(2).sum(-1)
+        part = torch.clamp(v, min=0, out=part)
+        nv.addcmul_(part, k_pos)
         if b_pos is not None:
-            bias = bias + vp.mul_(b_pos).flatten(2).sum(-1)
+            bias = bias + part.mul_(b_pos).flatten(2).sum(-1)
         return nv, bias
 
     al, b_l = one(vl, kl, ku, bl, bu)
