@@ -178,7 +178,8 @@ def _tightens(a: Interval, b: Interval) -> bool:
 
 
 def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: str,
-                        upto: str | None = None):
+                        upto: str | None = None, known: dict[str, Interval] | None = None,
+                        two_tracks: bool = True):
     """Intervals of every node that a nonlinear rule reads (and IBP ones for the rest).
 
     Walking in topological order, each node first gets IBP bounds from its inputs' current
@@ -188,7 +189,9 @@ def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: s
     Tighter intermediate bounds do not always give a tighter output bound (they move CROWN's
     adaptive ReLU lower slopes), so a second track keeps plain CROWN bounds (no intersection).
     The tracks share all work until IBP first tightens a CROWN bound; ``pure`` is None when
-    that never happens. -> (bounds, pure)
+    that never happens (or when ``two_tracks`` is False). ``known``: intervals already known
+    to hold over the leaves' sets (e.g. a branch-and-bound parent domain's), intersected with
+    each node's IBP interval before it is refined. -> (bounds, pure)
     """
     bounds: dict[str, Interval] = {}
     pure: dict[str, Interval] | None = None
@@ -202,6 +205,8 @@ def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: s
             continue
         rule = RULES[node.op]
         bounds[name] = rule.interval(node, [bounds[i] for i in node.inputs])
+        if known is not None and name in known:
+            bounds[name] = bounds[name].intersect(known[name])
         if pure is not None:
             pure[name] = rule.interval(node, [pure[i] for i in node.inputs])
         if (method == "crown" and name != upto and not _ibp_exact(graph, node, leaves)
@@ -209,7 +214,7 @@ def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: s
             new = refine_node(graph, name, bounds, leaves)
             if pure is not None:
                 pure[name] = refine_node(graph, name, pure, leaves)
-            elif _tightens(bounds[name], new):
+            elif two_tracks and _tightens(bounds[name], new):
                 pure = dict(bounds)
                 pure[name] = new
             bounds[name] = bounds[name].intersect(new)
@@ -217,11 +222,14 @@ def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: s
 
 
 def crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor | None,
-                 method: str = "crown"):
+                 method: str = "crown", known: dict[str, Interval] | None = None,
+                 two_tracks: bool = True):
     """-> (lower, upper, bounds): bounds of ``C·f`` (``[B, S]``), or of ``f`` itself
-    (``[B, *out_shape]``) when C is None, and the intermediate intervals by node name."""
+    (``[B, *out_shape]``) when C is None, and the intermediate intervals by node name
+    (``known``, ``two_tracks``: see ``intermediate_bounds``)."""
     out = graph.output
-    bounds, pure = intermediate_bounds(graph, leaves, method, upto=out)
+    bounds, pure = intermediate_bounds(graph, leaves, method, upto=out, known=known,
+                                       two_tracks=two_tracks)
     ref = bounds[out].lower
     B = ref.shape[0]
     n_out = math.prod(graph[out].shape)
