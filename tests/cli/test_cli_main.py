@@ -32,12 +32,13 @@ def test_bounds_help_documents_every_flag_and_has_examples(cli):
     r = cli("bounds", "--help")
     assert r.code == 0
     for flag in ("--input", "--eps", "--norm", "--clip", "--lower", "--upper", "--method",
-                 "--label", "--json", "--threads", "--dtype", "--debug", "MODEL.onnx"):
+                 "--label", "--json", "--threads", "--dtype", "--debug", "MODEL.onnx",
+                 "--weights", "--weight-eps", "--weight-norm", "--relative"):
         assert flag in r.out, flag
     for word in ("ibp", "crown-ibp", "float64", "busy machine", "f_Y - f_j"):
         assert word in r.out, word
     examples = r.out.split("examples:")[1]
-    assert examples.count("verifier bounds") == 2
+    assert examples.count("verifier bounds") == 3
 
 
 def _python_m(*argv):
