@@ -178,8 +178,7 @@ def _tightens(a: Interval, b: Interval) -> bool:
 
 
 def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: str,
-                        upto: str | None = None, known: dict[str, Interval] | None = None,
-                        two_tracks: bool = True):
+                        upto: str | None = None):
     """Intervals of every node that a nonlinear rule reads (and IBP ones for the rest).
 
     Walking in topological order, each node first gets IBP bounds from its inputs' current
@@ -189,9 +188,7 @@ def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: s
     Tighter intermediate bounds do not always give a tighter output bound (they move CROWN's
     adaptive ReLU lower slopes), so a second track keeps plain CROWN bounds (no intersection).
     The tracks share all work until IBP first tightens a CROWN bound; ``pure`` is None when
-    that never happens (or when ``two_tracks`` is False). ``known``: intervals already known
-    to hold over the leaves' sets (e.g. a branch-and-bound parent domain's), intersected with
-    each node's IBP interval before it is refined. -> (bounds, pure)
+    that never happens. -> (bounds, pure)
     """
     bounds: dict[str, Interval] = {}
     pure: dict[str, Interval] | None = None
@@ -205,8 +202,6 @@ def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: s
             continue
         rule = RULES[node.op]
         bounds[name] = rule.interval(node, [bounds[i] for i in node.inputs])
-        if known is not None and name in known:
-            bounds[name] = bounds[name].intersect(known[name])
         if pure is not None:
             pure[name] = rule.interval(node, [pure[i] for i in node.inputs])
         if (method == "crown" and name != upto and not _ibp_exact(graph, node, leaves)
@@ -214,7 +209,7 @@ def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: s
             new = refine_node(graph, name, bounds, leaves)
             if pure is not None:
                 pure[name] = refine_node(graph, name, pure, leaves)
-            elif two_tracks and _tightens(bounds[name], new):
+            elif _tightens(bounds[name], new):
                 pure = dict(bounds)
                 pure[name] = new
             bounds[name] = bounds[name].intersect(new)
@@ -222,14 +217,11 @@ def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: s
 
 
 def crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor | None,
-                 method: str = "crown", known: dict[str, Interval] | None = None,
-                 two_tracks: bool = True):
+                 method: str = "crown"):
     """-> (lower, upper, bounds): bounds of ``C·f`` (``[B, S]``), or of ``f`` itself
-    (``[B, *out_shape]``) when C is None, and the intermediate intervals by node name
-    (``known``, ``two_tracks``: see ``intermediate_bounds``)."""
+    (``[B, *out_shape]``) when C is None, and the intermediate intervals by node name."""
     out = graph.output
-    bounds, pure = intermediate_bounds(graph, leaves, method, upto=out, known=known,
-                                       two_tracks=two_tracks)
+    bounds, pure = intermediate_bounds(graph, leaves, method, upto=out)
     ref = bounds[out].lower
     B = ref.shape[0]
     n_out = math.prod(graph[out].shape)

@@ -17,9 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..bound_types import Interval
-from ..bounds.crown import crown_bounds
-from ..ops import RULES
 from ..perturbation import Box
 
 log = logging.getLogger(__name__)
@@ -87,10 +84,6 @@ def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dea
     hi = upper.unsqueeze(0)
     total = rounds = 0
     worst = float("nan")
-    graph = model.graph
-    keep = [k for k in graph.order if graph[k].op != "input" and k != graph.output
-            and any(RULES[c.op].needs_bounds for c in graph.consumers(k))]
-    known = None  # per open domain: its parent's intermediate bounds, aligned with lo / hi
     while lo.shape[0]:
         if time.perf_counter() > deadline:
             return BabResult("timeout", domains=total, rounds=rounds, worst=worst)
@@ -110,16 +103,9 @@ def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dea
             return BabResult("candidate", centres[i], k, total, rounds, worst)
         spec = C_all.reshape(1, *C_all.shape[:1], *model.output_shape).expand(n, -1, *model.output_shape)
         leaf = _RecordingBox(blo, bhi, rows=C_all.shape[0])
-        bk = None if known is None else {k: Interval(v[0][:take], v[1][:take]) for k, v in known.items()}
-        if known is not None:
-            known = {k: (v[0][take:], v[1][take:]) for k, v in known.items()}
-        with torch.no_grad():
-            # the parent's intermediate bounds hold on its children: fewer unstable neurons
-            low, _, nodes = crown_bounds(model.graph, {model.input: leaf}, spec, method,
-                                         known=bk, two_tracks=False)
-        low = torch.nan_to_num(low, nan=-torch.inf)
+        res = model.bounds({model.input: leaf}, method, spec=spec)
         total += n
-        margin = low - d_all                                          # [n, R]: > 0 refutes a row
+        margin = res.lower - d_all                                    # [n, R]: > 0 refutes a row
         per_k = torch.stack([margin[:, owner == k].max(1).values for k in range(K)], 1)
         open_ = (per_k <= 0).any(1)
         if open_.any():
@@ -149,9 +135,5 @@ def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dea
         # open domains go first: depth first keeps the frontier small
         lo = torch.cat([new_lo, lo])
         hi = torch.cat([new_hi, hi])
-        inherit = {k: (nodes[k].lower[open_], nodes[k].upper[open_]) for k in keep}
-        known = {k: (torch.cat([a, a] + ([known[k][0]] if known else [])),
-                     torch.cat([b, b] + ([known[k][1]] if known else [])))
-                 for k, (a, b) in inherit.items()}
         log.debug("round %d: %d domains left, worst margin %.4g", rounds, lo.shape[0], worst)
     return BabResult("unsat", domains=total, rounds=rounds, worst=worst)
