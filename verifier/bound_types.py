@@ -13,10 +13,18 @@ import torch
 
 @dataclass
 class Interval:
-    """Element-wise bounds ``lower <= x <= upper``; both ``[batch, *shape]``."""
+    """Element-wise bounds ``lower <= x <= upper``; both ``[batch, *shape]``.
+
+    ``relax``: optionally a wider sound interval (a superset, e.g. CROWN's bounds before they
+    were intersected with IBP's) on which piecewise-linear rules (ReLU) draw the relaxation of
+    neurons that ``lower``/``upper`` leave unstable. Any interval containing the true range gives
+    a sound relaxation; CROWN's own keeps CROWN's back-substitution consistent, where a chord
+    over a narrower IBP-clipped range can loosen bounds further on.
+    """
 
     lower: torch.Tensor
     upper: torch.Tensor
+    relax: "Interval | None" = None
 
     @property
     def center(self) -> torch.Tensor:

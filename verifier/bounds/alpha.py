@@ -50,7 +50,8 @@ def _slopes(graph, bounds, target, B, S, dtype):
         if not ((x.lower < 0) & (x.upper > 0)).any():
             continue
         a = node.params.get("negative_slope", 0.0)
-        init = torch.where(x.upper > -x.lower, 1.0, a).to(dtype).unsqueeze(1)
+        r = x.relax or x  # the interval CROWN drew its lines on (see Interval.relax)
+        init = torch.where(r.upper > -r.lower, 1.0, a).to(dtype).unsqueeze(1)
         init = init.expand(B, S, *node.shape)
         alphas[name] = (init.clone().requires_grad_(True), init.clone().requires_grad_(True))
         ranges[name] = a

@@ -94,6 +94,21 @@ class ReLU(ElementwiseRelaxation):
         a = node.params.get("negative_slope", self.slope)
         return x.clamp(min=0) if a == 0 else torch.where(x >= 0, x, x * a)
 
+    def relaxation(self, node, x: Interval):
+        """Over ``x``, except that neurons ``x`` leaves unstable take the lines drawn over
+        ``x.relax`` where it is given (see ``Interval``); stable neurons stay exact."""
+        if x.relax is None:
+            return super().relaxation(node, x)
+        cache = x.__dict__.setdefault("_relaxations", {})
+        key = (node.name, self.op, "relax", x.lower._version, x.upper._version,
+               x.relax.lower._version, x.relax.upper._version)
+        if key not in cache:
+            own = self.relax(node, x.lower, x.upper)
+            wide = self.relax(node, x.relax.lower, x.relax.upper)
+            unstable = (x.lower < 0) & (x.upper > 0)
+            cache[key] = tuple(torch.where(unstable, w, o) for o, w in zip(own, wide))
+        return cache[key]
+
     def relax(self, node, l, u):
         a = node.params.get("negative_slope", self.slope)
         active, inactive = l >= 0, u <= 0
