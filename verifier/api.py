@@ -180,7 +180,8 @@ class BoundedModel:
         return {self.input: p.to(self.dtype)}
 
     def bounds(self, perturbation: Perturbation | torch.Tensor, method: str = "crown",
-               spec: torch.Tensor | None = None, weights=None) -> BoundResult:
+               spec: torch.Tensor | None = None, weights=None, live: bool = False,
+               batch_stats: dict | None = None) -> BoundResult:
         """Bounds of ``spec·f(x)`` for every ``x`` in the perturbation set (and every parameter
         value in the ``weights`` sets).
 
@@ -197,6 +198,13 @@ class BoundedModel:
         B = leaves[self.input].interval().lower.shape[0] if self.input in leaves else \
             next(iter(leaves.values())).interval().lower.shape[0]
         graph = self.graph
+        if live:
+            from .graph.live import live_graph
+            if method not in ("ibp", "crown-ibp") or weights is not None:
+                raise VerifierError(f"live (differentiable) bounds support the methods ibp and "
+                                    f"crown-ibp without weight perturbations, not {method!r}"
+                                    + (" with weights" if weights is not None else ""))
+            graph = live_graph(self.graph, self.module, batch_stats)
         if weights is not None:
             from .weights import ParameterSets
             sets = ParameterSets(self.graph, weights, self.dtype)
@@ -212,7 +220,7 @@ class BoundedModel:
                 raise ShapeError(f"spec of shape {list(C.shape)} does not fit batch {B} and output "
                                  f"shape {list(self.output_shape)}")
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with (torch.enable_grad() if live else torch.no_grad()):
             if method == "ibp":
                 nodes = ibp_bounds(graph, leaves)
                 if C is None:

@@ -258,7 +258,7 @@ def conv_transpose_module(b, n, mod, x, output_size=None):
           dilation=_tuple(mod.dilation, nd), groups=mod.groups, in_shape=x.shape)
 
 
-def _batchnorm(b, n, x, weight, bias, mean, var, eps):
+def _batchnorm(b, n, x, weight, bias, mean, var, eps, module=None):
     if mean is None or var is None:
         return b.problem(n, "BatchNorm without running statistics (it would use batch statistics)")
     # folded in float64 (the graph is cast to its dtype later): exact in a float64 graph
@@ -269,11 +269,15 @@ def _batchnorm(b, n, x, weight, bias, mean, var, eps):
     if bias is not None:
         shift = shift + bias.detach().double()
     view = (-1,) + (1,) * (len(x.shape) - 1)
-    b.add(n, "affine", [x], w=scale.reshape(view), b=shift.reshape(view), in_shape=x.shape)
+    extra = {}
+    if module is not None:  # the live graph (verifier.graph.live) folds it again from the module
+        extra["batchnorm"] = {"module": module, "eps": float(eps)}
+    b.add(n, "affine", [x], w=scale.reshape(view), b=shift.reshape(view), in_shape=x.shape, **extra)
 
 
 def batchnorm_module(b, n, mod, x):
-    _batchnorm(b, n, x, mod.weight, mod.bias, mod.running_mean, mod.running_var, mod.eps)
+    _batchnorm(b, n, x, mod.weight, mod.bias, mod.running_mean, mod.running_var, mod.eps,
+               module=n.target)
 
 
 def batchnorm_fn(b, n, target, x, running_mean, running_var, weight=None, bias=None, training=False,

@@ -90,6 +90,8 @@ def fold_adjoint(A, W, out_size, stride, padding=(0, 0), dilation=(1, 1)):
     Wt = W.reshape(co, -1).t()
     A = A.reshape(N, co, -1)
     step = max(1, FOLD_CHUNK // (Wt.shape[0] * A.shape[2]))
+    if torch.is_grad_enabled() and (A.requires_grad or W.requires_grad):
+        step = N  # under autograd each chunk's slice would cost a full-size copy backwards
     out = None
     for k in range(0, N, step):
         y = F.fold(torch.matmul(Wt, A[k:k + step]), tuple(out_size), tuple(W.shape[2:]),
