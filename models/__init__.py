@@ -7,6 +7,7 @@
 ``models`` is not part of the installed ``verifier`` package: run from the repository root (or
 put it on ``sys.path``) to import it.
 """
-from .architectures import ZOO, ResidualBlock, ResNetBlockNet, build, mlp, resnet_block_net, small_cnn
+from .architectures import (ZOO, ResidualBlock, ResNetBlockNet, build, cnn_cert, mlp, resnet_block_net,
+                            small_cnn)
 
-__all__ = ["ZOO", "ResNetBlockNet", "ResidualBlock", "build", "mlp", "resnet_block_net", "small_cnn"]
+__all__ = ["ZOO", "ResNetBlockNet", "ResidualBlock", "build", "cnn_cert", "mlp", "resnet_block_net", "small_cnn"]

@@ -6,6 +6,7 @@ each model is also a small end-to-end test of the graph builder and the bound ru
 
 * :func:`mlp`: fully connected (Linear + activation), flattening its input first;
 * :func:`small_cnn`: two strided convolutions, then two dense layers (optionally with pooling);
+* :func:`cnn_cert`: a CNN sized for certified training on a CPU (optionally with BatchNorm);
 * :func:`resnet_block_net`: a stem convolution, residual blocks (conv, BatchNorm, skip
   connection), global average pooling and a dense head.
 
@@ -120,6 +121,31 @@ def resnet_block_net(in_ch: int = 3, n_classes: int = 10, width: int = 8,
     return ResNetBlockNet(in_ch, n_classes, width, n_blocks).eval()
 
 
+def cnn_cert(in_ch: int = 1, n_classes: int = 10, input_size: int = 28, width: int = 16,
+             fc: int = 256, bn: bool = False) -> nn.Module:
+    """A CNN for certified (IBP / CROWN-IBP) training on a CPU, in the shape of the "small" and
+    "medium" models of the IBP papers: ``Conv(4x4, stride 2) -> ReLU -> Conv(4x4, stride 2) ->
+    ReLU -> Flatten -> Linear(fc) -> ReLU -> Linear(n_classes)``, with a BatchNorm after each
+    convolution and the hidden dense layer when ``bn``.
+
+    ``width``: channels of the first convolution (the second has twice as many); an input of
+    side s becomes s/2, then s/4 (28 -> 14 -> 7, with padding 1).
+    """
+    side = (input_size + 2 - 4) // 2 + 1
+    side = (side + 2 - 4) // 2 + 1
+    if side < 1:
+        raise ValueError(f"input_size={input_size} is too small for this network")
+    norm2 = (lambda c: [nn.BatchNorm2d(c)]) if bn else (lambda c: [])
+    norm1 = (lambda c: [nn.BatchNorm1d(c)]) if bn else (lambda c: [])
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_ch, width, 4, stride=2, padding=1), *norm2(width), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), *norm2(2 * width), nn.ReLU(),
+        nn.Flatten(), nn.Linear(2 * width * side * side, fc), *norm1(fc), nn.ReLU(),
+        nn.Linear(fc, n_classes),
+    ]
+    return nn.Sequential(*layers).eval()
+
+
 # name -> (builder, keyword arguments of a small instance, per-sample input shape)
 ZOO = {
     "mlp": (mlp, dict(in_dim=784, hidden=[64, 32], out=10), (1, 28, 28)),
@@ -127,6 +153,7 @@ ZOO = {
     "small_cnn": (small_cnn, dict(in_ch=1, n_classes=10, input_size=28), (1, 28, 28)),
     "small_cnn_maxpool": (small_cnn, dict(in_ch=3, n_classes=10, input_size=32, pool="max"),
                           (3, 32, 32)),
+    "cnn_cert": (cnn_cert, dict(in_ch=1, n_classes=10, input_size=28), (1, 28, 28)),
     "resnet_block_net": (resnet_block_net, dict(in_ch=3, n_classes=10, width=8, n_blocks=2),
                          (3, 16, 16)),
 }

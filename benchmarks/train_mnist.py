@@ -1,0 +1,123 @@
+"""Certified training benchmark (not part of the test suite): train, then evaluate on the test
+images; prints clean / PGD / certified accuracy and wall time.
+
+    python benchmarks/train_mnist.py mnist-0.1        # MNIST, 10k training digits, eps 0.1
+    python benchmarks/train_mnist.py mnist-0.3        # eps 0.3
+    python benchmarks/train_mnist.py fashion-0.1      # Fashion-MNIST, full set, eps 0.1
+    python benchmarks/train_mnist.py mnist-0.1 --threads 2 --output runs/m01 --ship models/
+
+MNIST: trained on /work/shared/datasets/mnist_train10k.npz (or --data-dir), evaluated on the
+1,000 test images of mnist_test1k.npz; Fashion-MNIST: the IDX files of Debian's
+dataset-fashion-mnist (/usr/share/datasets/fashion-mnist), evaluated on the first 1,000 test
+images (--test-subset). Each run is the same as ``verifier train`` with the config printed
+first. ``--ship DIR`` copies the trained model (.pt state dict + .onnx) into DIR and records it
+in DIR/zoo.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED = Path("/work/shared/datasets")
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+# the model: cnn_cert with BatchNorm (IBP initialization), IBP loss, smooth eps ramp
+_COMMON = dict(model="cnn_cert", model_kwargs={"width": 32, "fc": 512, "bn": True}, method="ibp",
+               ibp_init=True, batch_size=100, lr=5e-4, lr_decay=0.2, schedule="smooth",
+               kappa_start=1.0, kappa_end=0.0, reg_weight=0.5, grad_clip=10.0,
+               eval_methods=["ibp", "crown", "alpha-crown"], eval_pgd_steps=50)
+
+RUNS = {
+    "mnist-0.1": dict(dataset="npz", eps=0.1, train_eps=0.2, epochs=60, warmup_epochs=1,
+                      ramp_epochs=20, lr_milestones=[45, 55], eval_eps=[0.05, 0.1, 0.15, 0.2]),
+    "mnist-0.3": dict(dataset="npz", eps=0.3, train_eps=0.4, epochs=60, warmup_epochs=1,
+                      ramp_epochs=25, lr_milestones=[45, 55], eval_eps=[0.1, 0.2, 0.3, 0.35, 0.4]),
+    "fashion-0.1": dict(dataset="idx", eps=0.1, train_eps=0.15, epochs=12, warmup_epochs=1,
+                        ramp_epochs=5, lr_milestones=[9, 11], test_subset=1000,
+                        eval_eps=[0.02, 0.05, 0.1, 0.15]),
+}
+
+
+def config_for(name: str, args) -> dict:
+    d = {**_COMMON, **RUNS[name], "seed": args.seed, "threads": args.threads,
+         "output": args.output or f"runs/{name}"}
+    if d["dataset"] == "npz":
+        data = Path(args.data_dir or SHARED)
+        d.update(train_path=str(data / "mnist_train10k.npz"), test_path=str(data / "mnist_test1k.npz"))
+    else:
+        d.update(train_path=str(args.data_dir or FASHION))
+    if args.epochs is not None:  # a shorter run (smoke tests): scale the schedule down
+        f = args.epochs / d["epochs"]
+        d["epochs"] = args.epochs
+        d["ramp_epochs"] = max(1, min(args.epochs - d["warmup_epochs"], round(d["ramp_epochs"] * f)))
+        d["lr_milestones"] = [max(1, round(m * f)) for m in d["lr_milestones"]]
+    return d
+
+
+def ship(name: str, cfg, out_dir: Path, report: dict, dest: Path, command: str) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    stem = f"cert_{name.replace('-', '_').replace('.', '')}"
+    shutil.copy(out_dir / "model.pt", dest / f"{stem}.pt")
+    shutil.copy(out_dir / "model.onnx", dest / f"{stem}.onnx")
+    zoo_path = dest / "zoo.json"
+    zoo = json.loads(zoo_path.read_text()) if zoo_path.exists() else {"models": []}
+    zoo["models"] = [m for m in zoo["models"] if m["name"] != stem]
+    rel = lambda p: str(p.resolve().relative_to(ROOT))  # noqa: E731
+    cert = report["certified_acc"]
+    best = max(cert, key=cert.get)
+    zoo["models"].append({
+        "name": stem, "onnx": rel(dest / f"{stem}.onnx"), "state_dict": rel(dest / f"{stem}.pt"),
+        "arch": cfg.model, "arch_kwargs": cfg.model_kwargs, "input_shape": [1, 28, 28],
+        "dataset": "MNIST (trained on mnist_train10k.npz)" if cfg.dataset == "npz" else
+                   "Fashion-MNIST (full training set)",
+        "mean": None, "std": None, "method": cfg.method, "eps": cfg.eps, "train_eps": cfg.eps_train,
+        "command": command,
+        "measured": {"test_set": f"the first {report['n']} test images", "eps": cfg.eps,
+                     "clean_acc": report["clean_acc"],
+                     "pgd_acc": report["pgd_acc"], "pgd": f"{report['pgd_steps']}-step PGD on every margin",
+                     "certified_acc": cert, "best_verification_method": best,
+                     "train_time_s": report.get("train_time_s")},
+    })
+    zoo_path.write_text(json.dumps(zoo, indent=1) + "\n")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="*", default=["mnist-0.1", "mnist-0.3"], choices=sorted(RUNS))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, help="shorter runs (the schedule is scaled down)")
+    p.add_argument("--output", help="the run folder (default runs/NAME)")
+    p.add_argument("--data-dir", help="where the datasets are (default: the shared/Debian folders)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--ship", metavar="DIR", help="copy the model into DIR and record it in DIR/zoo.json")
+    a = p.parse_args()
+    from verifier.train.config import from_dict
+    from verifier.train.run import run_training
+    for name in a.runs:
+        d = config_for(name, a)
+        cfg = from_dict(d)
+        print(f"== {name}: {json.dumps(d)}", flush=True)
+        t0 = time.perf_counter()
+        report = run_training(cfg, resume=a.resume, progress=sys.stderr.isatty())
+        wall = time.perf_counter() - t0
+        c = report["certified_acc"]
+        print(f"{name}: clean {report['clean_acc']:.3f}  PGD {report['pgd_acc']:.3f}  certified "
+              + "  ".join(f"{m} {v:.3f}" for m, v in c.items())
+              + f"  (n={report['n']}, eps={cfg.eps}; train {report['train_time_s']:.0f} s, "
+              f"wall {wall:.0f} s, violations {report['violations']})", flush=True)
+        if a.ship:
+            cmd = f"python benchmarks/train_mnist.py {name} --threads {a.threads} --seed {a.seed}"
+            ship(name, cfg, Path(cfg.output), report, Path(a.ship), cmd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

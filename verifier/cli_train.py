@@ -1,0 +1,91 @@
+"""``verifier train``: certified training (IBP, CROWN-IBP) from a config file and flags."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .cli_util import EXIT_OK, CliError, finite_float, nonneg_float, positive_int
+
+TRAIN_DESCRIPTION = """\
+Train a classifier to be certifiably robust under an L-inf ball of radius --eps (pixel scale,
+inputs in [0, 1]) with bound-propagation losses (IBP, or CROWN-IBP mixed with IBP), then evaluate
+it on the test set. Settings come from a config file (YAML or TOML: the keys of
+verifier.train.TrainConfig, see docs/howto-train.md) with the flags below overriding it.
+A checkpoint is written after every epoch (OUTPUT/checkpoint.pt); --resume continues a stopped
+run from it, ending with the same weights as an uninterrupted run. At the end OUTPUT holds
+model.pt (state dict), model.onnx, report.json and report.png: clean accuracy, PGD accuracy,
+certified accuracy by each --eval-methods method, and certified accuracy against eps."""
+
+TRAIN_EPILOG = """\
+examples:
+  verifier train --dataset digits --model mlp --model-kwargs '{"in_dim": 64, "hidden": [64]}' \\
+      --eps 0.1 --epochs 20 --output runs/digits
+  verifier train --config mnist.yaml --eps 0.3 --train-eps 0.4 --output runs/mnist03
+  verifier train --config mnist.yaml --output runs/mnist03 --resume"""
+
+# flag -> config key, for the flags that map one to one
+_FLAGS = ["dataset", "train_path", "test_path", "train_subset", "test_subset", "model", "method",
+          "eps", "train_eps", "schedule", "epochs", "warmup_epochs", "ramp_epochs", "batch_size",
+          "lr", "seed", "output", "threads", "pgd_weight", "reg_weight"]
+
+
+def train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="a YAML (.yaml/.yml) or TOML (.toml) config file")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=["digits", "idx", "npz"],
+                   help="digits (scikit-learn's 8x8 digits), idx (a folder of MNIST-format files), "
+                        "npz (files with arrays images and labels)")
+    g.add_argument("--train-path", metavar="PATH", help="idx: the folder; npz: the training file")
+    g.add_argument("--test-path", metavar="PATH", help="npz: the test file (idx: the same folder)")
+    g.add_argument("--train-subset", type=positive_int, metavar="N", help="the first N training samples")
+    g.add_argument("--test-subset", type=positive_int, metavar="N", help="the first N test samples")
+    g = p.add_argument_group("model and method")
+    g.add_argument("--model", metavar="NAME", help="a zoo model (models/architectures.py: mlp, "
+                   "small_cnn, cnn_cert, ...) or package.module:function")
+    g.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments of the model, a JSON object")
+    g.add_argument("--method", choices=["natural", "ibp", "crown-ibp"])
+    g.add_argument("--eps", type=nonneg_float, help="the target L-inf radius (evaluation)")
+    g.add_argument("--train-eps", type=nonneg_float, help="the radius trained at (default --eps)")
+    g.add_argument("--schedule", choices=["smooth", "linear"], help="the eps ramp's shape")
+    g.add_argument("--warmup-epochs", type=int, metavar="N", help="epochs at eps 0")
+    g.add_argument("--ramp-epochs", type=int, metavar="N", help="epochs of the eps ramp")
+    g.add_argument("--pgd-weight", type=nonneg_float, help="weight of an adversarial (PGD) loss term")
+    g.add_argument("--reg-weight", type=nonneg_float, help="weight of the warm-up regularizers")
+    g = p.add_argument_group("optimization and output")
+    g.add_argument("--epochs", type=positive_int)
+    g.add_argument("--batch-size", type=positive_int)
+    g.add_argument("--lr", type=finite_float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--threads", type=positive_int, help="torch threads (default 1)")
+    g.add_argument("--output", metavar="DIR", help="the run folder (checkpoint, model, report)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .train.config import load_config
+    from .train.run import run_training
+    overrides = {k: getattr(a, k) for k in _FLAGS}
+    if a.model_kwargs is not None:
+        try:
+            kw = json.loads(a.model_kwargs)
+        except json.JSONDecodeError as e:
+            raise CliError(f"--model-kwargs is not valid JSON: {e}") from None
+        if not isinstance(kw, dict):
+            raise CliError("--model-kwargs must be a JSON object of keyword arguments")
+        overrides["model_kwargs"] = kw
+    cfg = load_config(a.config, overrides)
+    report = run_training(cfg, resume=a.resume, progress=not a.no_progress and sys.stderr.isatty())
+    if a.json:
+        print(json.dumps(report))
+        return EXIT_OK
+    cert = "  ".join(f"{m} {v:.4f}" for m, v in report["certified_acc"].items())
+    print(f"{report['dataset']}: {report['n']} test samples, eps {report['eps']}")
+    print(f"clean accuracy     {report['clean_acc']:.4f}")
+    print(f"PGD accuracy       {report['pgd_acc']:.4f}  ({report['pgd_steps']} steps)")
+    print(f"certified accuracy {cert}")
+    print(f"training {report['train_time_s']:.1f} s, evaluation {report['eval_time_s']:.1f} s; "
+          f"files in {cfg.output}: model.pt model.onnx report.json report.png")
+    return EXIT_OK

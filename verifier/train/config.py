@@ -1,0 +1,216 @@
+"""The training configuration: one validated dataclass, read from a YAML or TOML file and/or
+given as overrides (the command line's flags). Unknown keys, wrong types and invalid
+combinations are one-line ``ConfigError``s naming the key."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import VerifierError
+
+
+class ConfigError(VerifierError):
+    """An invalid training configuration (key, value or file)."""
+
+
+METHODS = ("natural", "ibp", "crown-ibp")
+EVAL_METHODS = ("ibp", "crown", "crown-ibp", "alpha-crown")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of ``verifier train`` (eps in [0, 1] pixel scale, L-inf)."""
+
+    dataset: str = "digits"                # digits | idx | npz
+    train_path: str | None = None          # idx: the folder (both splits); npz: the train file
+    test_path: str | None = None           # idx: defaults to train_path; npz: the test file
+    train_subset: int | None = None        # use the first N training samples
+    test_subset: int | None = None         # evaluate on the first N test samples
+    model: str = "mlp"                     # a zoo name (models/architectures.py) or module:function
+    model_kwargs: dict = field(default_factory=dict)
+    method: str = "ibp"                    # natural | ibp | crown-ibp
+    eps: float = 0.1                       # the target radius (evaluation)
+    train_eps: float | None = None         # the radius trained at (default: eps)
+    epochs: int = 20
+    warmup_epochs: int = 1                 # eps = 0
+    ramp_epochs: int = 10                  # eps ramps 0 -> train_eps
+    schedule: str = "smooth"               # smooth | linear
+    kappa_start: float = 1.0               # natural-loss weight at the ramp's start ...
+    kappa_end: float = 0.0                 # ... and from its end on
+    beta_start: float = 1.0                # CROWN-IBP weight in the mixed lower bound
+    beta_end: float = 0.0
+    batch_size: int = 128
+    lr: float = 5e-4
+    lr_milestones: list = field(default_factory=list)   # epochs where lr *= lr_decay
+    lr_decay: float = 0.2
+    weight_decay: float = 0.0
+    grad_clip: float | None = 10.0
+    ibp_init: bool = False                 # Shi et al. 2021 initialization (for models with BatchNorm)
+    reg_weight: float = 0.5                # warm-up regularizers' weight (0: off)
+    reg_tau: float = 1.0
+    pgd_weight: float = 0.0                # adversarial CE term (0: off)
+    pgd_steps: int = 5
+    seed: int = 0
+    output: str = "train_out"
+    threads: int = 1
+    eval_methods: list = field(default_factory=lambda: ["ibp", "crown", "alpha-crown"])
+    eval_eps: list = field(default_factory=list)   # certified accuracy vs eps (IBP, CROWN)
+    eval_pgd_steps: int = 20
+    eval_batch: int = 100
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def eps_train(self) -> float:
+        return self.eps if self.train_eps is None else self.train_eps
+
+    def validate(self) -> None:
+        def bad(key, why):
+            raise ConfigError(f"config key {key!r}: {why}")
+        if self.dataset not in ("digits", "idx", "npz"):
+            bad("dataset", f"{self.dataset!r} is not one of digits, idx, npz")
+        if self.dataset != "digits" and not self.train_path:
+            bad("train_path", f"dataset {self.dataset} needs train_path")
+        if self.dataset == "npz" and not self.test_path:
+            bad("test_path", "dataset npz needs test_path (an .npz of test images)")
+        if self.method not in METHODS:
+            bad("method", f"{self.method!r} is not one of {', '.join(METHODS)}")
+        for k in ("eps", "train_eps"):
+            v = getattr(self, k)
+            if v is not None and not (0 <= v <= 1 and math.isfinite(v)):
+                bad(k, f"{v} is outside [0, 1] (pixel scale)")
+        for k in ("epochs", "batch_size", "threads", "eval_batch"):
+            if getattr(self, k) < 1:
+                bad(k, f"must be >= 1, got {getattr(self, k)}")
+        for k in ("warmup_epochs", "ramp_epochs", "pgd_steps", "eval_pgd_steps", "seed"):
+            if getattr(self, k) < 0:
+                bad(k, f"must be >= 0, got {getattr(self, k)}")
+        if self.warmup_epochs + self.ramp_epochs > self.epochs:
+            bad("ramp_epochs", f"warmup_epochs + ramp_epochs = {self.warmup_epochs + self.ramp_epochs}"
+                               f" exceeds epochs = {self.epochs}")
+        if self.schedule not in ("smooth", "linear"):
+            bad("schedule", f"{self.schedule!r} is not smooth or linear")
+        for k in ("kappa_start", "kappa_end", "beta_start", "beta_end"):
+            if not 0 <= getattr(self, k) <= 1:
+                bad(k, f"must lie in [0, 1], got {getattr(self, k)}")
+        if not self.lr > 0:
+            bad("lr", f"must be > 0, got {self.lr}")
+        if not 0 < self.lr_decay <= 1:
+            bad("lr_decay", f"must lie in (0, 1], got {self.lr_decay}")
+        if any(not isinstance(m, int) or m < 1 for m in self.lr_milestones):
+            bad("lr_milestones", f"must be a list of positive epoch numbers, got {self.lr_milestones}")
+        for k in ("weight_decay", "reg_weight", "pgd_weight"):
+            if getattr(self, k) < 0:
+                bad(k, f"must be >= 0, got {getattr(self, k)}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            bad("grad_clip", f"must be > 0 or null, got {self.grad_clip}")
+        unknown = [m for m in self.eval_methods if m not in EVAL_METHODS]
+        if unknown:
+            bad("eval_methods", f"{unknown} not among {', '.join(EVAL_METHODS)}")
+        if any(not (0 <= e <= 1) for e in self.eval_eps):
+            bad("eval_eps", f"values must lie in [0, 1], got {self.eval_eps}")
+        if not isinstance(self.model_kwargs, dict):
+            bad("model_kwargs", "must be a mapping of keyword arguments")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_INTS = {"train_subset", "test_subset", "epochs", "warmup_epochs", "ramp_epochs", "batch_size",
+         "pgd_steps", "seed", "threads", "eval_pgd_steps", "eval_batch"}
+_FLOATS = {"eps", "train_eps", "kappa_start", "kappa_end", "beta_start", "beta_end", "lr",
+           "lr_decay", "weight_decay", "grad_clip", "reg_weight", "reg_tau", "pgd_weight"}
+_STRS = {"dataset", "train_path", "test_path", "model", "method", "schedule", "output"}
+_OPTIONAL = {"train_path", "test_path", "train_subset", "test_subset", "train_eps", "grad_clip"}
+
+
+def _coerce(key: str, v):
+    if v is None:
+        if key in _OPTIONAL:
+            return None
+        raise ConfigError(f"config key {key!r}: null is not allowed")
+    if key in _INTS:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"config key {key!r}: expected an integer, got {v!r}")
+        return v
+    if key in _FLOATS:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"config key {key!r}: expected a number, got {v!r}")
+        return float(v)
+    if key in _STRS:
+        if not isinstance(v, str):
+            raise ConfigError(f"config key {key!r}: expected a string, got {v!r}")
+        return v
+    if key == "ibp_init":
+        if not isinstance(v, bool):
+            raise ConfigError(f"config key {key!r}: expected true or false, got {v!r}")
+        return v
+    if key == "model_kwargs":
+        if not isinstance(v, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {v!r}")
+        return dict(v)
+    if key in ("lr_milestones", "eval_methods", "eval_eps"):
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(f"config key {key!r}: expected a list, got {v!r}")
+        if key == "eval_eps":
+            if any(isinstance(e, bool) or not isinstance(e, (int, float)) for e in v):
+                raise ConfigError(f"config key {key!r}: expected a list of numbers, got {v!r}")
+            return [float(e) for e in v]
+        if key == "lr_milestones" and any(isinstance(e, bool) or not isinstance(e, int) for e in v):
+            raise ConfigError(f"config key {key!r}: expected a list of integers, got {v!r}")
+        return list(v)
+    raise ConfigError(f"config key {key!r}: unknown")  # pragma: no cover
+
+
+def from_dict(d: dict, where: str = "config") -> TrainConfig:
+    """Validate a mapping (file contents plus overrides) into a ``TrainConfig``."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping of settings at the top level")
+    kw = {}
+    for k, v in d.items():
+        if k not in _FIELDS:
+            close = difflib.get_close_matches(str(k), list(_FIELDS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown config key {k!r}{hint}")
+        kw[k] = _coerce(k, v)
+    return TrainConfig(**kw)
+
+
+def read_config_file(path) -> dict:
+    """The mapping in a YAML (.yaml/.yml) or TOML (.toml) file; parse errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+        try:
+            d = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            msg = " ".join(str(e).split())
+            raise ConfigError(f"{path}: invalid YAML: {msg}") from None
+        d = {} if d is None else d
+    else:
+        raise ConfigError(f"{path}: unknown config format (use .yaml, .yml or .toml)")
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    return d
+
+
+def load_config(path=None, overrides: dict | None = None) -> TrainConfig:
+    """The file's settings (if any) with ``overrides`` (keys with value None are skipped)."""
+    d = read_config_file(path) if path is not None else {}
+    d.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return from_dict(d, str(path) if path is not None else "config")
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

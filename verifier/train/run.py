@@ -1,0 +1,36 @@
+"""One training run end to end (what ``verifier train`` does): train or resume, then write the
+trained model (``model.pt`` state dict, ``model.onnx``), evaluate it on the test set, and write
+``report.json`` and ``report.png`` into the output folder."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig, to_dict
+from .evaluate import evaluate, export_onnx, write_report
+from .trainer import load_data, train
+
+
+def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """-> the report (also written to ``cfg.output/report.json``)."""
+    torch.set_num_threads(cfg.threads)
+    train_ds, test_ds = load_data(cfg)
+    t0 = time.perf_counter()
+    state = train(cfg, resume=resume, progress=progress, data=(train_ds, test_ds))
+    train_time = time.perf_counter() - t0
+    out = Path(cfg.output)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
+    torch.save(state.net.state_dict(), out / "model.pt")
+    export_onnx(state.net, train_ds.input_shape, out / "model.onnx")
+    t1 = time.perf_counter()
+    report = evaluate(state.net, test_ds, cfg.eps, methods=cfg.eval_methods, eps_grid=cfg.eval_eps,
+                      pgd_steps=cfg.eval_pgd_steps, batch=cfg.eval_batch, progress=progress)
+    report.update(train_time_s=round(sum(h["time_s"] for h in state.history), 1),
+                  session_train_time_s=round(train_time, 1),
+                  eval_time_s=round(time.perf_counter() - t1, 1), dataset=test_ds.name,
+                  method=cfg.method, train_eps=cfg.eps_train, epochs=cfg.epochs)
+    write_report(report, state.history, out)
+    return report
