@@ -200,14 +200,14 @@ class BoundedModel:
         graph = self.graph
         if live:
             from .graph.live import live_graph
-            if method not in ("ibp", "crown-ibp") or weights is not None:
+            if method not in ("ibp", "crown-ibp"):
                 raise VerifierError(f"live (differentiable) bounds support the methods ibp and "
-                                    f"crown-ibp without weight perturbations, not {method!r}"
-                                    + (" with weights" if weights is not None else ""))
+                                    f"crown-ibp, not {method!r}")
             graph = live_graph(self.graph, self.module, batch_stats)
         if weights is not None:
             from .weights import ParameterSets
-            sets = ParameterSets(self.graph, weights, self.dtype)
+            # live: the parameter sets are centered at the module's current parameters
+            sets = ParameterSets(graph, weights, self.dtype)
             graph = sets.graph
             leaves = {**leaves, **sets.leaves}
             sets.annotate(leaves)

@@ -175,3 +175,35 @@ def test_live_graph_leaves_the_traced_graph_unchanged():
     lin = [n for n in g if n.op == "linear"][-1]
     assert lin.params["weight"] is dict(net.named_parameters())[f"{len(net) - 1}.weight"]
     assert any(n.params.get("w") is not None and n.params["w"].requires_grad for n in g)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_cert_bn"])
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
+def test_live_bounds_under_weight_perturbations(name, method):
+    """Sets centered at the live parameters: the frozen bounds' numbers, gradients to the
+    module, and sampled models (random parameters in the set, inputs in the ball) inside."""
+    from verifier.weights import WeightPerturbation
+    net, shape = _make(name, seed=5)
+    bm = BoundedModel(net, input_shape=shape)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.rand(4, *shape, generator=gen)
+    C = margin_spec(torch.tensor([2, 4, 6, 8]), 10)
+    ball = LpBall(x, 0.02, clip=(0, 1))
+    w = WeightPerturbation("*", 0.02, relative=True)
+    frozen = bm.bounds(ball, method, spec=C, weights=w)
+    live = bm.bounds(ball, method, spec=C, weights=w, live=True)
+    torch.testing.assert_close(live.lower, frozen.lower, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(live.upper, frozen.upper, rtol=1e-5, atol=1e-5)
+    live.lower.sum().backward()
+    assert sum(float(p.grad.abs().sum()) for p in net.parameters()) > 0
+    params = bm.parameters()
+    lo, up = live.lower.detach(), live.upper.detach()
+    for _ in range(30):
+        pt = {k: v * (1 + 0.02 * (2 * torch.rand(v.shape, generator=gen) - 1)) for k, v in params.items()}
+        xs = ball.sample(1, generator=gen)[0]
+        m2 = copy.deepcopy(net).eval()       # the torch module itself, with those parameters
+        with torch.no_grad():
+            for k, v in pt.items():
+                dict(m2.named_parameters())[k].copy_(v)
+            vals = torch.einsum("bk,bsk->bs", m2(xs), C)
+        assert (vals >= lo - 1e-5).all() and (vals <= up + 1e-5).all()

@@ -51,6 +51,9 @@ class TrainConfig:
     ibp_init: bool = False                 # Shi et al. 2021 initialization (for models with BatchNorm)
     reg_weight: float = 0.5                # warm-up regularizers' weight (0: off)
     reg_tau: float = 1.0
+    weight_eps: float = 0.0                # train under weight perturbations too (0: off) ...
+    weight_params: str = "*"               # ... of these parameters (glob) ...
+    weight_relative: bool = True           # ... |dW| <= weight_eps |W| (else |dW| <= weight_eps)
     pgd_weight: float = 0.0                # adversarial CE term (0: off)
     pgd_steps: int = 5
     seed: int = 0
@@ -103,7 +106,9 @@ class TrainConfig:
             bad("lr_decay", f"must lie in (0, 1], got {self.lr_decay}")
         if any(not isinstance(m, int) or m < 1 for m in self.lr_milestones):
             bad("lr_milestones", f"must be a list of positive epoch numbers, got {self.lr_milestones}")
-        for k in ("weight_decay", "reg_weight", "pgd_weight"):
+        if self.weight_eps > 0 and self.method == "natural":
+            bad("weight_eps", "training under weight perturbations needs method ibp or crown-ibp")
+        for k in ("weight_decay", "reg_weight", "pgd_weight", "weight_eps"):
             if getattr(self, k) < 0:
                 bad(k, f"must be >= 0, got {getattr(self, k)}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -121,8 +126,9 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _INTS = {"train_subset", "test_subset", "epochs", "warmup_epochs", "ramp_epochs", "batch_size",
          "pgd_steps", "seed", "threads", "eval_pgd_steps", "eval_batch"}
 _FLOATS = {"eps", "train_eps", "kappa_start", "kappa_end", "beta_start", "beta_end", "lr",
-           "lr_decay", "weight_decay", "grad_clip", "reg_weight", "reg_tau", "pgd_weight"}
-_STRS = {"dataset", "train_path", "test_path", "model", "method", "schedule", "output"}
+           "lr_decay", "weight_decay", "grad_clip", "reg_weight", "reg_tau", "pgd_weight", "weight_eps"}
+_STRS = {"dataset", "train_path", "test_path", "model", "method", "schedule", "output",
+         "weight_params"}
 _OPTIONAL = {"train_path", "test_path", "train_subset", "test_subset", "train_eps", "grad_clip"}
 
 
@@ -143,7 +149,7 @@ def _coerce(key: str, v):
         if not isinstance(v, str):
             raise ConfigError(f"config key {key!r}: expected a string, got {v!r}")
         return v
-    if key == "ibp_init":
+    if key in ("ibp_init", "weight_relative"):
         if not isinstance(v, bool):
             raise ConfigError(f"config key {key!r}: expected true or false, got {v!r}")
         return v

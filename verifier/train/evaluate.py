@@ -94,6 +94,20 @@ def evaluate(net: nn.Module, ds: Dataset, eps: float, methods=("ibp", "crown", "
     }
 
 
+def certified_under_weights(net: nn.Module, ds: Dataset, eps: float, weights,
+                            methods=("ibp", "crown-ibp"), batch: int = 100) -> dict:
+    """Fraction of ``ds`` certified for every input in the eps ball (a fixed input when eps is
+    0) and every model in the weight set ``weights`` (``verifier.weights``), per method."""
+    bm = BoundedModel(net.eval(), input_shape=ds.input_shape)
+    out = {m: 0 for m in methods}
+    for x, y in _batches(ds, batch):
+        C = margin_spec(y, ds.n_classes)
+        inp = LpBall(x, eps, clip=(0.0, 1.0)) if eps > 0 else x
+        for m in methods:
+            out[m] += int(bm.bounds(inp, m, spec=C, weights=weights).verified.sum())
+    return {m: v / len(ds) for m, v in out.items()}
+
+
 def _names(methods, cascade):
     return ["+".join(methods[:i + 1]) if cascade else m for i, m in enumerate(methods)]
 

@@ -58,15 +58,19 @@ def warmup_regularizers(bm: BoundedModel, nodes: dict, tau: float = 1.0) -> tupl
 
 
 def certified_margins(bm: BoundedModel, x: torch.Tensor, y: torch.Tensor, eps: float, beta: float,
-                      method: str, n_classes: int, clip=(0.0, 1.0), batch_stats=None):
+                      method: str, n_classes: int, clip=(0.0, 1.0), batch_stats=None, weights=None):
     """-> (margin lower bounds ``[B, n-1]``, IBP node intervals): IBP's, or CROWN-IBP's mixed
-    with IBP's by ``beta`` (method "crown-ibp"); differentiable in the model's parameters."""
+    with IBP's by ``beta`` (method "crown-ibp"); differentiable in the model's parameters.
+    ``weights``: a weight perturbation (``verifier.weights``) centered at the current
+    parameters: the bounds then hold for every model in that set too (flatness training);
+    with ``eps`` 0 the input is fixed."""
     C = margin_spec(y, n_classes, dtype=x.dtype)
-    ball = LpBall(x, eps, clip=clip)
-    res = bm.bounds(ball, "ibp", spec=C, live=True, batch_stats=batch_stats)
+    ball = LpBall(x, eps, clip=clip) if eps > 0 or weights is None else x
+    res = bm.bounds(ball, "ibp", spec=C, live=True, batch_stats=batch_stats, weights=weights)
     lower = res.lower
     if method == "crown-ibp" and beta > 0:
-        cres = bm.bounds(ball, "crown-ibp", spec=C, live=True, batch_stats=batch_stats)
+        cres = bm.bounds(ball, "crown-ibp", spec=C, live=True, batch_stats=batch_stats,
+                         weights=weights)
         lower = beta * cres.lower + (1 - beta) * lower if beta < 1 else cres.lower
     return lower, res.nodes
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig, to_dict
-from .evaluate import evaluate, export_onnx, write_report
+from .evaluate import certified_under_weights, evaluate, export_onnx, write_report
 from .trainer import load_data, train
 
 
@@ -32,5 +32,12 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
                   session_train_time_s=round(train_time, 1),
                   eval_time_s=round(time.perf_counter() - t1, 1), dataset=test_ds.name,
                   method=cfg.method, train_eps=cfg.eps_train, epochs=cfg.epochs)
+    if cfg.weight_eps > 0:
+        from ..weights import WeightPerturbation
+        w = WeightPerturbation(cfg.weight_params, cfg.weight_eps, relative=cfg.weight_relative)
+        report["weight_perturbation"] = {"params": cfg.weight_params, "eps": cfg.weight_eps,
+                                         "relative": cfg.weight_relative}
+        report["certified_acc_with_weights"] = certified_under_weights(
+            state.net, test_ds, cfg.eps, w, batch=cfg.eval_batch)
     write_report(report, state.history, out)
     return report

@@ -137,13 +137,18 @@ def train_step(cfg: TrainConfig, state: TrainState, xb, yb, s: dict, n_classes: 
     nat = F.cross_entropy(logits, yb)
     loss, out = nat, {"nat": float(nat.detach()), "acc": float((logits.argmax(1) == yb).float().mean())}
     eps = s["eps"]
-    if cfg.method != "natural" and eps > 0:
+    weights = None
+    if cfg.weight_eps > 0 and s["progress"] > 0:
+        from ..weights import WeightPerturbation
+        weights = WeightPerturbation(cfg.weight_params, cfg.weight_eps * s["progress"],
+                                     relative=cfg.weight_relative)
+    if cfg.method != "natural" and (eps > 0 or weights is not None):
         lower, nodes = certified_margins(state.bm, xb, yb, eps, s["beta"], cfg.method, n_classes,
-                                         batch_stats=stats)
+                                         batch_stats=stats, weights=weights)
         rob = robust_ce(lower)
         loss = s["kappa"] * nat + (1 - s["kappa"]) * rob
         out.update(rob=float(rob.detach()), cert=float((lower > 0).all(1).float().mean()))
-        if cfg.reg_weight > 0 and s["progress"] < 1:
+        if cfg.reg_weight > 0 and s["progress"] < 1 and eps > 0:
             tight, bal = warmup_regularizers(state.bm, nodes, cfg.reg_tau)
             loss = loss + cfg.reg_weight * (1 - s["progress"]) * (tight + bal)
     if cfg.pgd_weight > 0 and eps > 0:
