@@ -8,15 +8,17 @@ raise the lower bounds and lower the upper bounds of the spec rows, with separat
 spec row and per bound direction. The best value of each row seen is kept, so the result is
 never looser than CROWN's.
 
-Intermediate bounds are optimized too (for fully connected models, when their slopes fit in
-memory; for convolutional ones the dense passes cost many times the output-only optimization for
-little gain, measured on the reference CNNs): every pre-activation
-node with unstable neurons gets its own slopes for the ReLUs before it (per neuron and
-direction), its bounds are recomputed with them in every iteration and intersected with
-CROWN's, and the output bound is computed from those; the gradient of the output objective
-flows through the intermediate bounds into their slopes (the ReLU relaxations are
-differentiable in l and u). Every intermediate bound is a valid CROWN bound for any slopes in
-range, so the result stays sound.
+Intermediate bounds are optimized first, layer by layer: in topological order, every
+pre-activation node with unstable neurons that depend on earlier unstable ReLUs gets its own
+slopes for those ReLUs (per neuron of the node and per bound direction), optimized to tighten
+that node's own bounds; the result is intersected with the node's current bounds and used by
+every later node. Each row's objective depends only on its own slopes, so the rows of a node
+are optimized in chunks that fit in memory (the same result up to early stopping). Tighter pre-activation
+bounds give tighter ReLU relaxations for the output: on the reference CNN
+``lirpa_mnist_a_adv`` (sample 0) the mean margin lower bound goes from -4.3 with output slopes
+only (which reach the LP optimum over CROWN's intermediate bounds, checked with an LP solver)
+to -1.19 (auto_LiRPA's alpha-CROWN: -1.27). Every bound computed is a valid CROWN bound for
+slopes in range, so the result stays sound.
 """
 from __future__ import annotations
 
@@ -32,10 +34,8 @@ from ..perturbation import Perturbation
 from .crown import backward_bound, crown_bounds
 
 SLOPED = ("relu", "leaky_relu")
-# the most slope and A elements the intermediate-bound slopes may hold (else output slopes only)
-INTERMEDIATE_BUDGET = 2 ** 25
-# ops after which intermediate slopes are not optimized (convolutional models: output slopes only)
-SPATIAL = ("conv", "conv_w", "conv_transpose", "avgpool", "maxpool")
+# elements of the A tensors of one chunk of rows in the intermediate optimization
+INTERMEDIATE_CHUNK = 2 ** 24
 
 
 def _slopes(graph, bounds, target, B, S, dtype):
@@ -58,49 +58,80 @@ def _slopes(graph, bounds, target, B, S, dtype):
     return alphas, ranges
 
 
-def _targets(graph, bounds, out, B, dtype):
-    """Pre-activation nodes with unstable neurons whose bounds depend on earlier unstable ReLUs,
-    in topological order: ``[(name, rows, alphas, ranges)]``, within INTERMEDIATE_BUDGET."""
-    found, used = [], 0
-    if any(graph[n].op in SPATIAL for n in graph.ancestors_order(out)):
-        # dense passes through feature maps make every iteration many times dearer than the
-        # output-only optimization for little gain (measured on the reference CNNs)
-        return None
+def _optimize(bound_fn, alphas, ranges, lo0, up0, iterations, lr, lr_decay, patience, deadline):
+    """Projected Adam steps on ``alphas`` against ``sum(upper) - sum(lower)`` of ``bound_fn()``;
+    -> the best lower and upper bound of each row seen, never looser than ``lo0, up0``."""
+    params = [p for pair in alphas.values() for p in pair]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, lr_decay)
+    best_l, best_u = lo0.clone(), up0.clone()
+    stall, last = 0, None
+    with torch.enable_grad():
+        for _ in range(iterations):
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            lo, up = bound_fn()
+            best_l = torch.maximum(best_l, lo.detach())
+            best_u = torch.minimum(best_u, up.detach())
+            loss = up.sum() - lo.sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                for name, (al, au) in alphas.items():
+                    al.clamp_(ranges[name], 1.0)
+                    au.clamp_(ranges[name], 1.0)
+            value = float(loss.detach())
+            if last is not None and value > last - 1e-6 * (1 + abs(last)):
+                stall += 1
+                if stall >= patience:
+                    break
+            else:
+                stall = 0
+            last = value
+    with torch.no_grad():  # the slopes after the last step
+        lo, up = bound_fn()
+    return torch.maximum(best_l, lo), torch.minimum(best_u, up)
+
+
+def _tighten_intermediate(graph, bounds, leaves, out, iterations, lr, lr_decay, patience, deadline):
+    """The pre-activation bounds optimized layer by layer (see the module doc)."""
+    bounds = dict(bounds)
     for name in graph.ancestors_order(out):
         if name == out or not any(c.op in SLOPED for c in graph.consumers(name)):
             continue
+        if deadline is not None and time.perf_counter() > deadline:
+            break
         iv = bounds[name]
+        B = iv.lower.shape[0]
         unstable = ((iv.lower < 0) & (iv.upper > 0)).reshape(B, -1)
         rows = unstable.any(0).nonzero().flatten()
         if rows.numel() == 0:
             continue
-        alphas, ranges = _slopes(graph, bounds, name, B, rows.numel(), dtype)
-        if not alphas:
-            continue
         width = sum(math.prod(graph[n].shape) for n in graph.ancestors_order(name))
-        cost = B * rows.numel() * width * 3
-        if used + cost > INTERMEDIATE_BUDGET:
-            return None  # too big: optimize the output's slopes only
-        used += cost
-        found.append((name, rows, alphas, ranges))
-    return found
-
-
-def _refined(graph, name, rows, alphas, cur, leaves):
-    """The node's bounds with its unstable rows recomputed under ``alphas``, intersected with
-    the current ones (differentiable in the slopes)."""
-    iv = cur[name]
-    B = iv.lower.shape[0]
-    n = iv.lower[0].numel()
-    C = torch.zeros(rows.numel(), n, dtype=iv.lower.dtype)
-    C[torch.arange(rows.numel()), rows] = 1.0
-    C = C.view(1, rows.numel(), *graph[name].shape).expand(B, -1, *graph[name].shape)
-    lo, up = backward_bound(graph, name, C, cur, leaves, alpha=alphas)
-    fl, fu = iv.lower.reshape(B, -1), iv.upper.reshape(B, -1)
-    nl, nu = fl.clone(), fu.clone()
-    nl[:, rows] = torch.maximum(fl[:, rows], lo)
-    nu[:, rows] = torch.minimum(fu[:, rows], up)
-    return Interval(nl.view_as(iv.lower), nu.view_as(iv.upper))
+        step = max(1, INTERMEDIATE_CHUNK // (3 * B * width))
+        fl, fu = iv.lower.reshape(B, -1), iv.upper.reshape(B, -1)
+        nl, nu = fl.clone(), fu.clone()
+        shape = graph[name].shape
+        changed = False
+        for k in range(0, rows.numel(), step):
+            part = rows[k:k + step]
+            alphas, ranges = _slopes(graph, bounds, name, B, part.numel(), iv.lower.dtype)
+            if not alphas:  # no unstable ReLU before it: nothing to optimize
+                break
+            C = torch.zeros(part.numel(), fl.shape[1], dtype=iv.lower.dtype)
+            C[torch.arange(part.numel()), part] = 1.0
+            C = C.view(1, part.numel(), *shape).expand(B, -1, *shape)
+            lo, up = _optimize(lambda: backward_bound(graph, name, C, bounds, leaves, alpha=alphas),
+                               alphas, ranges, fl[:, part], fu[:, part], iterations, lr, lr_decay,
+                               patience, deadline)
+            nl[:, part], nu[:, part] = lo, up
+            changed = True
+        if changed:
+            bounds[name] = Interval(nl.view_as(iv.lower), nu.view_as(iv.upper))
+            _downstream(graph, name, bounds)
+    return bounds
 
 
 def _downstream(graph, name, cur):
@@ -114,9 +145,11 @@ def _downstream(graph, name, cur):
 def alpha_crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor | None,
                        iterations: int = 50, lr: float = 0.5, lr_decay: float = 0.98,
                        patience: int = 10, deadline: float | None = None,
-                       intermediate: bool = True):
+                       intermediate: bool = True, intermediate_iterations: int = 20):
     """-> (lower, upper, bounds) like ``crown_bounds``, tightened by optimized slopes
-    (``intermediate``: also the pre-activation bounds, see the module doc)."""
+    (``intermediate``: the pre-activation bounds first, ``intermediate_iterations`` steps per
+    node; see the module doc). ``deadline``: a ``time.perf_counter()`` value after which the
+    optimization stops with the best bounds found so far."""
     lo0, up0, bounds = crown_bounds(graph, leaves, C, method="crown")
     out = graph.output
     ref = bounds[out].lower
@@ -127,63 +160,17 @@ def alpha_crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.T
     else:
         spec = C
     S = spec.shape[1]
+    if intermediate:
+        bounds = _tighten_intermediate(graph, bounds, leaves, out, intermediate_iterations, lr,
+                                       lr_decay, patience, deadline)
     alphas, ranges = _slopes(graph, bounds, out, B, S, ref.dtype)
-    inter = _targets(graph, bounds, out, B, ref.dtype) if intermediate else None
-    for _, _, a_t, r_t in inter or []:
-        ranges.update(r_t)
     if not alphas:
         return lo0, up0, bounds
-    params = [p for pair in alphas.values() for p in pair]
-    params += [p for _, _, a_t, _ in inter or [] for pair in a_t.values() for p in pair]
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, lr_decay)
-    best_l, best_u = lo0.reshape(B, S).clone(), up0.reshape(B, S).clone()
-    stall, last = 0, None
-    with torch.enable_grad():
-        for _ in range(iterations):
-            if deadline is not None and time.perf_counter() > deadline:
-                break
-            cur = _intermediate(graph, bounds, leaves, inter)
-            lo, up = backward_bound(graph, out, spec, cur, leaves, alpha=alphas)
-            best_l = torch.maximum(best_l, lo.detach())
-            best_u = torch.minimum(best_u, up.detach())
-            loss = up.sum() - lo.sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                for a_set in [alphas] + [a_t for _, _, a_t, _ in inter or []]:
-                    for name, (al, au) in a_set.items():
-                        al.clamp_(ranges[name], 1.0)
-                        au.clamp_(ranges[name], 1.0)
-            value = float(loss.detach())
-            if last is not None and value > last - 1e-6 * (1 + abs(last)):
-                stall += 1
-                if stall >= patience:
-                    break
-            else:
-                stall = 0
-            last = value
-    with torch.no_grad():
-        cur = _intermediate(graph, bounds, leaves, inter)
-        lo, up = backward_bound(graph, out, spec, cur, leaves, alpha=alphas)
-        bounds = {k: Interval(v.lower.detach(), v.upper.detach()) for k, v in cur.items()}
-    best_l = torch.maximum(best_l, lo)
-    best_u = torch.minimum(best_u, up)
+    best_l, best_u = _optimize(lambda: backward_bound(graph, out, spec, bounds, leaves, alpha=alphas),
+                               alphas, ranges, lo0.reshape(B, S), up0.reshape(B, S), iterations,
+                               lr, lr_decay, patience, deadline)
+    bounds = {k: Interval(v.lower.detach(), v.upper.detach()) for k, v in bounds.items()}
     if C is None:
         best_l, best_u = best_l.view_as(ref), best_u.view_as(ref)
-        bounds[out] = bounds[out].intersect(type(bounds[out])(best_l, best_u))
+        bounds[out] = bounds[out].intersect(Interval(best_l, best_u))
     return best_l, best_u, bounds
-
-
-def _intermediate(graph, bounds, leaves, inter):
-    """The bounds with every target's unstable rows recomputed under its slopes, in order."""
-    if not inter:
-        return bounds
-    cur = dict(bounds)
-    for name, rows, a_t, _ in inter:
-        cur[name] = _refined(graph, name, rows, a_t, cur, leaves)
-        _downstream(graph, name, cur)
-    return cur
-
