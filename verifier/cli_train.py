@@ -15,7 +15,8 @@ verifier.train.TrainConfig, see docs/howto-train.md) with the flags below overri
 A checkpoint is written after every epoch (OUTPUT/checkpoint.pt); --resume continues a stopped
 run from it, ending with the same weights as an uninterrupted run. At the end OUTPUT holds
 model.pt (state dict), model.onnx, report.json and report.png: clean accuracy, PGD accuracy,
-certified accuracy by each --eval-methods method, and certified accuracy against eps."""
+certified accuracy by each method of the config key eval_methods, and certified accuracy
+against eps (eval_eps)."""
 
 TRAIN_EPILOG = """\
 examples:
