@@ -146,6 +146,7 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
                                                f"{replayer}", "pgd", cex)
 
     # 2. incomplete methods of increasing cost
+    input_bab = bab and n_in <= max_split_inputs
     last_open = None
     for method in methods:
         if time.perf_counter() > deadline:
@@ -158,11 +159,12 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
             box = Box(lo.unsqueeze(0), hi.unsqueeze(0))
             spec_c = C.reshape(1, C.shape[0], *model.output_shape)
             if method == "alpha-crown":
-                # output slopes only: branch and bound follows, where time is better spent
+                # output slopes only where input-split branch and bound follows (its time is
+                # better spent on domains); else the pre-activation bounds too
                 from ..bounds.alpha import alpha_crown_bounds
                 with torch.no_grad():
                     low, _, _ = alpha_crown_bounds(model.graph, model._leaves(box), spec_c.to(dt),
-                                                   deadline=deadline, intermediate=False)
+                                                   deadline=deadline, intermediate=not input_bab)
                 lower = torch.nan_to_num(low, nan=-torch.inf)[0].double().numpy()
             else:
                 lower = model.bounds(box, method, spec=spec_c).lower[0].double().numpy()
@@ -176,7 +178,7 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
             return done("unsat", f"every output condition refuted by {method} bounds", method)
         last_open = open_count
     # 3. complete: branch and bound on input splits for low-dimensional inputs
-    if bab and n_in <= max_split_inputs:
+    if input_bab:
         from .input_bab import input_split_bab
         run, replayer = replay_runner(model)
         total = 0
