@@ -74,3 +74,38 @@ def test_alpha_crown_intermediate_chunks_give_the_same_bounds(monkeypatch):
     assert torch.allclose(whole.lower, parts.lower, atol=1e-6)
     for name in whole.nodes:
         assert torch.allclose(whole[name].lower, parts[name].lower, atol=1e-6)
+
+
+def test_slope_gradients_match_finite_differences_for_both_directions():
+    """The backward pass is differentiable in the slopes of both bound directions (a view that
+    stacked the lower and upper A once dropped the upper half's gradient)."""
+    from verifier.bounds.alpha import _slopes
+    from verifier.bounds.crown import backward_bound, crown_bounds
+    torch.manual_seed(4)
+    # consecutive affine ops (Flatten, Linear) pass the two halves of one A between them
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(),
+                        nn.Linear(20, 4))
+    shape = (2, 3)
+    bm = BoundedModel(net, input_shape=shape, dtype=torch.float64)
+    leaves = bm._leaves(linf(torch.rand(1, *shape), 0.4))
+    _, _, bounds = crown_bounds(bm.graph, leaves, None)
+    out = bm.graph.output
+    C = torch.eye(4, dtype=torch.float64).unsqueeze(0)
+    alphas, _ = _slopes(bm.graph, bounds, out, 1, 4, torch.float64)
+    assert alphas
+    g = torch.Generator().manual_seed(0)
+    start = {k: tuple((0.2 + 0.6 * torch.rand(a.shape, generator=g, dtype=torch.float64))
+                      for a in pair) for k, pair in alphas.items()}
+    for d in (0, 1):  # 0: slopes of the lower bound, 1: of the upper bound
+        params = {k: tuple(a.clone().requires_grad_(True) for a in pair) for k, pair in start.items()}
+        with torch.enable_grad():
+            lo, up = backward_bound(bm.graph, out, C, bounds, leaves, alpha=params)
+            value = (lo if d == 0 else up).sum()
+            grads = torch.autograd.grad(value, [pair[d] for pair in params.values()])
+        for (k, pair), gr in zip(start.items(), grads):
+            for i in range(0, pair[d].numel(), 7):
+                moved = {kk: tuple(a.clone() for a in pp) for kk, pp in start.items()}
+                moved[k][d].view(-1)[i] += 1e-6
+                l2, u2 = backward_bound(bm.graph, out, C, bounds, leaves, alpha=moved)
+                fd = float(((l2 if d == 0 else u2).sum() - value) / 1e-6)
+                assert abs(fd - float(gr.flatten()[i])) < 1e-4 * (1 + abs(fd)), (k, d, i)

@@ -71,7 +71,9 @@ def stacked(A_lower: torch.Tensor, A_upper: torch.Tensor) -> torch.Tensor:
     """``cat([A_lower, A_upper], 1)``: a view, without copying, when the two are the halves of
     one tensor ``[B, 2S, ...]`` (as ``ElementwiseRelaxation.backward`` returns them)."""
     S = A_lower.shape[1]
-    if (A_lower.shape == A_upper.shape and A_lower.stride() == A_upper.stride()
+    # never under autograd: the view is of A_lower alone, so no gradient would reach A_upper
+    tracked = torch.is_grad_enabled() and (A_lower.requires_grad or A_upper.requires_grad)
+    if (not tracked and A_lower.shape == A_upper.shape and A_lower.stride() == A_upper.stride()
             and A_lower.untyped_storage().data_ptr() == A_upper.untyped_storage().data_ptr()
             and A_upper.data_ptr() - A_lower.data_ptr() == S * A_lower.stride(1) * A_lower.element_size()):
         return A_lower.as_strided((A_lower.shape[0], 2 * S, *A_lower.shape[2:]), A_lower.stride())
