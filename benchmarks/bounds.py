@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from verifier import BoundedModel, Box, margin_spec  # noqa: E402
+from verifier.runtime import tune_allocator  # noqa: E402
 
 METHODS = [("IBP", "ibp"), ("CROWN-IBP", "crown-ibp"), ("CROWN", "crown"), ("alpha-CROWN", "alpha-crown")]
 
@@ -34,7 +35,11 @@ def main(argv=None):
     ap.add_argument("--models", nargs="*", help="model names (default: all in reference.json)")
     ap.add_argument("--repeat", type=int, default=1, help="timed repetitions per sample (min is kept)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="keep glibc's default malloc settings (the CLI tunes them: verifier/runtime.py)")
     args = ap.parse_args(argv)
+    if not args.default_allocator:
+        print(f"allocator tuned: {tune_allocator()}")
     torch.set_num_threads(args.threads)
     D = Path(args.shared) / "benchmarks" / "classifiers"
     if not (D / "reference.json").exists():

@@ -45,6 +45,8 @@ def main(argv=None):
     import torch
     torch.set_num_threads(1)
     from verifier.cli_verify import read_instances, run_instance
+    from verifier.runtime import tune_allocator
+    tune_allocator()  # as the verifier command line does
 
     rows_out = []
     print(f"{'benchmark':16s} {'n':>4s} {'solved':>6s} {'correct':>7s} {'WRONG':>5s} {'unknown':>7s} "

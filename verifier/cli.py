@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    from .runtime import tune_allocator
+    tune_allocator()
 
     from .errors import VerifierError
     try:
