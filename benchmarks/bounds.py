@@ -6,7 +6,8 @@ memory, mean margin lower bound (ours and the reference), the worst agreement fi
 relative error; CROWN: how much looser than the reference, relative; <= 0 means at least as
 tight), and the reference's CPU seconds per sample.
 
-    python benchmarks/bounds.py [--models NAME ...] [--shared PATH] [--repeat K]
+    python benchmarks/bounds.py [--models NAME ...] [--methods ibp crown ...] [--shared PATH] [--repeat K]
+        [--default-allocator]
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def main(argv=None):
     ap.add_argument("--models", nargs="*", help="model names (default: all in reference.json)")
     ap.add_argument("--repeat", type=int, default=1, help="timed repetitions per sample (min is kept)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--methods", nargs="*", choices=[m for _, m in METHODS],
+                    help="methods to run (default: all)")
     ap.add_argument("--default-allocator", action="store_true",
                     help="keep glibc's default malloc settings (the CLI tunes them: verifier/runtime.py)")
     args = ap.parse_args(argv)
@@ -60,6 +63,8 @@ def main(argv=None):
         # warm-up (first calls initialise kernels)
         bm.bounds(Box(torch.tensor(xl[:1]), torch.tensor(xu[:1])), "crown-ibp", spec=margin_spec(y[:1], 10))
         for label, method in METHODS:
+            if args.methods and method not in args.methods:
+                continue
             runs = [r for r in m["runs"] if r["method"] == label]
             if not runs:
                 continue
