@@ -39,32 +39,42 @@ def _accumulate(store: dict, name: str, al, au) -> None:
     store[name] = (nl, nu)
 
 
-def dense_step(graph: Graph, node, A_l, A_u, bounds, leaves, alpha=None):
+def dense_step(graph: Graph, node, A_l, A_u, bounds, leaves, alpha=None, beta=None):
     """One backward step with dense A at ``node``: -> ([(A_l, A_u) per input], bias_l, bias_u);
-    at a leaf, no inputs and the concretized bounds over its perturbation set."""
+    at a leaf, no inputs and the concretized bounds over its perturbation set. ``alpha``,
+    ``beta``: per node name, passed to the rules that take them (ReLU)."""
     if node.op == "input":
         leaf = leaves[node.name]
         return [], leaf.concretize(A_l, upper=False), leaf.concretize(A_u, upper=True)
     rule = RULES[node.op]
     ins = [bounds[i] for i in node.inputs] if rule.needs_bounds else None
+    extra = {}
     if alpha is not None and node.name in alpha:
-        return rule.backward(node, A_l, A_u, ins, alpha=alpha[node.name])
-    return rule.backward(node, A_l, A_u, ins)
+        extra["alpha"] = alpha[node.name]
+    if beta is not None and node.name in beta:
+        extra["beta"] = beta[node.name]
+    return rule.backward(node, A_l, A_u, ins, **extra)
 
 
 def backward_bound(graph: Graph, start: str, C: torch.Tensor, bounds: dict[str, Interval],
-                   leaves: dict[str, Perturbation], alpha: dict | None = None
+                   leaves: dict[str, Perturbation], alpha: dict | None = None,
+                   beta: dict | None = None, record: dict | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower and upper bounds ``[B, S]`` of ``C·x_start`` (``C: [B, S, *shape(start)]``);
-    ``alpha``: optimized slopes by node name for the rules that take them (alpha-CROWN)."""
+    ``alpha``: optimized slopes by node name for the rules that take them (alpha-CROWN);
+    ``beta``: split multipliers by ReLU node name (beta-CROWN, see ``ReLU.backward``);
+    ``record``: a dict whose keys are node names; each gets the lower-bound ``A`` that reaches
+    that node (``[B, S, *shape]``; e.g. for branching heuristics)."""
     A: dict[str, tuple] = {start: (C, C)}
     lower = upper = 0.0
     for name in reversed(graph.ancestors_order(start)):
         if name not in A:
             continue
         A_l, A_u = A.pop(name)
+        if record is not None and name in record:
+            record[name] = A_l
         node = graph[name]
-        parts, b_l, b_u = dense_step(graph, node, A_l, A_u, bounds, leaves, alpha)
+        parts, b_l, b_u = dense_step(graph, node, A_l, A_u, bounds, leaves, alpha, beta)
         lower = lower + b_l
         upper = upper + b_u
         for inp, (al, au) in zip(node.inputs, parts):

@@ -11,7 +11,9 @@ satisfies one of the region's conjunctions ``C y <= d``. In order:
    every region is refuted: ``unsat``, proved by that method;
 3. for inputs of at most ``max_split_inputs`` values, branch and bound on input splits
    (``input_bab``) until every domain is refuted (``unsat``) or a replayed counterexample
-   turns up (``sat``);
+   turns up (``sat``); for larger inputs of a model with ReLUs, branch and bound on ReLU
+   splits with beta-CROWN bounds (``relu_bab``), starting from alpha-CROWN's intermediate
+   bounds, until the deadline;
 4. otherwise ``unknown`` (bounds too loose, no counterexample found), or ``timeout`` when the
    budget ran out first. An internal error is raised, never turned into a verdict.
 """
@@ -85,15 +87,29 @@ def _float32_inside(x: np.ndarray, lower: np.ndarray, upper: np.ndarray):
     return x32, inside
 
 
+def _replay(x, disjunct, region, ri, run, replayer):
+    """A candidate point replayed on the original model: the Counterexample, or None when the
+    replayed output satisfies none of the region's conjunctions (or x is not in the box)."""
+    x32, inside = _float32_inside(x.detach().double().numpy().reshape(-1), region.lower,
+                                  region.upper)
+    if not inside:
+        return None
+    y = run(x32)
+    for kk in [disjunct] + [j for j in range(len(region.disjuncts)) if j != disjunct]:
+        if _holds(region.disjuncts[kk], y):
+            return Counterexample(x32.astype(np.float64), y, ri, kk, replayer)
+    return None
+
+
 def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-crown"), attack: bool = True,
            seed: int = 0, bab: bool = True, max_split_inputs: int = 16, progress=None) -> Verdict:
     """Decide a VNN-LIB property on a model.
 
     ``model``: a ``BoundedModel`` or an ONNX path; ``spec``: a ``VnnlibSpec`` or a path;
     ``timeout``: wall-clock seconds for the whole call (checked between steps);
-    ``bab``: branch and bound by input splitting when the input has at most
-    ``max_split_inputs`` values; ``progress(domains_left, worst_margin, elapsed_s)`` is called
-    after every round of it.
+    ``bab``: branch and bound, by input splitting when the input has at most
+    ``max_split_inputs`` values, else by ReLU splitting; ``progress(domains_left,
+    worst_margin, elapsed_s)`` is called after every round of it.
     """
     from ..api import BoundedModel
     from ..spec.vnnlib import VnnlibSpec, read_vnnlib
@@ -148,6 +164,8 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
     # 2. incomplete methods of increasing cost
     input_bab = bab and n_in <= max_split_inputs
     last_open = None
+    refuted: set = set()  # (region, conjunction) refuted by some method
+    roots: dict = {}  # alpha-CROWN's intermediate bounds per region (ReLU-split BaB starts there)
     for method in methods:
         if time.perf_counter() > deadline:
             return done("timeout", f"budget of {timeout:g}s ran out before {method}")
@@ -163,17 +181,20 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
                 # better spent on domains); else the pre-activation bounds too
                 from ..bounds.alpha import alpha_crown_bounds
                 with torch.no_grad():
-                    low, _, _ = alpha_crown_bounds(model.graph, model._leaves(box), spec_c.to(dt),
-                                                   deadline=deadline, intermediate=not input_bab)
+                    low, _, roots[ri] = alpha_crown_bounds(model.graph, model._leaves(box),
+                                                           spec_c.to(dt), deadline=deadline,
+                                                           intermediate=not input_bab)
                 lower = torch.nan_to_num(low, nan=-torch.inf)[0].double().numpy()
             else:
                 lower = model.bounds(box, method, spec=spec_c).lower[0].double().numpy()
             k = 0
-            for c in region.disjuncts:
+            for kk, c in enumerate(region.disjuncts):
                 rows = slice(k, k + c.C.shape[0])
                 k += c.C.shape[0]
                 if not np.any(lower[rows] > c.d):
                     open_count += 1
+                else:
+                    refuted.add((ri, kk))
         if open_count == 0:
             return done("unsat", f"every output condition refuted by {method} bounds", method)
         last_open = open_count
@@ -206,6 +227,40 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
                                        f"({total} domains)", None, domains=total)
         return done("unsat", f"every output condition refuted on all {total} input-split "
                              f"domains (CROWN bounds)", "bab-input", domains=total)
+    relu_bab = bab and any(n.op in ("relu", "leaky_relu") for n in model.graph)
+    if relu_bab:
+        from .relu_bab import relu_split_bab
+        run, replayer = replay_runner(model)
+        total = 0
+        for ri, (region, (lo, hi)) in enumerate(zip(spec.regions, boxes)):
+            if time.perf_counter() > deadline:
+                return done("timeout", f"budget of {timeout:g}s ran out in ReLU-split branch and "
+                                       f"bound ({total} domains)", None, domains=total)
+            todo = [kk for kk in range(len(region.disjuncts)) if (ri, kk) not in refuted]
+            if not todo:
+                continue
+            Cs = [torch.as_tensor(region.disjuncts[kk].C, dtype=dt) for kk in todo]
+            ds = [torch.as_tensor(region.disjuncts[kk].d, dtype=dt) for kk in todo]
+            r = relu_split_bab(model, lo, hi, Cs, ds, deadline, root=roots.get(ri),
+                               progress=progress)
+            total += r.domains
+            if r.status == "candidate":
+                cex = _replay(r.x, todo[r.disjunct], region, ri, run, replayer)
+                if cex is not None:
+                    return done("sat", f"counterexample found by ReLU-split branch and bound "
+                                       f"({r.reason}) and replayed with {replayer}", "bab-relu",
+                                cex, domains=total)
+                return done("unknown", "a candidate counterexample of ReLU-split branch and bound "
+                                       "did not replay on the original model", None, domains=total)
+            if r.status == "timeout":
+                return done("timeout", f"budget of {timeout:g}s ran out in ReLU-split branch and "
+                                       f"bound: {r.reason}", None, domains=total)
+            if r.status != "unsat":
+                return done("unknown", f"ReLU-split branch and bound: {r.reason}", None,
+                            domains=total)
+        return done("unsat", f"every output condition refuted: every subdomain refuted by "
+                             f"beta-CROWN bounds ({total} ReLU-split domains)", "bab-relu",
+                    domains=total)
     if time.perf_counter() > deadline:
         return done("timeout", f"budget of {timeout:g}s ran out")
     return done("unknown", f"{last_open} output condition(s) not refuted by "

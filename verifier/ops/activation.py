@@ -36,10 +36,17 @@ class ElementwiseRelaxation(BoundRule):
         (x,) = inputs  # monotone non-decreasing activations
         return Interval(self.f(node, x.lower), self.f(node, x.upper))
 
-    def backward(self, node, A_lower, A_upper, inputs, alpha=None):
+    def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
         """``alpha``: optional optimized lower-line slopes ``(for the lower bound, for the upper
         bound)``, each ``[B, S, *shape]``, used where the neuron is unstable (alpha-CROWN; only
         rules whose lower line passes through 0 for every slope in range accept them).
+
+        ``beta``: optional split multipliers ``(sign, beta_lower, beta_upper)`` (beta-CROWN):
+        ``sign: [B, *shape]`` is +1 where the domain assumes the input ``z >= 0``, -1 where it
+        assumes ``z <= 0``, 0 where unsplit; ``beta_*: [B, S, *shape]`` >= 0. On the domain
+        ``sign·z >= 0``, so ``A·y - beta·sign·z <= A·y`` and ``A·y + beta·sign·z >= A·y``:
+        the terms ``-beta_lower·sign`` and ``+beta_upper·sign`` added to the A of ``z`` keep
+        both bounds sound for every beta >= 0 (Lagrangian relaxation of the split constraints).
 
         The two new A are the halves of one tensor ``[B, 2S, *shape]``, so that the next affine
         rule maps both in one call without copying them together."""
@@ -53,7 +60,8 @@ class ElementwiseRelaxation(BoundRule):
             unstable = ((x.lower < 0) & (x.upper > 0)).unsqueeze(1)
             kl, kl_u = torch.where(unstable, alpha[0], kl), torch.where(unstable, alpha[1], kl)
         S = A_lower.shape[1]
-        tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (A_lower, A_upper, kl, kl_u))
+        betas = () if beta is None else beta[1:]
+        tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (A_lower, A_upper, kl, kl_u, *betas))
         both = scratch = None
         if not tracked:  # autograd cannot write into buffers
             both = A_lower.new_empty(A_lower.shape[0], 2 * S, *A_lower.shape[2:])
@@ -78,6 +86,13 @@ class ElementwiseRelaxation(BoundRule):
         bl = bl if self.has_lower_bias else None
         A_l, b_l = one(A_lower, kl, ku, bl, bu, 0)
         A_u, b_u = one(A_upper, ku, kl_u, bu, bl, 1)
+        if beta is not None:
+            sign = beta[0].unsqueeze(1).to(A_l.dtype)
+            if tracked:
+                A_l, A_u = A_l - sign * beta[1], A_u + sign * beta[2]
+            else:  # in place: the two halves stay one tensor
+                A_l.sub_(sign * beta[1])
+                A_u.add_(sign * beta[2])
         return [(A_l, A_u)], b_l, b_u
 
 

@@ -1,0 +1,384 @@
+"""Branch and bound by ReLU splitting (beta-CROWN style), for high-dimensional inputs.
+
+A domain is the input box together with a set of split ReLU neurons, each assumed active
+(pre-activation ``z >= 0``) or inactive (``z <= 0``). Splits act on the bounds in two ways:
+
+* in the intermediate bounds: an active split raises the neuron's pre-activation lower bound to
+  ``max(l, 0)``, an inactive one lowers its upper bound to ``min(u, 0)``, so the neuron is
+  stable (relaxed exactly); the pre-activation bounds of later layers are then recomputed with
+  CROWN in the domain and intersected with the parent's;
+* in the output bound: Lagrange multipliers ``beta >= 0`` on the constraints ``sign·z >= 0``
+  enter the backward pass at the split pre-activations (``ReLU.backward``'s ``beta``); every
+  beta >= 0 gives a sound bound, and beta is optimized jointly with the ReLU slopes (alpha) by
+  projected gradient steps, keeping the best bound of each row seen.
+
+A domain is closed when each of the property's conjunctions ``C y <= d`` has a row with
+``lower(C_r y) > d_r`` on it, or when its intermediate bounds cross (``l > u``: no input of the
+box satisfies its splits). Open domains are split on one unstable neuron chosen by a BaBSR-like
+score (the bias that the neuron's upper line adds to the lower bound of the most open row,
+``max(-a, 0)·(-l u / (u - l))``, with ``a`` the row's coefficient on the neuron's output) into
+two children that cover it: when no domain is left open the property holds. The worst domains
+are bounded first, in batches (one domain per batch row). Every bounded domain's
+bound-minimizing input is evaluated and, every few rounds, a short PGD attack starts from the
+worst ones; a point satisfying a conjunction is returned as a candidate (the caller replays it
+on the original model).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..bound_types import Interval
+from ..bounds.crown import backward_bound, refine_node
+from ..perturbation import Box
+
+log = logging.getLogger(__name__)
+
+SPLITTABLE = ("relu", "leaky_relu")
+# crossing intermediate bounds close a domain only beyond this float slack
+INFEASIBLE_TOL = 1e-5
+
+
+@dataclass
+class ReluBabResult:
+    status: str                  # "unsat", "candidate", "timeout", "unknown"
+    x: torch.Tensor | None = None
+    disjunct: int | None = None
+    domains: int = 0             # domains bounded in all
+    rounds: int = 0
+    worst: float = float("nan")  # the worst (lowest) refutation margin still open
+    reason: str = ""
+
+
+class SplitProblem:
+    """A property over one input box, ready for bounding batches of ReLU-split domains.
+
+    ``root``: intermediate bounds of the whole box by node name (batch 1), e.g. alpha-CROWN's;
+    computed with CROWN when not given."""
+
+    def __init__(self, model, lower, upper, Cs, ds, root: dict | None = None):
+        from ..bounds.crown import intermediate_bounds
+        self.model = model
+        self.graph = g = model.graph
+        dt = lower.dtype
+        self.lower, self.upper = lower, upper
+        self.C = torch.cat([c.to(dt) for c in Cs])                          # [R, n_out]
+        self.d = torch.cat([d.to(dt) for d in ds])                          # [R]
+        self.owner = torch.cat([torch.full((c.shape[0],), k) for k, c in enumerate(Cs)])
+        self.K = len(Cs)
+        self.Cs, self.ds = Cs, ds
+        if root is None:
+            leaves = {model.input: Box(lower.unsqueeze(0), upper.unsqueeze(0))}
+            with torch.no_grad():
+                root = intermediate_bounds(g, leaves, "crown", upto=g.output)
+        self.root = {k: Interval(v.lower.detach(), v.upper.detach()) for k, v in root.items()}
+        order = g.ancestors_order(g.output)
+        self.relus = [n for n in order if g[n].op in SPLITTABLE and g[n].inputs[0] in self.root]
+        self.pre = {r: g[r].inputs[0] for r in self.relus}
+        self.sizes = [math.prod(g[r].shape) for r in self.relus]
+        self.offsets = [0]
+        for s in self.sizes:
+            self.offsets.append(self.offsets[-1] + s)
+        self.position = {n: i for i, n in enumerate(order)}
+
+    # --- a batch of domains: {pre: lower [n, *shape]}, {pre: upper}, {relu: sign int8} ---
+    def root_domain(self):
+        lo = {self.pre[r]: self.root[self.pre[r]].lower.clone() for r in self.relus}
+        up = {self.pre[r]: self.root[self.pre[r]].upper.clone() for r in self.relus}
+        sg = {r: torch.zeros_like(self.root[self.pre[r]].lower, dtype=torch.int8) for r in self.relus}
+        return lo, up, sg
+
+    def conj_margin(self, margin):
+        """``[n, R]`` row margins -> ``[n, K]``: the best row of each conjunction (> 0 refutes)."""
+        return torch.stack([margin[:, self.owner == k].max(1).values for k in range(self.K)], 1)
+
+    def bound(self, lo, up, sg, parent_margin=None, first_split: int = 0, iterations: int = 20,
+              optimize_alpha: bool = True, optimize_beta: bool = True, lr_alpha: float = 0.1,
+              lr_beta: float = 0.05, deadline: float | None = None):
+        """Bound a batch of ``n`` domains. -> dict with ``margin [n, R]`` (lower(C y) - d,
+        +inf on infeasible domains), ``lo``/``up`` (the refined pre-activation bounds), ``A_relu``
+        ({relu: lower-bound A of the rows on its output}), ``A_in`` (on the input)."""
+        g, model = self.graph, self.model
+        n = next(iter(sg.values())).shape[0] if sg else 1
+        dt = self.lower.dtype
+        leaves = {model.input: Box(self.lower.expand(n, *self.lower.shape),
+                                   self.upper.expand(n, *self.upper.shape))}
+        bounds = {k: Interval(v.lower.expand(n, *v.lower.shape[1:]), v.upper.expand(n, *v.upper.shape[1:]))
+                  for k, v in self.root.items()}
+        lo, up = dict(lo), dict(up)
+        with torch.no_grad():
+            for i, r in enumerate(self.relus):
+                p = self.pre[r]
+                if i > first_split:
+                    # CROWN in the domain (earlier splits and bounds in place), intersected
+                    bounds[p] = Interval(lo[p], up[p])
+                    new = refine_node(g, p, bounds, leaves)
+                    lo[p] = torch.maximum(lo[p], new.lower)
+                    up[p] = torch.minimum(up[p], new.upper)
+                s = sg[r]
+                lo[p] = torch.where(s > 0, lo[p].clamp(min=0), lo[p])
+                up[p] = torch.where(s < 0, up[p].clamp(max=0), up[p])
+                bounds[p] = Interval(lo[p], up[p])
+            gap = torch.stack([(lo[p] - up[p] - INFEASIBLE_TOL * (1 + lo[p].abs() + up[p].abs()))
+                               .flatten(1).amax(1) for p in lo]).amax(0) if lo else torch.zeros(n)
+            infeasible = gap > 0
+            for p in lo:  # keep crossed (infeasible) bounds well-formed for the relaxation
+                lo[p], up[p] = torch.minimum(lo[p], up[p]), torch.maximum(lo[p], up[p])
+                bounds[p] = Interval(lo[p], up[p])
+        out = g.output
+        spec = self.C.reshape(1, -1, *g[out].shape).expand(n, -1, *g[out].shape)
+        S = spec.shape[1]
+        alphas, betas = {}, {}
+        for r in self.relus:
+            p = self.pre[r]
+            unstable = (lo[p] < 0) & (up[p] > 0)
+            if optimize_alpha and unstable.any():
+                a = g[r].params.get("negative_slope", 0.0)
+                init = torch.where(up[p] > -lo[p], 1.0, a).to(dt).unsqueeze(1).expand(n, S, *g[r].shape)
+                alphas[r] = (init.clone().requires_grad_(True), a)
+            if optimize_beta and (sg[r] != 0).any():
+                betas[r] = (sg[r], torch.zeros(n, S, *g[r].shape, dtype=dt, requires_grad=True))
+
+        def run(record=None):
+            al = {r: (v[0], v[0]) for r, v in alphas.items()}
+            be = {r: (s, b, b) for r, (s, b) in betas.items()}
+            return backward_bound(g, out, spec, bounds, leaves, alpha=al or None, beta=be or None,
+                                  record=record)[0]
+
+        best = torch.full((n, S), -torch.inf, dtype=dt)
+        params = [v[0] for v in alphas.values()] + [b for _, b in betas.values()]
+        if params and iterations > 0:
+            groups = []
+            if alphas:
+                groups.append({"params": [v[0] for v in alphas.values()], "lr": lr_alpha})
+            if betas:
+                groups.append({"params": [b for _, b in betas.values()], "lr": lr_beta})
+            opt = torch.optim.Adam(groups)
+            with torch.enable_grad():
+                for _ in range(iterations):
+                    if deadline is not None and time.perf_counter() > deadline:
+                        break
+                    low = run()
+                    best = torch.maximum(best, low.detach())
+                    m = best - self.d
+                    if bool((self.conj_margin(m) > 0).all(1).all()):
+                        break
+                    # rows already refuted do not pull on the shared parameters
+                    loss = -(low * (m <= 0)).sum()
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    with torch.no_grad():
+                        for r, (al, a) in alphas.items():
+                            al.clamp_(a, 1.0)
+                        for _, b in betas.values():
+                            b.clamp_(min=0)
+        record = {r: None for r in self.relus}
+        record[model.input] = None
+        with torch.no_grad():
+            low = run(record)
+        best = torch.maximum(best, low)
+        margin = best - self.d
+        if parent_margin is not None:
+            margin = torch.maximum(margin, parent_margin)
+        margin = torch.where(infeasible.unsqueeze(1), torch.inf, margin)
+        return {"margin": margin, "lo": lo, "up": up,
+                "A_relu": {r: record[r] for r in self.relus}, "A_in": record[model.input]}
+
+    def branch(self, res, sg):
+        """The neuron to split in each domain: -> (relu index, flat index) per domain, -1 where
+        no unstable unsplit neuron is left."""
+        margin = res["margin"]
+        n = margin.shape[0]
+        k = self.conj_margin(margin).argmin(1)                       # the most open conjunction
+        mask = self.owner.unsqueeze(0) == k.unsqueeze(1)
+        row = torch.where(mask, margin, torch.full_like(margin, -torch.inf)).argmax(1)
+        scores = []
+        for r in self.relus:
+            p = self.pre[r]
+            l, u = res["lo"][p].flatten(1), res["up"][p].flatten(1)
+            A = res["A_relu"][r]
+            a = A[torch.arange(n), row].flatten(1) if A is not None else torch.zeros_like(l)
+            unstable = (l < 0) & (u > 0) & (sg[r].flatten(1) == 0)
+            width = torch.where(unstable, u - l, torch.ones_like(u))
+            intercept = (-l * u / width).clamp(min=0)
+            s = a.clamp(max=0).neg() * intercept + 1e-4 * a.abs() * torch.minimum(u, -l).clamp(min=0)
+            scores.append(torch.where(unstable, s, torch.full_like(s, -torch.inf)))
+        allsc = torch.cat(scores, 1)
+        best, idx = allsc.max(1)
+        which = torch.bucketize(idx, torch.tensor(self.offsets[1:]), right=True)
+        local = idx - torch.tensor(self.offsets)[which]
+        which = torch.where(torch.isfinite(best), which, torch.full_like(which, -1))
+        return which, local
+
+    def violation(self, y):
+        """``[n, n_out]`` outputs -> ``[n, K]`` max row violation of each conjunction (<= 0 holds)."""
+        v = y @ self.C.t() - self.d
+        return torch.stack([v[:, self.owner == k].max(1).values for k in range(self.K)], 1)
+
+    def attack_points(self, res):
+        """Each domain's input minimizing the linear lower bound of its most open row."""
+        A = res["A_in"]
+        n = res["margin"].shape[0]
+        if A is None:
+            return self.lower.expand(n, *self.lower.shape).clone()
+        k = self.conj_margin(res["margin"]).argmin(1)
+        mask = self.owner.unsqueeze(0) == k.unsqueeze(1)
+        row = torch.where(mask, res["margin"], torch.full_like(res["margin"], -torch.inf)).argmax(1)
+        a = A[torch.arange(n), row]
+        return torch.where(a > 0, self.lower, self.upper)
+
+    def pgd(self, x0, steps: int = 30, deadline=None):
+        """Signed-gradient descent on the best conjunction's violation from the points ``x0``
+        (``[n, *in_shape]``), inside the box. -> (x, violation [n, K]) of the best points."""
+        f = self.model.graph_forward
+        lo, hi = self.lower, self.upper
+        step = (hi - lo) * 0.1
+        x = x0.clone()
+        best_x, best_v = x.clone(), None
+        for it in range(steps):
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            x.requires_grad_(True)
+            with torch.enable_grad():
+                vk = self.violation(f(x).reshape(x.shape[0], -1))
+                v = vk.min(1).values
+                grad, = torch.autograd.grad(v.sum(), x)
+            with torch.no_grad():
+                if best_v is None:
+                    best_v, best_x = v.detach().clone(), x.detach().clone()
+                better = v < best_v
+                best_v = torch.where(better, v.detach(), best_v)
+                best_x[better] = x.detach()[better]
+                if bool((best_v <= 0).any()):
+                    break
+                x = torch.maximum(torch.minimum(x.detach() - step * grad.sign(), hi), lo)
+                if it % 10 == 9:
+                    step = step * 0.5
+        with torch.no_grad():
+            return best_x, self.violation(f(best_x).reshape(best_x.shape[0], -1))
+
+
+def _take(store, idx):
+    return {k: v[idx] for k, v in store.items()}
+
+
+def _cat(a, b):
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def relu_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, deadline: float,
+                   root: dict | None = None, batch: int = 64, max_domains: int = 100_000,
+                   iterations: int = 20, attack_every: int = 3, progress=None) -> ReluBabResult:
+    """``lower, upper: [*input_shape]``; ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]``;
+    ``root``: the box's intermediate bounds (batch 1) to start from, e.g. alpha-CROWN's.
+
+    ``progress(domains_left, worst_margin, elapsed)`` is called after every round."""
+    t0 = time.perf_counter()
+    P = SplitProblem(model, lower, upper, Cs, ds, root)
+    total = rounds = 0
+    worst = float("nan")
+
+    def result(status, reason, x=None, k=None):
+        log.info("relu bab: %s after %d domains, %d rounds, %.1fs (%s)", status, total, rounds,
+                 time.perf_counter() - t0, reason)
+        return ReluBabResult(status, x, k, total, rounds, worst, reason)
+
+    def check(res, pts):
+        """A candidate among the bounded domains' attack points."""
+        with torch.no_grad():
+            v = P.violation(model.graph_forward(pts).reshape(pts.shape[0], -1))
+        hit = (v <= 0).nonzero()
+        if hit.shape[0]:
+            i, k = (int(t) for t in hit[0])
+            return pts[i], k
+        return None
+
+    lo, up, sg = P.root_domain()
+    res = P.bound(lo, up, sg, first_split=len(P.relus), iterations=iterations, deadline=deadline)
+    total = 1
+    pts = P.attack_points(res)
+    c = check(res, pts)
+    if c is not None:
+        return result("candidate", "the root's bound-minimizing input violates the property", *c)
+    # the queue of open, bounded domains
+    q_lo, q_up, q_sg = res["lo"], res["up"], sg
+    q_m = res["margin"]
+    q_which, q_local = P.branch(res, sg)
+    q_depth = torch.zeros(1, dtype=torch.long)
+    stuck = 0
+    while True:
+        cm = P.conj_margin(q_m).min(1).values if q_m.shape[0] else q_m.new_zeros(0)
+        open_ = cm <= 0
+        if not bool(open_.all()):  # drop closed ones (only the root can be closed here)
+            keep = open_.nonzero().flatten()
+            q_lo, q_up, q_sg = _take(q_lo, keep), _take(q_up, keep), _take(q_sg, keep)
+            q_m, q_which, q_local, q_depth, cm = (q_m[keep], q_which[keep], q_local[keep],
+                                                 q_depth[keep], cm[keep])
+        worst = float(cm.min()) if cm.numel() else worst
+        if progress is not None and rounds:
+            progress(int(cm.numel()), worst, time.perf_counter() - t0)
+        if cm.numel() == 0:
+            return result("unsat", f"every subdomain refuted by beta-CROWN bounds ({total} domains)")
+        if time.perf_counter() > deadline:
+            return result("timeout", f"budget ran out with {cm.numel()} domains open "
+                                     f"(worst margin {worst:.4g}, {total} bounded)")
+        splittable = q_which >= 0
+        if not bool(splittable.any()):
+            return result("unknown", f"{cm.numel()} domains have no unstable neuron left to split")
+        if cm.numel() > max_domains:
+            return result("unknown", f"domain limit {max_domains} reached (worst margin {worst:.4g})")
+        rounds += 1
+        # the worst splittable domains first
+        key = torch.where(splittable, cm, torch.full_like(cm, torch.inf))
+        take = key.argsort()[:min(batch, int(splittable.sum()))]
+        rest = torch.ones(cm.numel(), dtype=torch.bool)
+        rest[take] = False
+        p_lo, p_up, p_sg = _take(q_lo, take), _take(q_up, take), _take(q_sg, take)
+        p_m, p_which, p_local, p_depth = q_m[take], q_which[take], q_local[take], q_depth[take]
+        q_lo, q_up, q_sg = _take(q_lo, rest), _take(q_up, rest), _take(q_sg, rest)
+        q_m, q_which, q_local, q_depth = q_m[rest], q_which[rest], q_local[rest], q_depth[rest]
+        # two children per parent: the chosen neuron active / inactive
+        n = take.numel()
+        c_lo = {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in p_lo.items()}
+        c_up = {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in p_up.items()}
+        c_sg = {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in p_sg.items()}
+        rows = torch.arange(2 * n)
+        which, local = p_which.repeat(2), p_local.repeat(2)
+        sign = torch.cat([torch.ones(n, dtype=torch.int8), -torch.ones(n, dtype=torch.int8)])
+        for i, r in enumerate(P.relus):
+            sel = which == i
+            if sel.any():
+                flat = c_sg[r].view(2 * n, -1)
+                flat[rows[sel], local[sel]] = sign[sel]
+        first = int(which.min())
+        res = P.bound(c_lo, c_up, c_sg, p_m.repeat(2, 1), first_split=first, iterations=iterations,
+                      deadline=deadline)
+        total += 2 * n
+        pts = P.attack_points(res)
+        c = check(res, pts)
+        if c is not None:
+            return result("candidate", "a subdomain's bound-minimizing input violates the property", *c)
+        ccm = P.conj_margin(res["margin"]).min(1).values
+        if rounds % attack_every == 0 and time.perf_counter() < deadline:
+            worst_pts = pts[ccm.argsort()[:8]]
+            x, v = P.pgd(worst_pts, deadline=deadline)
+            hit = (v <= 0).nonzero()
+            if hit.shape[0]:
+                i, k = (int(t) for t in hit[0])
+                return result("candidate", "PGD from a subdomain's bound-minimizing input", x[i], k)
+        keep = (ccm <= 0).nonzero().flatten()
+        if keep.numel():
+            cw, cl = P.branch(res, c_sg)
+            q_lo = _cat(q_lo, _take(res["lo"], keep))
+            q_up = _cat(q_up, _take(res["up"], keep))
+            q_sg = _cat(q_sg, _take(c_sg, keep))
+            q_m = torch.cat([q_m, res["margin"][keep]])
+            q_which = torch.cat([q_which, cw[keep]])
+            q_local = torch.cat([q_local, cl[keep]])
+            q_depth = torch.cat([q_depth, p_depth.repeat(2)[keep] + 1])
+        log.debug("round %d: %d domains open, worst margin %.4g", rounds, q_m.shape[0], worst)
