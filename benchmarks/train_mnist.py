@@ -49,6 +49,8 @@ def config_for(name: str, args) -> dict:
     d = {**_COMMON, **RUNS[name], "seed": args.seed, "threads": args.threads,
          "output": args.output or f"runs/{name}"}
     d["model_kwargs"] = {**d["model_kwargs"], "width": args.width, "fc": args.fc}
+    if args.eval_methods:
+        d["eval_methods"] = list(args.eval_methods)
     if d["dataset"] == "npz":
         data = Path(args.data_dir or SHARED)
         d.update(train_path=str(data / "mnist_train10k.npz"), test_path=str(data / "mnist_test1k.npz"))
@@ -100,6 +102,8 @@ def main() -> int:
     p.add_argument("--epochs", type=int, help="shorter runs (the schedule is scaled down)")
     p.add_argument("--width", type=int, default=32, help="cnn_cert: channels of the first convolution")
     p.add_argument("--fc", type=int, default=512, help="cnn_cert: width of the hidden dense layer")
+    p.add_argument("--eval-methods", nargs="+", help="verification methods of the report, run in a "
+                   "cascade (default ibp crown alpha-crown)")
     p.add_argument("--output", help="the run folder (default runs/NAME)")
     p.add_argument("--data-dir", help="where the datasets are (default: the shared/Debian folders)")
     p.add_argument("--resume", action="store_true")
