@@ -113,7 +113,7 @@ class SplitProblem:
         with torch.no_grad():
             for i, r in enumerate(self.relus):
                 p = self.pre[r]
-                if i > first_split:
+                if i > first_split and g[p].op != "input":
                     # CROWN in the domain (earlier splits and bounds in place), intersected
                     bounds[p] = Interval(lo[p], up[p])
                     new = refine_node(g, p, bounds, leaves)
@@ -310,7 +310,6 @@ def relu_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dead
     q_m = res["margin"]
     q_which, q_local = P.branch(res, sg)
     q_depth = torch.zeros(1, dtype=torch.long)
-    stuck = 0
     while True:
         cm = P.conj_margin(q_m).min(1).values if q_m.shape[0] else q_m.new_zeros(0)
         open_ = cm <= 0
