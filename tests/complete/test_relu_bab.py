@@ -275,3 +275,11 @@ def test_budget_is_kept():
     if r.status == "candidate":
         with torch.no_grad():
             assert float(net(r.x.reshape(1, -1))) <= d
+
+
+def test_domain_limit_gives_unknown():
+    net, lo, hi, m = _hard_instance()
+    bm = BoundedModel(net, input_shape=(N_IN,))
+    r = relu_split_bab(bm, lo, hi, [torch.tensor([[1.0]])], [torch.tensor([m - 1e-4])],
+                       deadline=time.perf_counter() + 20, batch=2, max_domains=3)
+    assert r.status == "unknown" and "domain limit" in r.reason

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 SPLITTABLE = ("relu", "leaky_relu")
 # crossing intermediate bounds close a domain only beyond this float slack
 INFEASIBLE_TOL = 1e-5
+# bytes the queue of open domains may hold (pre-activation bounds and split signs); sets the
+# default domain limit
+DOMAIN_MEMORY = 2 ** 30
 
 
 @dataclass
@@ -272,14 +275,19 @@ def _cat(a, b):
 
 
 def relu_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, deadline: float,
-                   root: dict | None = None, batch: int = 64, max_domains: int = 100_000,
+                   root: dict | None = None, batch: int = 64, max_domains: int | None = None,
                    iterations: int = 20, attack_every: int = 3, progress=None) -> ReluBabResult:
     """``lower, upper: [*input_shape]``; ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]``;
-    ``root``: the box's intermediate bounds (batch 1) to start from, e.g. alpha-CROWN's.
+    ``root``: the box's intermediate bounds (batch 1) to start from, e.g. alpha-CROWN's;
+    ``max_domains``: open domains kept at most (default: what ``DOMAIN_MEMORY`` holds);
+    reaching it ends the search with ``unknown``.
 
     ``progress(domains_left, worst_margin, elapsed)`` is called after every round."""
     t0 = time.perf_counter()
     P = SplitProblem(model, lower, upper, Cs, ds, root)
+    if max_domains is None:
+        per_domain = sum(P.sizes) * (2 * lower.element_size() + 1) + 1
+        max_domains = max(batch * 4, DOMAIN_MEMORY // per_domain)
     total = rounds = 0
     worst = float("nan")
 
