@@ -276,7 +276,7 @@ def _cat(a, b):
 
 def relu_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, deadline: float,
                    root: dict | None = None, batch: int = 64, max_domains: int | None = None,
-                   iterations: int = 20, attack_every: int = 3, progress=None) -> ReluBabResult:
+                   iterations: int = 8, attack_every: int = 3, progress=None) -> ReluBabResult:
     """``lower, upper: [*input_shape]``; ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]``;
     ``root``: the box's intermediate bounds (batch 1) to start from, e.g. alpha-CROWN's;
     ``max_domains``: open domains kept at most (default: what ``DOMAIN_MEMORY`` holds);
@@ -381,6 +381,15 @@ def relu_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dead
         keep = (ccm <= 0).nonzero().flatten()
         if keep.numel():
             cw, cl = P.branch(res, c_sg)
+            dead = keep[cw[keep] < 0]
+            if dead.numel() and time.perf_counter() < deadline:
+                # no unstable neuron left: the domain is a linear region, and only the split
+                # constraints' multipliers can still close it: optimize them for longer
+                again = P.bound(_take(res["lo"], dead), _take(res["up"], dead), _take(c_sg, dead),
+                                res["margin"][dead], first_split=len(P.relus),
+                                iterations=max(100, 10 * iterations), deadline=deadline)
+                res["margin"][dead] = again["margin"]
+                keep = (P.conj_margin(res["margin"]).min(1).values <= 0).nonzero().flatten()
             q_lo = _cat(q_lo, _take(res["lo"], keep))
             q_up = _cat(q_up, _take(res["up"], keep))
             q_sg = _cat(q_sg, _take(c_sg, keep))
