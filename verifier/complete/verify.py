@@ -209,16 +209,11 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
             r = input_split_bab(model, lo, hi, Cs, ds, deadline, progress=progress)
             total += r.domains
             if r.status == "candidate":
-                x32, inside = _float32_inside(r.x.detach().double().numpy().reshape(-1),
-                                              region.lower, region.upper)
-                y = run(x32)
-                if inside:
-                    for kk in [r.disjunct] + list(range(len(region.disjuncts))):
-                        if _holds(region.disjuncts[kk], y):
-                            cex = Counterexample(x32.astype(np.float64), y, ri, kk, replayer)
-                            return done("sat", f"counterexample found by input-split branch and "
-                                               f"bound and replayed with {replayer}", "bab-input",
-                                        cex, domains=total)
+                cex = _replay(r.x, r.disjunct, region, ri, run, replayer)
+                if cex is not None:
+                    return done("sat", f"counterexample found by input-split branch and bound "
+                                       f"and replayed with {replayer}", "bab-input", cex,
+                                domains=total)
                 # our float32 graph and the original model disagree at a boundary point
                 return done("unknown", "a candidate counterexample of branch and bound did not "
                                        "replay on the original model", None, domains=total)
