@@ -19,6 +19,7 @@ from .cli_util import (EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, ArgParser, CliError, 
                        check_box, check_finite, finite_float, int_or_path, labels_for, load_npy,
                        nonneg_float, positive_int)
 
+from . import cli_lipschitz as cl
 from . import cli_train as ct
 from . import cli_verify as cv
 from . import cli_weights as cw
@@ -254,6 +255,9 @@ SUBCOMMANDS: list[Subcommand] = [
                cw.DELTA_DESCRIPTION, cw.DELTA_EPILOG, cw.delta_arguments, cw.cmd_delta),
     Subcommand("train", "train a certifiably robust classifier (IBP, CROWN-IBP) and report on it",
                ct.TRAIN_DESCRIPTION, ct.TRAIN_EPILOG, ct.train_arguments, ct.cmd_train),
+    Subcommand("lipschitz", "a model's certified L2 Lipschitz constant, per layer and overall",
+               cl.LIPSCHITZ_DESCRIPTION, cl.LIPSCHITZ_EPILOG, cl.lipschitz_arguments,
+               cl.cmd_lipschitz),
     Subcommand("verify", "decide a VNN-LIB property on an ONNX model (sat/unsat/unknown/timeout)",
                cv.VERIFY_DESCRIPTION, cv.VERIFY_EPILOG, cv.verify_arguments, cv.cmd_verify),
     Subcommand("batch", "run a VNN-COMP instances.csv, results to a csv, with a summary",

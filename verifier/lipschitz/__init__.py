@@ -1,0 +1,17 @@
+"""Lipschitz-constrained training and certified L2 Lipschitz constants.
+
+* ``constraints``: weight constraints applied after each optimizer step (spectral
+  normalization, hammer, soft cap, hard cap, SVD clipping; weight decay as the baseline);
+* ``norms``: guaranteed upper bounds on one layer's spectral norm (exact SVD, FFT for
+  convolutions, Gram iteration);
+* ``certify``: the model's certified constant composed through the graph, margin certificates,
+  and CROWN's L2 verification beside them;
+* ``train``: the training loop (Muon or AdamW, any constraint).
+"""
+from .certify import (LipschitzError, LipschitzReport, certified_radius, crown_l2,
+                      lipschitz_certify, lipschitz_constant, margins)
+from .constraints import CONSTRAINTS, apply_constraint, gram_norm_bound
+
+__all__ = ["CONSTRAINTS", "LipschitzError", "LipschitzReport", "apply_constraint",
+           "certified_radius", "crown_l2", "gram_norm_bound", "lipschitz_certify",
+           "lipschitz_constant", "margins"]
