@@ -111,6 +111,13 @@ class Box(Perturbation):
         u = torch.rand((n, *self.lower.shape), generator=generator, dtype=self.lower.dtype)
         return self.lower + u * (self.upper - self.lower)
 
+    def take(self, index: torch.Tensor) -> "Box":
+        """The boxes of the batch elements ``index`` (with repeats), as one batch."""
+        out = Box.__new__(Box)  # a sub-batch of a checked box needs no second check
+        out.lower = self.lower.index_select(0, index)
+        out.upper = self.upper.index_select(0, index)
+        return out
+
 
 @dataclass
 class LpBall(Perturbation):

@@ -3,11 +3,13 @@
 A domain is a sub-box of the region's box. Every domain is bounded with CROWN (in batches); a
 conjunction ``C y <= d`` is refuted on a domain when some row has ``lower(C_r y) > d_r``, and
 a domain is closed when all of its region's conjunctions are refuted. Open domains are split
-in two at the midpoint of their widest input (relative to the region's width), so the domains
-always cover the box: when none is left open the property holds (``unsat``). Each round also
-evaluates the model at the open domains' centres and, every few rounds, runs a short PGD attack
-from the worst domains; a point that satisfies a conjunction is returned as a candidate (the
-caller replays it on the original model).
+in two at the midpoint of one input (``_branch_dims``), so the domains always cover the box:
+when none is left open the property holds (``unsat``). A child starts from its parent's
+intermediate bounds (sound over the parent's box, hence over the child's), intersected with its
+own: neurons stable in the parent are never bounded again, and CROWN bounds each domain's own
+unstable neurons. Each round also evaluates the model at the open domains' centres and, every
+few rounds, runs a short PGD attack from the worst domains; a point that satisfies a conjunction
+is returned as a candidate (the caller replays it on the original model).
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..bound_types import Interval
+from ..bounds.crown import crown_bounds
+from ..ops import RULES
 from ..perturbation import Box
 
 log = logging.getLogger(__name__)
@@ -37,12 +42,20 @@ class _RecordingBox(Box):
         return super().concretize(A, upper)
 
 
-def _branch_dims(A, open_, margin, per_k, owner, olo, ohi, scale):
-    """The input to split in each open domain. With the output bound's coefficients ``A``
-    (``lower(C_r y) >= A_r·x + b_r``), splitting input i shrinks ``|A_ri| (hi_i - lo_i)``, the
-    slack input i adds to row r: split where it is largest for the row that is closest to
-    refuting the domain's most open conjunction. Without A: the widest input (relative to the
-    region)."""
+def _branch_dims(A, open_, margin, per_k, owner, olo, ohi, scale, relax_terms=None):
+    """The input to split in each open domain, for the row r closest to refuting the domain's
+    most open conjunction: where the split is estimated to raise that row's lower bound most.
+
+    With the output bound's coefficients ``A`` (``lower(C_r y) >= A_r·x + b_r``), halving input
+    i's width w_i gains ``|A_ri| w_i / 4`` in the linear part. The rest of the bound's slack is
+    the relaxation of unstable ReLUs: neuron j, with ``|lambda_j|`` the weight the output pass
+    gives its relaxed output and ``g_j = u(-l)/(u-l)`` the largest gap of its lines, costs up to
+    ``|lambda_j| g_j``; ``relax_terms`` (``_relax_terms``) gives, per ReLU node, lambda, g and
+    secant slopes ``J`` of its input along each input dimension over the domain, and half of
+    neuron j's slack is credited to input i in proportion to ``|J_ji| w_i`` (its share of the
+    neuron's range). Coefficients alone miss an input that matters only through unstable
+    neurons: on ACAS Xu they left it unsplit while splitting the others down to 1e-6 widths.
+    Without A: the widest input (relative to the region)."""
     width = (ohi - olo).flatten(1)
     if A is None or A.shape[0] != open_.shape[0]:
         return (width / scale).argmax(1)
@@ -52,9 +65,86 @@ def _branch_dims(A, open_, margin, per_k, owner, olo, ohi, scale):
     mask = owner.unsqueeze(0) == k.unsqueeze(1)          # rows of that conjunction
     r = torch.where(mask, m, torch.full_like(m, -torch.inf)).argmax(1)
     a = A[torch.arange(A.shape[0]), r]                   # [n_open, n_in]
-    score = a.abs() * width
+    score = a.abs() * width / 4
+    if relax_terms:
+        idx = torch.arange(A.shape[0])
+        for ak, gk, Jk in relax_terms:
+            lam = ak[idx, r].flatten(1).abs()            # [n_open, n_k]
+            contrib = Jk.abs()                            # [n_open, n_k, n_in]
+            share = contrib / contrib.sum(2, keepdim=True).clamp(min=1e-30)
+            score = score + ((lam * gk).unsqueeze(2) * share).sum(1) / 2
     # ties (an input the bound does not see): fall back to the widest
     return torch.where(score.amax(1) > 0, score.argmax(1), (width / scale).argmax(1))
+
+
+def _relax_terms(model, relus, record, nodes, open_, centres, widths):
+    """For each ReLU-like node k, over the open domains: the output pass's lower-bound A on its
+    output ``[n, R, *shape]``, the largest gap of its relaxation ``g = u(-l)/(u-l)`` (0 where
+    stable), and the Jacobian of its input w.r.t. the network input at the domain's centre
+    ``[n, n_k, n_in]`` (how much of the input's range each input dimension makes)."""
+    from ..weight_attack import evaluate
+    g = model.graph
+    ins = [g[k].inputs[0] for k in relus]
+
+    n, n_in = widths.shape
+    # symmetric secants over the middle half of each input's range: 2 n_in points per domain
+    step = torch.diag_embed(widths / 4)                    # [n, n_in, n_in]
+    c = centres.flatten(1).unsqueeze(1)
+    pts = torch.cat([c + step, c - step], 1).reshape(n * 2 * n_in, *centres.shape[1:])
+    with torch.no_grad():
+        vals = evaluate(g, {model.input: pts})[1]
+    out = []
+    for k, i in zip(relus, ins):
+        v = vals[i].reshape(n, 2, n_in, -1)
+        J = (v[:, 0] - v[:, 1]).transpose(1, 2)           # [n, n_k, n_in], times width / 2
+        b = nodes[i]
+        lo, up = b.lower[open_].flatten(1), b.upper[open_].flatten(1)
+        unstable = (lo < 0) & (up > 0)
+        gap = torch.where(unstable, up * (-lo) / (up - lo).clamp(min=1e-30), torch.zeros_like(lo))
+        out.append((record[k][open_], gap, J))
+    return out
+
+
+def _prior_nodes(graph) -> list[str]:
+    """Nodes whose bounds a relaxation reads: a domain's children start from its bounds."""
+    return [n.name for n in graph if n.op != "input"
+            and any(RULES[c.op].needs_bounds for c in graph.consumers(n.name))]
+
+
+class _Stack:
+    """Domains waiting to be bounded, as a stack of batches (dicts of tensors with the same
+    leading size): the last pushed are popped first (depth first keeps the frontier small),
+    and nothing already queued is copied when more is pushed."""
+
+    def __init__(self, first: dict):
+        self.parts = [first]
+        self.n = next(iter(first.values())).shape[0]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def push(self, part: dict) -> None:
+        self.parts.append(part)
+        self.n += next(iter(part.values())).shape[0]
+
+    def pop(self, k: int) -> dict:
+        """Up to ``k`` domains from the top."""
+        got, size = [], 0
+        while self.parts and size < k:
+            top = self.parts.pop()
+            m = next(iter(top.values())).shape[0]
+            if size + m > k:
+                cut = m - (k - size)
+                self.parts.append({key: v[:cut] for key, v in top.items()})
+                top = {key: v[cut:] for key, v in top.items()}
+                m = k - size
+            got.append(top)
+            size += m
+        self.n -= size
+        keys = [key for key in got[0] if all(key in g for g in got)]
+        if len(got) == 1:
+            return {key: got[0][key] for key in keys}
+        return {key: torch.cat([g[key] for g in got]) for key in keys}
 
 
 @dataclass
@@ -68,7 +158,7 @@ class BabResult:
 
 
 def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, deadline: float,
-                    batch: int = 512, method: str = "crown", progress=None) -> BabResult:
+                    batch: int = 4096, method: str = "crown", progress=None) -> BabResult:
     """``lower, upper: [*input_shape]``; ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]``.
 
     ``progress(domains_left, worst_margin, elapsed)`` is called after every round."""
@@ -80,17 +170,19 @@ def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dea
     owner = torch.cat([torch.full((c.shape[0],), k) for k, c in enumerate(Cs)])
     K = len(Cs)
     scale = (upper - lower).flatten().clamp(min=1e-12)
-    lo = lower.unsqueeze(0)
-    hi = upper.unsqueeze(0)
+    # the queue: each domain's box and the intermediate bounds of its parent (over a superset
+    # of the domain: sound for it, and they let CROWN skip the neurons already stable there)
+    queue = _Stack({"lo": lower.unsqueeze(0), "hi": upper.unsqueeze(0)})
+    keep = _prior_nodes(model.graph) if method == "crown" else []
+    relus = [n.name for n in model.graph if n.op != "input" and RULES[n.op].sign_only]
     total = rounds = 0
     worst = float("nan")
-    while lo.shape[0]:
+    while len(queue):
         if time.perf_counter() > deadline:
             return BabResult("timeout", domains=total, rounds=rounds, worst=worst)
         rounds += 1
-        take = min(batch, lo.shape[0])
-        blo, bhi = lo[:take], hi[:take]
-        lo, hi = lo[take:], hi[take:]
+        cur = queue.pop(batch)
+        blo, bhi = cur["lo"], cur["hi"]
         n = blo.shape[0]
         # a point of the batch that satisfies a conjunction: the centres
         centres = (blo + bhi) / 2
@@ -103,15 +195,27 @@ def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dea
             return BabResult("candidate", centres[i], k, total, rounds, worst)
         spec = C_all.reshape(1, *C_all.shape[:1], *model.output_shape).expand(n, -1, *model.output_shape)
         leaf = _RecordingBox(blo, bhi, rows=C_all.shape[0])
-        res = model.bounds({model.input: leaf}, method, spec=spec)
+        if keep:
+            prior = None
+            if "l:" + keep[0] in cur:
+                prior = {k: Interval(cur["l:" + k], cur["u:" + k]) for k in keep}
+            record = {k: None for k in relus}
+            with torch.no_grad():
+                low, _, nodes = crown_bounds(model.graph, {model.input: leaf}, spec.to(dt),
+                                             prior=prior, record=record, box_rows=False,
+                                             clipped_pass=False)
+            low = torch.nan_to_num(low, nan=-torch.inf)
+        else:
+            res = model.bounds({model.input: leaf}, method, spec=spec)
+            low = res.lower
         total += n
-        margin = res.lower - d_all                                    # [n, R]: > 0 refutes a row
+        margin = low - d_all                                          # [n, R]: > 0 refutes a row
         per_k = torch.stack([margin[:, owner == k].max(1).values for k in range(K)], 1)
         open_ = (per_k <= 0).any(1)
         if open_.any():
             worst = float(per_k[open_].min())
         if progress is not None:
-            progress(int(open_.sum()) * 2 + lo.shape[0], worst, time.perf_counter() - t0)
+            progress(int(open_.sum()) * 2 + len(queue), worst, time.perf_counter() - t0)
         if not open_.any():
             continue
         olo, ohi = blo[open_], bhi[open_]
@@ -124,16 +228,24 @@ def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dea
                                       restarts=4, seed=rounds + j, deadline=deadline)
                 if v <= 0:
                     return BabResult("candidate", x, k, total, rounds, worst)
-        dim = _branch_dims(leaf.A, open_, margin, per_k, owner, olo, ohi, scale)
+        terms = None
+        if keep and all(v is not None for v in record.values()):
+            terms = _relax_terms(model, relus, record, nodes, open_, centres[open_],
+                                 (ohi - olo).flatten(1))
+        dim = _branch_dims(leaf.A, open_, margin, per_k, owner, olo, ohi, scale, terms)
         mid = ((olo.flatten(1).gather(1, dim[:, None]) + ohi.flatten(1).gather(1, dim[:, None])) / 2)
         left_hi = ohi.flatten(1).clone()
         left_hi.scatter_(1, dim[:, None], mid)
         right_lo = olo.flatten(1).clone()
         right_lo.scatter_(1, dim[:, None], mid)
-        new_lo = torch.cat([olo.flatten(1), right_lo]).reshape(-1, *olo.shape[1:])
-        new_hi = torch.cat([left_hi, ohi.flatten(1)]).reshape(-1, *olo.shape[1:])
+        new = {"lo": torch.cat([olo.flatten(1), right_lo]).reshape(-1, *olo.shape[1:]),
+               "hi": torch.cat([left_hi, ohi.flatten(1)]).reshape(-1, *olo.shape[1:])}
+        for k in keep:
+            b = nodes[k].sanitized()
+            new["l:" + k] = b.lower[open_].repeat(2, *[1] * (b.lower.ndim - 1))
+            new["u:" + k] = b.upper[open_].repeat(2, *[1] * (b.upper.ndim - 1))
         # open domains go first: depth first keeps the frontier small
-        lo = torch.cat([new_lo, lo])
-        hi = torch.cat([new_hi, hi])
-        log.debug("round %d: %d domains left, worst margin %.4g", rounds, lo.shape[0], worst)
+        queue.push(new)
+        log.debug("round %d: %d domains left, worst margin %.4g", rounds, len(queue),
+                  worst)
     return BabResult("unsat", domains=total, rounds=rounds, worst=worst)

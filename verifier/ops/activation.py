@@ -27,10 +27,18 @@ class ElementwiseRelaxation(BoundRule):
         backward pass of a bounds computation reads the same input intervals. The key holds the
         tensors' version counters, so an in-place change of the bounds is never served stale."""
         cache = x.__dict__.setdefault("_relaxations", {})
-        key = (node.name, self.op, x.lower._version, x.upper._version)
+        key = self._key(node, x)
         if key not in cache:
             cache[key] = self.relax(node, x.lower, x.upper)
         return cache[key]
+
+    def _key(self, node, x: Interval):
+        return (node.name, self.op, x.lower._version, x.upper._version)
+
+    def seed_relaxation(self, node, x: Interval, lines) -> None:
+        """Store ``lines`` as the relaxation over ``x`` (e.g. rows gathered from the relaxation
+        over a larger batch whose rows ``x`` holds), so that it is not computed again."""
+        x.__dict__.setdefault("_relaxations", {})[self._key(node, x)] = tuple(lines)
 
     def interval(self, node, inputs):
         (x,) = inputs  # monotone non-decreasing activations
@@ -115,14 +123,19 @@ class ReLU(ElementwiseRelaxation):
         if x.relax is None:
             return super().relaxation(node, x)
         cache = x.__dict__.setdefault("_relaxations", {})
-        key = (node.name, self.op, "relax", x.lower._version, x.upper._version,
-               x.relax.lower._version, x.relax.upper._version)
+        key = self._key(node, x)
         if key not in cache:
             own = self.relax(node, x.lower, x.upper)
             wide = self.relax(node, x.relax.lower, x.relax.upper)
             unstable = (x.lower < 0) & (x.upper > 0)
             cache[key] = tuple(torch.where(unstable, w, o) for o, w in zip(own, wide))
         return cache[key]
+
+    def _key(self, node, x: Interval):
+        if x.relax is None:
+            return super()._key(node, x)
+        return (node.name, self.op, "relax", x.lower._version, x.upper._version,
+                x.relax.lower._version, x.relax.upper._version)
 
     def relax(self, node, l, u):
         a = node.params.get("negative_slope", self.slope)
