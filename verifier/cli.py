@@ -23,6 +23,7 @@ from . import cli_lipschitz as cl
 from . import cli_train as ct
 from . import cli_verify as cv
 from . import cli_weights as cw
+from . import report as rp
 
 PROG = "verifier"
 
@@ -107,6 +108,10 @@ def bounds_arguments(p: argparse.ArgumentParser) -> None:
                      help='print one JSON object on stdout: {"lower": [[...] per sample], '
                           '"upper": [[...] per sample], "verified": [bool per sample] or null '
                           'without --label, "time_s": seconds spent bounding (not loading)}')
+    out.add_argument("--per-layer", action="store_true",
+                     help="with --json: also bound every node with ibp, crown and alpha-crown and "
+                          'add "method" and "per_layer" (mean bound width per node and method) '
+                          "to the JSON, for 'verifier report'")
 
 
 def _check_bounds_args(a: argparse.Namespace) -> None:
@@ -178,6 +183,8 @@ def cmd_bounds(a: argparse.Namespace) -> int:
     import time
 
     _check_bounds_args(a)
+    if a.per_layer and (not a.json or a.weights):
+        raise CliError("--per-layer needs --json and no --weights")
     # cheap checks on the files first, before paying for torch and the model
     if a.input is not None:
         x = load_npy(a.input, "input file")
@@ -232,8 +239,11 @@ def cmd_bounds(a: argparse.Namespace) -> int:
     verified = None if labels is None else [bool(v) for v in (lower > 0).all(dim=1)]
     lower, upper = lower.tolist(), upper.tolist()
     if a.json:
-        print(json.dumps({"lower": lower, "upper": upper, "verified": verified,
-                          "time_s": time_s}))
+        d = {"lower": lower, "upper": upper, "verified": verified, "time_s": time_s}
+        if a.per_layer:
+            d["method"] = a.method
+            d["per_layer"] = rp.per_layer_widths(model, pert, spec)
+        print(json.dumps(d))
     else:
         _print_table(a, lower, upper, labels, verified, n_out, time_s)
     return EXIT_OK
@@ -265,6 +275,8 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand("vnncomp-run", "one VNN-COMP instance to a results file (used by vnncomp/)",
                "Write the VNN-COMP results file of one instance.", "", cv.vnncomp_arguments,
                cv.cmd_vnncomp_run),
+    Subcommand("report", "an HTML report (tables, plots) of results, bounds and training files",
+               rp.REPORT_DESCRIPTION, rp.REPORT_EPILOG, rp.report_arguments, rp.cmd_report),
 ]
 
 
