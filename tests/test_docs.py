@@ -6,7 +6,9 @@
   ``examples`` links to the repository's ``examples/`` and ``verifier`` runs
   ``python -m verifier`` with this interpreter;
 * a block whose fence reads ```python no-run or ```bash no-run is not run (set-up commands,
-  code meant to be pasted into the package). Any other fence (```text, ```console) is prose.
+  code meant to be pasted into the package). Any other fence (```text, ```console) is prose;
+* a block identical to an earlier one (the README repeating a how-to's commands) runs once,
+  under the first one's id; the later copy is listed as skipped, naming it.
 
 The set-up section of the README must hold exactly the two commands that CI runs.
 """
@@ -41,13 +43,18 @@ def code_blocks(text: str):
 
 
 def _blocks(lang: str):
-    out = []
+    out, first = [], {}
     for path in DOCS:
         for info, line, code in code_blocks(path.read_text(encoding="utf-8")):
             words = info.split()
             if words[:1] == [lang]:
+                where = f"{path.relative_to(ROOT)}:{line}"
                 marks = [] if "no-run" not in words[1:] else [pytest.mark.skip(reason="no-run")]
-                out.append(pytest.param(code, id=f"{path.relative_to(ROOT)}:{line}", marks=marks))
+                if not marks and code in first:
+                    marks = [pytest.mark.skip(reason=f"the same code runs as {first[code]}")]
+                elif not marks:
+                    first[code] = where
+                out.append(pytest.param(code, id=where, marks=marks))
     return out
 
 
