@@ -151,3 +151,23 @@ def test_every_subdomain_bound_and_inherited_bound_holds_at_sampled_points(seed,
                 assert bool((v <= nu[i].reshape(-1) + 1e-4).all()), f"node {k} upper bound"
             checked += 1
     assert checked >= 10
+
+
+def test_corner_of_the_linear_bound_is_tried_as_a_counterexample():
+    """y = w·x on [-1, 1]^3 with y <= d only within 1e-3 of the corner -sign(w): the centre
+    fails, the attack has not run yet in round 1, and the corner that minimizes the bound's
+    linear function is that point."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[2.0, -1.0, 0.5], [0, 0, 0], [0, 0, 0], [0, 0, 0]]))
+        net[0].bias.copy_(torch.tensor([10.0, 0, 0, 0]))       # the ReLU stays active
+        net[2].weight.copy_(torch.tensor([[1.0, 0, 0, 0]]))
+        net[2].bias.zero_()
+    bm = BoundedModel(net, input_shape=(3,))
+    lo, hi = -torch.ones(3), torch.ones(3)
+    d = 10.0 - 3.5 + 1e-3
+    r = input_split_bab(bm, lo, hi, [torch.tensor([[1.0]])], [torch.tensor([d])],
+                        deadline=time.perf_counter() + 10)
+    assert r.status == "candidate" and r.rounds == 1
+    assert r.x.flatten().tolist() == [-1.0, 1.0, -1.0]
+    assert float(net(r.x.reshape(1, 3))) <= d

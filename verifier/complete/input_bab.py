@@ -51,8 +51,8 @@ def _branch_dims(A, open_, margin, per_k, owner, olo, ohi, scale, relax_terms=No
     the relaxation of unstable ReLUs: neuron j, with ``|lambda_j|`` the weight the output pass
     gives its relaxed output and ``g_j = u(-l)/(u-l)`` the largest gap of its lines, costs up to
     ``|lambda_j| g_j``; ``relax_terms`` (``_relax_terms``) gives, per ReLU node, lambda, g and
-    secant slopes ``J`` of its input along each input dimension over the domain, and half of
-    neuron j's slack is credited to input i in proportion to ``|J_ji| w_i`` (its share of the
+    the variation ``J_ji`` of neuron j's input along input i over the domain, and half of
+    neuron j's slack is credited to input i in proportion to ``J_ji`` (its share of the
     neuron's range). Coefficients alone miss an input that matters only through unstable
     neurons: on ACAS Xu they left it unsplit while splitting the others down to 1e-6 widths.
     Without A: the widest input (relative to the region)."""
@@ -87,22 +87,55 @@ def _relax_terms(model, relus, record, nodes, open_, centres, widths):
     ins = [g[k].inputs[0] for k in relus]
 
     n, n_in = widths.shape
-    # symmetric secants over the middle half of each input's range: 2 n_in points per domain
+    # the variation of each pre-activation along each input over the middle half of its range,
+    # from the centre and 2 n_in points per domain (both halves: a secant through the centre
+    # would miss an input the neuron sees symmetrically, as |x|)
     step = torch.diag_embed(widths / 4)                    # [n, n_in, n_in]
     c = centres.flatten(1).unsqueeze(1)
-    pts = torch.cat([c + step, c - step], 1).reshape(n * 2 * n_in, *centres.shape[1:])
+    pts = torch.cat([c + step, c - step, c], 1).reshape(n * (2 * n_in + 1), *centres.shape[1:])
     with torch.no_grad():
         vals = evaluate(g, {model.input: pts})[1]
     out = []
     for k, i in zip(relus, ins):
-        v = vals[i].reshape(n, 2, n_in, -1)
-        J = (v[:, 0] - v[:, 1]).transpose(1, 2)           # [n, n_k, n_in], times width / 2
+        v = vals[i].reshape(n, 2 * n_in + 1, -1)
+        mid = v[:, 2 * n_in:]
+        J = ((v[:, :n_in] - mid).abs() + (mid - v[:, n_in:2 * n_in]).abs()).transpose(1, 2)
         b = nodes[i]
         lo, up = b.lower[open_].flatten(1), b.upper[open_].flatten(1)
         unstable = (lo < 0) & (up > 0)
         gap = torch.where(unstable, up * (-lo) / (up - lo).clamp(min=1e-30), torch.zeros_like(lo))
         out.append((record[k][open_], gap, J))
     return out
+
+
+def _holding(model, pts, C_all, d_all, owner, K):
+    """-> (point, conjunction) of the first point whose output satisfies a conjunction."""
+    with torch.no_grad():
+        y = model.graph_forward(pts).reshape(pts.shape[0], -1)
+    viol = y @ C_all.t() - d_all
+    holds = torch.stack([(viol[:, owner == k] <= 0).all(1) for k in range(K)], 1)
+    if not holds.any():
+        return None
+    i, k = (int(v) for v in holds.nonzero()[0])
+    return pts[i], k
+
+
+def _corner_candidate(model, A, open_, margin, owner, K, olo, ohi, C_all, d_all):
+    """Per open domain and conjunction, the corner of the box that minimizes the linear lower
+    bound of the conjunction's binding row (the one closest to being refuted): where the
+    bound is tight, the row's least value is near that corner. -> (point, k) or None."""
+    if A is None or A.shape[0] != open_.shape[0]:
+        return None
+    A = A[open_].flatten(2)                                  # [n_open, R, n_in]
+    m = margin[open_]
+    idx = torch.arange(A.shape[0])
+    lo, hi = olo.flatten(1), ohi.flatten(1)
+    pts = []
+    for k in range(K):
+        rows = (owner == k).nonzero().flatten()
+        r = rows[m[:, rows].argmax(1)]
+        pts.append(torch.where(A[idx, r] > 0, lo, hi))
+    return _holding(model, torch.cat(pts).reshape(-1, *olo.shape[1:]), C_all, d_all, owner, K)
 
 
 def _prior_nodes(graph) -> list[str]:
@@ -186,13 +219,9 @@ def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dea
         n = blo.shape[0]
         # a point of the batch that satisfies a conjunction: the centres
         centres = (blo + bhi) / 2
-        with torch.no_grad():
-            y = model.graph_forward(centres).reshape(n, -1)
-        viol = y @ C_all.t() - d_all                                  # [n, R]
-        holds = torch.stack([(viol[:, owner == k] <= 0).all(1) for k in range(K)], 1)
-        if holds.any():
-            i, k = (int(v) for v in holds.nonzero()[0])
-            return BabResult("candidate", centres[i], k, total, rounds, worst)
+        x = _holding(model, centres, C_all, d_all, owner, K)
+        if x is not None:
+            return BabResult("candidate", x[0], x[1], total, rounds, worst)
         spec = C_all.reshape(1, *C_all.shape[:1], *model.output_shape).expand(n, -1, *model.output_shape)
         leaf = _RecordingBox(blo, bhi, rows=C_all.shape[0])
         if keep:
@@ -219,7 +248,10 @@ def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dea
         if not open_.any():
             continue
         olo, ohi = blo[open_], bhi[open_]
-        if rounds % 4 == 0:  # a short attack from the most open domains
+        x = _corner_candidate(model, leaf.A, open_, margin, owner, K, olo, ohi, C_all, d_all)
+        if x is not None:
+            return BabResult("candidate", x[0], x[1], total, rounds, worst)
+        if rounds % 2 == 0:  # a short attack from the most open domains
             order = per_k[open_].min(1).values.argsort()[:4]
             for j in order.tolist():
                 if time.perf_counter() > deadline:
