@@ -13,11 +13,16 @@ DATA = ROOT / "examples" / "data"
 NEEDS_DATA = {
     "bound_onnx_model.py": ["lirpa_mnist_fc_3layer.onnx", "mnist_sample.npy", "mnist_label.npy"],
     "weight_flatness.py": ["lirpa_mnist_fc_3layer.onnx", "mnist_test100.npz"],
+    "report.py": ["lirpa_mnist_fc_3layer.onnx", "mnist_sample.npy"],
 }
 
 
 def test_there_are_examples():
     assert len(EXAMPLES) >= 2
+    # one script per user job (README's jobs table)
+    for name in ("bound_pytorch_model", "bound_onnx_model", "verify_vnnlib", "vnncomp_folder",
+                 "train_digits", "train_lipschitz", "weight_flatness", "report"):
+        assert (ROOT / "examples" / f"{name}.py").is_file(), name
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=[p.name for p in EXAMPLES])
