@@ -44,6 +44,9 @@ class ElementwiseRelaxation(BoundRule):
         (x,) = inputs  # monotone non-decreasing activations
         return Interval(self.f(node, x.lower), self.f(node, x.upper))
 
+    def point(self, node, inputs):
+        return self.f(node, inputs[0])
+
     def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
         """``alpha``: optional optimized lower-line slopes ``(for the lower bound, for the upper
         bound)``, each ``[B, S, *shape]``, used where the neuron is unstable (alpha-CROWN; only
@@ -139,6 +142,17 @@ class ReLU(ElementwiseRelaxation):
 
     def relax(self, node, l, u):
         a = node.params.get("negative_slope", self.slope)
+        if a == 0:
+            # the same lines in fewer passes: with u+ = max(u, 0), l- = min(l, 0), the upper
+            # slope u+ / (u+ - l-) is 1 where active, 0 where inactive, the chord's where
+            # unstable, and its intercept -slope·l- is 0 unless unstable; the lower slope
+            # [u > -l] is 1 where active and 0 where inactive (l = u = 0 counts as active)
+            up, ln = u.clamp(min=0), l.clamp(max=0)
+            active = l >= 0
+            ku = (up / (up - ln).clamp(min=torch.finfo(u.dtype).tiny)).masked_fill_(active, 1.0)
+            bu = -ku * ln
+            kl = ((u + l > 0) | active).to(l.dtype)
+            return kl, torch.zeros_like(l), ku, bu
         active, inactive = l >= 0, u <= 0
         unstable = ~(active | inactive)
         width = torch.where(unstable, u - l, torch.ones_like(u))

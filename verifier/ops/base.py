@@ -34,6 +34,11 @@ class BoundRule:
     def interval(self, node, inputs: list[Interval]) -> Interval:
         raise NotImplementedError
 
+    def point(self, node, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """The node's value at a point (differentiable; attacks and replays of the graph): the
+        interval rule on degenerate intervals, unless a rule has a cheaper exact form."""
+        return self.interval(node, [Interval(x, x) for x in inputs]).lower
+
     def backward(self, node, A_lower, A_upper, inputs):
         """-> ([(A_lower_i, A_upper_i) per input], bias_lower, bias_upper)."""
         raise NotImplementedError

@@ -26,6 +26,13 @@ class ElementwiseAffine(AffineRule):
             rad = rad.expand_as(mid)
         return Interval(mid - rad, mid + rad)
 
+    def point(self, node, inputs):
+        x = inputs[0]
+        w, b = node.params.get("w"), node.params.get("b")
+        if w is not None:
+            x = x * w
+        return x if b is None else x + b
+
     def transpose(self, node, A):
         w = node.params.get("w")
         if w is not None:

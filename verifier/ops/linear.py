@@ -28,6 +28,9 @@ class Linear(AffineRule):
         rad = F.linear(x.radius, W.abs())
         return Interval(mid - rad, mid + rad)
 
+    def point(self, node, inputs):
+        return F.linear(inputs[0], node.params["weight"], node.params.get("bias"))
+
     def transpose(self, node, A):
         return [A.matmul(node.params["weight"])]
 
