@@ -76,7 +76,7 @@ def test_relax_path_taken_sound_and_not_looser_than_plain_crown(monkeypatch):
                 n_extreme=32, pgd_steps=10, restarts=1, node_neurons=2)
 
     # plain CROWN: intermediate bounds never intersected with IBP
-    def no_ibp(graph, leaves, method, upto=None, prior=None):
+    def no_ibp(graph, leaves, method, upto=None, prior=None, relax_lines=True):
         bounds = {}
         for name in (graph.order if upto is None else graph.ancestors_order(upto)):
             node = graph[name]

@@ -23,6 +23,7 @@ from ..bound_types import Interval
 from ..bounds.crown import crown_bounds
 from ..ops import RULES
 from ..perturbation import Box
+from ..weight_attack import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -68,50 +69,49 @@ def _branch_dims(A, open_, margin, per_k, owner, olo, ohi, scale, relax_terms=No
     score = a.abs() * width / 4
     if relax_terms:
         idx = torch.arange(A.shape[0])
-        for ak, gk, Jk in relax_terms:
-            lam = ak[idx, r].flatten(1).abs()            # [n_open, n_k]
-            contrib = Jk.abs()                            # [n_open, n_k, n_in]
-            share = contrib / contrib.sum(2, keepdim=True).clamp(min=1e-30)
-            score = score + ((lam * gk).unsqueeze(2) * share).sum(1) / 2
+        for ak, gk, Jk in relax_terms:                   # Jk: [n_open, n_in, n_k]
+            slack = ak[idx, r].flatten(1).abs() * gk      # [n_open, n_k]
+            share = slack / Jk.sum(1).clamp(min=1e-30) / 2
+            score = score + torch.bmm(Jk, share.unsqueeze(2)).squeeze(2)
     # ties (an input the bound does not see): fall back to the widest
     return torch.where(score.amax(1) > 0, score.argmax(1), (width / scale).argmax(1))
 
 
-def _relax_terms(model, relus, record, nodes, open_, centres, widths):
-    """For each ReLU-like node k, over the open domains: the output pass's lower-bound A on its
-    output ``[n, R, *shape]``, the largest gap of its relaxation ``g = u(-l)/(u-l)`` (0 where
-    stable), and the Jacobian of its input w.r.t. the network input at the domain's centre
-    ``[n, n_k, n_in]`` (how much of the input's range each input dimension makes)."""
-    from ..weight_attack import evaluate
+def _relax_terms(model, relus, record, nodes, oi, cvals, centres, widths):
+    """For each ReLU-like node k, over the open domains ``oi``: the output pass's lower-bound A
+    on its output ``[n, R, *shape]``, the largest gap of its relaxation ``g = u(-l)/(u-l)`` (0
+    where stable), and the variation ``[n, n_in, n_k]`` of its input along each input dimension
+    over the middle half of the domain's range, on both sides of the centre (a secant through
+    the centre would miss an input the neuron sees symmetrically, as |x|). ``cvals``: the
+    graph's node values at the domains' centres."""
     g = model.graph
     ins = [g[k].inputs[0] for k in relus]
-
     n, n_in = widths.shape
-    # the variation of each pre-activation along each input over the middle half of its range,
-    # from the centre and 2 n_in points per domain (both halves: a secant through the centre
-    # would miss an input the neuron sees symmetrically, as |x|)
     step = torch.diag_embed(widths / 4)                    # [n, n_in, n_in]
     c = centres.flatten(1).unsqueeze(1)
-    pts = torch.cat([c + step, c - step, c], 1).reshape(n * (2 * n_in + 1), *centres.shape[1:])
+    pts = torch.cat([c + step, c - step], 1).reshape(n * 2 * n_in, *centres.shape[1:])
     with torch.no_grad():
         vals = evaluate(g, {model.input: pts})[1]
     out = []
     for k, i in zip(relus, ins):
-        v = vals[i].reshape(n, 2 * n_in + 1, -1)
-        mid = v[:, 2 * n_in:]
-        J = ((v[:, :n_in] - mid).abs() + (mid - v[:, n_in:2 * n_in]).abs()).transpose(1, 2)
+        v = vals[i].reshape(n, 2 * n_in, -1)
+        mid = cvals[i].index_select(0, oi).reshape(n, 1, -1)
+        J = (v[:, :n_in] - mid).abs_().add_((mid - v[:, n_in:]).abs_())  # [n, n_in, n_k]
         b = nodes[i]
-        lo, up = b.lower[open_].flatten(1), b.upper[open_].flatten(1)
-        unstable = (lo < 0) & (up > 0)
-        gap = torch.where(unstable, up * (-lo) / (up - lo).clamp(min=1e-30), torch.zeros_like(lo))
-        out.append((record[k][open_], gap, J))
+        up = b.upper.index_select(0, oi).flatten(1).clamp(min=0)
+        ln = b.lower.index_select(0, oi).flatten(1).clamp(max=0)
+        gap = up * (-ln) / (up - ln).clamp(min=torch.finfo(up.dtype).tiny)  # 0 where stable
+        out.append((record[k].index_select(0, oi), gap, J))
     return out
 
 
-def _holding(model, pts, C_all, d_all, owner, K):
-    """-> (point, conjunction) of the first point whose output satisfies a conjunction."""
-    with torch.no_grad():
-        y = model.graph_forward(pts).reshape(pts.shape[0], -1)
+def _holding(model, pts, C_all, d_all, owner, K, y=None):
+    """-> (point, conjunction) of the first point whose output satisfies a conjunction
+    (``y``: the outputs at ``pts`` when already known)."""
+    if y is None:
+        with torch.no_grad():
+            y = model.graph_forward(pts)
+    y = y.reshape(pts.shape[0], -1)
     viol = y @ C_all.t() - d_all
     holds = torch.stack([(viol[:, owner == k] <= 0).all(1) for k in range(K)], 1)
     if not holds.any():
@@ -181,7 +181,7 @@ class _Stack:
 
 
 # the most of branch and bound's time spent on PGD attacks from open domains
-ATTACK_SHARE = 0.1
+ATTACK_SHARE = 0.05
 
 
 @dataclass
@@ -224,7 +224,9 @@ def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dea
         n = blo.shape[0]
         # a point of the batch that satisfies a conjunction: the centres
         centres = (blo + bhi) / 2
-        x = _holding(model, centres, C_all, d_all, owner, K)
+        with torch.no_grad():
+            y_c, cvals = evaluate(model.graph, {model.input: centres})
+        x = _holding(model, centres, C_all, d_all, owner, K, y=y_c)
         if x is not None:
             return BabResult("candidate", x[0], x[1], total, rounds, worst)
         spec = C_all.reshape(1, *C_all.shape[:1], *model.output_shape).expand(n, -1, *model.output_shape)
@@ -237,7 +239,7 @@ def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dea
             with torch.no_grad():
                 low, _, nodes = crown_bounds(model.graph, {model.input: leaf}, spec.to(dt),
                                              prior=prior, record=record, box_rows=False,
-                                             clipped_pass=False)
+                                             clipped_pass=False, relax_lines=False)
             low = torch.nan_to_num(low, nan=-torch.inf)
         else:
             res = model.bounds({model.input: leaf}, method, spec=spec)
@@ -271,7 +273,8 @@ def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dea
             attack_s += time.perf_counter() - ta
         terms = None
         if keep and all(v is not None for v in record.values()):
-            terms = _relax_terms(model, relus, record, nodes, open_, centres[open_],
+            oi = open_.nonzero().squeeze(1)
+            terms = _relax_terms(model, relus, record, nodes, oi, cvals, centres[open_],
                                  (ohi - olo).flatten(1))
         dim = _branch_dims(leaf.A, open_, margin, per_k, owner, olo, ohi, scale, terms)
         mid = ((olo.flatten(1).gather(1, dim[:, None]) + ohi.flatten(1).gather(1, dim[:, None])) / 2)
