@@ -24,13 +24,30 @@ example:
 
 BATCH_DESCRIPTION = """\
 Run every instance of a VNN-COMP instances.csv (rows: onnx path, vnnlib path, timeout; paths
-relative to the csv's folder) and write one result row per instance to --out as it finishes.
-A failing instance is reported as "error" with its reason, and the run goes on. A summary
-table (verdict counts, total and median time) ends the run."""
+relative to the csv's folder) and append one result row per instance to --out as soon as it
+finishes (flushed to disk). A failing instance is reported as "error" with its reason, and the
+run goes on. Rerunning the same command resumes: instances that already have a row in --out are
+not run again (--retry-errors reruns those whose row says "error"). With --workers N > 1 or
+--ray-address the instances run as Ray tasks (pip install '.[ray]'): on a local Ray of N CPUs,
+or on the cluster at ADDR with at most N in flight; an instance whose worker dies is run again
+up to --max-retries times, then reported as "error". A summary table (verdict counts, total and
+median time, over every row of --out) ends the run."""
 
 BATCH_EPILOG = """\
-example:
-  verifier batch benchmarks/acasxu/instances.csv --timeout 60 --out results.csv"""
+examples:
+  verifier batch benchmarks/acasxu/instances.csv --timeout 60 --out results.csv
+  verifier batch benchmarks/acasxu/instances.csv --out results.csv --workers 2
+  verifier batch instances.csv --out results.csv --workers 64 --ray-address HEAD_IP:6379"""
+
+
+def nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
 
 
 def _common(p):
@@ -99,7 +116,19 @@ def batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("instances", metavar="INSTANCES.csv", help="VNN-COMP instances file")
     p.add_argument("--timeout", type=float, metavar="S",
                    help="per-instance budget in seconds (default: the csv's third column)")
-    p.add_argument("--out", required=True, metavar="RESULTS.csv", help="where to write results")
+    p.add_argument("--out", required=True, metavar="RESULTS.csv",
+                   help="the results file: created, or resumed when it exists")
+    p.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                   help="instances run at once (default 1: in this process; N > 1: Ray tasks, "
+                        "one CPU and one torch thread each)")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="run on this Ray cluster (HOST:PORT of its head, or auto) instead of "
+                        "a local Ray; needs the verifier installed on every node")
+    p.add_argument("--max-retries", type=nonneg_int, default=2, metavar="K",
+                   help="runs again an instance whose worker died, up to K times, before "
+                        "reporting it as error (default 2; Ray only)")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="when resuming, run again the instances whose row in --out is error")
     _common(p)
 
 
@@ -146,33 +175,67 @@ def run_instance(onnx_path, vnnlib_path, timeout, seed=0, cache=None):
                 "method": "", "time_s": time.perf_counter() - t0, "verdict": None}
 
 
+def instance_result(onnx_path, vnnlib_path, timeout, seed=0, cache=None) -> dict:
+    """One batch task: ``run_instance`` without the Verdict object (what the results file
+    needs, cheap to send back from a worker)."""
+    r = run_instance(onnx_path, vnnlib_path, timeout, seed, cache)
+    r.pop("verdict")
+    return r
+
+
 def cmd_batch(a: argparse.Namespace) -> int:
     rows = read_instances(a.instances)
+    import functools
     import statistics
 
     import torch
     from tqdm import tqdm
+
+    from .schedule import ResultsFile, make_scheduler
+    from .schedule.results import key
     torch.set_num_threads(a.threads)
-    counts = {k: 0 for k in ("sat", "unsat", "unknown", "timeout", "error")}
-    times = []
-    cache: dict = {}
-    with open(a.out, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["onnx", "vnnlib", "status", "time_s", "method", "reason"])
-        bar = tqdm(rows, unit="inst", file=sys.stderr, dynamic_ncols=True)
-        for onnx_path, vnnlib_path, t in bar:
-            r = run_instance(onnx_path, vnnlib_path, a.timeout or t, a.seed, cache)
-            counts[r["status"]] += 1
-            times.append(r["time_s"])
-            w.writerow([os.path.relpath(onnx_path), os.path.relpath(vnnlib_path), r["status"],
-                        f"{r['time_s']:.4f}", r["method"], r["reason"]])
-            f.flush()
-            bar.set_postfix({k: v for k, v in counts.items() if v})
+    seen, unique = set(), []
+    for r in rows:
+        if key(r[0], r[1]) not in seen:
+            seen.add(key(r[0], r[1]))
+            unique.append(r)
+    if len(unique) < len(rows):
+        print(f"note: {len(rows) - len(unique)} repeated instance(s) in {a.instances} run once",
+              file=sys.stderr)
+    with ResultsFile(a.out, retry_errors=a.retry_errors) as out:
+        done = out.done()
+        todo = [(o, v, a.timeout or t, a.seed) for o, v, t in unique if key(o, v) not in done]
+        if out.rows:
+            print(f"resuming {a.out}: {len(unique) - len(todo)} of {len(unique)} instances "
+                  f"already there, {len(todo)} to run"
+                  + (f" ({out.dropped_errors} error rows to rerun)" if out.dropped_errors else ""),
+                  file=sys.stderr)
+        if todo:
+            with make_scheduler(a.workers, a.ray_address, a.max_retries,
+                                hard_limit=lambda t: 2 * t[2] + 60) as sched:
+                fn = instance_result if sched.workers > 1 or a.ray_address else \
+                    functools.partial(instance_result, cache={})
+                counts: dict = {}
+                bar = tqdm(total=len(todo), unit="inst", file=sys.stderr, dynamic_ncols=True)
+                for i, o in sched.run(fn, todo):
+                    onnx_path, vnnlib_path, t, _ = todo[i]
+                    r = o.value if o.error is None else {
+                        "status": "error", "reason": o.error, "method": "", "time_s": 0.0}
+                    out.append(onnx_path, vnnlib_path, r["status"], r["time_s"], r["method"],
+                               r["reason"])
+                    counts[r["status"]] = counts.get(r["status"], 0) + 1
+                    bar.update(1)
+                    bar.set_postfix(counts)
+                bar.close()
+        all_rows = out.rows
+    counts = {k: sum(r["status"] == k for r in all_rows)
+              for k in ("sat", "unsat", "unknown", "timeout", "error")}
+    times = [float(r["time_s"]) for r in all_rows]
     print(f"{'instances':>10s} {'sat':>5s} {'unsat':>6s} {'unknown':>8s} {'timeout':>8s} "
           f"{'error':>6s} {'total_s':>9s} {'median_s':>9s}")
-    print(f"{len(rows):10d} {counts['sat']:5d} {counts['unsat']:6d} {counts['unknown']:8d} "
+    print(f"{len(all_rows):10d} {counts['sat']:5d} {counts['unsat']:6d} {counts['unknown']:8d} "
           f"{counts['timeout']:8d} {counts['error']:6d} {sum(times):9.2f} "
-          f"{statistics.median(times):9.3f}")
+          f"{statistics.median(times) if times else 0.0:9.3f}")
     print(f"results: {a.out}")
     return EXIT_OK
 

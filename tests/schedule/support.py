@@ -1,0 +1,63 @@
+"""Shared helpers of the scheduler tests: instance files, the expected verdicts, reading a
+results file, and finding Ray worker processes under this process (by /proc, no psutil)."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+TEST_BENCH = DATA / "vnncomp_test"
+ACAS_SAMPLE = DATA / "acasxu_sample"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "benchmarks" / "vnncomp"
+
+
+def expected(bench: Path) -> dict:
+    """(abs onnx, abs vnnlib) -> verdict, from a folder's expected.csv."""
+    with open(bench / "expected.csv", newline="") as f:
+        return {(str(bench / o), str(bench / v)): e for o, v, e in csv.reader(f)}
+
+
+def write_instances(path: Path, rows) -> Path:
+    """An instances.csv of (onnx, vnnlib, timeout) rows with absolute paths."""
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([(str(o), str(v), t) for o, v, t in rows])
+    return path
+
+
+def bench_rows(bench: Path, timeout: float = 60) -> list:
+    with open(bench / "instances.csv", newline="") as f:
+        return [(bench / o, bench / v, timeout) for o, v, _ in csv.reader(f)]
+
+
+def results(path: Path) -> dict:
+    """(abs onnx, abs vnnlib) -> row of a verifier batch results file (paths relative to cwd);
+    asserts every instance appears once."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = {(os.path.abspath(r["onnx"]), os.path.abspath(r["vnnlib"])): r for r in rows}
+    assert len(out) == len(rows), "an instance has more than one row"
+    return out
+
+
+def descendants_named(title: str) -> list[int]:
+    """Pids of this process's descendants whose command line starts with ``title``."""
+    parent, cmd = {}, {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd[int(d)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    mine, todo = set(), [os.getpid()]
+    while todo:
+        p = todo.pop()
+        for c, pp in parent.items():
+            if pp == p and c not in mine:
+                mine.add(c)
+                todo.append(c)
+    return [p for p in mine if cmd.get(p, "").startswith(title)]

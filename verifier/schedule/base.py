@@ -1,0 +1,104 @@
+"""The scheduler interface: run independent tasks (one verification instance each) and yield
+their outcomes as they finish. ``InProcessScheduler`` runs them one after another in the
+current process (the default, no dependency); ``RayScheduler`` (``ray_batch.py``) runs them as
+Ray tasks on a local or remote Ray cluster. ``make_scheduler`` picks one from the command-line
+flags. Nothing in ``verifier.bounds`` or ``verifier.complete`` imports this package.
+"""
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+from ..errors import VerifierError
+
+log = logging.getLogger(__name__)
+
+RAY_HINT = "install it with: pip install '.[ray]' (or pip install ray)"
+
+
+class SchedulerError(VerifierError):
+    """A scheduler could not start: Ray missing, an unreachable cluster address, bad settings."""
+
+
+@dataclass
+class TaskOutcome:
+    """What became of one task: its return ``value``, or ``error`` (the reason it has none:
+    the task raised, or its worker died ``attempts`` times)."""
+    value: Any = None
+    error: str | None = None
+    attempts: int = 1
+
+
+class Scheduler(ABC):
+    """Runs ``fn(*args)`` for each ``args`` of a list; at most ``workers`` at a time."""
+
+    workers: int = 1
+
+    @abstractmethod
+    def run(self, fn: Callable, tasks: list[tuple]) -> Iterator[tuple[int, TaskOutcome]]:
+        """Yield ``(index into tasks, outcome)`` as each task finishes (any order)."""
+
+    def close(self) -> None:
+        """Release the workers (a no-op in-process)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class InProcessScheduler(Scheduler):
+    """Every task in the current process, in order. A task's exception becomes its outcome's
+    ``error``; KeyboardInterrupt stops the run."""
+
+    workers = 1
+
+    def run(self, fn, tasks):
+        for i, args in enumerate(tasks):
+            try:
+                yield i, TaskOutcome(fn(*args))
+            except Exception as e:  # a task's failure is its outcome, not the run's
+                yield i, TaskOutcome(error=f"{type(e).__name__}: {e}".replace("\n", " "))
+
+
+def make_scheduler(workers: int = 1, address: str | None = None, max_retries: int = 2,
+                   hard_limit: Callable[[tuple], float] | None = None) -> Scheduler:
+    """In-process for one worker and no address; otherwise Ray (local with ``workers`` CPUs
+    when ``address`` is None, else the cluster at ``address``: "auto", "HOST:PORT" or
+    "ray://HOST:PORT"). Asking for Ray without it installed is an error, not a silent fall
+    back to one process: the user asked for parallel work. ``max_retries``: how many times a
+    task whose worker died is run again before it is reported as an error. ``hard_limit(args)``
+    : seconds after which a running task is killed (reported as an error, not retried)."""
+    if workers < 1:
+        raise SchedulerError(f"workers must be >= 1, got {workers}")
+    if max_retries < 0:
+        raise SchedulerError(f"max_retries must be >= 0, got {max_retries}")
+    if workers == 1 and address is None:
+        return InProcessScheduler()
+    from .ray_batch import RayScheduler
+    return RayScheduler(workers, address, max_retries=max_retries, hard_limit=hard_limit)
+
+
+def import_ray(why: str):
+    """``import ray``, or a SchedulerError that says how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise SchedulerError(f"{why} needs Ray, which is not installed; {RAY_HINT}") from None
+    return ray
+
+
+def chunks(items: Iterable, n: int) -> list[list]:
+    """``items`` cut into ``n`` contiguous parts of near-equal size (empty parts dropped)."""
+    items = list(items)
+    k, r = divmod(len(items), n)
+    out, s = [], 0
+    for i in range(n):
+        e = s + k + (i < r)
+        if e > s:
+            out.append(items[s:e])
+        s = e
+    return out
