@@ -19,8 +19,9 @@ Decide a VNN-LIB property on an ONNX model. The VNN-LIB file describes the count
 "timeout" that the budget ran out. Exit status 0 for every verdict."""
 
 VERIFY_EPILOG = """\
-example:
-  verifier verify net.onnx prop.vnnlib --timeout 60 --json --cex-file cex.txt"""
+examples:
+  verifier verify net.onnx prop.vnnlib --timeout 60 --json --cex-file cex.txt
+  verifier verify acas.onnx prop_2.vnnlib --workers 2   # branch and bound on 2 Ray actors"""
 
 BATCH_DESCRIPTION = """\
 Run every instance of a VNN-COMP instances.csv (rows: onnx path, vnnlib path, timeout; paths
@@ -69,6 +70,12 @@ def verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cex-file", metavar="F",
                    help="on sat, write the counterexample there in the VNN-COMP format "
                         "((X_0 v) ... (Y_0 v) ...)")
+    p.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                   help="input-split branch and bound bounds its batches on N Ray actors "
+                        "(default 1: in this process; pip install '.[ray]')")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="with --workers: the actors run on this Ray cluster (HOST:PORT or auto) "
+                        "instead of a local Ray")
     _common(p)
 
 
@@ -97,7 +104,13 @@ def cmd_verify(a: argparse.Namespace) -> int:
     from .complete import verify
     torch.set_num_threads(a.threads)
     progress = _progress_line if (a.progress or sys.stderr.isatty()) else None
-    v = verify(a.model, a.spec, timeout=a.timeout, seed=a.seed, progress=progress)
+    if a.workers > 1 or a.ray_address:
+        from .schedule.ray_bab import RayDomainPool
+        with RayDomainPool(a.model, a.workers, a.ray_address) as pool:
+            v = verify(a.model, a.spec, timeout=a.timeout, seed=a.seed, progress=progress,
+                       expander=pool)
+    else:
+        v = verify(a.model, a.spec, timeout=a.timeout, seed=a.seed, progress=progress)
     if progress is not None and _progress_line.shown:
         print(file=sys.stderr)
     if a.cex_file and v.counterexample is not None:

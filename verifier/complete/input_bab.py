@@ -194,102 +194,200 @@ class BabResult:
     worst: float = float("nan")  # the worst (lowest) refutation margin still open
 
 
+@dataclass
+class SplitProblem:
+    """What every batch of one branch and bound run shares (cheap to send to a worker):
+    ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]``, ``scale: [n_in]`` the region's widths."""
+    Cs: list
+    ds: list
+    scale: torch.Tensor
+    method: str = "crown"
+
+
+@dataclass
+class Expansion:
+    """One batch of domains bounded and split: ``bounded`` domains bounded, ``open`` of them
+    not refuted (``worst`` their lowest margin), ``children`` their two halves each (a batch
+    for the queue, None when all closed), or a ``candidate`` ``(x, disjunct)`` to replay."""
+    bounded: int = 0
+    open: int = 0
+    worst: float = float("nan")
+    children: dict | None = None
+    candidate: tuple | None = None
+    attack_s: float = 0.0
+
+
+class Prepared:
+    """A SplitProblem's tensors in the model's dtype, and the graph's nodes it needs."""
+
+    def __init__(self, model, p: SplitProblem):
+        dt = model.dtype
+        self.Cs, self.ds, self.scale, self.method = p.Cs, p.ds, p.scale, p.method
+        self.C_all = torch.cat([c.to(dt) for c in p.Cs])                 # [R, n_out]
+        self.d_all = torch.cat([d.to(dt) for d in p.ds])                 # [R]
+        self.owner = torch.cat([torch.full((c.shape[0],), k) for k, c in enumerate(p.Cs)])
+        self.K = len(p.Cs)
+        self.keep = _prior_nodes(model.graph) if p.method == "crown" else []
+        self.relus = [n.name for n in model.graph if n.op != "input" and RULES[n.op].sign_only]
+
+
+def expand_domains(model, pr: Prepared, cur: dict, seed: int, deadline: float,
+                   attack_after: float) -> Expansion:
+    """Bound a batch of domains (``cur``: boxes ``lo, hi: [n, *input_shape]`` and, after the
+    first round, their parents' intermediate bounds ``l:NODE, u:NODE``); try the centres and
+    the bound-minimizing corners as counterexamples; attack the most open domains when
+    ``perf_counter() >= attack_after``; split the open domains. Times are perf_counter()."""
+    from .spec_attack import spec_attack
+    C_all, d_all, owner, K, keep, relus = pr.C_all, pr.d_all, pr.owner, pr.K, pr.keep, pr.relus
+    dt = C_all.dtype
+    blo, bhi = cur["lo"], cur["hi"]
+    n = blo.shape[0]
+    # a point of the batch that satisfies a conjunction: the centres
+    centres = (blo + bhi) / 2
+    with torch.no_grad():
+        y_c, cvals = evaluate(model.graph, {model.input: centres})
+    x = _holding(model, centres, C_all, d_all, owner, K, y=y_c)
+    if x is not None:
+        return Expansion(candidate=x)
+    spec = C_all.reshape(1, *C_all.shape[:1], *model.output_shape).expand(n, -1, *model.output_shape)
+    leaf = _RecordingBox(blo, bhi, rows=C_all.shape[0])
+    if keep:
+        prior = None
+        if "l:" + keep[0] in cur:
+            prior = {k: Interval(cur["l:" + k], cur["u:" + k]) for k in keep}
+        record = {k: None for k in relus}
+        with torch.no_grad():
+            low, _, nodes = crown_bounds(model.graph, {model.input: leaf}, spec.to(dt),
+                                         prior=prior, record=record, box_rows=False,
+                                         clipped_pass=False, relax_lines=False)
+        low = torch.nan_to_num(low, nan=-torch.inf)
+    else:
+        res = model.bounds({model.input: leaf}, pr.method, spec=spec)
+        low = res.lower
+    margin = low - d_all                                          # [n, R]: > 0 refutes a row
+    per_k = torch.stack([margin[:, owner == k].max(1).values for k in range(K)], 1)
+    open_ = (per_k <= 0).any(1)
+    if not open_.any():
+        return Expansion(bounded=n)
+    out = Expansion(bounded=n, open=int(open_.sum()), worst=float(per_k[open_].min()))
+    olo, ohi = blo[open_], bhi[open_]
+    x = _corner_candidate(model, leaf.A, open_, margin, owner, K, olo, ohi, C_all, d_all)
+    if x is not None:
+        out.candidate = x
+        return out
+    # a short attack from the most open domains, while attacks have taken less than
+    # ATTACK_SHARE of the time (corners and centres are tried on every domain anyway)
+    if time.perf_counter() >= attack_after:
+        ta = time.perf_counter()
+        order = per_k[open_].min(1).values.argsort()[:4]
+        for j in order.tolist():
+            if time.perf_counter() > deadline:
+                break
+            x, k, v = spec_attack(model.graph_forward, olo[j], ohi[j], pr.Cs, pr.ds, steps=20,
+                                  restarts=4, seed=seed + j, deadline=deadline)
+            if v <= 0:
+                out.candidate = (x, k)
+                break
+        out.attack_s = time.perf_counter() - ta
+        if out.candidate is not None:
+            return out
+    terms = None
+    if keep and all(v is not None for v in record.values()):
+        oi = open_.nonzero().squeeze(1)
+        terms = _relax_terms(model, relus, record, nodes, oi, cvals, centres[open_],
+                             (ohi - olo).flatten(1))
+    dim = _branch_dims(leaf.A, open_, margin, per_k, owner, olo, ohi, pr.scale, terms)
+    mid = ((olo.flatten(1).gather(1, dim[:, None]) + ohi.flatten(1).gather(1, dim[:, None])) / 2)
+    left_hi = ohi.flatten(1).clone()
+    left_hi.scatter_(1, dim[:, None], mid)
+    right_lo = olo.flatten(1).clone()
+    right_lo.scatter_(1, dim[:, None], mid)
+    new = {"lo": torch.cat([olo.flatten(1), right_lo]).reshape(-1, *olo.shape[1:]),
+           "hi": torch.cat([left_hi, ohi.flatten(1)]).reshape(-1, *olo.shape[1:])}
+    for k in keep:
+        b = nodes[k].sanitized()
+        new["l:" + k] = b.lower[open_].repeat(2, *[1] * (b.lower.ndim - 1))
+        new["u:" + k] = b.upper[open_].repeat(2, *[1] * (b.upper.ndim - 1))
+    out.children = new
+    return out
+
+
+class LocalExpander:
+    """The default expander: each batch expanded in this process when it is collected.
+
+    An expander is the seam between branch and bound's coordinator (``input_split_bab``: the
+    queue, the deadline, candidates) and where batches are bounded: ``start(problem)`` once per
+    run, then up to ``slots`` batches ``submit``-ted before each ``collect(deadline)`` (which
+    returns one finished Expansion, or None if the deadline passed first), and ``cancel()``
+    when the run ends (outstanding work is dropped). ``verifier.schedule.ray_bab`` has one
+    whose batches run on Ray actors."""
+
+    slots = 1
+
+    def __init__(self, model):
+        self.model = model
+        self._job = None
+
+    def start(self, problem: SplitProblem) -> None:
+        self._pr = Prepared(self.model, problem)
+
+    def submit(self, cur: dict, seed: int, deadline: float, attack_after: float) -> None:
+        self._job = (cur, seed, deadline, attack_after)
+
+    def collect(self, deadline: float) -> Expansion | None:
+        job, self._job = self._job, None
+        return expand_domains(self.model, self._pr, *job)
+
+    def cancel(self) -> None:
+        self._job = None
+
+
 def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, deadline: float,
-                    batch: int = 4096, method: str = "crown", progress=None) -> BabResult:
+                    batch: int = 4096, method: str = "crown", progress=None,
+                    expander=None) -> BabResult:
     """``lower, upper: [*input_shape]``; ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]``.
 
-    ``progress(domains_left, worst_margin, elapsed)`` is called after every round."""
-    from .spec_attack import spec_attack
+    ``progress(domains_left, worst_margin, elapsed)`` is called after every round.
+    ``expander``: where batches are bounded (default ``LocalExpander(model)``, this process);
+    the domains always cover the box: ``unsat`` only once every batch handed out has come back
+    closed or split, and the queue is empty."""
     t0 = time.perf_counter()
-    dt = lower.dtype
-    C_all = torch.cat([c.to(dt) for c in Cs])                     # [R, n_out]
-    d_all = torch.cat([d.to(dt) for d in ds])                     # [R]
-    owner = torch.cat([torch.full((c.shape[0],), k) for k, c in enumerate(Cs)])
-    K = len(Cs)
-    scale = (upper - lower).flatten().clamp(min=1e-12)
+    expander = expander if expander is not None else LocalExpander(model)
+    expander.start(SplitProblem(list(Cs), list(ds), (upper - lower).flatten().clamp(min=1e-12),
+                                method))
     # the queue: each domain's box and the intermediate bounds of its parent (over a superset
     # of the domain: sound for it, and they let CROWN skip the neurons already stable there)
     queue = _Stack({"lo": lower.unsqueeze(0), "hi": upper.unsqueeze(0)})
-    keep = _prior_nodes(model.graph) if method == "crown" else []
-    relus = [n.name for n in model.graph if n.op != "input" and RULES[n.op].sign_only]
-    total = rounds = 0
+    total = rounds = inflight = 0
     attack_s = 0.0
     worst = float("nan")
-    while len(queue):
-        if time.perf_counter() > deadline:
-            return BabResult("timeout", domains=total, rounds=rounds, worst=worst)
-        rounds += 1
-        cur = queue.pop(batch)
-        blo, bhi = cur["lo"], cur["hi"]
-        n = blo.shape[0]
-        # a point of the batch that satisfies a conjunction: the centres
-        centres = (blo + bhi) / 2
-        with torch.no_grad():
-            y_c, cvals = evaluate(model.graph, {model.input: centres})
-        x = _holding(model, centres, C_all, d_all, owner, K, y=y_c)
-        if x is not None:
-            return BabResult("candidate", x[0], x[1], total, rounds, worst)
-        spec = C_all.reshape(1, *C_all.shape[:1], *model.output_shape).expand(n, -1, *model.output_shape)
-        leaf = _RecordingBox(blo, bhi, rows=C_all.shape[0])
-        if keep:
-            prior = None
-            if "l:" + keep[0] in cur:
-                prior = {k: Interval(cur["l:" + k], cur["u:" + k]) for k in keep}
-            record = {k: None for k in relus}
-            with torch.no_grad():
-                low, _, nodes = crown_bounds(model.graph, {model.input: leaf}, spec.to(dt),
-                                             prior=prior, record=record, box_rows=False,
-                                             clipped_pass=False, relax_lines=False)
-            low = torch.nan_to_num(low, nan=-torch.inf)
-        else:
-            res = model.bounds({model.input: leaf}, method, spec=spec)
-            low = res.lower
-        total += n
-        margin = low - d_all                                          # [n, R]: > 0 refutes a row
-        per_k = torch.stack([margin[:, owner == k].max(1).values for k in range(K)], 1)
-        open_ = (per_k <= 0).any(1)
-        if open_.any():
-            worst = float(per_k[open_].min())
-        if progress is not None:
-            progress(int(open_.sum()) * 2 + len(queue), worst, time.perf_counter() - t0)
-        if not open_.any():
-            continue
-        olo, ohi = blo[open_], bhi[open_]
-        x = _corner_candidate(model, leaf.A, open_, margin, owner, K, olo, ohi, C_all, d_all)
-        if x is not None:
-            return BabResult("candidate", x[0], x[1], total, rounds, worst)
-        # a short attack from the most open domains, while attacks have taken less than
-        # ATTACK_SHARE of the time (corners and centres are tried on every domain anyway)
-        if attack_s <= ATTACK_SHARE * (time.perf_counter() - t0):
-            ta = time.perf_counter()
-            order = per_k[open_].min(1).values.argsort()[:4]
-            for j in order.tolist():
+    try:
+        while len(queue) or inflight:
+            while len(queue) and inflight < expander.slots:
                 if time.perf_counter() > deadline:
-                    break
-                x, k, v = spec_attack(model.graph_forward, olo[j], ohi[j], Cs, ds, steps=20,
-                                      restarts=4, seed=rounds + j, deadline=deadline)
-                if v <= 0:
-                    return BabResult("candidate", x, k, total, rounds, worst)
-            attack_s += time.perf_counter() - ta
-        terms = None
-        if keep and all(v is not None for v in record.values()):
-            oi = open_.nonzero().squeeze(1)
-            terms = _relax_terms(model, relus, record, nodes, oi, cvals, centres[open_],
-                                 (ohi - olo).flatten(1))
-        dim = _branch_dims(leaf.A, open_, margin, per_k, owner, olo, ohi, scale, terms)
-        mid = ((olo.flatten(1).gather(1, dim[:, None]) + ohi.flatten(1).gather(1, dim[:, None])) / 2)
-        left_hi = ohi.flatten(1).clone()
-        left_hi.scatter_(1, dim[:, None], mid)
-        right_lo = olo.flatten(1).clone()
-        right_lo.scatter_(1, dim[:, None], mid)
-        new = {"lo": torch.cat([olo.flatten(1), right_lo]).reshape(-1, *olo.shape[1:]),
-               "hi": torch.cat([left_hi, ohi.flatten(1)]).reshape(-1, *olo.shape[1:])}
-        for k in keep:
-            b = nodes[k].sanitized()
-            new["l:" + k] = b.lower[open_].repeat(2, *[1] * (b.lower.ndim - 1))
-            new["u:" + k] = b.upper[open_].repeat(2, *[1] * (b.upper.ndim - 1))
-        # open domains go first: depth first keeps the frontier small
-        queue.push(new)
-        log.debug("round %d: %d domains left, worst margin %.4g", rounds, len(queue),
-                  worst)
+                    return BabResult("timeout", domains=total, rounds=rounds, worst=worst)
+                rounds += 1
+                expander.submit(queue.pop(batch), rounds, deadline,
+                                t0 + attack_s / ATTACK_SHARE)
+                inflight += 1
+            e = expander.collect(deadline)
+            if e is None:
+                return BabResult("timeout", domains=total, rounds=rounds, worst=worst)
+            inflight -= 1
+            total += e.bounded
+            attack_s += e.attack_s
+            if e.open:
+                worst = e.worst
+            if e.candidate is not None:
+                return BabResult("candidate", e.candidate[0], e.candidate[1], total, rounds,
+                                 worst)
+            if progress is not None and e.bounded:
+                progress(e.open * 2 + len(queue), worst, time.perf_counter() - t0)
+            if e.children is not None:
+                # open domains go first: depth first keeps the frontier small
+                queue.push(e.children)
+            log.debug("round %d: %d domains left, worst margin %.4g", rounds, len(queue),
+                      worst)
+    finally:
+        expander.cancel()  # a candidate or the deadline: outstanding batches are dropped
     return BabResult("unsat", domains=total, rounds=rounds, worst=worst)

@@ -102,14 +102,17 @@ def _replay(x, disjunct, region, ri, run, replayer):
 
 
 def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-crown"), attack: bool = True,
-           seed: int = 0, bab: bool = True, max_split_inputs: int = 16, progress=None) -> Verdict:
+           seed: int = 0, bab: bool = True, max_split_inputs: int = 16, progress=None,
+           expander=None) -> Verdict:
     """Decide a VNN-LIB property on a model.
 
     ``model``: a ``BoundedModel`` or an ONNX path; ``spec``: a ``VnnlibSpec`` or a path;
     ``timeout``: wall-clock seconds for the whole call (checked between steps);
     ``bab``: branch and bound, by input splitting when the input has at most
     ``max_split_inputs`` values, else by ReLU splitting; ``progress(domains_left,
-    worst_margin, elapsed_s)`` is called after every round of it.
+    worst_margin, elapsed_s)`` is called after every round of it; ``expander``: where
+    input-split branch and bound bounds its batches (default: this process; see
+    ``input_bab.LocalExpander`` and ``verifier.schedule.RayDomainPool``).
     """
     from ..api import BoundedModel
     from ..spec.vnnlib import VnnlibSpec, read_vnnlib
@@ -206,7 +209,8 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
         for ri, (region, (lo, hi)) in enumerate(zip(spec.regions, boxes)):
             Cs = [torch.as_tensor(c.C, dtype=dt) for c in region.disjuncts]
             ds = [torch.as_tensor(c.d, dtype=dt) for c in region.disjuncts]
-            r = input_split_bab(model, lo, hi, Cs, ds, deadline, progress=progress)
+            r = input_split_bab(model, lo, hi, Cs, ds, deadline, progress=progress,
+                                expander=expander)
             total += r.domains
             if r.status == "candidate":
                 cex = _replay(r.x, r.disjunct, region, ri, run, replayer)

@@ -1,0 +1,212 @@
+"""verifier batch and branch and bound on a local Ray of 2 workers: the same verdicts as in
+this process, a killed worker loses no instance, a rerun resumes without recomputing; the Ray
+branch-and-bound pool agrees with the in-process one and stops at the deadline. Skipped when
+Ray is not installed."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from support import (ACAS_SAMPLE, SHARED, TEST_BENCH, bench_rows, descendants_named, expected,
+                     results, write_instances)
+
+ray = pytest.importorskip("ray")
+
+from verifier.cli import main  # noqa: E402
+
+# the retry tests' tasks live in this module, which Ray's workers cannot import: send them by value
+ray.cloudpickle.register_pickle_by_value(__import__(__name__))
+from verifier.schedule.ray_batch import RayScheduler  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray of 2 CPUs for the module (the schedulers join it, never shut it down)."""
+    import logging
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+# -- tasks for the retry tests (top level: Ray pickles them by reference) ---------------------
+
+def _die_once(marker, x):
+    """SIGKILLs its own worker the first time (a marker file remembers), then returns 2x."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return 2 * x
+
+
+def _die_always(x):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _raise(x):
+    raise ValueError(f"bad {x}")
+
+
+def test_worker_killed_once_is_retried_and_one_killed_every_time_is_an_error(local_ray, tmp_path):
+    s = RayScheduler(2, max_retries=2)
+    out = dict(s.run(_die_once, [(str(tmp_path / "m0"), 1), (str(tmp_path / "m1"), 2)]))
+    assert {i: (o.value, o.error, o.attempts) for i, o in out.items()} == \
+        {0: (2, None, 2), 1: (4, None, 2)}
+    out = dict(s.run(_die_always, [(1,)]))
+    assert out[0].value is None and out[0].attempts == 3
+    assert "its worker died 3 times (retried 2)" in out[0].error
+    out = dict(s.run(_raise, [(7,)]))   # an exception is the task's own: not retried
+    assert out[0].attempts == 1 and out[0].error == "ValueError: bad 7"
+
+
+def _verdicts(path):
+    return {k: r["status"] for k, r in results(path).items()}
+
+
+def test_ray_batch_gives_the_in_process_verdicts_kill_and_resume(local_ray, tmp_path, monkeypatch,
+                                                                 capsys):
+    """test + acasxu sample, in process and with --workers 2; during the Ray run a worker is
+    SIGKILLed while it runs an instance: every instance still gets its verdict (the killed one
+    retried); the rerun runs nothing and leaves the file as it was."""
+    monkeypatch.chdir(tmp_path)
+    inst = write_instances(tmp_path / "i.csv", bench_rows(TEST_BENCH, 60) + bench_rows(ACAS_SAMPLE, 60))
+    assert main(["batch", str(inst), "--out", "local.csv"]) == 0
+    killed = []
+
+    def kill_one_running_task():
+        t0 = time.time()
+        while not killed and time.time() - t0 < 60:
+            for pid in descendants_named("ray::_run_task"):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                break
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_one_running_task)
+    killer.start()
+    assert main(["batch", str(inst), "--out", "ray.csv", "--workers", "2"]) == 0
+    killer.join()
+    assert killed, "no running task was seen to kill"
+    exp = {**expected(TEST_BENCH), **expected(ACAS_SAMPLE)}
+    assert _verdicts("local.csv") == exp
+    assert _verdicts("ray.csv") == exp          # nothing lost to the kill, nothing an error
+    capsys.readouterr()
+    before = (tmp_path / "ray.csv").read_bytes()
+    assert main(["batch", str(inst), "--out", "ray.csv", "--workers", "2"]) == 0
+    assert "11 of 11 instances already there, 0 to run" in capsys.readouterr().err
+    assert (tmp_path / "ray.csv").read_bytes() == before
+
+
+SHARED_SLICE = {  # quick instances of the shared benchmarks (in-process: each under ~3 s)
+    "test": None,  # all of it
+    "acasxu": [("ACASXU_run2a_1_1_batch_2000.onnx", "prop_1"), ("ACASXU_run2a_1_9_batch_2000.onnx", "prop_1"),
+               ("ACASXU_run2a_2_4_batch_2000.onnx", "prop_3"), ("ACASXU_run2a_2_7_batch_2000.onnx", "prop_2"),
+               ("ACASXU_run2a_1_2_batch_2000.onnx", "prop_2"), ("ACASXU_run2a_3_1_batch_2000.onnx", "prop_4")],
+}
+
+
+@pytest.mark.parametrize("bench", sorted(SHARED_SLICE))
+def test_ray_batch_on_the_shared_benchmarks_matches_in_process(local_ray, tmp_path, monkeypatch,
+                                                              bench):
+    if not (SHARED / bench).exists():
+        pytest.skip(f"../shared/benchmarks/vnncomp/{bench} is not present")
+    monkeypatch.chdir(tmp_path)
+    d = SHARED / bench
+    pick = SHARED_SLICE[bench]
+    rows = bench_rows(d, 30) if pick is None else \
+        [(d / "onnx" / o, d / "vnnlib" / f"{p}.vnnlib", 30) for o, p in pick]
+    inst = write_instances(tmp_path / "i.csv", rows)
+    assert main(["batch", str(inst), "--out", "local.csv"]) == 0
+    assert main(["batch", str(inst), "--out", "ray.csv", "--workers", "2"]) == 0
+    local, dist = _verdicts("local.csv"), _verdicts("ray.csv")
+    assert local == dist
+    assert len(dist) == len(rows) and "error" not in dist.values()
+
+
+# -- branch and bound on Ray actors ------------------------------------------------------------
+
+def _acas(net, prop):
+    return ACAS_SAMPLE / "onnx" / f"ACASXU_run2a_{net}_batch_2000.onnx", \
+        ACAS_SAMPLE / "vnnlib" / f"{prop}.vnnlib"
+
+
+@pytest.mark.parametrize("net", ["1_1", "1_2"])
+def test_ray_domain_pool_gives_the_in_process_verdicts(local_ray, net):
+    """Every instance of the sample is decided by input-split branch and bound (sat ones by a
+    replayed counterexample): with 2 actors the verdicts are the in-process ones."""
+    from verifier.complete import verify
+    from verifier.schedule import RayDomainPool
+    exp = expected(ACAS_SAMPLE)
+    with RayDomainPool(_acas(net, "prop_2")[0], actors=2) as pool:
+        for prop in ("prop_2", "prop_3", "prop_4"):
+            onnx, vnnlib = _acas(net, prop)
+            here = verify(onnx, vnnlib, timeout=60)
+            there = verify(onnx, vnnlib, timeout=60, expander=pool)
+            assert here.method == there.method == "bab-input"
+            assert here.status == there.status == exp[(str(onnx), str(vnnlib))], (here, there)
+            if there.status == "unsat":   # every domain of the same tree was bounded
+                assert there.details["domains"] > 0
+
+
+def test_ray_domain_pool_stops_at_the_deadline_and_serves_the_next_run(local_ray):
+    from verifier.api import BoundedModel
+    from verifier.complete.input_bab import input_split_bab
+    from verifier.schedule import RayDomainPool
+    from verifier.spec.vnnlib import read_vnnlib
+    onnx, vnnlib = _acas("1_1", "prop_3")
+    m = BoundedModel.from_onnx(onnx)
+    r = read_vnnlib(vnnlib).regions[0]
+    lo = torch.as_tensor(r.lower, dtype=torch.float32).reshape(m.input_shape)
+    hi = torch.as_tensor(r.upper, dtype=torch.float32).reshape(m.input_shape)
+    Cs = [torch.as_tensor(c.C, dtype=torch.float32) for c in r.disjuncts]
+    ds = [torch.as_tensor(c.d, dtype=torch.float32) for c in r.disjuncts]
+    with RayDomainPool(onnx, actors=2) as pool:
+        t0 = time.perf_counter()
+        res = input_split_bab(m, lo, hi, Cs, ds, t0 + 0.3, expander=pool)
+        assert res.status == "timeout"
+        assert time.perf_counter() - t0 < 3.0
+        res = input_split_bab(m, lo, hi, Cs, ds, time.perf_counter() + 60, expander=pool)
+        assert res.status == "unsat"
+        local = input_split_bab(m, lo, hi, Cs, ds, time.perf_counter() + 60)
+        assert local.status == "unsat"
+
+
+def test_ray_domain_pool_actor_killed_mid_batch_is_restarted_and_the_batch_rerun(local_ray):
+    from verifier.complete.input_bab import LocalExpander, SplitProblem
+    from verifier.schedule import RayDomainPool
+    from verifier.api import BoundedModel
+    from verifier.spec.vnnlib import read_vnnlib
+    onnx, vnnlib = _acas("1_1", "prop_3")
+    m = BoundedModel.from_onnx(onnx)
+    r = read_vnnlib(vnnlib).regions[0]
+    lo = torch.as_tensor(r.lower, dtype=torch.float32)
+    hi = torch.as_tensor(r.upper, dtype=torch.float32)
+    # 64 sub-boxes along input 0: a batch that takes a moment
+    cuts = torch.linspace(0, 1, 65)
+    blo, bhi = lo.repeat(64, 1), hi.repeat(64, 1)
+    blo[:, 0] = lo[0] + cuts[:-1] * (hi[0] - lo[0])
+    bhi[:, 0] = lo[0] + cuts[1:] * (hi[0] - lo[0])
+    blo, bhi = blo.reshape(64, *m.input_shape), bhi.reshape(64, *m.input_shape)
+    prob = SplitProblem([torch.as_tensor(c.C, dtype=torch.float32) for c in r.disjuncts],
+                        [torch.as_tensor(c.d, dtype=torch.float32) for c in r.disjuncts],
+                        (hi - lo).flatten(), "crown")
+    far = time.perf_counter() + 600
+    local = LocalExpander(m)
+    local.start(prob)
+    local.submit({"lo": blo, "hi": bhi}, 1, far, far)
+    want = local.collect(far)
+    with RayDomainPool(onnx, actors=1) as pool:
+        pool.start(prob)
+        (pid,) = pool.pids()
+        pool.submit({"lo": blo, "hi": bhi}, 1, far, far)
+        os.kill(pid, signal.SIGKILL)          # while the batch is on its way or running
+        got = pool.collect(far)
+        assert pool.pids() != [pid]           # Ray restarted the actor (model reloaded)
+    assert got.bounded == want.bounded == 64 and got.open == want.open
+    assert (got.children is None) == (want.children is None)
+    if want.children is not None:
+        assert torch.equal(got.children["lo"], want.children["lo"])
+        assert torch.equal(got.children["hi"], want.children["hi"])
+

@@ -1,0 +1,129 @@
+"""``RayDomainPool``: input-split branch and bound with its batches bounded on Ray actors.
+
+The coordinator stays ``verifier.complete.input_bab.input_split_bab`` (the depth-first
+frontier, the deadline, candidates and their replay in ``verify``); this module only implements
+its expander seam (``submit`` / ``collect`` / ``cancel``, see ``LocalExpander``). Each actor
+loads the ONNX model once and keeps it (and the prepared spec of the current run) for every
+batch it is handed; one batch per actor is in flight at a time, so ``actors`` batches are
+bounded at once. Times cross processes as durations (remaining seconds), never as clock values.
+
+Stopping: when the coordinator returns (a candidate, the deadline, an error) it calls
+``cancel``: no batch is handed out any more, batches not yet started are cancelled, and the
+result of a batch still running is ignored (a running actor call cannot be interrupted; it
+ends after one batch, and its attacks stop at the deadline it was given). An actor that dies is
+restarted once by Ray and its batch run again (the expansion is deterministic); a second death
+is an error, never a closed domain.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+
+from .base import SchedulerError
+from .ray_batch import init_ray
+
+
+class _DomainActor:
+    """One worker: the model, loaded once, and the current run's prepared problem."""
+
+    def __init__(self, onnx_path: str):
+        import torch
+
+        from ..api import BoundedModel
+        from ..runtime import tune_allocator
+        torch.set_num_threads(1)
+        tune_allocator()
+        self.model = BoundedModel.from_onnx(onnx_path)
+        self.run_id, self.prepared = None, None
+
+    def expand(self, run_id, problem, cur, seed, deadline_in, attack_in):
+        from ..complete.input_bab import Prepared, expand_domains
+        if run_id != self.run_id:
+            self.run_id, self.prepared = run_id, Prepared(self.model, problem)
+        now = time.perf_counter()
+        return expand_domains(self.model, self.prepared, cur, seed, now + deadline_in,
+                              now + attack_in)
+
+    def pid(self) -> int:
+        import os
+        return os.getpid()
+
+
+class RayDomainPool:
+    """An expander for ``input_split_bab`` / ``verify(..., expander=)`` whose batches run on
+    ``actors`` Ray actors holding the model of ``onnx_path`` (the same model the caller
+    verifies). Local Ray with ``actors`` CPUs when ``address`` is None."""
+
+    _runs = itertools.count()
+
+    def __init__(self, onnx_path: str, actors: int = 2, address: str | None = None):
+        if actors < 1:
+            raise SchedulerError(f"actors must be >= 1, got {actors}")
+        self._ray, self._own = init_ray(actors, address, "distributed branch and bound")
+        remote = self._ray.remote(num_cpus=1, max_restarts=1, max_task_retries=1)(_DomainActor)
+        self.actors = [remote.remote(str(onnx_path)) for _ in range(actors)]
+        try:  # wait until every actor holds the model (a bad file is an error here, at once)
+            self.pids()
+        except Exception as e:
+            self.close()
+            msg = str(e).replace("\n", " ")[-500:]
+            raise SchedulerError(f"branch and bound workers could not load {onnx_path}: "
+                                 f"{msg}") from None
+        self.slots = actors
+        self._free = list(self.actors)
+        self._pending: dict = {}        # ObjectRef -> actor
+        self._problem = None
+
+    # -- the expander seam ------------------------------------------------------------------
+    def start(self, problem) -> None:
+        self.cancel()
+        self._run = next(self._runs)
+        self._problem = self._ray.put(problem)
+
+    def submit(self, cur: dict, seed: int, deadline: float, attack_after: float) -> None:
+        actor = self._free.pop()
+        now = time.perf_counter()
+        ref = actor.expand.remote(self._run, self._problem, cur, seed, deadline - now,
+                                  attack_after - now)
+        self._pending[ref] = actor
+
+    def collect(self, deadline: float):
+        from ray.exceptions import RayError
+        wait = max(0.0, deadline - time.perf_counter())
+        done, _ = self._ray.wait(list(self._pending), num_returns=1, timeout=wait)
+        if not done:
+            return None
+        ref = done[0]
+        self._free.append(self._pending.pop(ref))
+        try:
+            return self._ray.get(ref)
+        except RayError as e:
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise SchedulerError(f"a branch and bound worker failed: {type(e).__name__}: "
+                                 f"{msg}") from None
+
+    def cancel(self) -> None:
+        for ref in self._pending:
+            self._ray.cancel(ref)
+        self._pending.clear()
+        self._free = list(self.actors)
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def pids(self) -> list[int]:
+        """The actors' process ids (for tests and monitoring)."""
+        return self._ray.get([a.pid.remote() for a in self.actors])
+
+    def close(self) -> None:
+        self.cancel()
+        for a in self.actors:
+            self._ray.kill(a)
+        self.actors = []
+        if self._own and self._ray.is_initialized():
+            self._ray.shutdown()
+        self._own = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
