@@ -42,13 +42,20 @@ RUNS = {
     "fashion-0.1": dict(dataset="idx", eps=0.1, train_eps=0.15, epochs=12, warmup_epochs=1,
                         ramp_epochs=5, lr_milestones=[9, 11], test_subset=1000,
                         eval_eps=[0.02, 0.05, 0.1, 0.15]),
+    # the zoo's naturally trained baseline: same architecture without BatchNorm, plain
+    # cross-entropy, certified (if at all) only at a small radius
+    "mnist-natural": dict(dataset="npz", method="natural", model_kwargs={"bn": False},
+                          ibp_init=False, eps=0.01, train_eps=0.01, epochs=10, warmup_epochs=0,
+                          ramp_epochs=1, lr=1e-3, lr_milestones=[7, 9],
+                          eval_eps=[0.005, 0.01, 0.02, 0.05]),
 }
 
 
 def config_for(name: str, args) -> dict:
     d = {**_COMMON, **RUNS[name], "seed": args.seed, "threads": args.threads,
          "output": args.output or f"runs/{name}"}
-    d["model_kwargs"] = {**d["model_kwargs"], "width": args.width, "fc": args.fc}
+    d["model_kwargs"] = {**_COMMON["model_kwargs"], **RUNS[name].get("model_kwargs", {}),
+                         "width": args.width, "fc": args.fc}
     if args.eval_methods:
         d["eval_methods"] = list(args.eval_methods)
     if d["dataset"] == "npz":
@@ -66,13 +73,16 @@ def config_for(name: str, args) -> dict:
 
 def ship(name: str, cfg, out_dir: Path, report: dict, dest: Path, command: str) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    stem = f"cert_{name.replace('-', '_').replace('.', '')}"
+    stem = ("nat_mnist" if cfg.method == "natural"
+            else f"cert_{name.replace('-', '_').replace('.', '')}")
     shutil.copy(out_dir / "model.pt", dest / f"{stem}.pt")
     shutil.copy(out_dir / "model.onnx", dest / f"{stem}.onnx")
     zoo_path = dest / "zoo.json"
     zoo = json.loads(zoo_path.read_text()) if zoo_path.exists() else {"models": []}
     zoo["models"] = [m for m in zoo["models"] if m["name"] != stem]
-    rel = lambda p: str(p.resolve().relative_to(ROOT))  # noqa: E731
+    def rel(p: Path) -> str:  # relative to the repo when shipped into it
+        p = p.resolve()
+        return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
     cert = report["certified_acc"]
     best = max(cert, key=cert.get)
     zoo["models"].append({
@@ -125,7 +135,8 @@ def main() -> int:
               f"wall {wall:.0f} s, violations {report['violations']})", flush=True)
         if a.ship:
             cmd = (f"python benchmarks/train_mnist.py {name} --width {a.width} --fc {a.fc} "
-                   f"--threads {a.threads} --seed {a.seed}")
+                   + (f"--eval-methods {' '.join(a.eval_methods)} " if a.eval_methods else "")
+                   + f"--threads {a.threads} --seed {a.seed}")
             ship(name, cfg, Path(cfg.output), report, Path(a.ship), cmd)
     return 0
 
