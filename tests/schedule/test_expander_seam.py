@@ -5,7 +5,6 @@ the default expander bounds exactly the domains it did before the seam."""
 import random
 import time
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn

@@ -6,14 +6,12 @@ flags. Nothing in ``verifier.bounds`` or ``verifier.complete`` imports this pack
 """
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 from ..errors import VerifierError
 
-log = logging.getLogger(__name__)
 
 RAY_HINT = "install it with: pip install '.[ray]' (or pip install ray)"
 
@@ -90,15 +88,3 @@ def import_ray(why: str):
         raise SchedulerError(f"{why} needs Ray, which is not installed; {RAY_HINT}") from None
     return ray
 
-
-def chunks(items: Iterable, n: int) -> list[list]:
-    """``items`` cut into ``n`` contiguous parts of near-equal size (empty parts dropped)."""
-    items = list(items)
-    k, r = divmod(len(items), n)
-    out, s = [], 0
-    for i in range(n):
-        e = s + k + (i < r)
-        if e > s:
-            out.append(items[s:e])
-        s = e
-    return out
