@@ -74,7 +74,9 @@ class RayScheduler(Scheduler):
         self._ray, self._own = init_ray(workers, address, why)
         self.workers = workers
         self.max_retries = max_retries
-        self.hard_limit = hard_limit
+        # the clock of a task starts at its submission; on a cluster a task may wait for a
+        # free CPU first, so the limit applies only on the local Ray of ``workers`` CPUs
+        self.hard_limit = hard_limit if self._own and address is None else None
         self._remote = self._ray.remote(num_cpus=1, max_retries=0)(_run_task)
 
     def run(self, fn, tasks):
