@@ -218,10 +218,10 @@ class Expansion:
 
 
 class Prepared:
-    """A SplitProblem's tensors in the model's dtype, and the graph's nodes it needs."""
+    """A SplitProblem's tensors in the box's dtype, and the graph's nodes it needs."""
 
     def __init__(self, model, p: SplitProblem):
-        dt = model.dtype
+        dt = p.scale.dtype
         self.Cs, self.ds, self.scale, self.method = p.Cs, p.ds, p.scale, p.method
         self.C_all = torch.cat([c.to(dt) for c in p.Cs])                 # [R, n_out]
         self.d_all = torch.cat([d.to(dt) for d in p.ds])                 # [R]
@@ -319,8 +319,8 @@ class LocalExpander:
     queue, the deadline, candidates) and where batches are bounded: ``start(problem)`` once per
     run, then up to ``slots`` batches ``submit``-ted before each ``collect(deadline)`` (which
     returns one finished Expansion, or None if the deadline passed first), and ``cancel()``
-    when the run ends (outstanding work is dropped). ``verifier.schedule.ray_bab`` has one
-    whose batches run on Ray actors."""
+    when the run ends (outstanding work is dropped). An expander whose batches run in other
+    processes implements the same four methods and ``slots`` (how many batches at once)."""
 
     slots = 1
 

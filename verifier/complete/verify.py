@@ -112,7 +112,7 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
     ``max_split_inputs`` values, else by ReLU splitting; ``progress(domains_left,
     worst_margin, elapsed_s)`` is called after every round of it; ``expander``: where
     input-split branch and bound bounds its batches (default: this process; see
-    ``input_bab.LocalExpander`` and ``verifier.schedule.RayDomainPool``).
+    ``input_bab.LocalExpander``).
     """
     from ..api import BoundedModel
     from ..spec.vnnlib import VnnlibSpec, read_vnnlib
