@@ -23,9 +23,11 @@ from verifier.schedule.ray_batch import RayScheduler  # noqa: E402
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """One local Ray of 2 CPUs for the module (the schedulers join it, never shut it down)."""
+    """One local Ray for the module (the schedulers join it, never shut it down). The runs use
+    2 workers (--workers 2, 2 actors); Ray is told of 4 logical CPUs so that a pool's actors,
+    which hold one each, can never starve a batch's tasks whatever the test order."""
     import logging
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False)
     yield
     ray.shutdown()
