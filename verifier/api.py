@@ -18,6 +18,7 @@ from .bounds.crown import crown_bounds, ibp_spec_bounds
 from .bounds.ibp import ibp_bounds
 from .errors import ShapeError, VerifierError
 from .graph.nodes import Graph
+from .graph.simplify import fold_bias_adds
 from .graph.trace import build_graph
 from .perturbation import Box, LpBall, Perturbation
 
@@ -88,8 +89,8 @@ class BoundedModel:
         example_input = torch.as_tensor(example_input)[:1].to(torch.float32)
         self.module = model.eval()
         self.dtype = dtype
-        self.graph: Graph = build_graph(self.module, (example_input,),
-                                        [input_name] if input_name else None).to(dtype)
+        self.graph: Graph = fold_bias_adds(build_graph(self.module, (example_input,),
+                                                       [input_name] if input_name else None).to(dtype))
         if len(self.graph.leaves) != 1:
             raise ShapeError(f"the model takes {len(self.graph.leaves)} inputs; one is supported")
         self.input = self.graph.leaves[0]
