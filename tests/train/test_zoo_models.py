@@ -48,3 +48,34 @@ def test_zoo_entry_onnx_matches_state_dict_and_claim(entry):
     assert float(v.float().mean()) == pytest.approx(entry["measured"]["certified_acc"]["ibp"], abs=1e-3)
     with torch.no_grad():
         assert (net(ds.x[v]).argmax(1) == ds.y[v]).all()
+
+
+def test_docs_models_table_matches_zoo_json():
+    """docs/models.md lists every shipped model with the clean and certified accuracy that
+    zoo.json records (so the page cannot drift from the files)."""
+    text = (ROOT / "docs" / "models.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line for line in text.splitlines()
+            if line.startswith("| `")}
+    assert set(rows) == {e["name"] for e in ENTRIES}
+    for e in ENTRIES:
+        m, row = e["measured"], rows[e["name"]]
+        assert f"| {100 * m['clean_acc']:.1f}% |" in row, (e["name"], row)
+        if e["method"] == "lipschitz":
+            assert f"{100 * m['l2_certified_acc']['0.5']:.1f}%" in row
+        else:
+            best = m["best_verification_method"]
+            assert f"IBP {100 * m['certified_acc']['ibp']:.1f}%" in row
+            assert f"best {100 * m['certified_acc'][best]:.1f}% ({best})" in row
+
+
+def test_trained_loads_every_zoo_model_safely():
+    sys.path.insert(0, str(ROOT))
+    from models import trained
+    for e in ENTRIES:
+        net, entry = trained(e["name"])
+        assert entry is not None and not net.training
+        with torch.no_grad():
+            out = net(torch.zeros(1, *e["input_shape"]))
+        assert out.shape == (1, 10)
+    with pytest.raises(KeyError, match="no zoo model"):
+        trained("not_a_model")
