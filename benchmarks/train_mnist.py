@@ -29,14 +29,14 @@ SHARED = Path("/work/shared/datasets")
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 # the model: cnn_cert with BatchNorm (IBP initialization), IBP loss, smooth eps ramp
-_COMMON = dict(model="cnn_cert", model_kwargs={"width": 32, "fc": 512, "bn": True}, method="ibp",
+_COMMON = dict(model="cnn_cert", model_kwargs={"width": 32, "fc": 256, "bn": True}, method="ibp",
                ibp_init=True, batch_size=100, lr=5e-4, lr_decay=0.2, schedule="smooth",
                kappa_start=1.0, kappa_end=0.0, reg_weight=0.5, grad_clip=10.0,
                eval_methods=["ibp", "crown", "alpha-crown"], eval_pgd_steps=50)
 
 RUNS = {
-    "mnist-0.1": dict(dataset="npz", eps=0.1, train_eps=0.2, epochs=60, warmup_epochs=1,
-                      ramp_epochs=20, lr_milestones=[45, 55], eval_eps=[0.05, 0.1, 0.15, 0.2]),
+    "mnist-0.1": dict(dataset="npz", eps=0.1, train_eps=0.2, epochs=80, warmup_epochs=1,
+                      ramp_epochs=27, lr_milestones=[60, 73], eval_eps=[0.05, 0.1, 0.15, 0.2]),
     "mnist-0.3": dict(dataset="npz", eps=0.3, train_eps=0.4, epochs=60, warmup_epochs=1,
                       ramp_epochs=25, lr_milestones=[45, 55], eval_eps=[0.1, 0.2, 0.3, 0.35, 0.4]),
     "fashion-0.1": dict(dataset="idx", eps=0.1, train_eps=0.15, epochs=12, warmup_epochs=1,
@@ -111,7 +111,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, help="shorter runs (the schedule is scaled down)")
     p.add_argument("--width", type=int, default=32, help="cnn_cert: channels of the first convolution")
-    p.add_argument("--fc", type=int, default=512, help="cnn_cert: width of the hidden dense layer")
+    p.add_argument("--fc", type=int, default=256, help="cnn_cert: width of the hidden dense layer")
     p.add_argument("--eval-methods", nargs="+", help="verification methods of the report, run in a "
                    "cascade (default ibp crown alpha-crown)")
     p.add_argument("--output", help="the run folder (default runs/NAME)")
