@@ -30,12 +30,15 @@ def bench_rows(bench: Path, timeout: float = 60) -> list:
         return [(bench / o, bench / v, timeout) for o, v, _ in csv.reader(f)]
 
 
-def results(path: Path) -> dict:
-    """(abs onnx, abs vnnlib) -> row of a verifier batch results file (paths relative to cwd);
-    asserts every instance appears once."""
+def results(path: Path, cwd: Path | None = None) -> dict:
+    """(abs onnx, abs vnnlib) -> row of a verifier batch results file (paths relative to the
+    folder the run started in: ``cwd``, default this process's); asserts every instance
+    appears once."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    out = {(os.path.abspath(r["onnx"]), os.path.abspath(r["vnnlib"])): r for r in rows}
+    base = os.path.abspath(cwd if cwd is not None else os.getcwd())
+    absolute = lambda p: os.path.normpath(os.path.join(base, p))  # noqa: E731
+    out = {(absolute(r["onnx"]), absolute(r["vnnlib"])): r for r in rows}
     assert len(out) == len(rows), "an instance has more than one row"
     return out
 

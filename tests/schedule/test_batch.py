@@ -57,7 +57,7 @@ def test_killed_run_loses_no_finished_instance_and_resumes(tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"{n_kept} of 6 instances already there, {6 - n_kept} to run" in r.stderr
     assert out.read_bytes().startswith(kept[:kept.rfind(b"\n") + 1])
-    rows = results(out)
+    rows = results(out, cwd=tmp_path)  # the runs started in tmp_path
     exp = expected(ACAS_SAMPLE)
     assert {k: r["status"] for k, r in rows.items()} == exp
 
