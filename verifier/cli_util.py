@@ -50,14 +50,22 @@ def nonneg_float(text: str) -> float:
     return v
 
 
-def positive_int(text: str) -> int:
+def _int_at_least(text: str, lowest: int) -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    if v < lowest:
+        raise argparse.ArgumentTypeError(f"must be >= {lowest}, got {text}")
     return v
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def nonneg_int(text: str) -> int:
+    return _int_at_least(text, 0)
 
 
 _INT = re.compile(r"^[+-]?\d+$")

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from .cli_util import EXIT_OK, CliError, positive_int
+from .cli_util import EXIT_OK, CliError, nonneg_int, positive_int
 
 VERIFY_DESCRIPTION = """\
 Decide a VNN-LIB property on an ONNX model. The VNN-LIB file describes the counterexamples:
@@ -39,16 +39,6 @@ examples:
   verifier batch benchmarks/acasxu/instances.csv --timeout 60 --out results.csv
   verifier batch benchmarks/acasxu/instances.csv --out results.csv --workers 2
   verifier batch instances.csv --out results.csv --workers 64 --ray-address HEAD_IP:6379"""
-
-
-def nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
 
 
 def _common(p):
