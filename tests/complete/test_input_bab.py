@@ -171,3 +171,83 @@ def test_corner_of_the_linear_bound_is_tried_as_a_counterexample():
     assert r.status == "candidate" and r.rounds == 1
     assert r.x.flatten().tolist() == [-1.0, 1.0, -1.0]
     assert float(net(r.x.reshape(1, 3))) <= d
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_clipped_boxes_keep_every_counterexample(seed):
+    """``_clip_boxes`` shrinks each box to where its conjunctions' linear lower bounds allow a
+    counterexample. Over random sub-boxes of a ReLU net with two conjunctions, every point that
+    satisfies a conjunction, from dense sampling (with the corners) and from a PGD attack on
+    each box, must lie inside the clipped box, and a box called closed must hold none; the
+    clipping must also cut some volume (else the test would check nothing)."""
+    from verifier.bounds.crown import crown_bounds
+    from verifier.complete.input_bab import _clip_boxes, _RecordingBox
+    from verifier.complete.spec_attack import spec_attack
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(4, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 3))
+    bm = BoundedModel(net, input_shape=(4,))
+    g = torch.Generator().manual_seed(seed)
+    n = 24
+    c = torch.rand(n, 4, generator=g) * 2 - 1
+    w = torch.rand(n, 4, generator=g) * 0.2 + 0.02
+    lo, hi = c - w, c + w
+    Cs = [torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]]),    # y0 is the largest
+          torch.tensor([[0.0, 0.0, 1.0]])]                       # y2 is small
+    with torch.no_grad():
+        ys = net(lo.unsqueeze(1) + torch.rand(n, 4000, 4, generator=g) * (hi - lo).unsqueeze(1))
+    # thresholds near the sampled values: many boxes hold counterexamples, many are open
+    ds = [torch.stack([(ys @ C.t()).amax(-1).quantile(0.05)] * C.shape[0]) for C in Cs]
+    C_all, d_all = torch.cat(Cs), torch.cat(ds)
+    owner = torch.tensor([0, 0, 1])
+    leaf = _RecordingBox(lo, hi, rows=3)
+    lin = {}
+    with torch.no_grad():
+        low, _, _ = crown_bounds(bm.graph, {bm.input: leaf}, C_all.expand(n, -1, -1),
+                                 box_rows=False, clipped_pass=False, relax_lines=False,
+                                 linear=lin)
+    margin = low - d_all
+    per_k = torch.stack([margin[:, owner == k].max(1).values for k in range(2)], 1)
+    cl, ch, closed = _clip_boxes(leaf.A, lin["lower"] - d_all, per_k > 0, owner, 2, lo, hi)
+    assert bool((cl >= lo).all() and (ch <= hi).all())
+    corners = torch.tensor(np.array(np.meshgrid(*[[0, 1]] * 4)).reshape(4, -1).T,
+                           dtype=torch.float32)
+    found = 0
+    for i in range(n):
+        u = torch.cat([torch.rand(20000, 4, generator=g), corners])
+        pts = torch.minimum(lo[i] + u * (hi[i] - lo[i]), hi[i])   # lo + (hi - lo) may round past hi
+        for k in range(2):
+            x, kk, v = spec_attack(net, lo[i], hi[i], [Cs[k]], [ds[k]], steps=30, restarts=4,
+                                   seed=seed * 100 + i, deadline=time.perf_counter() + 10)
+            if v <= 0:
+                pts = torch.cat([pts, x.reshape(1, 4)])
+        with torch.no_grad():
+            viol = net(pts) @ C_all.t() - d_all
+        holds = torch.stack([(viol[:, owner == k] <= 0).all(1) for k in range(2)], 1).any(1)
+        bad = pts[holds]
+        found += len(bad)
+        if closed[i]:
+            assert len(bad) == 0, f"box {i} closed by clipping holds a counterexample"
+        else:
+            assert bool((bad >= cl[i]).all() and (bad <= ch[i]).all()), \
+                f"box {i}: a counterexample lies outside the clipped box"
+    assert found > 0
+    shrunk = (ch - cl).prod(1) < 0.9 * (hi - lo).prod(1)
+    assert int((shrunk | closed).sum()) >= 2
+
+
+def test_clipping_closes_acas_like_problems_in_fewer_domains(monkeypatch):
+    """With clipping on, branch and bound reaches the same verdicts in fewer domains."""
+    import verifier.complete.input_bab as ib
+    for seed in (0, 1):
+        net = _net(seed)
+        bm = BoundedModel(net, input_shape=(3,))
+        lo, hi = -torch.ones(3), torch.ones(3)
+        d = _true_min(net, lo, hi) - 0.02
+        args = (bm, lo, hi, [torch.tensor([[1.0, -1.0]])], [torch.tensor([d])])
+        on = input_split_bab(*args, deadline=time.perf_counter() + 60)
+        with monkeypatch.context() as mp:
+            mp.setattr(ib, "_clip_boxes", lambda A, lin, ref, owner, K, lo, hi:
+                       (lo, hi, torch.zeros(lo.shape[0], dtype=torch.bool)))
+            off = input_split_bab(*args, deadline=time.perf_counter() + 60)
+        assert on.status == off.status == "unsat"
+        assert on.domains < off.domains

@@ -313,11 +313,16 @@ def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: s
 
 def crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor | None,
                  method: str = "crown", prior: dict | None = None, record: dict | None = None,
-                 box_rows: bool = True, clipped_pass: bool = True, relax_lines: bool = True):
+                 box_rows: bool = True, clipped_pass: bool = True, relax_lines: bool = True,
+                 linear: dict | None = None):
     """-> (lower, upper, bounds): bounds of ``C·f`` (``[B, S]``), or of ``f`` itself
     (``[B, *out_shape]``) when C is None, and the intermediate intervals by node name.
     ``prior``: see ``intermediate_bounds``; ``record``: see ``backward_bound`` (the output
     pass's ``A``; its rows are C's, then the output box's when that is bounded too).
+    ``linear``: if given, ``linear["lower"]`` is set to the output pass's own lower bound of
+    ``C·f`` (``[B, S]``): the least value over the leaves of the linear function ``A x + b``
+    that ``record`` sees, before it is intersected with any other bound (so ``A x + b <= C f``
+    holds at every point of the leaves, and the lower bound returned may be higher).
     ``box_rows``, ``clipped_pass``: the two refinements of the output pass below, and
     ``relax_lines`` (see ``intermediate_bounds``): input-split branch and bound, which bounds
     many small domains, turns all three off (on ACAS Xu about 2.3x the domains per second for
@@ -341,6 +346,8 @@ def crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor 
     else:
         spec = C
     lo, up = chunked_backward(graph, out, spec, bounds, leaves, record=record)
+    if linear is not None and C is not None:
+        linear["lower"] = lo[:, :C.shape[1]]
     if clipped_pass and any(b.relax is not None for b in bounds.values()):
         # the output pass is cheap next to the intermediate ones: also run it with every chord
         # drawn over the IBP-clipped ranges (tighter on average on IBP-trained nets, looser on

@@ -105,6 +105,55 @@ def _relax_terms(model, relus, record, nodes, oi, cvals, centres, widths):
     return out
 
 
+def _clip_boxes(A, lin, refuted, owner, K, lo, hi, passes: int = 2):
+    """Shrink each open domain's box to the part where a counterexample can still lie.
+
+    ``A: [n, R, n_in]`` and ``lin: [n, R]`` are the output pass's linear lower bounds over the
+    boxes ``lo, hi: [n, n_in]``, less ``d``: every point x of the box has
+    ``C_r y(x) - d_r >= A_r x + b_r`` and ``lin_r`` is the least value of ``A_r x + b_r`` over the
+    box. A point satisfies conjunction k only where ``A_r x + b_r <= 0`` for all of its rows, so
+    measuring input i from the corner that minimizes row r (``t_i >= 0``), it needs
+    ``|A_ri| t_i <= -lin_r``: a bound on each input. The rows' bounds are intersected, and the
+    pass is repeated with the rows' new least values. Conjunctions already ``refuted: [n, K]``,
+    or whose box empties, drop out; the domain's new box is the hull of its conjunctions' boxes
+    (``closed`` when none is left). Computed in float64 with a relative slack of 1e-5 on each
+    row (the bound itself was computed in the box's dtype), then rounded outwards and kept
+    inside the old box. -> (lo, hi, closed)."""
+    dt = lo.dtype
+    A, l0, h0 = A.double(), lo.double(), hi.double()
+    aA, pos, neg = A.abs(), A > 0, A < 0
+    least = torch.where(pos, A * l0.unsqueeze(1), A * h0.unsqueeze(1)).sum(2)   # [n, R]
+    b = lin.double() - least
+    slack = 1e-5 * ((aA * torch.maximum(l0.abs(), h0.abs()).unsqueeze(1)).sum(2) + b.abs()) + 1e-9
+    inf = torch.tensor(torch.inf, dtype=torch.float64)
+    new_l, new_h = torch.full_like(l0, torch.inf), torch.full_like(h0, -torch.inf)
+    alive = torch.zeros(l0.shape[0], dtype=torch.bool)
+    for k in range(K):
+        rows = owner == k
+        Ak, pk, nk, ak = A[:, rows], pos[:, rows], neg[:, rows], aA[:, rows]
+        bk, sk = b[:, rows], slack[:, rows]
+        l, h = l0, h0
+        dead = refuted[:, k].clone()
+        for _ in range(passes):
+            m = torch.where(pk, Ak * l.unsqueeze(1), Ak * h.unsqueeze(1)).sum(2) + bk
+            dead |= (m > sk).any(1)
+            room = (sk - m).clamp(min=0).unsqueeze(2)                      # [n, Rk, 1]
+            t = torch.where(ak > 0, room / ak.clamp(min=1e-300), inf)      # [n, Rk, n_in]
+            l, h = (torch.maximum(l, torch.where(nk, h.unsqueeze(1) - t, -inf).amax(1)),
+                    torch.minimum(h, torch.where(pk, l.unsqueeze(1) + t, inf).amin(1)))
+            dead |= (l > h).any(1)
+        keep = ~dead
+        alive |= keep
+        new_l = torch.where(keep.unsqueeze(1), torch.minimum(new_l, l), new_l)
+        new_h = torch.where(keep.unsqueeze(1), torch.maximum(new_h, h), new_h)
+    from ..perturbation import round_down, round_up
+    a = alive.unsqueeze(1)
+    out_l = torch.where(a, torch.maximum(round_down(new_l, dt), lo), lo)
+    out_h = torch.where(a, torch.minimum(round_up(new_h, dt), hi), hi)
+    closed = ~alive
+    return out_l, out_h, closed
+
+
 def _holding(model, pts, C_all, d_all, owner, K, y=None):
     """-> (point, conjunction) of the first point whose output satisfies a conjunction
     (``y``: the outputs at ``pts`` when already known)."""
@@ -202,6 +251,7 @@ class SplitProblem:
     ds: list
     scale: torch.Tensor
     method: str = "crown"
+    clip: bool = True           # shrink open boxes by their linear bounds (``_clip_boxes``)
 
 
 @dataclass
@@ -229,6 +279,7 @@ class Prepared:
         self.K = len(p.Cs)
         self.keep = _prior_nodes(model.graph) if p.method == "crown" else []
         self.relus = [n.name for n in model.graph if n.op != "input" and RULES[n.op].sign_only]
+        self.clip = p.clip
 
 
 def expand_domains(model, pr: Prepared, cur: dict, seed: int, deadline: float,
@@ -256,10 +307,11 @@ def expand_domains(model, pr: Prepared, cur: dict, seed: int, deadline: float,
         if "l:" + keep[0] in cur:
             prior = {k: Interval(cur["l:" + k], cur["u:" + k]) for k in keep}
         record = {k: None for k in relus}
+        linear = {}
         with torch.no_grad():
             low, _, nodes = crown_bounds(model.graph, {model.input: leaf}, spec.to(dt),
                                          prior=prior, record=record, box_rows=False,
-                                         clipped_pass=False, relax_lines=False)
+                                         clipped_pass=False, relax_lines=False, linear=linear)
         low = torch.nan_to_num(low, nan=-torch.inf)
     else:
         res = model.bounds({model.input: leaf}, pr.method, spec=spec)
@@ -269,8 +321,22 @@ def expand_domains(model, pr: Prepared, cur: dict, seed: int, deadline: float,
     open_ = (per_k <= 0).any(1)
     if not open_.any():
         return Expansion(bounded=n)
-    out = Expansion(bounded=n, open=int(open_.sum()), worst=float(per_k[open_].min()))
     olo, ohi = blo[open_], bhi[open_]
+    if pr.clip and keep and leaf.A is not None and leaf.A.shape[0] == n:
+        # shrink each open box to where its conjunctions' linear lower bounds allow a
+        # counterexample; a box left with none is closed
+        lin = torch.nan_to_num(linear["lower"], nan=-torch.inf)[open_] - d_all
+        cl, ch, closed = _clip_boxes(leaf.A[open_].flatten(2), lin, per_k[open_] > 0, owner, K,
+                                     olo.flatten(1), ohi.flatten(1))
+        olo, ohi = cl.reshape(olo.shape), ch.reshape(ohi.shape)
+        if closed.any():
+            keep_i = open_.nonzero().squeeze(1)[~closed]
+            open_ = torch.zeros_like(open_)
+            open_[keep_i] = True
+            olo, ohi = olo[~closed], ohi[~closed]
+            if not open_.any():
+                return Expansion(bounded=n)
+    out = Expansion(bounded=n, open=int(open_.sum()), worst=float(per_k[open_].min()))
     x = _corner_candidate(model, leaf.A, open_, margin, owner, K, olo, ohi, C_all, d_all)
     if x is not None:
         out.candidate = x
