@@ -2,14 +2,17 @@
 
 A domain is a sub-box of the region's box. Every domain is bounded with CROWN (in batches); a
 conjunction ``C y <= d`` is refuted on a domain when some row has ``lower(C_r y) > d_r``, and
-a domain is closed when all of its region's conjunctions are refuted. Open domains are split
-in two at the midpoint of one input (``_branch_dims``), so the domains always cover the box:
-when none is left open the property holds (``unsat``). A child starts from its parent's
-intermediate bounds (sound over the parent's box, hence over the child's), intersected with its
-own: neurons stable in the parent are never bounded again, and CROWN bounds each domain's own
-unstable neurons. Each round also evaluates the model at the open domains' centres and, every
-few rounds, runs a short PGD attack from the worst domains; a point that satisfies a conjunction
-is returned as a candidate (the caller replays it on the original model).
+a domain is closed when all of its region's conjunctions are refuted. An open domain's box is
+first clipped to the part where the output pass's linear lower bounds still allow a
+counterexample (``_clip_boxes``: every point cut away is refuted by those bounds), then split
+in two at the midpoint of one input (``_branch_dims``), so the domains always cover every
+counterexample the box may hold: when none is left open the property holds (``unsat``). A child
+starts from its parent's intermediate bounds (sound over the parent's box, hence over the
+child's), intersected with its own: neurons stable in the parent are never bounded again, and
+CROWN bounds each domain's own unstable neurons. Each round also evaluates the model at the open
+domains' centres and, every few rounds, runs a short PGD attack from the worst domains; a point
+that satisfies a conjunction is returned as a candidate (the caller replays it on the original
+model).
 """
 from __future__ import annotations
 
