@@ -13,6 +13,8 @@ from support import (ACAS_SAMPLE, SHARED, TEST_BENCH, bench_rows, descendants_na
                      results, write_instances)
 
 ray = pytest.importorskip("ray")
+# each test starts a local Ray: run them one after another in one test process
+pytestmark = pytest.mark.xdist_group("ray")
 
 from verifier.cli import main  # noqa: E402
 
