@@ -60,6 +60,8 @@ def config_for(name: str, args) -> dict:
                          "width": args.width, "fc": args.fc}
     if args.eval_methods:
         d["eval_methods"] = list(args.eval_methods)
+    if args.eval_budget is not None:
+        d["eval_budget_s"] = args.eval_budget
     if d["dataset"] == "npz":
         data = Path(args.data_dir or SHARED)
         d.update(train_path=str(data / "mnist_train10k.npz"), test_path=str(data / "mnist_test1k.npz"))
@@ -116,6 +118,8 @@ def main() -> int:
     p.add_argument("--fc", type=int, default=256, help="cnn_cert: width of the hidden dense layer")
     p.add_argument("--eval-methods", nargs="+", help="verification methods of the report, run in a "
                    "cascade (default ibp crown alpha-crown)")
+    p.add_argument("--eval-budget", type=float, metavar="S",
+                   help="seconds each evaluation method after IBP may take (default: no cap)")
     p.add_argument("--output", help="the run folder (default runs/NAME)")
     p.add_argument("--data-dir", help="where the datasets are (default: the shared/Debian folders)")
     p.add_argument("--resume", action="store_true")
@@ -138,6 +142,7 @@ def main() -> int:
         if a.ship:
             cmd = (f"python benchmarks/train_mnist.py {name} --width {a.width} --fc {a.fc} "
                    + (f"--eval-methods {' '.join(a.eval_methods)} " if a.eval_methods else "")
+                   + (f"--eval-budget {a.eval_budget:g} " if a.eval_budget is not None else "")
                    + f"--threads {a.threads} --seed {a.seed}")
             ship(name, cfg, Path(cfg.output), report, Path(a.ship), cmd)
     return 0

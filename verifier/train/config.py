@@ -63,6 +63,7 @@ class TrainConfig:
     eval_eps: list = field(default_factory=list)   # certified accuracy vs eps (IBP, CROWN)
     eval_pgd_steps: int = 20
     eval_batch: int = 100
+    eval_budget_s: float | None = None     # time cap of each method after the first (None: none)
 
     def __post_init__(self):
         self.validate()
@@ -116,6 +117,8 @@ class TrainConfig:
         unknown = [m for m in self.eval_methods if m not in EVAL_METHODS]
         if unknown:
             bad("eval_methods", f"{unknown} not among {', '.join(EVAL_METHODS)}")
+        if self.eval_budget_s is not None and not self.eval_budget_s > 0:
+            bad("eval_budget_s", f"must be > 0 seconds or null, got {self.eval_budget_s}")
         if any(not (0 <= e <= 1) for e in self.eval_eps):
             bad("eval_eps", f"values must lie in [0, 1], got {self.eval_eps}")
         if not isinstance(self.model_kwargs, dict):
@@ -126,10 +129,12 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _INTS = {"train_subset", "test_subset", "epochs", "warmup_epochs", "ramp_epochs", "batch_size",
          "pgd_steps", "seed", "threads", "eval_pgd_steps", "eval_batch"}
 _FLOATS = {"eps", "train_eps", "kappa_start", "kappa_end", "beta_start", "beta_end", "lr",
-           "lr_decay", "weight_decay", "grad_clip", "reg_weight", "reg_tau", "pgd_weight", "weight_eps"}
+           "lr_decay", "weight_decay", "grad_clip", "reg_weight", "reg_tau", "pgd_weight", "weight_eps",
+           "eval_budget_s"}
 _STRS = {"dataset", "train_path", "test_path", "model", "method", "schedule", "output",
          "weight_params"}
-_OPTIONAL = {"train_path", "test_path", "train_subset", "test_subset", "train_eps", "grad_clip"}
+_OPTIONAL = {"train_path", "test_path", "train_subset", "test_subset", "train_eps", "grad_clip",
+             "eval_budget_s"}
 
 
 def _coerce(key: str, v):

@@ -27,7 +27,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
     export_onnx(state.net, train_ds.input_shape, out / "model.onnx")
     t1 = time.perf_counter()
     report = evaluate(state.net, test_ds, cfg.eps, methods=cfg.eval_methods, eps_grid=cfg.eval_eps,
-                      pgd_steps=cfg.eval_pgd_steps, batch=cfg.eval_batch, progress=progress)
+                      pgd_steps=cfg.eval_pgd_steps, batch=cfg.eval_batch, progress=progress,
+                      budget_s=cfg.eval_budget_s)
     report.update(train_time_s=round(sum(h["time_s"] for h in state.history), 1),
                   session_train_time_s=round(train_time, 1),
                   eval_time_s=round(time.perf_counter() - t1, 1), dataset=test_ds.name,
