@@ -6,7 +6,9 @@ a domain is closed when all of its region's conjunctions are refuted. An open do
 first clipped to the part where the output pass's linear lower bounds still allow a
 counterexample (``_clip_boxes``: every point cut away is refuted by those bounds), then split
 in two at the midpoint of one input (``_branch_dims``), so the domains always cover every
-counterexample the box may hold: when none is left open the property holds (``unsat``). A child
+counterexample the box may hold: when none is left open the property holds (``unsat``). The
+domains waiting form a best-first frontier (``_Frontier``: the lowest parent margin first,
+depth first while it holds more than ``FRONTIER_MEMORY`` bytes). A child
 starts from its parent's intermediate bounds (sound over the parent's box, hence over the
 child's), intersected with its own: neurons stable in the parent are never bounded again, and
 CROWN bounds each domain's own unstable neurons. Each round also evaluates the model at the open
@@ -196,40 +198,126 @@ def _prior_nodes(graph) -> list[str]:
             and any(RULES[c.op].needs_bounds for c in graph.consumers(n.name))]
 
 
-class _Stack:
-    """Domains waiting to be bounded, as a stack of batches (dicts of tensors with the same
-    leading size): the last pushed are popped first (depth first keeps the frontier small),
-    and nothing already queued is copied when more is pushed."""
+# bytes of waiting domains above which the frontier hands out its newest domains first
+FRONTIER_MEMORY = 2 ** 30
 
-    def __init__(self, first: dict):
-        self.parts = [first]
-        self.n = next(iter(first.values())).shape[0]
+
+class _Frontier:
+    """Domains waiting to be bounded, each with a ``key``: its parent's margin on its most open
+    conjunction (lower is more open; children of one parent share it). Held as the batches of
+    children pushed (dicts of tensors with the same leading size), never copied when more is
+    pushed; each keeps its keys sorted and the order of its rows by key.
+
+    ``pop(k)`` is best first: the ``k`` lowest keys of all parts (ties: the older part first).
+    Best first can hold far more domains than depth first, so while the parts take more than
+    ``max_bytes``, ``pop`` hands out the newest part's domains instead (depth first, as a
+    stack: then each round adds at most one batch, and the subtrees being closed are the
+    newest). ``bytes`` counts the parts' whole blocks; a part three quarters handed out is
+    compacted (its rows left are copied), so the blocks hold at most four times the bytes of
+    the domains waiting. Which domains get bounded never depends on the order (a domain's
+    expansion depends only on itself); the order decides how soon a counterexample turns up
+    and how much memory waits."""
+
+    def __init__(self, first: dict, max_bytes: int = FRONTIER_MEMORY):
+        # per part: its tensors, its keys left (sorted), their rows, its rows in all, row bytes
+        self.parts, self.keys, self.rows, self.size, self.row_bytes = [], [], [], [], []
+        self.n = self.bytes = 0
+        self.max_bytes = max_bytes
+        self.push(first)
 
     def __len__(self) -> int:
         return self.n
 
     def push(self, part: dict) -> None:
-        self.parts.append(part)
-        self.n += next(iter(part.values())).shape[0]
+        """``part``: a batch with a ``key: [m]`` entry (taken out and kept beside it)."""
+        part = dict(part)
+        if "key" not in part:
+            raise ValueError("a batch of children has no 'key' (its parents' margins): "
+                             "the expander must return expand_domains' children")
+        key = torch.nan_to_num(part.pop("key"), nan=-torch.inf)
+        m = key.shape[0]
+        if m == 0:
+            return
+        key, rows = torch.sort(key, stable=True)
+        row = sum(v[0].numel() * v.element_size() for v in part.values()) + key.element_size()
+        for lst, v in ((self.parts, part), (self.keys, key), (self.rows, rows),
+                       (self.size, m), (self.row_bytes, row)):
+            lst.append(v)
+        self.n += m
+        self.bytes += m * row
+
+    def lowest(self) -> float:
+        """The lowest key waiting (inf when empty)."""
+        return min((float(k[0]) for k in self.keys), default=float("inf"))
+
+    def _counts(self, k: int) -> dict:
+        """How many domains to take from each part (the first of its sorted rows)."""
+        if self.bytes > self.max_bytes:       # depth first: the newest parts
+            counts, size = {}, 0
+            for i in reversed(range(len(self.parts))):
+                if size >= k:
+                    break
+                counts[i] = min(self.keys[i].shape[0], k - size)
+                size += counts[i]
+            return counts
+        heads = [key[:k] for key in self.keys]
+        sizes = [h.shape[0] for h in heads]
+        if sum(sizes) <= k:
+            return dict(enumerate(sizes))
+        # each part is sorted, so the k lowest keys are prefixes of the parts: all keys below
+        # the k-th lowest, then the keys equal to it, older parts first
+        t = torch.kthvalue(torch.cat(heads), k).values
+        counts, need = {}, k
+        below = [int(torch.searchsorted(h, t)) for h in heads]
+        need -= sum(below)
+        for i, h in enumerate(heads):
+            extra = min(int(torch.searchsorted(h, t, right=True)) - below[i], need)
+            need -= extra
+            if below[i] + extra:
+                counts[i] = below[i] + extra
+        return counts
 
     def pop(self, k: int) -> dict:
-        """Up to ``k`` domains from the top."""
-        got, size = [], 0
-        while self.parts and size < k:
-            top = self.parts.pop()
-            m = next(iter(top.values())).shape[0]
-            if size + m > k:
-                cut = m - (k - size)
-                self.parts.append({key: v[:cut] for key, v in top.items()})
-                top = {key: v[cut:] for key, v in top.items()}
-                m = k - size
-            got.append(top)
-            size += m
-        self.n -= size
-        keys = [key for key in got[0] if all(key in g for g in got)]
-        if len(got) == 1:
-            return {key: got[0][key] for key in keys}
-        return {key: torch.cat([g[key] for g in got]) for key in keys}
+        """Up to ``k`` domains: the lowest keys (best first), or, above ``max_bytes``, the
+        newest part's (depth first). Their order within the batch is not the keys' order."""
+        if not self.n or k < 1:
+            raise IndexError(f"pop({k}) from a frontier of {self.n} domains")
+        counts = self._counts(k)
+        names = [name for name in self.parts[next(iter(counts))]
+                 if all(name in self.parts[i] for i in counts)]
+        whole = [i for i, c in counts.items() if c == self.size[i]]   # untouched parts
+        if len(counts) == 1 and whole:
+            i = whole[0]
+            out = {name: self.parts[i][name] for name in names}
+        else:
+            total = sum(counts.values())
+            first = self.parts[next(iter(counts))]
+            out = {name: torch.empty(total, *first[name].shape[1:], dtype=first[name].dtype)
+                   for name in names}
+            at = 0
+            for i, c in counts.items():
+                sel = self.rows[i][:c]
+                for name in names:
+                    torch.index_select(self.parts[i][name], 0, sel, out=out[name][at:at + c])
+                at += c
+        for i, c in counts.items():
+            self.keys[i], self.rows[i] = self.keys[i][c:], self.rows[i][c:]
+            self.n -= c
+            left = self.keys[i].shape[0]
+            if left and 4 * left < self.size[i]:
+                # the rest is a small share of a big block: copy it, so the block can go
+                self.parts[i] = {name: v.index_select(0, self.rows[i])
+                                 for name, v in self.parts[i].items()}
+                self.rows[i] = torch.arange(left)
+                self.bytes -= (self.size[i] - left) * self.row_bytes[i]
+                self.size[i] = left
+            elif not left:
+                self.bytes -= self.size[i] * self.row_bytes[i]
+        keep = [i for i, key in enumerate(self.keys) if key.shape[0]]
+        if len(keep) < len(self.keys):
+            for lst in (self.parts, self.keys, self.rows, self.size, self.row_bytes):
+                lst[:] = [lst[i] for i in keep]
+        return out
 
 
 # the most of branch and bound's time spent on PGD attacks from open domains
@@ -377,6 +465,8 @@ def expand_domains(model, pr: Prepared, cur: dict, seed: int, deadline: float,
         b = nodes[k].sanitized()
         new["l:" + k] = b.lower[open_].repeat(2, *[1] * (b.lower.ndim - 1))
         new["u:" + k] = b.upper[open_].repeat(2, *[1] * (b.upper.ndim - 1))
+    # the children's key in the frontier: their parent's margin on its most open conjunction
+    new["key"] = per_k[open_].min(1).values.repeat(2)
     out.children = new
     return out
 
@@ -413,7 +503,7 @@ class LocalExpander:
 
 def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, deadline: float,
                     batch: int = 4096, method: str = "crown", progress=None,
-                    expander=None) -> BabResult:
+                    expander=None, frontier_bytes: int = FRONTIER_MEMORY) -> BabResult:
     """``lower, upper: [*input_shape]``; ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]``.
 
     ``progress(domains_left, worst_margin, elapsed)`` is called after every round.
@@ -425,8 +515,10 @@ def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dea
     expander.start(SplitProblem(list(Cs), list(ds), (upper - lower).flatten().clamp(min=1e-12),
                                 method))
     # the queue: each domain's box and the intermediate bounds of its parent (over a superset
-    # of the domain: sound for it, and they let CROWN skip the neurons already stable there)
-    queue = _Stack({"lo": lower.unsqueeze(0), "hi": upper.unsqueeze(0)})
+    # of the domain: sound for it, and they let CROWN skip the neurons already stable there),
+    # the most open first while it fits in ``frontier_bytes`` (``_Frontier``)
+    queue = _Frontier({"lo": lower.unsqueeze(0), "hi": upper.unsqueeze(0),
+                       "key": torch.full((1,), -torch.inf, dtype=lower.dtype)}, frontier_bytes)
     total = rounds = inflight = 0
     attack_s = 0.0
     worst = float("nan")
@@ -445,16 +537,17 @@ def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dea
             inflight -= 1
             total += e.bounded
             attack_s += e.attack_s
-            if e.open:
+            if e.children is not None:
+                queue.push(e.children)
+            if len(queue):   # the lowest margin of the domains waiting
+                worst = queue.lowest()
+            elif e.open:
                 worst = e.worst
             if e.candidate is not None:
                 return BabResult("candidate", e.candidate[0], e.candidate[1], total, rounds,
                                  worst)
             if progress is not None and e.bounded:
-                progress(e.open * 2 + len(queue), worst, time.perf_counter() - t0)
-            if e.children is not None:
-                # open domains go first: depth first keeps the frontier small
-                queue.push(e.children)
+                progress(len(queue), worst, time.perf_counter() - t0)
             log.debug("round %d: %d domains left, worst margin %.4g", rounds, len(queue),
                       worst)
     finally:
