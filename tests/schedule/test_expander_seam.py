@@ -1,7 +1,7 @@
-"""The seam between input-split branch and bound's coordinator and where batches are bounded
-(no Ray needed): several batches in flight, coming back in any order, give the same verdicts;
-every domain is still bounded before unsat; a failing expander is an error, never a verdict;
-the default expander bounds exactly the domains it did before the seam."""
+"""The seam between branch and bound's coordinators (input and ReLU splits) and where batches
+are bounded (no Ray needed): several batches in flight, coming back in any order, give the same
+verdicts; every domain is still bounded before unsat; a failing expander is an error, never a
+verdict; the default expander bounds exactly the domains it did before the seam."""
 import random
 import time
 
@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from verifier import BoundedModel
 from verifier.complete.input_bab import LocalExpander, expand_domains, input_split_bab
+from verifier.complete.relu_bab import LocalReluExpander, expand_relu_domains, relu_split_bab
 
 
 class ShuffledExpander(LocalExpander):
@@ -31,6 +32,7 @@ class ShuffledExpander(LocalExpander):
         return e
 
     def cancel(self):
+        self.left_at_end = len(self.jobs)   # batches still out when the run ended
         self.jobs = []
 
 
@@ -64,6 +66,7 @@ def test_batches_in_flight_in_any_order_give_the_same_verdicts(seed):
             assert got.status != "unsat" and ref.status != "unsat"
         else:
             assert ref.status == "unsat" and got.status == "unsat"
+            assert ex.left_at_end == 0           # unsat only once every batch came back
             # the same tree of domains, visited in another order, every one bounded
             assert got.domains == ref.domains == ex.bounded
         if got.status == "candidate":
@@ -85,3 +88,84 @@ def test_default_expander_bounds_the_same_domains_as_an_explicit_local_one():
     b = input_split_bab(*args, time.perf_counter() + 30, batch=8, expander=LocalExpander(bm))
     assert a.status == b.status == "unsat"
     assert (a.domains, a.rounds) == (b.domains, b.rounds)
+
+
+# -- the same seam in ReLU-split branch and bound --------------------------------------------
+
+class ShuffledReluExpander(LocalReluExpander):
+    """Up to ``slots`` ReLU-split batches in flight, collected in a random order."""
+
+    def __init__(self, model, slots, seed=0):
+        super().__init__(model)
+        self.slots, self.jobs, self.rng, self.bounded = slots, [], random.Random(seed), 0
+
+    def submit(self, cur, seed, deadline, attack_after):
+        self.jobs.append((cur, seed, deadline, attack_after))
+
+    def collect(self, deadline):
+        job = self.jobs.pop(self.rng.randrange(len(self.jobs)))
+        e = expand_relu_domains(self._P, *job, iterations=self._iterations)
+        self.bounded += e.bounded
+        return e
+
+    def cancel(self):
+        self.left_at_end = len(self.jobs)   # batches still out when the run ended
+        self.jobs = []
+
+
+def _relu_problem(seed):
+    """A 20-input ReLU net (input splitting would not do), its box, and the least output found
+    by sampling and PGD (an upper estimate of the true minimum)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    bm = BoundedModel(net, input_shape=(20,))
+    lo, hi = -0.5 * torch.ones(20), 0.5 * torch.ones(20)
+    x = lo + torch.rand(20_000, 20, generator=torch.Generator().manual_seed(0)) * (hi - lo)
+    for _ in range(30):
+        x.requires_grad_(True)
+        g, = torch.autograd.grad(net(x).sum(), x)
+        x = (x.detach() - 0.02 * g.sign()).clamp(-0.5, 0.5)
+    with torch.no_grad():
+        m = float(net(x).min())
+    return net, bm, lo, hi, m
+
+
+@pytest.mark.parametrize("seed", [1, 2, 4])
+def test_relu_batches_in_flight_in_any_order_give_the_same_verdicts(seed):
+    net, bm, lo, hi, m = _relu_problem(seed)
+    C = [torch.tensor([[1.0]])]
+    for d in (m - 0.03, m + 0.01):
+        args = (bm, lo, hi, C, [torch.tensor([d])])
+        ref = relu_split_bab(*args, time.perf_counter() + 30, batch=8)
+        ex = ShuffledReluExpander(bm, slots=3, seed=seed)
+        got = relu_split_bab(*args, time.perf_counter() + 30, batch=8, expander=ex)
+        assert got.domains == ex.bounded + 1          # the root is bounded by the coordinator
+        if d > m:      # a sampled point violates it: never unsat, in any order
+            assert got.status != "unsat" and ref.status != "unsat"
+        else:
+            assert ref.status == got.status == "unsat", (ref, got)
+            assert ex.left_at_end == 0           # unsat only once every batch came back
+        if got.status == "candidate":
+            with torch.no_grad():
+                assert float(net(got.x.reshape(1, 20))) <= d + 1e-5
+
+
+class BrokenRelu(LocalReluExpander):
+    def collect(self, deadline):
+        raise RuntimeError("worker lost")
+
+
+def test_a_failing_relu_expander_is_an_error_not_a_verdict():
+    _, bm, lo, hi, m = _relu_problem(1)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        relu_split_bab(bm, lo, hi, [torch.tensor([[1.0]])], [torch.tensor([m - 0.03])],
+                       time.perf_counter() + 30, expander=BrokenRelu(bm))
+
+
+def test_default_relu_expander_bounds_the_same_domains_as_an_explicit_local_one():
+    _, bm, lo, hi, m = _relu_problem(2)
+    args = (bm, lo, hi, [torch.tensor([[1.0]])], [torch.tensor([m - 0.03])])
+    a = relu_split_bab(*args, time.perf_counter() + 30, batch=8)
+    b = relu_split_bab(*args, time.perf_counter() + 30, batch=8, expander=LocalReluExpander(bm))
+    assert a.status == b.status == "unsat"
+    assert (a.domains, a.rounds, a.worst) == (b.domains, b.rounds, b.worst)

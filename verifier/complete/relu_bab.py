@@ -101,10 +101,12 @@ class SplitProblem:
 
     def bound(self, lo, up, sg, parent_margin=None, first_split: int = 0, iterations: int = 20,
               optimize_alpha: bool = True, optimize_beta: bool = True, lr_alpha: float = 0.1,
-              lr_beta: float = 0.05, deadline: float | None = None):
+              lr_beta: float = 0.05, deadline: float | None = None, stop=None):
         """Bound a batch of ``n`` domains. -> dict with ``margin [n, R]`` (lower(C y) - d,
         +inf on infeasible domains), ``lo``/``up`` (the refined pre-activation bounds), ``A_relu``
-        ({relu: lower-bound A of the rows on its output}), ``A_in`` (on the input)."""
+        ({relu: lower-bound A of the rows on its output}), ``A_in`` (on the input).
+        The optimization ends early at ``deadline`` or once ``stop()`` is true (any alpha and
+        beta >= 0 give sound bounds: only their tightness depends on the steps taken)."""
         g, model = self.graph, self.model
         n = next(iter(sg.values())).shape[0] if sg else 1
         dt = self.lower.dtype
@@ -164,6 +166,8 @@ class SplitProblem:
             with torch.enable_grad():
                 for _ in range(iterations):
                     if deadline is not None and time.perf_counter() > deadline:
+                        break
+                    if stop is not None and stop():
                         break
                     low = run()
                     best = torch.maximum(best, low.detach())
@@ -235,7 +239,7 @@ class SplitProblem:
         a = A[torch.arange(n), row]
         return torch.where(a > 0, self.lower, self.upper)
 
-    def pgd(self, x0, steps: int = 30, deadline=None):
+    def pgd(self, x0, steps: int = 30, deadline=None, stop=None):
         """Signed-gradient descent on the best conjunction's violation from the points ``x0``
         (``[n, *in_shape]``), inside the box. -> (x, violation [n, K]) of the best points."""
         f = self.model.graph_forward
@@ -245,6 +249,8 @@ class SplitProblem:
         best_x, best_v = x.clone(), None
         for it in range(steps):
             if deadline is not None and time.perf_counter() > deadline:
+                break
+            if stop is not None and stop():
                 break
             x.requires_grad_(True)
             with torch.enable_grad():
@@ -274,15 +280,157 @@ def _cat(a, b):
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
+# a batch of domains: their pre-activation bounds ``lo``/``up`` ({pre: [n, *shape]}), split
+# signs ``sg`` ({relu: int8 [n, *shape]}), ``margin [n, R]``, the neuron each is to be split on
+# (``which``: index into ``relus``, -1 for none left; ``local``: flat index) and ``depth [n]``
+_NESTED = ("lo", "up", "sg")
+
+
+def _take_batch(q: dict, idx) -> dict:
+    return {k: (_take(v, idx) if k in _NESTED else v[idx]) for k, v in q.items()}
+
+
+def _cat_batch(a: dict, b: dict) -> dict:
+    return {k: (_cat(v, b[k]) if k in _NESTED else torch.cat([v, b[k]])) for k, v in a.items()}
+
+
+def _violating(P: SplitProblem, pts):
+    """-> (point, conjunction) of the first of ``pts`` that satisfies a conjunction, or None."""
+    with torch.no_grad():
+        v = P.violation(P.model.graph_forward(pts).reshape(pts.shape[0], -1))
+    hit = (v <= 0).nonzero()
+    if hit.shape[0]:
+        i, k = (int(t) for t in hit[0])
+        return pts[i], k
+    return None
+
+
+@dataclass
+class ReluProblem:
+    """What every batch of one ReLU-split run shares (cheap to send to a worker): the box
+    ``lower, upper: [*input_shape]``, ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]``, the box's
+    intermediate bounds ``root`` ({node: Interval}, batch 1) and the optimization steps of
+    each bound."""
+    lower: torch.Tensor
+    upper: torch.Tensor
+    Cs: list
+    ds: list
+    root: dict
+    iterations: int = 8
+
+    def prepare(self, model) -> SplitProblem:
+        return SplitProblem(model, self.lower, self.upper, self.Cs, self.ds, self.root)
+
+
+@dataclass
+class ReluExpansion:
+    """One batch of parents split and their children bounded: ``bounded`` children bounded,
+    ``children`` the open ones (a batch for the queue, with their own neuron to split), or a
+    ``candidate`` ``(x, disjunct, how it was found)`` to replay."""
+    bounded: int = 0
+    children: dict | None = None
+    candidate: tuple | None = None
+
+
+def expand_relu_domains(P: SplitProblem, cur: dict, seed: int, deadline: float,
+                        attack_after: float, iterations: int = 8, stop=None) -> ReluExpansion:
+    """Split each parent of the batch ``cur`` on its chosen neuron (active / inactive), bound
+    the ``2n`` children with beta-CROWN from their parents' bounds, try their bound-minimizing
+    inputs as counterexamples, run PGD from the worst when ``perf_counter() >= attack_after``,
+    and choose each open child's neuron to split. A child with none left is a linear region:
+    its multipliers are optimized longer. ``stop()`` (and the deadline) only cut optimization
+    steps and attacks short: the children are always all bounded and all kept while open.
+    ``seed`` is the round (the expansion is deterministic)."""
+    p_lo, p_up, p_sg = cur["lo"], cur["up"], cur["sg"]
+    n = cur["margin"].shape[0]
+    c_lo = {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in p_lo.items()}
+    c_up = {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in p_up.items()}
+    c_sg = {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in p_sg.items()}
+    rows = torch.arange(2 * n)
+    which, local = cur["which"].repeat(2), cur["local"].repeat(2)
+    sign = torch.cat([torch.ones(n, dtype=torch.int8), -torch.ones(n, dtype=torch.int8)])
+    for i, r in enumerate(P.relus):
+        sel = which == i
+        if sel.any():
+            flat = c_sg[r].view(2 * n, -1)
+            flat[rows[sel], local[sel]] = sign[sel]
+    first = int(which.min())
+    res = P.bound(c_lo, c_up, c_sg, cur["margin"].repeat(2, 1), first_split=first,
+                  iterations=iterations, deadline=deadline, stop=stop)
+    out = ReluExpansion(bounded=2 * n)
+    pts = P.attack_points(res)
+    c = _violating(P, pts)
+    if c is not None:
+        out.candidate = (*c, "a subdomain's bound-minimizing input violates the property")
+        return out
+    ccm = P.conj_margin(res["margin"]).min(1).values
+    if time.perf_counter() >= attack_after and time.perf_counter() < deadline:
+        worst_pts = pts[ccm.argsort()[:8]]
+        x, v = P.pgd(worst_pts, deadline=deadline, stop=stop)
+        hit = (v <= 0).nonzero()
+        if hit.shape[0]:
+            i, k = (int(t) for t in hit[0])
+            out.candidate = (x[i], k, "PGD from a subdomain's bound-minimizing input")
+            return out
+    keep = (ccm <= 0).nonzero().flatten()
+    if keep.numel():
+        cw, cl = P.branch(res, c_sg)
+        dead = keep[cw[keep] < 0]
+        if dead.numel() and time.perf_counter() < deadline:
+            # no unstable neuron left: the domain is a linear region, and only the split
+            # constraints' multipliers can still close it: optimize them for longer
+            again = P.bound(_take(res["lo"], dead), _take(res["up"], dead), _take(c_sg, dead),
+                            res["margin"][dead], first_split=len(P.relus),
+                            iterations=max(100, 10 * iterations), deadline=deadline, stop=stop)
+            res["margin"][dead] = again["margin"]
+            keep = (P.conj_margin(res["margin"]).min(1).values <= 0).nonzero().flatten()
+        out.children = {"lo": _take(res["lo"], keep), "up": _take(res["up"], keep),
+                        "sg": _take(c_sg, keep), "margin": res["margin"][keep],
+                        "which": cw[keep], "local": cl[keep],
+                        "depth": cur["depth"].repeat(2)[keep] + 1}
+    return out
+
+
+class LocalReluExpander:
+    """The default expander of ``relu_split_bab``: each batch expanded in this process when it
+    is collected. The seam is input_bab's (``LocalExpander``): ``start(problem)`` once per run
+    (a ``ReluProblem``), up to ``slots`` batches ``submit(cur, seed, deadline, attack_after)``
+    before each ``collect(deadline)`` (one finished ReluExpansion, or None if the deadline
+    passed first), and ``cancel()`` when the run ends."""
+
+    slots = 1
+
+    def __init__(self, model):
+        self.model = model
+        self._job = None
+
+    def start(self, problem: ReluProblem) -> None:
+        self._P, self._iterations = problem.prepare(self.model), problem.iterations
+
+    def submit(self, cur: dict, seed: int, deadline: float, attack_after: float) -> None:
+        self._job = (cur, seed, deadline, attack_after)
+
+    def collect(self, deadline: float) -> ReluExpansion | None:
+        job, self._job = self._job, None
+        return expand_relu_domains(self._P, *job, iterations=self._iterations)
+
+    def cancel(self) -> None:
+        self._job = None
+
+
 def relu_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, deadline: float,
                    root: dict | None = None, batch: int = 64, max_domains: int | None = None,
-                   iterations: int = 8, attack_every: int = 3, progress=None) -> ReluBabResult:
+                   iterations: int = 8, attack_every: int = 3, progress=None,
+                   expander=None) -> ReluBabResult:
     """``lower, upper: [*input_shape]``; ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]``;
     ``root``: the box's intermediate bounds (batch 1) to start from, e.g. alpha-CROWN's;
     ``max_domains``: open domains kept at most (default: what ``DOMAIN_MEMORY`` holds);
     reaching it ends the search with ``unknown``.
 
-    ``progress(domains_left, worst_margin, elapsed)`` is called after every round."""
+    ``progress(domains_left, worst_margin, elapsed)`` is called after every round.
+    ``expander``: where batches of domains are split and bounded (default
+    ``LocalReluExpander(model)``, this process); ``unsat`` only once every batch handed out has
+    come back and no domain is left open."""
     t0 = time.perf_counter()
     P = SplitProblem(model, lower, upper, Cs, ds, root)
     if max_domains is None:
@@ -296,105 +444,68 @@ def relu_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dead
                  time.perf_counter() - t0, reason)
         return ReluBabResult(status, x, k, total, rounds, worst, reason)
 
-    def check(res, pts):
-        """A candidate among the bounded domains' attack points."""
-        with torch.no_grad():
-            v = P.violation(model.graph_forward(pts).reshape(pts.shape[0], -1))
-        hit = (v <= 0).nonzero()
-        if hit.shape[0]:
-            i, k = (int(t) for t in hit[0])
-            return pts[i], k
-        return None
-
     lo, up, sg = P.root_domain()
     res = P.bound(lo, up, sg, first_split=len(P.relus), iterations=iterations, deadline=deadline)
     total = 1
-    pts = P.attack_points(res)
-    c = check(res, pts)
+    c = _violating(P, P.attack_points(res))
     if c is not None:
         return result("candidate", "the root's bound-minimizing input violates the property", *c)
-    # the queue of open, bounded domains
-    q_lo, q_up, q_sg = res["lo"], res["up"], sg
-    q_m = res["margin"]
-    q_which, q_local = P.branch(res, sg)
-    q_depth = torch.zeros(1, dtype=torch.long)
-    while True:
-        cm = P.conj_margin(q_m).min(1).values if q_m.shape[0] else q_m.new_zeros(0)
-        open_ = cm <= 0
-        if not bool(open_.all()):  # drop closed ones (only the root can be closed here)
-            keep = open_.nonzero().flatten()
-            q_lo, q_up, q_sg = _take(q_lo, keep), _take(q_up, keep), _take(q_sg, keep)
-            q_m, q_which, q_local, q_depth, cm = (q_m[keep], q_which[keep], q_local[keep],
-                                                 q_depth[keep], cm[keep])
-        worst = float(cm.min()) if cm.numel() else worst
-        if progress is not None and rounds:
-            progress(int(cm.numel()), worst, time.perf_counter() - t0)
-        if cm.numel() == 0:
-            return result("unsat", f"every subdomain refuted by beta-CROWN bounds ({total} domains)")
-        if time.perf_counter() > deadline:
-            return result("timeout", f"budget ran out with {cm.numel()} domains open "
-                                     f"(worst margin {worst:.4g}, {total} bounded)")
-        splittable = q_which >= 0
-        if not bool(splittable.any()):
-            return result("unknown", f"{cm.numel()} domains have no unstable neuron left to split")
-        if cm.numel() > max_domains:
-            return result("unknown", f"domain limit {max_domains} reached (worst margin {worst:.4g})")
-        rounds += 1
-        # the worst splittable domains first
-        key = torch.where(splittable, cm, torch.full_like(cm, torch.inf))
-        take = key.argsort()[:min(batch, int(splittable.sum()))]
-        rest = torch.ones(cm.numel(), dtype=torch.bool)
-        rest[take] = False
-        p_lo, p_up, p_sg = _take(q_lo, take), _take(q_up, take), _take(q_sg, take)
-        p_m, p_which, p_local, p_depth = q_m[take], q_which[take], q_local[take], q_depth[take]
-        q_lo, q_up, q_sg = _take(q_lo, rest), _take(q_up, rest), _take(q_sg, rest)
-        q_m, q_which, q_local, q_depth = q_m[rest], q_which[rest], q_local[rest], q_depth[rest]
-        # two children per parent: the chosen neuron active / inactive
-        n = take.numel()
-        c_lo = {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in p_lo.items()}
-        c_up = {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in p_up.items()}
-        c_sg = {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in p_sg.items()}
-        rows = torch.arange(2 * n)
-        which, local = p_which.repeat(2), p_local.repeat(2)
-        sign = torch.cat([torch.ones(n, dtype=torch.int8), -torch.ones(n, dtype=torch.int8)])
-        for i, r in enumerate(P.relus):
-            sel = which == i
-            if sel.any():
-                flat = c_sg[r].view(2 * n, -1)
-                flat[rows[sel], local[sel]] = sign[sel]
-        first = int(which.min())
-        res = P.bound(c_lo, c_up, c_sg, p_m.repeat(2, 1), first_split=first, iterations=iterations,
-                      deadline=deadline)
-        total += 2 * n
-        pts = P.attack_points(res)
-        c = check(res, pts)
-        if c is not None:
-            return result("candidate", "a subdomain's bound-minimizing input violates the property", *c)
-        ccm = P.conj_margin(res["margin"]).min(1).values
-        if rounds % attack_every == 0 and time.perf_counter() < deadline:
-            worst_pts = pts[ccm.argsort()[:8]]
-            x, v = P.pgd(worst_pts, deadline=deadline)
-            hit = (v <= 0).nonzero()
-            if hit.shape[0]:
-                i, k = (int(t) for t in hit[0])
-                return result("candidate", "PGD from a subdomain's bound-minimizing input", x[i], k)
-        keep = (ccm <= 0).nonzero().flatten()
-        if keep.numel():
-            cw, cl = P.branch(res, c_sg)
-            dead = keep[cw[keep] < 0]
-            if dead.numel() and time.perf_counter() < deadline:
-                # no unstable neuron left: the domain is a linear region, and only the split
-                # constraints' multipliers can still close it: optimize them for longer
-                again = P.bound(_take(res["lo"], dead), _take(res["up"], dead), _take(c_sg, dead),
-                                res["margin"][dead], first_split=len(P.relus),
-                                iterations=max(100, 10 * iterations), deadline=deadline)
-                res["margin"][dead] = again["margin"]
-                keep = (P.conj_margin(res["margin"]).min(1).values <= 0).nonzero().flatten()
-            q_lo = _cat(q_lo, _take(res["lo"], keep))
-            q_up = _cat(q_up, _take(res["up"], keep))
-            q_sg = _cat(q_sg, _take(c_sg, keep))
-            q_m = torch.cat([q_m, res["margin"][keep]])
-            q_which = torch.cat([q_which, cw[keep]])
-            q_local = torch.cat([q_local, cl[keep]])
-            q_depth = torch.cat([q_depth, p_depth.repeat(2)[keep] + 1])
-        log.debug("round %d: %d domains open, worst margin %.4g", rounds, q_m.shape[0], worst)
+    # the queue of open, bounded domains (the worst splittable ones are handed out first)
+    which, local = P.branch(res, sg)
+    q = {"lo": res["lo"], "up": res["up"], "sg": sg, "margin": res["margin"], "which": which,
+         "local": local, "depth": torch.zeros(1, dtype=torch.long)}
+    expander = expander if expander is not None else LocalReluExpander(model)
+    expander.start(ReluProblem(lower, upper, list(Cs), list(ds), P.root, iterations))
+    inflight = 0
+    out = 0   # domains handed out whose batch has not come back
+    try:
+        while True:
+            cm = P.conj_margin(q["margin"]).min(1).values if q["margin"].shape[0] \
+                else q["margin"].new_zeros(0)
+            open_ = cm <= 0
+            if not bool(open_.all()):  # drop closed ones (only the root can be closed here)
+                keep = open_.nonzero().flatten()
+                q, cm = _take_batch(q, keep), cm[keep]
+            worst = float(cm.min()) if cm.numel() else worst
+            if progress is not None and rounds:
+                progress(int(cm.numel()), worst, time.perf_counter() - t0)
+            if cm.numel() == 0 and not inflight:
+                return result("unsat", f"every subdomain refuted by beta-CROWN bounds "
+                                       f"({total} domains)")
+            if time.perf_counter() > deadline:
+                return result("timeout", f"budget ran out with {cm.numel() + out} domains "
+                                         f"open (worst margin {worst:.4g}, {total} bounded)")
+            splittable = q["which"] >= 0
+            if not bool(splittable.any()) and not inflight:
+                return result("unknown", f"{cm.numel()} domains have no unstable neuron left "
+                                         f"to split")
+            if cm.numel() > max_domains:
+                return result("unknown", f"domain limit {max_domains} reached (worst margin "
+                                         f"{worst:.4g})")
+            while inflight < expander.slots and bool(splittable.any()):
+                rounds += 1
+                # the worst splittable domains first
+                key = torch.where(splittable, cm, torch.full_like(cm, torch.inf))
+                take = key.argsort()[:min(batch, int(splittable.sum()))]
+                rest = torch.ones(cm.numel(), dtype=torch.bool)
+                rest[take] = False
+                attack_after = -math.inf if rounds % attack_every == 0 else math.inf
+                expander.submit(_take_batch(q, take), rounds, deadline, attack_after)
+                inflight += 1
+                out += take.numel()
+                q, cm, splittable = _take_batch(q, rest), cm[rest], splittable[rest]
+            e = expander.collect(deadline)
+            if e is None:
+                return result("timeout", f"budget ran out with {cm.numel() + out} domains "
+                                         f"open (worst margin {worst:.4g}, {total} bounded)")
+            inflight -= 1
+            out -= e.bounded // 2
+            total += e.bounded
+            if e.candidate is not None:
+                return result("candidate", e.candidate[2], e.candidate[0], e.candidate[1])
+            if e.children is not None:
+                q = _cat_batch(q, e.children)
+            log.debug("round %d: %d domains open, worst margin %.4g", rounds,
+                      q["margin"].shape[0], worst)
+    finally:
+        expander.cancel()  # a candidate or the deadline: outstanding batches are dropped
