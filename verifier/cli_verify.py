@@ -61,8 +61,9 @@ def verify_arguments(p: argparse.ArgumentParser) -> None:
                    help="on sat, write the counterexample there in the VNN-COMP format "
                         "((X_0 v) ... (Y_0 v) ...)")
     p.add_argument("--workers", type=positive_int, default=1, metavar="N",
-                   help="input-split branch and bound bounds its batches on N Ray actors "
-                        "(default 1: in this process; pip install '.[ray]')")
+                   help="branch and bound (input- or ReLU-split) bounds its batches of "
+                        "domains on N Ray actors (default 1: in this process; pip install "
+                        "'.[ray]')")
     p.add_argument("--ray-address", metavar="ADDR",
                    help="with --workers: the actors run on this Ray cluster (HOST:PORT or auto) "
                         "instead of a local Ray")

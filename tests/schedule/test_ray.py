@@ -1,7 +1,7 @@
 """verifier batch and branch and bound on a local Ray of 2 workers: the same verdicts as in
 this process, a killed worker loses no instance, a rerun resumes without recomputing; the Ray
-branch-and-bound pool agrees with the in-process one and stops at the deadline. Skipped when
-Ray is not installed."""
+branch-and-bound pool agrees with the in-process one (input and ReLU splits), stops at the
+deadline and on cancel, and survives or reports a killed actor. Skipped when Ray is not installed."""
 import os
 import signal
 import threading
@@ -26,10 +26,10 @@ from verifier.schedule.ray_batch import RayScheduler  # noqa: E402
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module (the schedulers join it, never shut it down). The runs use
-    2 workers (--workers 2, 2 actors); Ray is told of 4 logical CPUs so that a pool's actors,
-    which hold one each, can never starve a batch's tasks whatever the test order."""
+    2 workers (--workers 2, 2 actors); Ray is told of 6 logical CPUs so that the two pools'
+    actors, which hold one each, can never starve a batch's tasks whatever the test order."""
     import logging
-    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING,
+    ray.init(num_cpus=6, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False)
     yield
     ray.shutdown()
@@ -221,3 +221,146 @@ def test_ray_domain_pool_actor_killed_mid_batch_is_restarted_and_the_batch_rerun
         assert torch.equal(got.children["lo"], want.children["lo"])
         assert torch.equal(got.children["hi"], want.children["hi"])
 
+
+
+# -- ReLU-split branch and bound on Ray actors ---------------------------------------------------
+
+N_IN = 20   # more inputs than verify splits: ReLU-split branch and bound
+
+
+def _relu_net():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(N_IN, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+                               torch.nn.ReLU(), torch.nn.Linear(16, 1))
+
+
+def _vnnlib(d):
+    """y <= d over the box [-0.5, 0.5]^20 (the counterexamples)."""
+    lines = [f"(declare-const X_{i} Real)" for i in range(N_IN)] + ["(declare-const Y_0 Real)"]
+    lines += [f"(assert (>= X_{i} -0.5))\n(assert (<= X_{i} 0.5))" for i in range(N_IN)]
+    return "\n".join(lines + [f"(assert (<= Y_0 {d!r}))"]) + "\n"
+
+
+@pytest.fixture(scope="module")
+def relu_case(tmp_path_factory):
+    """The net as ONNX, and two properties: y <= m - 0.03 and y <= m + 0.01, with m the least
+    output found by sampling and PGD (so the second has a counterexample)."""
+    net = _relu_net()
+    d = tmp_path_factory.mktemp("relu")
+    onnx = d / "net.onnx"
+    torch.onnx.export(net, torch.zeros(1, N_IN), str(onnx), dynamo=False, opset_version=13)
+    x = torch.rand(20_000, N_IN, generator=torch.Generator().manual_seed(0)) - 0.5
+    for _ in range(30):
+        x.requires_grad_(True)
+        g, = torch.autograd.grad(net(x).sum(), x)
+        x = (x.detach() - 0.02 * g.sign()).clamp(-0.5, 0.5)
+    with torch.no_grad():
+        m = float(net(x).min())
+    (d / "below.vnnlib").write_text(_vnnlib(m - 0.03))
+    (d / "above.vnnlib").write_text(_vnnlib(m + 0.01))
+    return onnx, d / "below.vnnlib", d / "above.vnnlib"
+
+
+@pytest.fixture(scope="module")
+def relu_pool(local_ray, relu_case):
+    """2 actors holding the ReLU net (the kill test comes last: it spends their restarts)."""
+    from verifier.schedule import RayDomainPool
+    with RayDomainPool(relu_case[0], actors=2) as pool:
+        yield pool
+
+
+def test_ray_domain_pool_gives_the_in_process_relu_split_verdicts(relu_case, relu_pool):
+    from verifier.complete import verify
+    onnx, below, above = relu_case
+    for vnnlib, attack, want in ((below, True, "unsat"), (above, False, "sat")):
+        here = verify(onnx, vnnlib, timeout=60, attack=attack)
+        there = verify(onnx, vnnlib, timeout=60, attack=attack, expander=relu_pool)
+        assert here.method == there.method == "bab-relu", (here, there)
+        assert here.status == there.status == want, (here, there)   # sat: replayed
+        assert there.details["domains"] > 1
+
+
+def _relu_root_batch(onnx, vnnlib, iterations):
+    """The model, a ReluProblem of the property, and its root as a batch of one parent."""
+    from verifier.api import BoundedModel
+    from verifier.complete.relu_bab import ReluProblem, SplitProblem
+    from verifier.spec.vnnlib import read_vnnlib
+    m = BoundedModel.from_onnx(onnx)
+    r = read_vnnlib(vnnlib).regions[0]
+    lo = torch.as_tensor(r.lower, dtype=torch.float32).reshape(m.input_shape)
+    hi = torch.as_tensor(r.upper, dtype=torch.float32).reshape(m.input_shape)
+    P = SplitProblem(m, lo, hi, [torch.as_tensor(c.C, dtype=torch.float32) for c in r.disjuncts],
+                     [torch.as_tensor(c.d, dtype=torch.float32) for c in r.disjuncts])
+    lo_, up_, sg = P.root_domain()
+    res = P.bound(lo_, up_, sg, first_split=len(P.relus), iterations=2)
+    which, local = P.branch(res, sg)
+    cur = {"lo": res["lo"], "up": res["up"], "sg": sg, "margin": res["margin"], "which": which,
+           "local": local, "depth": torch.zeros(1, dtype=torch.long)}
+    return m, ReluProblem(P.lower, P.upper, P.Cs, P.ds, P.root, iterations), cur
+
+
+def test_ray_domain_pool_cancel_stops_running_relu_batches_within_a_step(relu_case, relu_pool):
+    """Two batches that would optimize for about half a minute (20,000 steps, y <= m + 0.01
+    is never refuted) run on both actors; after cancel both actors answer within seconds."""
+    onnx, _, above = relu_case
+    _, prob, cur = _relu_root_batch(onnx, above, iterations=20_000)
+    far = time.perf_counter() + 600
+    relu_pool.start(prob)
+    relu_pool.submit(cur, 1, far, far)
+    relu_pool.submit(cur, 2, far, far)
+    time.sleep(2.0)
+    done, _ = ray.wait(list(relu_pool._pending), num_returns=2, timeout=0)
+    assert not done, "the batches ended before the cancel: nothing to stop"
+    t0 = time.perf_counter()
+    relu_pool.cancel()
+    relu_pool.pids()   # each actor's next call waits for its running batch to end
+    assert time.perf_counter() - t0 < 3.0
+
+
+def test_ray_domain_pool_expands_a_relu_batch_exactly_as_in_process(relu_case, relu_pool):
+    """(After the cancel test: a cancel flag left set would cut this batch's optimization.)"""
+    from verifier.complete.relu_bab import LocalReluExpander
+    onnx, below, _ = relu_case
+    m, prob, cur = _relu_root_batch(onnx, below, iterations=8)
+    far = time.perf_counter() + 600
+    local = LocalReluExpander(m)
+    local.start(prob)
+    local.submit(cur, 1, far, far)
+    want = local.collect(far)
+    relu_pool.start(prob)
+    relu_pool.submit(cur, 1, far, far)
+    got = relu_pool.collect(far)
+    assert got.bounded == want.bounded == 2 and got.candidate is None is want.candidate
+    assert want.children is not None
+    for key in ("margin", "which", "local", "depth"):
+        assert torch.equal(got.children[key], want.children[key]), key
+    for key in ("lo", "up", "sg"):
+        for node, v in want.children[key].items():
+            assert torch.equal(got.children[key][node], v), (key, node)
+
+
+def test_ray_domain_pool_relu_actor_killed_is_rerun_then_a_second_death_is_an_error(relu_case,
+                                                                                   relu_pool):
+    from verifier.complete.relu_bab import LocalReluExpander, relu_split_bab
+    from verifier.schedule import SchedulerError
+    onnx, below, _ = relu_case
+    m, prob, cur = _relu_root_batch(onnx, below, iterations=300)
+    far = time.perf_counter() + 600
+    local = LocalReluExpander(m)
+    local.start(prob)
+    local.submit(cur, 1, far, far)
+    want = local.collect(far)
+    relu_pool.start(prob)
+    pids = relu_pool.pids()
+    relu_pool.submit(cur, 1, far, far)
+    for pid in pids:                     # while the batch is on its way or running
+        os.kill(pid, signal.SIGKILL)
+    got = relu_pool.collect(far)         # Ray restarted the actor and ran the batch again
+    assert not set(relu_pool.pids()) & set(pids)
+    assert got.bounded == want.bounded and torch.equal(got.children["margin"],
+                                                       want.children["margin"])
+    for pid in relu_pool.pids():         # the restart is spent: a second death is an error
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(SchedulerError, match="worker failed"):
+        relu_split_bab(m, prob.lower, prob.upper, prob.Cs, [d for d in prob.ds],
+                       time.perf_counter() + 60, expander=relu_pool)

@@ -111,8 +111,9 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
     ``bab``: branch and bound, by input splitting when the input has at most
     ``max_split_inputs`` values, else by ReLU splitting; ``progress(domains_left,
     worst_margin, elapsed_s)`` is called after every round of it; ``expander``: where
-    input-split branch and bound bounds its batches (default: this process; see
-    ``input_bab.LocalExpander``).
+    branch and bound (input- or ReLU-split) bounds its batches of domains (default: this
+    process; see ``input_bab.LocalExpander`` and ``relu_bab.LocalReluExpander``; one expander,
+    such as a ``RayDomainPool``, serves both).
     """
     from ..api import BoundedModel
     from ..spec.vnnlib import VnnlibSpec, read_vnnlib
@@ -241,7 +242,7 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
             Cs = [torch.as_tensor(region.disjuncts[kk].C, dtype=dt) for kk in todo]
             ds = [torch.as_tensor(region.disjuncts[kk].d, dtype=dt) for kk in todo]
             r = relu_split_bab(model, lo, hi, Cs, ds, deadline, root=roots.get(ri),
-                               progress=progress)
+                               progress=progress, expander=expander)
             total += r.domains
             if r.status == "candidate":
                 cex = _replay(r.x, todo[r.disjunct], region, ri, run, replayer)

@@ -1,18 +1,24 @@
-"""``RayDomainPool``: input-split branch and bound with its batches bounded on Ray actors.
+"""``RayDomainPool``: branch and bound (input- or ReLU-split) with its batches of domains
+bounded on Ray actors.
 
-The coordinator stays ``verifier.complete.input_bab.input_split_bab`` (the depth-first
+The coordinators stay ``input_bab.input_split_bab`` and ``relu_bab.relu_split_bab`` (the
 frontier, the deadline, candidates and their replay in ``verify``); this module only implements
-its expander seam (``submit`` / ``collect`` / ``cancel``, see ``LocalExpander``). Each actor
-loads the ONNX model once and keeps it (and the prepared spec of the current run) for every
-batch it is handed; one batch per actor is in flight at a time, so ``actors`` batches are
-bounded at once. Times cross processes as durations (remaining seconds), never as clock values.
+their expander seam (``start`` / ``submit`` / ``collect`` / ``cancel``, see ``LocalExpander``).
+Each actor loads the ONNX model once and keeps it, with the current run's prepared problem (the
+spec; for ReLU splits also the box's intermediate bounds), for every batch it is handed; one
+batch per actor is in flight at a time, so ``actors`` batches are bounded at once. The same pool
+serves both kinds of run (the problem's type picks the expansion). Times cross processes as
+durations (remaining seconds), never as clock values.
 
 Stopping: when the coordinator returns (a candidate, the deadline, an error) it calls
-``cancel``: no batch is handed out any more, batches not yet started are cancelled, and the
-result of a batch still running is ignored (a running actor call cannot be interrupted; it
-ends after one batch, and its attacks stop at the deadline it was given). An actor that dies is
-restarted once by Ray and its batch run again (the expansion is deterministic); a second death
-is an error, never a closed domain.
+``cancel``: no batch is handed out any more, and every batch out is cancelled with
+``ray.cancel``: one not yet started never runs; one running sees Ray's cancellation flag
+(``is_canceled``), which the ReLU-split expansion polls between optimization steps and PGD
+steps, so it ends within one step; its result is dropped. (Stopping early only skips
+optimization steps and attacks, never a child: a stopped expansion is still sound.) The
+input-split expansion does not poll it: its batch is one CROWN pass, its attacks stop at the
+deadline it was given. An actor that dies is restarted once by Ray and its batch run again (an
+expansion depends only on its input); a second death is an error, never a closed domain.
 """
 from __future__ import annotations
 
@@ -21,6 +27,14 @@ import time
 
 from .base import SchedulerError
 from .ray_batch import init_ray
+
+
+def _cancel_flag():
+    """A callable that is true once Ray cancelled the running actor call (None on a Ray
+    without ``RuntimeContext.is_canceled``)."""
+    import ray
+    ctx = ray.get_runtime_context()
+    return getattr(ctx, "is_canceled", None)
 
 
 class _DomainActor:
@@ -37,12 +51,20 @@ class _DomainActor:
         self.run_id, self.prepared = None, None
 
     def expand(self, run_id, problem, cur, seed, deadline_in, attack_in):
-        from ..complete.input_bab import Prepared, expand_domains
-        if run_id != self.run_id:
-            self.run_id, self.prepared = run_id, Prepared(self.model, problem)
+        from ..complete.input_bab import Prepared, SplitProblem, expand_domains
+        from ..complete.relu_bab import ReluProblem, expand_relu_domains
         now = time.perf_counter()
-        return expand_domains(self.model, self.prepared, cur, seed, now + deadline_in,
-                              now + attack_in)
+        deadline, attack_after = now + deadline_in, now + attack_in
+        if isinstance(problem, SplitProblem):
+            if run_id != self.run_id:
+                self.run_id, self.prepared = run_id, Prepared(self.model, problem)
+            return expand_domains(self.model, self.prepared, cur, seed, deadline, attack_after)
+        if isinstance(problem, ReluProblem):
+            if run_id != self.run_id:
+                self.run_id, self.prepared = run_id, problem.prepare(self.model)
+            return expand_relu_domains(self.prepared, cur, seed, deadline, attack_after,
+                                       iterations=problem.iterations, stop=_cancel_flag())
+        raise TypeError(f"not a branch and bound problem: {type(problem).__name__}")
 
     def pid(self) -> int:
         import os
@@ -50,9 +72,9 @@ class _DomainActor:
 
 
 class RayDomainPool:
-    """An expander for ``input_split_bab`` / ``verify(..., expander=)`` whose batches run on
-    ``actors`` Ray actors holding the model of ``onnx_path`` (the same model the caller
-    verifies). Local Ray with ``actors`` CPUs when ``address`` is None."""
+    """An expander for ``input_split_bab``, ``relu_split_bab`` and ``verify(..., expander=)``
+    whose batches run on ``actors`` Ray actors holding the model of ``onnx_path`` (the same
+    model the caller verifies). Local Ray with ``actors`` CPUs when ``address`` is None."""
 
     _runs = itertools.count()
 
@@ -76,6 +98,13 @@ class RayDomainPool:
 
     # -- the expander seam ------------------------------------------------------------------
     def start(self, problem) -> None:
+        """A new run: ``problem`` is an ``input_bab.SplitProblem`` or a
+        ``relu_bab.ReluProblem``."""
+        from ..complete.input_bab import SplitProblem
+        from ..complete.relu_bab import ReluProblem
+        if not isinstance(problem, (SplitProblem, ReluProblem)):
+            raise SchedulerError(f"RayDomainPool cannot run a {type(problem).__name__}: it "
+                                 "takes input_bab.SplitProblem or relu_bab.ReluProblem")
         self.cancel()
         self._run = next(self._runs)
         self._problem = self._ray.put(problem)
@@ -103,6 +132,7 @@ class RayDomainPool:
                                  f"{msg}") from None
 
     def cancel(self) -> None:
+        """Stop every batch out: not started ones never run, running ones see the flag."""
         for ref in self._pending:
             self._ray.cancel(ref)
         self._pending.clear()
