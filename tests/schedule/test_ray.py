@@ -1,7 +1,8 @@
 """verifier batch and branch and bound on a local Ray of 2 workers: the same verdicts as in
-this process, a killed worker loses no instance, a rerun resumes without recomputing; the Ray
-branch-and-bound pool agrees with the in-process one (input and ReLU splits), stops at the
-deadline and on cancel, and survives or reports a killed actor. Skipped when Ray is not installed."""
+this process, a killed worker loses no instance, a task hanging past its hard limit is killed
+and reported, a rerun resumes without recomputing; the Ray branch-and-bound pool agrees with the
+in-process one (input and ReLU splits), stops at the deadline and on cancel, and survives or
+reports a killed actor. Skipped when Ray is not installed."""
 import os
 import signal
 import threading
@@ -63,6 +64,26 @@ def test_worker_killed_once_is_retried_and_one_killed_every_time_is_an_error(loc
     assert "its worker died 2 times (retried 1)" in out[0].error
     out = dict(s.run(_raise, [(7,)]))   # an exception is the task's own: not retried
     assert out[0].attempts == 1 and out[0].error == "ValueError: bad 7"
+
+
+def _hang(seconds):
+    time.sleep(seconds)
+    return "woke"
+
+
+def test_a_task_hanging_past_its_hard_limit_is_killed_and_the_others_finish(local_ray):
+    """The hard limit applies only on a local Ray the scheduler started itself; this module's
+    Ray is shared, so the test sets the limit on the scheduler directly (1 s for the hanging
+    task, none for the quick ones)."""
+    s = RayScheduler(2, max_retries=2)
+    s.hard_limit = lambda args: 1.0 if args[0] > 5 else 1e9
+    t0 = time.perf_counter()
+    out = dict(s.run(_hang, [(60,), (0.1,), (0.2,), (0.1,)]))
+    assert time.perf_counter() - t0 < 15            # not the 60 s the task asked for
+    assert out[0].value is None and out[0].attempts == 1   # killed once, not retried
+    assert out[0].error == "killed after running 1 s, past its timeout"
+    assert {i: (o.value, o.error) for i, o in out.items() if i} == \
+        {1: ("woke", None), 2: ("woke", None), 3: ("woke", None)}
 
 
 def _verdicts(path):
