@@ -117,7 +117,8 @@ def _relu_problem(seed):
     """A 20-input ReLU net (input splitting would not do), its box, and the least output found
     by sampling and PGD (an upper estimate of the true minimum)."""
     torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    net = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                        nn.Linear(16, 1))
     bm = BoundedModel(net, input_shape=(20,))
     lo, hi = -0.5 * torch.ones(20), 0.5 * torch.ones(20)
     x = lo + torch.rand(20_000, 20, generator=torch.Generator().manual_seed(0)) * (hi - lo)
