@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 import torch.nn as nn
+from support import least_output
 
 from verifier import BoundedModel
 from verifier.complete.input_bab import LocalExpander, expand_domains, input_split_bab
@@ -121,14 +122,7 @@ def _relu_problem(seed):
                         nn.Linear(16, 1))
     bm = BoundedModel(net, input_shape=(20,))
     lo, hi = -0.5 * torch.ones(20), 0.5 * torch.ones(20)
-    x = lo + torch.rand(20_000, 20, generator=torch.Generator().manual_seed(0)) * (hi - lo)
-    for _ in range(30):
-        x.requires_grad_(True)
-        g, = torch.autograd.grad(net(x).sum(), x)
-        x = (x.detach() - 0.02 * g.sign()).clamp(-0.5, 0.5)
-    with torch.no_grad():
-        m = float(net(x).min())
-    return net, bm, lo, hi, m
+    return net, bm, lo, hi, least_output(net, 20)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 4])

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 from support import (ACAS_SAMPLE, SHARED, TEST_BENCH, bench_rows, descendants_named, expected,
-                     results, write_instances)
+                     least_output, results, write_instances)
 
 ray = pytest.importorskip("ray")
 # each test starts a local Ray: run them one after another in one test process
@@ -270,13 +270,7 @@ def relu_case(tmp_path_factory):
     d = tmp_path_factory.mktemp("relu")
     onnx = d / "net.onnx"
     torch.onnx.export(net, torch.zeros(1, N_IN), str(onnx), dynamo=False, opset_version=13)
-    x = torch.rand(20_000, N_IN, generator=torch.Generator().manual_seed(0)) - 0.5
-    for _ in range(30):
-        x.requires_grad_(True)
-        g, = torch.autograd.grad(net(x).sum(), x)
-        x = (x.detach() - 0.02 * g.sign()).clamp(-0.5, 0.5)
-    with torch.no_grad():
-        m = float(net(x).min())
+    m = least_output(net, N_IN)
     (d / "below.vnnlib").write_text(_vnnlib(m - 0.03))
     (d / "above.vnnlib").write_text(_vnnlib(m + 0.01))
     return onnx, d / "below.vnnlib", d / "above.vnnlib"
@@ -299,6 +293,15 @@ def test_ray_domain_pool_gives_the_in_process_relu_split_verdicts(relu_case, rel
         assert here.method == there.method == "bab-relu", (here, there)
         assert here.status == there.status == want, (here, there)   # sat: replayed
         assert there.details["domains"] > 1
+
+
+def _expand_locally(model, prob, cur, far):
+    """The batch ``cur`` expanded in this process (what an actor must reproduce)."""
+    from verifier.complete.relu_bab import LocalReluExpander
+    local = LocalReluExpander(model)
+    local.start(prob)
+    local.submit(cur, 1, far, far)
+    return local.collect(far)
 
 
 def _relu_root_batch(onnx, vnnlib, iterations):
@@ -340,14 +343,10 @@ def test_ray_domain_pool_cancel_stops_running_relu_batches_within_a_step(relu_ca
 
 def test_ray_domain_pool_expands_a_relu_batch_exactly_as_in_process(relu_case, relu_pool):
     """(After the cancel test: a cancel flag left set would cut this batch's optimization.)"""
-    from verifier.complete.relu_bab import LocalReluExpander
     onnx, below, _ = relu_case
     m, prob, cur = _relu_root_batch(onnx, below, iterations=8)
     far = time.perf_counter() + 600
-    local = LocalReluExpander(m)
-    local.start(prob)
-    local.submit(cur, 1, far, far)
-    want = local.collect(far)
+    want = _expand_locally(m, prob, cur, far)
     relu_pool.start(prob)
     relu_pool.submit(cur, 1, far, far)
     got = relu_pool.collect(far)
@@ -362,15 +361,12 @@ def test_ray_domain_pool_expands_a_relu_batch_exactly_as_in_process(relu_case, r
 
 def test_ray_domain_pool_relu_actor_killed_is_rerun_then_a_second_death_is_an_error(relu_case,
                                                                                    relu_pool):
-    from verifier.complete.relu_bab import LocalReluExpander, relu_split_bab
+    from verifier.complete.relu_bab import relu_split_bab
     from verifier.schedule import SchedulerError
     onnx, below, _ = relu_case
     m, prob, cur = _relu_root_batch(onnx, below, iterations=300)
     far = time.perf_counter() + 600
-    local = LocalReluExpander(m)
-    local.start(prob)
-    local.submit(cur, 1, far, far)
-    want = local.collect(far)
+    want = _expand_locally(m, prob, cur, far)
     relu_pool.start(prob)
     pids = relu_pool.pids()
     relu_pool.submit(cur, 1, far, far)
