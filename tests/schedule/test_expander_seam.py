@@ -15,9 +15,10 @@ from verifier.complete.input_bab import LocalExpander, expand_domains, input_spl
 from verifier.complete.relu_bab import LocalReluExpander, expand_relu_domains, relu_split_bab
 
 
-class ShuffledExpander(LocalExpander):
+class _Shuffled:
     """Up to ``slots`` batches in flight, each collected in a random order (as workers of
-    different speeds would return them); counts the domains it bounded."""
+    different speeds would return them); counts the domains it bounded. ``_expand(job)``: the
+    expansion of one batch."""
 
     def __init__(self, model, slots, seed=0):
         super().__init__(model)
@@ -27,14 +28,18 @@ class ShuffledExpander(LocalExpander):
         self.jobs.append((cur, seed, deadline, attack_after))
 
     def collect(self, deadline):
-        job = self.jobs.pop(self.rng.randrange(len(self.jobs)))
-        e = expand_domains(self.model, self._pr, *job)
+        e = self._expand(self.jobs.pop(self.rng.randrange(len(self.jobs))))
         self.bounded += e.bounded
         return e
 
     def cancel(self):
         self.left_at_end = len(self.jobs)   # batches still out when the run ended
         self.jobs = []
+
+
+class ShuffledExpander(_Shuffled, LocalExpander):
+    def _expand(self, job):
+        return expand_domains(self.model, self._pr, *job)
 
 
 class Broken(LocalExpander):
@@ -93,25 +98,11 @@ def test_default_expander_bounds_the_same_domains_as_an_explicit_local_one():
 
 # -- the same seam in ReLU-split branch and bound --------------------------------------------
 
-class ShuffledReluExpander(LocalReluExpander):
-    """Up to ``slots`` ReLU-split batches in flight, collected in a random order."""
+class ShuffledReluExpander(_Shuffled, LocalReluExpander):
+    """ReLU-split batches in flight, collected in a random order."""
 
-    def __init__(self, model, slots, seed=0):
-        super().__init__(model)
-        self.slots, self.jobs, self.rng, self.bounded = slots, [], random.Random(seed), 0
-
-    def submit(self, cur, seed, deadline, attack_after):
-        self.jobs.append((cur, seed, deadline, attack_after))
-
-    def collect(self, deadline):
-        job = self.jobs.pop(self.rng.randrange(len(self.jobs)))
-        e = expand_relu_domains(self._P, *job, iterations=self._iterations)
-        self.bounded += e.bounded
-        return e
-
-    def cancel(self):
-        self.left_at_end = len(self.jobs)   # batches still out when the run ended
-        self.jobs = []
+    def _expand(self, job):
+        return expand_relu_domains(self._P, *job, iterations=self._iterations)
 
 
 def _relu_problem(seed):
