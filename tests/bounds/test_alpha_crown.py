@@ -109,3 +109,45 @@ def test_slope_gradients_match_finite_differences_for_both_directions():
                 l2, u2 = backward_bound(bm.graph, out, C, bounds, leaves, alpha=moved)
                 fd = float(((l2 if d == 0 else u2).sum() - value) / 1e-6)
                 assert abs(fd - float(gr.flatten()[i])) < 1e-4 * (1 + abs(fd)), (k, d, i)
+
+
+@pytest.mark.parametrize("op", ["sigmoid", "tanh"])
+def test_s_shaped_tangent_lines_hold_at_every_position(op):
+    """Sigmoid / tanh lines at any tangent positions in [0, 1] (random, and both ends) must
+    stay below / above f on the whole interval: on a dense grid of each of 600 intervals that
+    are negative, positive, mixed, narrow and wide."""
+    from verifier.bound_types import Interval
+    from verifier.ops import RULES
+    from types import SimpleNamespace
+    rule, node = RULES[op], SimpleNamespace(name="act")
+    g = torch.Generator().manual_seed(0)
+    c = (torch.rand(600, generator=g, dtype=torch.float64) - 0.5) * 12
+    w = torch.rand(600, generator=g, dtype=torch.float64) ** 3 * 10 + 1e-7
+    x = Interval((c - w / 2).view(1, 600), (c + w / 2).view(1, 600))
+    taus = [torch.rand(2, 1, 3, 600, generator=g, dtype=torch.float64),
+            torch.zeros(2, 1, 1, 600, dtype=torch.float64), torch.ones(2, 1, 1, 600, dtype=torch.float64)]
+    grid = torch.linspace(0, 1, 2001, dtype=torch.float64).view(-1, 1)
+    pts = x.lower + grid * (x.upper - x.lower)                       # [2001, 600]
+    f = rule.f(None, pts)
+    free_l, _, _, free_u, _, _ = rule.tangent_ranges(node, x)
+    assert bool(free_l.any()) and bool(free_u.any())
+    for tau in taus:
+        kl, bl, ku, bu = rule._lines(node, x, tau)                   # [1, S, 600]
+        for s in range(kl.shape[1]):
+            low = kl[0, s] * pts + bl[0, s]
+            up = ku[0, s] * pts + bu[0, s]
+            assert float((low - f).max()) <= 1e-12, "a lower line above f"
+            assert float((f - up).max()) <= 1e-12, "an upper line below f"
+
+
+def test_alpha_crown_tangents_are_sound_never_looser_and_tighter_on_s_shaped_nets():
+    torch.manual_seed(0)
+    for act in (nn.Sigmoid, nn.Tanh):
+        net = nn.Sequential(nn.Linear(6, 20), act(), nn.Linear(20, 20), act(), nn.Linear(20, 4))
+        bm = BoundedModel(net, input_shape=(6,), dtype=torch.float64)
+        ball = LpBall(torch.rand(2, 6), 0.5)
+        rep = check_sound(bm, ball, spec=margin_spec([0, 2], 4, dtype=torch.float64),
+                          methods=("crown", "alpha-crown"), node_neurons=8)
+        a, c = rep.results["alpha-crown"], rep.results["crown"]
+        assert (a.lower >= c.lower - 1e-9).all() and (a.upper <= c.upper + 1e-9).all()
+        assert float((a.lower - c.lower).mean()) > 1e-4, act.__name__

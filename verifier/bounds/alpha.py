@@ -8,6 +8,11 @@ raise the lower bounds and lower the upper bounds of the spec rows, with separat
 spec row and per bound direction. The best value of each row seen is kept, so the result is
 never looser than CROWN's.
 
+Sigmoid and tanh (``SShaped``) take tangent positions instead: where a neuron's lower or upper
+line may be the tangent at any point of a range [t0, t1] (``SShaped.tangent_ranges``), the
+point ``t0 + tau (t1 - t0)`` with ``tau`` in [0, 1] is optimized in the same way, starting from
+CROWN's lines. MaxPool keeps its fixed lines.
+
 Intermediate bounds are optimized first, layer by layer: in topological order, every
 pre-activation node with unstable neurons that depend on earlier unstable ReLUs gets its own
 slopes for those ReLUs (per neuron of the node and per bound direction), optimized to tighten
@@ -34,19 +39,34 @@ from ..perturbation import Perturbation
 from .crown import backward_bound, crown_bounds
 
 SLOPED = ("relu", "leaky_relu")
+# S-shaped activations whose lines may be tangents at optimized points (``SShaped.backward``)
+TANGENT = ("sigmoid", "tanh")
+OPTIMIZED = SLOPED + TANGENT
 # elements of the A tensors of one chunk of rows in the intermediate optimization
 INTERMEDIATE_CHUNK = 2 ** 24
 
 
 def _slopes(graph, bounds, target, B, S, dtype):
     """CROWN's initial lower slopes ``{relu: (for lower, for upper)}``, each ``[B, S, *shape]``,
-    for the unstable ReLUs that ``target`` depends on, and their ranges ``{relu: a}``."""
+    for the unstable ReLUs that ``target`` depends on, and their ranges ``{relu: a}`` (the
+    slopes lie in [a, 1]); for sigmoid / tanh, the tangent positions ``[2, B, S, *shape]`` (of
+    the lower and the upper line) that give CROWN's lines, with range [0, 1]."""
     alphas, ranges = {}, {}
     for name in graph.ancestors_order(target):
         node = graph[name]
-        if node.op not in SLOPED or name == target:
+        if node.op not in OPTIMIZED or name == target:
             continue
         x = bounds[node.inputs[0]]
+        if node.op in TANGENT:
+            rule = RULES[node.op]
+            free_l, _, _, free_u, _, _ = rule.tangent_ranges(node, x)
+            if not (free_l | free_u).any():
+                continue
+            init = torch.stack(rule.initial_tangents(node, x)).to(dtype).unsqueeze(2)
+            init = init.expand(2, B, S, *node.shape)
+            alphas[name] = (init.clone().requires_grad_(True), init.clone().requires_grad_(True))
+            ranges[name] = 0.0
+            continue
         if not ((x.lower < 0) & (x.upper > 0)).any():
             continue
         a = node.params.get("negative_slope", 0.0)
@@ -99,7 +119,7 @@ def _tighten_intermediate(graph, bounds, leaves, out, iterations, lr, lr_decay, 
     """The pre-activation bounds optimized layer by layer (see the module doc)."""
     bounds = dict(bounds)
     for name in graph.ancestors_order(out):
-        if name == out or not any(c.op in SLOPED for c in graph.consumers(name)):
+        if name == out or not any(c.op in OPTIMIZED for c in graph.consumers(name)):
             continue
         if deadline is not None and time.perf_counter() > deadline:
             break
@@ -138,7 +158,7 @@ def _downstream(graph, name, cur):
     """IBP of the nodes between a refined node and the next refined one that a rule reads
     (e.g. a ReLU's output read by a layer with perturbed weights)."""
     for c in graph.consumers(name):
-        if c.op in SLOPED and c.name in cur:
+        if c.op in OPTIMIZED and c.name in cur:
             cur[c.name] = cur[c.name].intersect(RULES[c.op].interval(c, [cur[name]]))
 
 

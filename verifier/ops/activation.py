@@ -220,6 +220,78 @@ class SShaped(ElementwiseRelaxation):
         c2 = 2 * self.f(None, torch.zeros((), dtype=l.dtype))
         return k, c2 - b, ku, bu
 
+    # --- alpha-CROWN: optimizable tangent points -------------------------------------------
+    def _upper_tangents(self, l, u):
+        """Where the upper line may be any tangent at a point t in [t0, t1] (a mask, t0, t1):
+        l >= 0 (f concave there): any t in [l, u]; l < 0 < u with the chord cutting f: t in
+        [d, u], d the least t >= 0 whose tangent passes above (l, f(l)) (``upper_line``'s point,
+        found by bisection on the valid side): such a tangent lies above f on [0, inf) by
+        concavity and on [l, 0], where f is convex, by its value at both ends."""
+        narrow = (u - l) < 1e-6
+        need_d = (l < 0) & (u > 0) & (self._gap(u, l) > 0)
+        lo = torch.zeros_like(u)
+        hi = torch.where(need_d, u, torch.zeros_like(u))
+        for _ in range(self.iters):
+            mid = (lo + hi) / 2
+            ok = self._gap(mid, l) >= 0
+            hi = torch.where(ok, mid, hi)
+            lo = torch.where(ok, lo, mid)
+        free = ~narrow & ((l >= 0) | need_d)
+        t0 = torch.where(l >= 0, l, hi)
+        return free, t0, torch.maximum(u, t0)
+
+    def tangent_ranges(self, node, x: Interval):
+        """-> (free_l, t0_l, t1_l, free_u, t0_u, t1_u) over ``x`` (cached like ``relaxation``):
+        the neurons whose lower / upper line may be a tangent at any point of [t0, t1]. The
+        lower line mirrors the upper one (f(-x) = 2 f(0) - f(x))."""
+        cache = x.__dict__.setdefault("_relaxations", {})
+        key = ("tangents",) + self._key(node, x)
+        if key not in cache:
+            l, u = x.lower, x.upper
+            fu, a0, a1 = self._upper_tangents(l, u)
+            fl, m0, m1 = self._upper_tangents(-u, -l)
+            cache[key] = (fl, -m1, -m0, fu, a0, a1)
+        return cache[key]
+
+    def initial_tangents(self, node, x: Interval):
+        """The tangent positions ``(lower, upper)`` in [0, 1] that reproduce ``relax``'s lines
+        where they are tangents: the midpoint on a one-signed interval, else the point d."""
+        l, u = x.lower, x.upper
+        half = torch.full_like(l, 0.5)
+        return torch.where(u <= 0, half, torch.ones_like(l)), torch.where(l >= 0, half, torch.zeros_like(l))
+
+    def _lines(self, node, x: Interval, tau):
+        """The lines of the tangent positions ``tau: [2, B, S, *shape]`` (lower, upper), where
+        the neuron is free, else ``relax``'s: -> kl, bl, ku, bu, each ``[B, S, *shape]``."""
+        kl, bl, ku, bu = (v.unsqueeze(1) for v in self.relaxation(node, x))
+        fl, l0, l1, fu, u0, u1 = (v.unsqueeze(1) for v in self.tangent_ranges(node, x))
+        tl = l0 + tau[0] * (l1 - l0)
+        tu = u0 + tau[1] * (u1 - u0)
+        kt_l, kt_u = self.df(tl), self.df(tu)
+        kl2 = torch.where(fl, kt_l, kl)
+        bl2 = torch.where(fl, self.f(None, tl) - kt_l * tl, bl)
+        ku2 = torch.where(fu, kt_u, ku)
+        bu2 = torch.where(fu, self.f(None, tu) - kt_u * tu, bu)
+        return kl2, bl2, ku2, bu2
+
+    def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
+        """With ``alpha`` (alpha-CROWN): ``(tau for the lower bound, tau for the upper bound)``,
+        each ``[2, B, S, *shape]``, the tangent positions in [0, 1] of the lower and the upper
+        line (see ``tangent_ranges``); every position gives sound lines, one pair per spec row."""
+        if alpha is None:
+            return super().backward(node, A_lower, A_upper, inputs, beta=beta)
+        (x,) = inputs
+
+        def one(A, k_pos, b_pos, k_neg, b_neg):
+            Ap, An = A.clamp(min=0), A.clamp(max=0)
+            return Ap * k_pos + An * k_neg, (Ap * b_pos + An * b_neg).flatten(2).sum(2)
+
+        kl, bl, ku, bu = self._lines(node, x, alpha[0])
+        A_l, b_l = one(A_lower, kl, bl, ku, bu)
+        kl, bl, ku, bu = self._lines(node, x, alpha[1])
+        A_u, b_u = one(A_upper, ku, bu, kl, bl)
+        return [(A_l, A_u)], b_l, b_u
+
 
 @register("sigmoid")
 class Sigmoid(SShaped):
