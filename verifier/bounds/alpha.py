@@ -11,7 +11,9 @@ never looser than CROWN's.
 Sigmoid and tanh (``SShaped``) take tangent positions instead: where a neuron's lower or upper
 line may be the tangent at any point of a range [t0, t1] (``SShaped.tangent_ranges``), the
 point ``t0 + tau (t1 - t0)`` with ``tau`` in [0, 1] is optimized in the same way, starting from
-CROWN's lines. MaxPool keeps its fixed lines.
+CROWN's lines. A max pool's lower line is a convex combination of each window's elements with
+optimized non-negative weights (normalized over the window; ``MaxPool.backward``), starting
+from CROWN's one element.
 
 Intermediate bounds are optimized first, layer by layer: in topological order, every
 pre-activation node with unstable neurons that depend on earlier unstable ReLUs gets its own
@@ -41,7 +43,9 @@ from .crown import backward_bound, crown_bounds
 SLOPED = ("relu", "leaky_relu")
 # S-shaped activations whose lines may be tangents at optimized points (``SShaped.backward``)
 TANGENT = ("sigmoid", "tanh")
-OPTIMIZED = SLOPED + TANGENT
+# max pooling, whose lower line is an optimized convex combination of each window
+POOLED = ("maxpool",)
+OPTIMIZED = SLOPED + TANGENT + POOLED
 # elements of the A tensors of one chunk of rows in the intermediate optimization
 INTERMEDIATE_CHUNK = 2 ** 24
 
@@ -57,6 +61,14 @@ def _slopes(graph, bounds, target, B, S, dtype):
         if node.op not in OPTIMIZED or name == target:
             continue
         x = bounds[node.inputs[0]]
+        if node.op in POOLED:
+            onehot, undecided = RULES[node.op].initial_weights(node, x)
+            if not undecided:
+                continue
+            init = onehot.to(dtype).unsqueeze(1).expand(B, S, *onehot.shape[1:])
+            alphas[name] = (init.clone().requires_grad_(True), init.clone().requires_grad_(True))
+            ranges[name] = 0.0
+            continue
         if node.op in TANGENT:
             rule = RULES[node.op]
             free_l, _, _, free_u, _, _ = rule.tangent_ranges(node, x)
@@ -119,7 +131,8 @@ def _tighten_intermediate(graph, bounds, leaves, out, iterations, lr, lr_decay, 
     """The pre-activation bounds optimized layer by layer (see the module doc)."""
     bounds = dict(bounds)
     for name in graph.ancestors_order(out):
-        if name == out or not any(c.op in OPTIMIZED for c in graph.consumers(name)):
+        # pre-activations (a max pool's windows are not judged by sign: not tightened here)
+        if name == out or not any(c.op in SLOPED + TANGENT for c in graph.consumers(name)):
             continue
         if deadline is not None and time.perf_counter() > deadline:
             break

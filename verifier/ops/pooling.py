@@ -2,7 +2,8 @@
 the bounds through it, CROWN through its adjoint. MaxPool is relaxed per window: lower bound by
 the element with the largest lower bound (max >= any element); upper bound by that same element
 when its lower bound reaches every other upper bound (the max is decided), else by the constant
-max of the upper bounds.
+max of the upper bounds. For alpha-CROWN the lower line may be any convex combination of the
+window's elements (max >= every weighted mean), with optimized weights.
 """
 from __future__ import annotations
 
@@ -62,7 +63,20 @@ class MaxPool(BoundRule):
         w = F.unfold(t, p["kernel_size"], dilation=p["dilation"], stride=p["stride"])
         return w.view(B, C, -1, w.shape[-1])
 
-    def backward(self, node, A_lower, A_upper, inputs):
+    def initial_weights(self, node, x: Interval):
+        """-> (weights ``[B, C, k, L]`` of CROWN's lower line: one-hot on the element with the
+        largest lower bound, whether some window is undecided (else nothing to optimize))."""
+        lw = self._windows(node, x.lower, float("-inf"))
+        uw = self._windows(node, x.upper, float("-inf"))
+        best_l, j = lw.max(dim=2, keepdim=True)
+        u_others = uw.scatter(2, j, float("-inf")).max(dim=2, keepdim=True).values
+        return torch.zeros_like(lw).scatter_(2, j, 1.0), bool((best_l < u_others).any())
+
+    def backward(self, node, A_lower, A_upper, inputs, alpha=None):
+        """``alpha``: optional lower-line weights ``(for the lower bound, for the upper bound)``,
+        each ``[B, S, C, k, L]`` and >= 0 (alpha-CROWN): normalized over each window's real
+        (unpadded) elements they give a convex combination, which never exceeds the max; all
+        zero falls back to CROWN's element."""
         (x,) = inputs
         p = node.params
         lw = self._windows(node, x.lower, float("-inf"))
@@ -84,17 +98,27 @@ class MaxPool(BoundRule):
             img = img[:, :, ph:ph + in_shape[1], pw:pw + in_shape[2]]
             return img.reshape(B, S, *in_shape)
 
-        def one(A, upper):
+        def weights(w):
+            """Convex weights from ``w >= 0`` over each window's real elements."""
+            w = w * torch.isfinite(lw).unsqueeze(1)
+            total = w.sum(3, keepdim=True)
+            return torch.where(total > 0, w / torch.where(total > 0, total, 1.0), onehot.unsqueeze(1))
+
+        def one(A, upper, w=None):
             A = A.reshape(B, S, C, L)
             Ap, An = A.clamp(min=0), A.clamp(max=0)
             if upper:
                 Ap, An = An, Ap  # Ap now takes the lower relaxation
-            # lower relaxation: the chosen element (coefficient 1);
+            # lower relaxation: the chosen element (coefficient 1), or a convex combination;
             # upper relaxation: the chosen element if decided, else the constant u_max
-            lin = Ap + An * decided.unsqueeze(1)
             bias = (An * (~decided).unsqueeze(1) * u_max.unsqueeze(1)).flatten(2).sum(-1)
-            return to_input(lin.unsqueeze(3) * onehot.unsqueeze(1)), bias
+            if w is None:
+                lin = Ap + An * decided.unsqueeze(1)
+                return to_input(lin.unsqueeze(3) * onehot.unsqueeze(1)), bias
+            A_win = (Ap.unsqueeze(3) * weights(w)
+                     + (An * decided.unsqueeze(1)).unsqueeze(3) * onehot.unsqueeze(1))
+            return to_input(A_win), bias
 
-        A_l, b_l = one(A_lower, False)
-        A_u, b_u = one(A_upper, True)
+        A_l, b_l = one(A_lower, False, None if alpha is None else alpha[0])
+        A_u, b_u = one(A_upper, True, None if alpha is None else alpha[1])
         return [(A_l, A_u)], b_l, b_u
