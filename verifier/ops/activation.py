@@ -190,15 +190,11 @@ class SShaped(ElementwiseRelaxation):
         """t_d(l) - f(l): >= 0 iff the tangent at d (d >= 0) lies above f on [l, inf)."""
         return self.f(None, d) + self.df(d) * (l - d) - self.f(None, l)
 
-    def upper_line(self, l, u):
-        fl, fu = self.f(None, l), self.f(None, u)
-        narrow = (u - l) < 1e-6
-        chord_k = (fu - fl) / torch.where(narrow, torch.ones_like(u), u - l)
-        chord_b = fl - chord_k * l
-        m = (l + u) / 2
-        tm_k, tm_b = self._tangent(m)
-        mixed = (l < 0) & (u > 0)
-        need_d = mixed & (self._gap(u, l) > 0)  # the chord would cut f: use the tangent at d
+    def _point_d(self, l, u):
+        """-> (need_d, d): where l < 0 < u and the chord would cut f, and there the least
+        d >= 0 whose tangent passes above (l, f(l)), by bisection, kept on the valid side (0
+        elsewhere)."""
+        need_d = (l < 0) & (u > 0) & (self._gap(u, l) > 0)
         lo = torch.zeros_like(u)
         hi = torch.where(need_d, u, torch.zeros_like(u))
         for _ in range(self.iters):
@@ -206,7 +202,17 @@ class SShaped(ElementwiseRelaxation):
             ok = self._gap(mid, l) >= 0
             hi = torch.where(ok, mid, hi)
             lo = torch.where(ok, lo, mid)
-        td_k, td_b = self._tangent(hi)
+        return need_d, hi
+
+    def upper_line(self, l, u):
+        fl, fu = self.f(None, l), self.f(None, u)
+        narrow = (u - l) < 1e-6
+        chord_k = (fu - fl) / torch.where(narrow, torch.ones_like(u), u - l)
+        chord_b = fl - chord_k * l
+        m = (l + u) / 2
+        tm_k, tm_b = self._tangent(m)
+        need_d, d = self._point_d(l, u)   # the chord would cut f: use the tangent at d
+        td_k, td_b = self._tangent(d)
         k = torch.where(l >= 0, tm_k, torch.where(need_d, td_k, chord_k))
         b = torch.where(l >= 0, tm_b, torch.where(need_d, td_b, chord_b))
         # a box too narrow for a stable chord: the constant f(u) is an upper bound (monotone)
@@ -228,16 +234,9 @@ class SShaped(ElementwiseRelaxation):
         found by bisection on the valid side): such a tangent lies above f on [0, inf) by
         concavity and on [l, 0], where f is convex, by its value at both ends."""
         narrow = (u - l) < 1e-6
-        need_d = (l < 0) & (u > 0) & (self._gap(u, l) > 0)
-        lo = torch.zeros_like(u)
-        hi = torch.where(need_d, u, torch.zeros_like(u))
-        for _ in range(self.iters):
-            mid = (lo + hi) / 2
-            ok = self._gap(mid, l) >= 0
-            hi = torch.where(ok, mid, hi)
-            lo = torch.where(ok, lo, mid)
+        need_d, d = self._point_d(l, u)
         free = ~narrow & ((l >= 0) | need_d)
-        t0 = torch.where(l >= 0, l, hi)
+        t0 = torch.where(l >= 0, l, d)
         return free, t0, torch.maximum(u, t0)
 
     def tangent_ranges(self, node, x: Interval):
