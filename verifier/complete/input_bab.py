@@ -27,7 +27,7 @@ import torch
 from ..bound_types import Interval
 from ..bounds.crown import crown_bounds
 from ..ops import RULES
-from ..perturbation import Box
+from ..perturbation import Box, round_down, round_up
 from ..weight_attack import evaluate
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,6 @@ def _clip_boxes(A, lin, refuted, owner, K, lo, hi, passes: int = 2):
         alive |= keep
         new_l = torch.where(keep.unsqueeze(1), torch.minimum(new_l, l), new_l)
         new_h = torch.where(keep.unsqueeze(1), torch.maximum(new_h, h), new_h)
-    from ..perturbation import round_down, round_up
     a = alive.unsqueeze(1)
     out_l = torch.where(a, torch.maximum(round_down(new_l, dt), lo), lo)
     out_h = torch.where(a, torch.minimum(round_up(new_h, dt), hi), hi)
@@ -421,9 +420,8 @@ def expand_domains(model, pr: Prepared, cur: dict, seed: int, deadline: float,
                                      olo.flatten(1), ohi.flatten(1))
         olo, ohi = cl.reshape(olo.shape), ch.reshape(ohi.shape)
         if closed.any():
-            keep_i = open_.nonzero().squeeze(1)[~closed]
-            open_ = torch.zeros_like(open_)
-            open_[keep_i] = True
+            open_ = open_.clone()
+            open_[open_.nonzero().squeeze(1)[closed]] = False
             olo, ohi = olo[~closed], ohi[~closed]
             if not open_.any():
                 return Expansion(bounded=n)
