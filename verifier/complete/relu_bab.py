@@ -294,15 +294,20 @@ def _cat_batch(a: dict, b: dict) -> dict:
     return {k: (_cat(v, b[k]) if k in _NESTED else torch.cat([v, b[k]])) for k, v in a.items()}
 
 
-def _violating(P: SplitProblem, pts):
-    """-> (point, conjunction) of the first of ``pts`` that satisfies a conjunction, or None."""
-    with torch.no_grad():
-        v = P.violation(P.model.graph_forward(pts).reshape(pts.shape[0], -1))
+def _first_hit(pts, v):
+    """-> (point, conjunction) of the first of ``pts`` whose violation ``v: [n, K]`` is <= 0
+    (it satisfies that conjunction), or None."""
     hit = (v <= 0).nonzero()
     if hit.shape[0]:
         i, k = (int(t) for t in hit[0])
         return pts[i], k
     return None
+
+
+def _violating(P: SplitProblem, pts):
+    """-> (point, conjunction) of the first of ``pts`` that satisfies a conjunction, or None."""
+    with torch.no_grad():
+        return _first_hit(pts, P.violation(P.model.graph_forward(pts).reshape(pts.shape[0], -1)))
 
 
 @dataclass
@@ -366,11 +371,9 @@ def expand_relu_domains(P: SplitProblem, cur: dict, seed: int, deadline: float,
     ccm = P.conj_margin(res["margin"]).min(1).values
     if time.perf_counter() >= attack_after and time.perf_counter() < deadline:
         worst_pts = pts[ccm.argsort()[:8]]
-        x, v = P.pgd(worst_pts, deadline=deadline, stop=stop)
-        hit = (v <= 0).nonzero()
-        if hit.shape[0]:
-            i, k = (int(t) for t in hit[0])
-            out.candidate = (x[i], k, "PGD from a subdomain's bound-minimizing input")
+        c = _first_hit(*P.pgd(worst_pts, deadline=deadline, stop=stop))
+        if c is not None:
+            out.candidate = (*c, "PGD from a subdomain's bound-minimizing input")
             return out
     keep = (ccm <= 0).nonzero().flatten()
     if keep.numel():
