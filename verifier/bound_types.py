@@ -6,7 +6,7 @@ Shapes: every tensor carries a batch dimension first. An interval on a node of p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,11 +20,16 @@ class Interval:
     neurons that ``lower``/``upper`` leave unstable. Any interval containing the true range gives
     a sound relaxation; CROWN's own keeps CROWN's back-substitution consistent, where a chord
     over a narrower IBP-clipped range can loosen bounds further on.
+
+    ``cache``: what rules derive from this interval and reuse across the backward passes of one
+    bounds computation (e.g. an activation's lines over it), keyed by node and rule (see
+    ``ElementwiseRelaxation.relaxation``); not part of the interval's value.
     """
 
     lower: torch.Tensor
     upper: torch.Tensor
     relax: "Interval | None" = None
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def center(self) -> torch.Tensor:

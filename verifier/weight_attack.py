@@ -15,6 +15,7 @@ import torch
 
 from .attack import inside, project
 from .bound_types import Interval
+from .bounds.forward import evaluate
 from .perturbation import Box, LpBall
 
 
@@ -23,16 +24,6 @@ class WeightAttackResult:
     value: float                       # the objective at ``leaves`` (the best found)
     leaves: dict[str, torch.Tensor]    # leaf name -> value [1, *shape], inside its set
     params: dict[str, torch.Tensor]    # parameter name -> value (stored layout)
-
-
-def evaluate(graph, values: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The graph's output at a point: ``values`` holds every leaf (differentiable)."""
-    from .ops import RULES
-    vals = dict(values)
-    for node in graph:
-        if node.op != "input":
-            vals[node.name] = RULES[node.op].point(node, [vals[i] for i in node.inputs])
-    return vals[graph.output], vals
 
 
 def _start(p, gen, random: bool):

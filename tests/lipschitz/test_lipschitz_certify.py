@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from verifier.lipschitz import LipschitzError, lipschitz_constant
-from verifier.lipschitz.norms import conv_fft_norm, conv_norm, dense_norm
+from verifier.ops.norms import conv_fft_norm, conv_norm, dense_norm
 
 
 class Residual(nn.Module):

@@ -1,4 +1,7 @@
-"""alpha-CROWN: CROWN whose ReLU lower lines are optimized.
+"""alpha-CROWN: CROWN whose relaxations' free parameters are optimized.
+
+Each rule says which parameters its relaxation leaves free, their starting value (CROWN's lines)
+and their valid range (``BoundRule.alpha_init``); this module optimizes them.
 
 For an unstable ReLU (l < 0 < u) every line ``alpha x`` with ``0 <= alpha <= 1`` (``a <= alpha <=
 1`` for LeakyReLU with slope a) lies below the activation on [l, u], so each choice gives a
@@ -40,53 +43,25 @@ from ..ops import RULES
 from ..perturbation import Perturbation
 from .crown import backward_bound, crown_bounds
 
-SLOPED = ("relu", "leaky_relu")
-# S-shaped activations whose lines may be tangents at optimized points (``SShaped.backward``)
-TANGENT = ("sigmoid", "tanh")
-# max pooling, whose lower line is an optimized convex combination of each window
-POOLED = ("maxpool",)
-OPTIMIZED = SLOPED + TANGENT + POOLED
 # elements of the A tensors of one chunk of rows in the intermediate optimization
 INTERMEDIATE_CHUNK = 2 ** 24
 
 
 def _slopes(graph, bounds, target, B, S, dtype):
-    """CROWN's initial lower slopes ``{relu: (for lower, for upper)}``, each ``[B, S, *shape]``,
-    for the unstable ReLUs that ``target`` depends on, and their ranges ``{relu: a}`` (the
-    slopes lie in [a, 1]); for sigmoid / tanh, the tangent positions ``[2, B, S, *shape]`` (of
-    the lower and the upper line) that give CROWN's lines, with range [0, 1]."""
+    """The free relaxation parameters of every node that ``target`` depends on
+    (``rule.alpha_init``): ``{node: (for the lower bound, for the upper bound)}``, each starting
+    at the value that gives CROWN's lines, and their ranges ``{node: (low, high)}``."""
     alphas, ranges = {}, {}
     for name in graph.ancestors_order(target):
         node = graph[name]
-        if node.op not in OPTIMIZED or name == target:
+        if node.op == "input" or name == target:
             continue
-        x = bounds[node.inputs[0]]
-        if node.op in POOLED:
-            onehot, undecided = RULES[node.op].initial_weights(node, x)
-            if not undecided:
-                continue
-            init = onehot.to(dtype).unsqueeze(1).expand(B, S, *onehot.shape[1:])
-            alphas[name] = (init.clone().requires_grad_(True), init.clone().requires_grad_(True))
-            ranges[name] = 0.0
+        got = RULES[node.op].alpha_init(node, [bounds[i] for i in node.inputs], B, S, dtype)
+        if got is None:
             continue
-        if node.op in TANGENT:
-            rule = RULES[node.op]
-            free_l, _, _, free_u, _, _ = rule.tangent_ranges(node, x)
-            if not (free_l | free_u).any():
-                continue
-            init = torch.stack(rule.initial_tangents(node, x)).to(dtype).unsqueeze(2)
-            init = init.expand(2, B, S, *node.shape)
-            alphas[name] = (init.clone().requires_grad_(True), init.clone().requires_grad_(True))
-            ranges[name] = 0.0
-            continue
-        if not ((x.lower < 0) & (x.upper > 0)).any():
-            continue
-        a = node.params.get("negative_slope", 0.0)
-        r = x.relax or x  # the interval CROWN drew its lines on (see Interval.relax)
-        init = torch.where(r.upper > -r.lower, 1.0, a).to(dtype).unsqueeze(1)
-        init = init.expand(B, S, *node.shape)
+        init, low, high = got
         alphas[name] = (init.clone().requires_grad_(True), init.clone().requires_grad_(True))
-        ranges[name] = a
+        ranges[name] = (low, high)
     return alphas, ranges
 
 
@@ -112,8 +87,8 @@ def _optimize(bound_fn, alphas, ranges, lo0, up0, iterations, lr, lr_decay, pati
             sched.step()
             with torch.no_grad():
                 for name, (al, au) in alphas.items():
-                    al.clamp_(ranges[name], 1.0)
-                    au.clamp_(ranges[name], 1.0)
+                    al.clamp_(*ranges[name])
+                    au.clamp_(*ranges[name])
             value = float(loss.detach())
             if last is not None and value > last - 1e-6 * (1 + abs(last)):
                 stall += 1
@@ -131,8 +106,9 @@ def _tighten_intermediate(graph, bounds, leaves, out, iterations, lr, lr_decay, 
     """The pre-activation bounds optimized layer by layer (see the module doc)."""
     bounds = dict(bounds)
     for name in graph.ancestors_order(out):
-        # pre-activations (a max pool's windows are not judged by sign: not tightened here)
-        if name == out or not any(c.op in SLOPED + TANGENT for c in graph.consumers(name)):
+        # inputs of element-wise relaxations (a max pool's windows are not judged by sign: not
+        # tightened here)
+        if name == out or not any(RULES[c.op].elementwise for c in graph.consumers(name)):
             continue
         if deadline is not None and time.perf_counter() > deadline:
             break
@@ -171,7 +147,7 @@ def _downstream(graph, name, cur):
     """IBP of the nodes between a refined node and the next refined one that a rule reads
     (e.g. a ReLU's output read by a layer with perturbed weights)."""
     for c in graph.consumers(name):
-        if c.op in OPTIMIZED and c.name in cur:
+        if c.name in cur and RULES[c.op].optimizable:
             cur[c.name] = cur[c.name].intersect(RULES[c.op].interval(c, [cur[name]]))
 
 

@@ -1,10 +1,10 @@
 """CROWN: backward linear bound propagation over the graph.
 
-Starting from ``C`` at a node (``A = C: [B, S, *shape]``), every node passes its ``A`` to its
-inputs through its rule's linear relaxation, in reverse topological order; at a leaf the linear
-bound is concretized over the leaf's perturbation set (dual norm). Nonlinear rules need their
-inputs' intervals: ``crown_bounds`` computes them first, node by node in topological order, with
-CROWN itself (method "crown") or with IBP (method "crown-ibp"), always intersected with IBP.
+Starting from ``C`` at a node (``A = C: [B, S, *shape]``), the backward interpreter
+(``verifier.bounds.backward``) passes ``A`` through every node's rule to the leaves. Nonlinear
+rules need their inputs' intervals: ``crown_bounds`` computes them first with the forward
+interpreter, node by node in topological order, with CROWN itself (method "crown") or with IBP
+(method "crown-ibp"), always intersected with IBP.
 """
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import torch
 from ..bound_types import Interval, concretize_interval
 from ..graph.nodes import Graph
 from ..ops import RULES
-from ..perturbation import Perturbation
-from .patches import backward_bound_patches, patchable
+from ..perturbation import Box, Perturbation
+from .backward import backward, backward_bound
+from .forward import forward
+from .patches import patchable, start_patches
 
 # Budget for one backward pass, in tensor elements of the widest A: rows of C are split into
 # chunks so that batch * rows * widest_node stays below it.
@@ -30,64 +32,6 @@ PATCH_MIN_ROWS = 128
 # Refine each sample's own unstable neurons (one batch element per pair) when the dense pass over
 # the neurons unstable in any sample would do this many times more rows of work.
 SPARSE_GAIN = 1.5
-
-
-def _accumulate(store: dict, name: str, al, au) -> None:
-    if name not in store:
-        store[name] = (al, au)
-        return
-    ol, ou = store[name]
-    nl = ol + al
-    nu = nl if (ol is ou and al is au) else ou + au
-    store[name] = (nl, nu)
-
-
-def dense_step(graph: Graph, node, A_l, A_u, bounds, leaves, alpha=None, beta=None):
-    """One backward step with dense A at ``node``: -> ([(A_l, A_u) per input], bias_l, bias_u);
-    at a leaf, no inputs and the concretized bounds over its perturbation set. ``alpha``,
-    ``beta``: per node name, passed to the rules that take them (ReLU)."""
-    if node.op == "input":
-        leaf = leaves[node.name]
-        return [], leaf.concretize(A_l, upper=False), leaf.concretize(A_u, upper=True)
-    rule = RULES[node.op]
-    ins = [bounds[i] for i in node.inputs] if rule.needs_bounds else None
-    extra = {}
-    if alpha is not None and node.name in alpha:
-        extra["alpha"] = alpha[node.name]
-    if beta is not None and node.name in beta:
-        extra["beta"] = beta[node.name]
-    return rule.backward(node, A_l, A_u, ins, **extra)
-
-
-def backward_bound(graph: Graph, start: str, C: torch.Tensor, bounds: dict[str, Interval],
-                   leaves: dict[str, Perturbation], alpha: dict | None = None,
-                   beta: dict | None = None, record: dict | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lower and upper bounds ``[B, S]`` of ``C·x_start`` (``C: [B, S, *shape(start)]``);
-    ``alpha``: optimized slopes by node name for the rules that take them (alpha-CROWN);
-    ``beta``: split multipliers by ReLU node name (beta-CROWN, see ``ReLU.backward``);
-    ``record``: a dict whose keys are node names; each gets the lower-bound ``A`` that reaches
-    that node (``[B, S, *shape]``; e.g. for branching heuristics)."""
-    A: dict[str, tuple] = {start: (C, C)}
-    lower = upper = 0.0
-    for name in reversed(graph.ancestors_order(start)):
-        if name not in A:
-            continue
-        A_l, A_u = A.pop(name)
-        if record is not None and name in record:
-            record[name] = A_l
-        node = graph[name]
-        parts, b_l, b_u = dense_step(graph, node, A_l, A_u, bounds, leaves, alpha, beta)
-        lower = lower + b_l
-        upper = upper + b_u
-        for inp, (al, au) in zip(node.inputs, parts):
-            if al is not None:
-                _accumulate(A, inp, al, au)
-    B, S = C.shape[:2]
-    if not isinstance(lower, torch.Tensor):  # the start does not depend on any leaf
-        lower = C.new_zeros(B, S) + lower
-        upper = C.new_zeros(B, S) + upper
-    return lower, upper
 
 
 def _rows_per_chunk(graph: Graph, start: str, batch: int) -> int:
@@ -134,7 +78,8 @@ def _sparse_rows(graph, name, unstable_b, bounds, leaves):
     leave few neurons unstable, and not the same ones). -> (lower, upper) ``[pairs]``."""
     node = graph[name]
     bi, ji = unstable_b.nonzero(as_tuple=True)
-    lin = node.op == "linear" and len(node.shape) == 1
+    own = RULES[node.op] if node.op != "input" else None
+    lin = own is not None and own.has_rows(node)
     start = node.inputs[0] if lin else name
     ancestors = graph.ancestors_order(start)
     widest = max(math.prod(graph[n].shape) for n in ancestors)
@@ -160,8 +105,8 @@ def _sparse_rows(graph, name, unstable_b, bounds, leaves):
         sub_leaves = {a: leaf.take(b) for a, leaf in leaves.items() if a in ancestors}
         dtype = bounds[name].lower.dtype
         if lin:
-            W, bias = node.params["weight"], node.params.get("bias")
-            C = W[j].unsqueeze(1)
+            W, bias = own.rows(node, j)
+            C = W.unsqueeze(1)
         else:
             C = torch.zeros(b.numel(), 1, n, dtype=dtype)
             C[torch.arange(b.numel()), 0, j] = 1.0
@@ -169,7 +114,7 @@ def _sparse_rows(graph, name, unstable_b, bounds, leaves):
         l, u = backward_bound(graph, start, C, sub_bounds, sub_leaves)
         l, u = l[:, 0], u[:, 0]
         if lin and bias is not None:
-            l, u = l + bias[j], u + bias[j]
+            l, u = l + bias, u + bias
         lo.append(l)
         up.append(u)
     return bi, ji, torch.cat(lo), torch.cat(up)
@@ -177,7 +122,6 @@ def _sparse_rows(graph, name, unstable_b, bounds, leaves):
 
 def _sparse_ok(graph, name, B, bounds, leaves) -> bool:
     """Per-pair refinement needs every ancestor's interval per sample and box leaves."""
-    from ..perturbation import Box
     for a in graph.ancestors_order(name):
         if a in leaves:
             if not isinstance(leaves[a], Box) or leaves[a].lower.shape[0] != B:
@@ -212,14 +156,14 @@ def refine_node(graph, name, bounds, leaves) -> Interval:
             return Interval(nl.view_as(cur.lower), nu.view_as(cur.upper))
     if len(node.shape) == 3 and patchable(graph, name, leaves):
         lo, up = _patch_bounds(graph, name, rows, bounds, leaves)
-    elif node.op == "linear" and len(node.shape) == 1:
+    elif RULES[node.op].has_rows(node):
         # one-hot rows through y = W x + b are rows of W: start one node earlier
-        W, b = node.params["weight"], node.params.get("bias")
         idx = torch.arange(node.shape[0]) if rows is None else rows
-        A0 = W[idx].unsqueeze(0).expand(B, -1, -1)
+        W, b = RULES[node.op].rows(node, idx)
+        A0 = W.unsqueeze(0).expand(B, -1, -1)
         lo, up = chunked_backward(graph, node.inputs[0], A0, bounds, leaves)
         if b is not None:
-            lo, up = lo + b[idx], up + b[idx]
+            lo, up = lo + b, up + b
     else:
         C = _identity_spec(B, node.shape, cur.lower.dtype, cur.lower.device, rows)
         lo, up = chunked_backward(graph, name, C, bounds, leaves)
@@ -245,8 +189,10 @@ def _patch_bounds(graph, name, rows, bounds, leaves):
     size = max(1, B * widest)
     step = max(1, min((4 * MAX_A_ELEMENTS) // size, max(PATCH_MIN_ROWS, PATCH_CHUNK // size)))
     lo, up, cache = [], [], {}
+    dtype = bounds[name].lower.dtype
     for k in range(0, rows.numel(), step):
-        l, u = backward_bound_patches(graph, name, rows[k:k + step], bounds, leaves, cache)
+        store = start_patches(graph, name, rows[k:k + step], dtype, B, cache)
+        l, u = backward(graph, name, store, bounds, leaves)
         lo.append(l)
         up.append(u)
     return torch.cat(lo, 1), torch.cat(up, 1)
@@ -258,7 +204,7 @@ def _ibp_exact(graph, node, leaves) -> bool:
     if not RULES[node.op].affine or len(set(node.inputs)) != 1:
         return False
     src = graph[node.inputs[0]]
-    while src.op == "select":
+    while src.op != "input" and RULES[src.op].data_movement:
         src = graph[src.inputs[0]]
     return src.op == "input" and getattr(leaves[src.name], "norm", math.inf) == math.inf
 
@@ -292,23 +238,23 @@ def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: s
     """
     bounds: dict[str, Interval] = {}
     names = graph.order if upto is None else graph.ancestors_order(upto)
-    for name in names:
-        node = graph[name]
-        if node.op == "input":
-            bounds[name] = leaves[name].interval()
-            continue
-        rule = RULES[node.op]
-        bounds[name] = rule.interval(node, [bounds[i] for i in node.inputs])
+
+    def step(rule, node, ins):
+        name = node.name
+        iv = rule.interval(node, ins)
         if prior is not None and name in prior:
-            bounds[name] = bounds[name].intersect(prior[name])
+            iv = iv.intersect(prior[name])
         if (method == "crown" and name != upto and not _ibp_exact(graph, node, leaves)
                 and any(RULES[c.op].needs_bounds for c in graph.consumers(name))):
+            bounds[name] = iv  # refine_node reads the node's current bounds
             new = refine_node(graph, name, bounds, leaves)
-            both = bounds[name].intersect(new)
-            if relax_lines and _tightens(bounds[name], new):
+            both = iv.intersect(new)
+            if relax_lines and _tightens(iv, new):
                 both.relax = new
-            bounds[name] = both
-    return bounds
+            iv = both
+        return iv
+
+    return forward(graph, lambda n: leaves[n.name].interval(), step, names, bounds)
 
 
 def crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor | None,

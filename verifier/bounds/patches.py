@@ -10,9 +10,10 @@ strides passed and ``P`` the accumulated padding. Going back through a convoluti
 the window by the matching window of their slope maps. Positions outside the map (the
 convolution's zero padding) are masked to 0, so a window holds zeros wherever it leaves its map.
 
-Used by ``crown.backward_bound`` when every node between the start and the leaves has a patch
-rule here (conv, element-wise affine, add, activations); otherwise the dense path runs. At the
-input, patches are concretized as they are (over windows of the set's center and radius).
+The backward interpreter (``verifier.bounds.backward``) keeps a node's A as patches while its
+rule has a ``patch_step`` (conv, element-wise affine, add, activations) and the window stays
+small; otherwise A turns dense. At the input, patches are concretized as they are (over windows
+of the set's center and radius).
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import RULES
-from ..ops.linear import fold_adjoint, folds_faster
 from ..perturbation import Box, LpBall
 
 
@@ -112,32 +112,19 @@ def _add_into(g: Geometry, parts) -> torch.Tensor:
     return out
 
 
-def _full(t, shape):
-    """A constant broadcast to the full per-sample map, with a batch dim of 1 if it has none."""
-    t = torch.as_tensor(t)
-    if t.ndim <= len(shape):
-        t = t.expand(*shape).unsqueeze(0)
-    return t
-
-
-def _can_step(graph, node, leaves) -> bool:
-    """Whether ``node`` has a patch rule here (else its A is made dense)."""
+def can_step(node, leaves) -> bool:
+    """Whether ``node``'s A can stay patches (its rule's ``patch_step``, or a leaf whose set
+    ``concretize`` handles); else it is made dense."""
     if len(node.shape) != 3:
         return False
     if node.op == "input":
         return isinstance(leaves[node.name], (Box, LpBall))
-    if node.op == "conv":
-        return node.params["weight"].ndim == 4
-    if node.op == "affine":
-        return tuple(node.params["in_shape"]) == tuple(node.shape)
-    if node.op == "add":
-        return all(tuple(s) == tuple(node.shape) for s in node.params["in_shapes"])
-    return node.op in _STEP
+    return RULES[node.op].patchable(node)
 
 
 def patchable(graph, start, leaves) -> bool:
     """Patch form pays off when the start is a feature map whose node has a patch rule."""
-    return _can_step(graph, graph[start], leaves) and graph[start].op != "input"
+    return can_step(graph[start], leaves) and graph[start].op != "input"
 
 
 # a window larger than this share of its map is cheaper as dense A (at the input: larger than
@@ -145,13 +132,13 @@ def patchable(graph, start, leaves) -> bool:
 DENSE_SHARE = 0.5
 
 
-def _stays_patch(node, g: Geometry) -> bool:
+def stays_patch(node, g: Geometry) -> bool:
     area = g.size[0] * g.size[1]
     limit = node.shape[1] * node.shape[2]
     return area <= (limit if node.op == "input" else DENSE_SHARE * limit)
 
 
-class _Store:
+class Store:
     """The A of each node reached so far: patches ``(geometry, A_l, A_u)`` or dense
     ``(A_l, A_u)``; a node whose A arrives in both forms (or as patches of different strides)
     is made dense."""
@@ -196,48 +183,20 @@ class _Store:
         return dl, (dl if au is al else g.to_dense(au, shape))
 
 
-def backward_bound_patches(graph, start, rows, bounds, leaves, cache=None):
-    """Bounds ``[B, K]`` of the neurons ``rows`` (flat indices) of ``start``, like
-    ``crown.backward_bound`` with one-hot rows. A starts as patches and turns dense once a
-    window covers more than ``DENSE_SHARE`` of its feature map. ``cache``: a dict shared by the
-    calls for chunks of rows of the same start and bounds (windows of constant maps)."""
-    from .crown import dense_step
+def start_patches(graph, start, rows, dtype, B, cache=None) -> "Store":
+    """A store holding one-hot patches for the neurons ``rows`` (flat indices) of ``start``:
+    the A of ``crown.backward_bound`` with one-hot rows, as 1x1 windows."""
     C, H, W = graph[start].shape
-    ref = bounds[start].lower
-    B, dtype = ref.shape[0], ref.dtype
     K = rows.numel()
     v = torch.zeros(B, K, C, 1, 1, dtype=dtype)
     v[:, torch.arange(K), rows // (H * W), 0, 0] = 1.0
-    store = _Store(graph)
+    store = Store(graph)
     g = Geometry((rows % (H * W)) // W, rows % W, (H, W), (1, 1), (0, 0), (1, 1), cache)
     store.patches[start] = (g, v, v)
-    lower = upper = 0.0
-    for name in reversed(graph.ancestors_order(start)):
-        node = graph[name]
-        if name in store.patches and not (_can_step(graph, node, leaves)
-                                          and _stays_patch(node, store.patches[name][0])):
-            store.densify(name)
-        if name in store.patches:
-            g, vl, vu = store.patches.pop(name)
-            if node.op == "input":
-                lower = lower + _concretize(g, vl, leaves[name], name, upper=False)
-                upper = upper + _concretize(g, vu, leaves[name], name, upper=True)
-                continue
-            outs, bl, bu = _STEP[node.op](graph, node, g, vl, vu, bounds)
-            lower, upper = lower + bl, upper + bu
-            for inp, (gi, al, au) in zip(node.inputs, outs):
-                store.add_patch(inp, gi, al, au)
-        elif name in store.dense:
-            A_l, A_u = store.dense.pop(name)
-            parts, bl, bu = dense_step(graph, node, A_l, A_u, bounds, leaves)
-            lower, upper = lower + bl, upper + bu
-            for inp, (al, au) in zip(node.inputs, parts):
-                if al is not None:  # None: the rule concretized that input itself
-                    store.add_dense(inp, al, au)
-    return lower, upper
+    return store
 
 
-def _concretize(g, v, leaf, name, upper):
+def concretize(g, v, leaf, name, upper):
     """min (or max) of ``A·x`` over the set of the leaf ``name`` for patches ``v`` there."""
     box = leaf.interval()
     ball = isinstance(leaf, LpBall) and leaf.norm != math.inf
@@ -258,99 +217,3 @@ def _concretize(g, v, leaf, name, upper):
     if leaf.clip is None:
         return val
     return torch.minimum(val, boxval) if upper else torch.maximum(val, boxval)
-
-
-def _tconv(x, W, stride, groups, dilation, out_size):
-    """``conv_transpose2d(x, W)`` without padding, by the fastest route on CPU for its shape."""
-    N, co, h, w = x.shape
-    if groups == 1 and h * w == 1 and all(d == 1 for d in dilation):  # one position: a matmul
-        return (x.reshape(N, co) @ W.reshape(co, -1)).reshape(N, *W.shape[1:])
-    if any(s > 1 for s in stride) and folds_faster(W, groups, N):  # columns, then scatter-add
-        return fold_adjoint(x, W, out_size, stride, dilation=dilation)
-    return F.conv_transpose2d(x, W, None, stride=stride, groups=groups, dilation=dilation)
-
-
-def _conv_step(graph, node, g, vl, vu, bounds):
-    p = node.params
-    Wt, bias = p["weight"], p.get("bias")
-    gi = g.back_through_conv(Wt.shape[2:], p["stride"], p["padding"], p["dilation"])
-    _, Hin, Win = p["in_shape"]
-    mask = gi.mask(Hin, Win, vl.dtype)
-    inside = bool(mask.all())
-
-    def one(v):
-        B, K = v.shape[:2]
-        y = _tconv(v.reshape(B * K, *v.shape[2:]), Wt, p["stride"], p["groups"], p["dilation"],
-                   gi.size)
-        y = y.reshape(B, K, *y.shape[1:])
-        if not inside:
-            y.mul_(mask)
-        return y, (0.0 if bias is None else v.sum(dim=(-1, -2)).matmul(bias))
-
-    al, bl = one(vl)
-    au, bu = (al, bl) if vu is vl else one(vu)
-    return [(gi, al, au)], bl, bu
-
-
-def _affine_step(graph, node, g, vl, vu, bounds):
-    p = node.params
-    bl = bu = 0.0
-    w, b = p.get("w"), p.get("b")
-    shape = node.shape
-    if w is not None:
-        ww = g.windows(lambda: _full(w, shape).to(vl.dtype).expand(vl.shape[0], *shape),
-                       ("w", node.name))
-        nl, nu = vl * ww, (vu * ww if vu is not vl else None)
-    else:
-        nl, nu = vl, (vu if vu is not vl else None)
-    if b is not None:
-        bw = g.windows(lambda: _full(b, shape).to(vl.dtype).expand(vl.shape[0], *shape),
-                       ("b", node.name)).flatten(2)
-        bl = (vl.flatten(2) * bw).sum(-1)
-        bu = bl if vu is vl else (vu.flatten(2) * bw).sum(-1)
-    return [(g, nl, nl if nu is None else nu)], bl, bu
-
-
-def _add_step(graph, node, g, vl, vu, bounds):
-    outs = []
-    for s in node.params["signs"]:
-        if s > 0:
-            outs.append((g, vl, vu))
-        else:
-            nl = -vl
-            outs.append((g, nl, nl if vu is vl else -vu))
-    return outs, 0.0, 0.0
-
-
-def _act_step(graph, node, g, vl, vu, bounds):
-    """Entries of A >= 0 take the lower line for the lower bound and the upper line for the
-    upper bound, the others the opposite line (as ``ElementwiseRelaxation.backward``)."""
-    rule = RULES[node.op]
-    x = bounds[node.inputs[0]]
-    kl, bl, ku, bu = rule.relaxation(node, x)
-    B = kl.shape[0]
-    maps = [kl, ku, bu] + ([bl] if rule.has_lower_bias else [])
-    win = g.windows(lambda: torch.cat(maps), ("relax", node.name)).split(B)
-    kl, ku, bu = win[:3]
-    bl = win[3] if rule.has_lower_bias else None
-
-    def one(v, k_pos, k_neg, b_pos, b_neg):
-        """v- k_neg + v+ k_pos (exact: one of the two products is 0), with one scratch buffer."""
-        part = v.clamp(max=0)
-        nv = part * k_neg
-        bias = 0.0
-        if b_neg is not None:
-            bias = part.mul_(b_neg).flatten(2).sum(-1)
-        part = torch.clamp(v, min=0, out=part)
-        nv.addcmul_(part, k_pos)
-        if b_pos is not None:
-            bias = bias + part.mul_(b_pos).flatten(2).sum(-1)
-        return nv, bias
-
-    al, b_l = one(vl, kl, ku, bl, bu)
-    au, b_u = one(vu, ku, kl, bu, bl)
-    return [(g, al, au)], b_l, b_u
-
-
-_STEP = {"conv": _conv_step, "affine": _affine_step, "add": _add_step, "relu": _act_step,
-         "leaky_relu": _act_step, "sigmoid": _act_step, "tanh": _act_step}

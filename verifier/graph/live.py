@@ -17,8 +17,9 @@ the bounds are then bounds of that (fixed-statistics) network, and gradients flo
 statistics as they do in the natural loss. At evaluation time (eval mode) the running statistics
 are used, as in any other graph.
 
-Every traversal in ``verifier.bounds`` runs unchanged on the returned graph: nothing here
-propagates bounds.
+Each node's rule makes its live params (``BoundRule.live_params``; the BatchNorm fold is
+``ElementwiseAffine``'s). Every traversal in ``verifier.bounds`` runs unchanged on the returned
+graph: nothing here propagates bounds.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import VerifierError
+from ..ops import RULES
 from .nodes import Graph
 
 
@@ -67,24 +69,6 @@ class BatchStats:
         self._handles.clear()
 
 
-def _bn_affine(mod: nn.Module, stats, eps: float, ndim: int, dtype):
-    if mod.training:
-        if stats is None:
-            raise VerifierError(f"BatchNorm module {type(mod).__name__} is in training mode: give "
-                                "the clean batch's statistics (verifier.graph.live.BatchStats)")
-        mean, var = stats
-    else:
-        mean, var = mod.running_mean, mod.running_var
-    scale = torch.rsqrt(var.to(dtype) + eps)
-    if mod.weight is not None:
-        scale = scale * mod.weight.to(dtype)
-    shift = -mean.to(dtype) * scale
-    if mod.bias is not None:
-        shift = shift + mod.bias.to(dtype)
-    view = (-1,) + (1,) * (ndim - 1)
-    return scale.reshape(view), shift.reshape(view)
-
-
 def live_graph(graph: Graph, module: nn.Module, batch_stats: dict | None = None,
                strict: bool = True) -> Graph:
     """A copy of ``graph`` (traced from ``module``) whose parameters are ``module``'s live tensors.
@@ -100,33 +84,11 @@ def live_graph(graph: Graph, module: nn.Module, batch_stats: dict | None = None,
     used: set[str] = set()
     nodes = []
     for node in graph:
-        names = node.params.get("param_names", {})
-        bn = node.params.get("batchnorm")
-        if not names and bn is None:
+        if node.op == "input":
             nodes.append(node)
             continue
-        params = dict(node.params)
-        for role, (pname, layout) in names.items():
-            if pname not in named:
-                continue  # a buffer or a constant: stays as traced
-            ref = params[role]
-            v = named[pname].to(ref.dtype)
-            params[role] = v.t() if layout == "t" else v
-            if tuple(params[role].shape) != tuple(ref.shape):
-                raise VerifierError(f"node {node.name!r}: parameter {pname!r} has shape "
-                                    f"{list(params[role].shape)}, the traced graph "
-                                    f"{list(ref.shape)}: trace the model again")
-            used.add(pname)
-        if bn is not None:
-            mod = mods.get(bn["module"])
-            if mod is None:
-                raise VerifierError(f"node {node.name!r}: no BatchNorm module {bn['module']!r} in "
-                                    "the model")
-            stats = (batch_stats or {}).get(bn["module"])
-            dtype = params["w"].dtype
-            params["w"], params["b"] = _bn_affine(mod, stats, bn["eps"], len(params["in_shape"]), dtype)
-            used.update(f"{bn['module']}.{k}" for k in ("weight", "bias")
-                        if getattr(mod, k) is not None)
+        params, names = RULES[node.op].live_params(node, named, mods, batch_stats)
+        used |= names
         nodes.append(replace(node, params=params))
     if strict:
         missing = [n for n, p in named.items() if p.requires_grad and n not in used]

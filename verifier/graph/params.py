@@ -12,9 +12,9 @@ from dataclasses import replace
 import torch
 
 from ..errors import VerifierError
+from ..ops import RULES
+from ..ops.base import NotSupported
 from .nodes import Graph, Node
-
-LIFTED = {"linear": "linear_w", "conv": "conv_w"}
 
 
 def parameter_uses(graph: Graph) -> dict[str, list[tuple[str, str, str | None]]]:
@@ -36,20 +36,14 @@ def parameter_values(graph: Graph) -> dict[str, torch.Tensor]:
     return out
 
 
-def _check_liftable(node: Node, pname: str) -> None:
-    if node.op not in LIFTED:
-        raise VerifierError(f"parameter {pname!r} is used by node {node.name!r} ({node.op}), which "
-                            "cannot carry a weight perturbation (linear and conv layers can)")
-    if node.op == "conv":
-        w = node.params["weight"]
-        if w.ndim != 4 or node.params["groups"] != 1:
-            raise VerifierError(f"parameter {pname!r}: node {node.name!r} is a "
-                                f"{w.ndim - 2}-D convolution with groups={node.params['groups']}; "
-                                "weight perturbations support 2-D convolutions with groups=1")
-    if node.op == "linear" and len(node.shape) != 1:
-        raise VerifierError(f"parameter {pname!r}: node {node.name!r} applies a linear layer to a "
-                            f"tensor of shape {list(node.params.get('in_shape', node.shape))} per "
-                            "sample; weight perturbations support vector inputs")
+def _lifted_op(node: Node, pname: str) -> str:
+    """The op of ``node`` with its parameter ``pname`` read as an input (its rule's answer)."""
+    if node.op == "input":
+        raise VerifierError(f"parameter {pname!r} is held by a leaf {node.name!r}")
+    try:
+        return RULES[node.op].lifted(node, pname)
+    except NotSupported as e:
+        raise VerifierError(e.why) from None
 
 
 def lift(graph: Graph, sources: dict[str, str], extra: list[Node]) -> Graph:
@@ -72,14 +66,12 @@ def lift(graph: Graph, sources: dict[str, str], extra: list[Node]) -> Graph:
         if not roles:
             nodes.append(node)
             continue
-        for r in roles:
-            _check_liftable(node, names[r][0])
+        ops = {_lifted_op(node, names[r][0]) for r in roles}
         params = dict(node.params)
         params["roles"] = tuple(roles)
         params["layouts"] = {r: names[r][1] for r in roles}
-        if node.op == "linear":
-            params.setdefault("in_shape", graph[node.inputs[0]].shape)
-        nodes.append(replace(node, op=LIFTED[node.op],
+        params.setdefault("in_shape", graph[node.inputs[0]].shape)
+        nodes.append(replace(node, op=ops.pop(),
                              inputs=list(node.inputs) + [sources[names[r][0]] for r in roles],
                              params=params))
     leaves = list(graph.leaves) + [n.name for n in extra if n.op == "input"]

@@ -2,13 +2,14 @@
 they give.
 
 ``lipschitz_constant(model)`` walks the graph of a ``BoundedModel`` (the same graph the bound
-engine uses) in topological order and gives each node ``v`` a number ``L[v]`` with
+engine uses) with the forward interpreter and gives each node ``v``, by its rule's
+``lipschitz``, a number ``L[v]`` with
 ``||v(x) - v(x')||_2 <= L[v] ||x - x'||_2`` for all inputs x, x':
 
 * input: 1;
 * a linear map (linear / Gemm, matmul, convolution, elementwise affine such as BatchNorm in eval
   mode, average pooling, reshapes and index selections): ``||op||_2 · L[in]``, with
-  ``||op||_2`` from ``verifier.lipschitz.norms`` (exact SVD, the FFT bound for convolutions,
+  ``||op||_2`` from ``verifier.ops.norms`` (exact SVD, the FFT bound for convolutions,
   closed forms for the rest), always an upper bound;
 * ReLU, LeakyReLU (slope in [0, 1]), Tanh: ``1 · L[in]``; Sigmoid: ``1/4 · L[in]``; max pooling:
   ``sqrt(overlap) · L[in]`` (|max a - max b| <= max |a - b|);
@@ -31,11 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..bounds.forward import forward
 from ..errors import VerifierError
-from .norms import conv_norm, dense_norm, selection_norm, window_overlap
-
-ACTIVATION_CONSTANTS = {"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25}
-LINEAR_OPS = ("linear", "matmul_left", "conv", "affine", "select", "avgpool")
+from ..ops.base import NotSupported
 
 
 class LipschitzError(VerifierError):
@@ -82,84 +81,23 @@ class LipschitzReport:
                 f"  {'node':<16} {'op':<11} {'constant':>12} {'cumulative':>12}\n{rows}")
 
 
-def _affine_norm(node) -> tuple[float, str]:
-    w = node.params.get("w")
-    n_in = math.prod(node.params["in_shape"])
-    rep = math.prod(node.shape) / max(1, n_in)      # broadcasting copies each entry rep times
-    if w is None:
-        return math.sqrt(rep), "shift only"
-    return float(w.detach().abs().max()) * math.sqrt(rep), "max |scale| (diagonal)"
-
-
-def _pool_norm(node) -> tuple[float, str]:
-    p = node.params
-    nd = len(p["kernel_size"])
-    overlap = window_overlap(p["kernel_size"], p["stride"], p.get("dilation", (1,) * nd))
-    if node.op == "maxpool":
-        return math.sqrt(overlap), "sqrt(window overlap)"
-    if p.get("divisor_override"):
-        div = float(p["divisor_override"])
-    elif p.get("count_include_pad", True) or not any(p["padding"]):
-        div = float(math.prod(p["kernel_size"]))
-    else:
-        div = 1.0   # border windows may average fewer entries: the safe divisor
-    # |mean of k values| <= sqrt(k) ||values|| / div; summed over windows: overlap
-    return math.sqrt(overlap * math.prod(p["kernel_size"])) / div, "sqrt(overlap k) / divisor"
-
-
-def node_constant(node, graph) -> tuple[float, str] | None:
-    """The constant of one linear node (``||op||_2`` upper bound, how); None if not linear."""
-    op, p = node.op, node.params
-    if op == "linear":
-        return dense_norm(p["weight"]), "exact SVD (float64)"
-    if op == "matmul_left":
-        return dense_norm(p["M"]), "exact SVD (float64)"
-    if op == "conv":
-        in_shape = graph[node.inputs[0]].shape
-        return conv_norm(p["weight"], in_shape, node.shape, p["stride"], p["padding"],
-                         p["dilation"], p["groups"])
-    if op == "affine":
-        return _affine_norm(node)
-    if op == "select":
-        if p.get("identity") or p.get("permutation"):
-            return 1.0, "reshape / permutation"
-        return selection_norm(p["index"], math.prod(p["in_shape"])), "sqrt(max copies)"
-    if op in ("avgpool", "maxpool"):
-        return _pool_norm(node)
-    return None
-
-
 def graph_lipschitz(graph) -> LipschitzReport:
-    """Compose the per-node constants of a ``verifier.graph.Graph`` (see the module doc)."""
-    L: dict[str, float] = {}
+    """Compose the per-node constants of a ``verifier.graph.Graph`` (see the module doc): the
+    forward interpreter with each rule's ``lipschitz`` as its step; every node whose rule has
+    none is named in one ``LipschitzError``."""
     layers, problems = [], []
-    for node in graph:
-        op = node.op
-        ins = [L.get(i, math.nan) for i in node.inputs]
-        if op == "input":
-            L[node.name] = 1.0
-            continue
-        if op in ACTIVATION_CONSTANTS or op == "leaky_relu":
-            c = ACTIVATION_CONSTANTS.get(op) or max(1.0, abs(node.params.get("negative_slope", 1)))
-            L[node.name], how = c * ins[0], "activation slope bound"
-        elif op == "add":
-            c, how = float(len(ins)), "sum of branches"
-            L[node.name] = sum(ins)
-        elif op == "concat":
-            parts = [ins[k] for k in node.params["parts"] if isinstance(k, int)]
-            c, how = 1.0, "sqrt(sum of squares)"
-            L[node.name] = math.sqrt(sum(v * v for v in parts))
-        else:
-            got = node_constant(node, graph) if op in LINEAR_OPS or op == "maxpool" else None
-            if got is None:
-                why = ("a product of two perturbed tensors has no global Lipschitz constant"
-                       if op == "mul" else f"no Lipschitz constant for op {op!r}")
-                problems.append((node.name, f"{why} (source: {node.source or op})"))
-                L[node.name] = math.nan
-                continue
-            c, how = got
-            L[node.name] = c * ins[0]
-        layers.append(LayerConstant(node.name, op, float(c), float(L[node.name]), how))
+
+    def step(rule, node, Ls):
+        try:
+            L, c, how = rule.lipschitz(node, Ls)
+        except NotSupported as e:
+            why = e.why or f"no Lipschitz constant for op {node.op!r}"
+            problems.append((node.name, f"{why} (source: {node.source or node.op})"))
+            return math.nan
+        layers.append(LayerConstant(node.name, node.op, float(c), float(L), how))
+        return L
+
+    L = forward(graph, lambda n: 1.0, step)
     if problems:
         raise LipschitzError(problems)
     return LipschitzReport(float(L[graph.output]), layers)

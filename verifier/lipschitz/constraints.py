@@ -22,6 +22,7 @@ import math
 import torch
 
 from ..errors import VerifierError
+from ..ops.norms import gram_norm_bound
 
 # sup over x in [0, 1] of Newton-Schulz's 5-step quintic (3.4445, -4.775, 2.0315), which
 # torch.optim.Muon applies to the Frobenius-normalized update: 1.2024 on a grid of 2e6 points;
@@ -119,32 +120,6 @@ def _msign(M: torch.Tensor, steps: int) -> torch.Tensor:
     for _ in range(steps):
         X = 1.5 * X - 0.5 * (X @ (X.mT @ X) if X.shape[0] >= X.shape[1] else (X @ X.mT) @ X)
     return X
-
-
-def gram_norm_bound(W: torch.Tensor, iters: int = 10) -> float:
-    """A guaranteed upper bound on sigma_max(W) by Gram iteration (Delattre et al., 2023):
-    with G_0 = W, G_{k+1} = G_k^T G_k, sigma_max(W)^(2^k) = sigma_max(G_k) <= ||G_k||_F, so
-    sigma_max(W) <= ||G_k||_F^(2^-k). Each G_k is rescaled by its Frobenius norm (tracked in
-    log space) so nothing overflows; float64, with a relative margin of 1e-9 for rounding.
-    Its excess over sigma_max is at most rank^(2^-(k+1)) (1.003 for rank 256 at k = 10)."""
-    G = W.double()
-    if G.shape[0] < G.shape[1]:
-        G = G.mT
-    if G.shape[1] > 0 and G.shape[0] > G.shape[1]:
-        G = G.mT @ G  # the smaller Gram matrix first: sigma_max(W)^2 = sigma_max(W^T W)
-        return math.sqrt(gram_norm_bound(G, iters - 1) if iters > 1 else G.norm().item())
-    log_scale = 0.0
-    for k in range(iters):
-        f = G.norm().item()
-        if f == 0:
-            return 0.0
-        G = G / f
-        log_scale += math.log(f) / 2 ** k
-        G = G.mT @ G
-    f = G.norm().item()
-    if f == 0:
-        return 0.0
-    return math.exp(log_scale + math.log(f) / 2 ** iters) * (1 + 1e-9)
 
 
 def spectral_hard_cap(W: torch.Tensor, w_max: float, steps: int = 12) -> torch.Tensor:

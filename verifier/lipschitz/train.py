@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..train.config import ConfigError
 from .constraints import CONSTRAINTS, MUON_UPDATE_NORM, apply_constraint
-from .norms import window_overlap
+from ..ops.norms import window_overlap
 
 OPTIMIZERS = ("muon", "adamw")
 

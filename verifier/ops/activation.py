@@ -1,32 +1,74 @@
 """Element-wise activations, each relaxed on [l, u] by two lines  kl x + bl <= f(x) <= ku x + bu.
 
-The backward step is shared: for a lower bound, positive entries of A take the lower line and
-negative ones the upper line (the reverse for an upper bound).
+The backward step is shared (dense and patches): for a lower bound, positive entries of A take
+the lower line and negative ones the upper line (the reverse for an upper bound). The weight
+deviation and the Lipschitz bound both follow from the largest slope ``slope_bound``.
 """
 from __future__ import annotations
 
 import torch
 
 from ..bound_types import Interval
-from .base import BoundRule, register
+from .base import BoundRule, NotSupported, register
 
 
 class ElementwiseRelaxation(BoundRule):
     needs_bounds = True
+    elementwise = True
     has_lower_bias = True  # False where the lower line always passes through 0 (ReLU)
 
-    def f(self, x):
-        raise NotImplementedError
+    def f(self, node, x):
+        raise NotSupported(self.op, "point")
 
     def relax(self, node, l, u):
         """-> (kl, bl, ku, bu), each [B, *shape]."""
-        raise NotImplementedError
+        raise NotSupported(self.op, "backward")
+
+    def slope_bound(self, node) -> float:
+        """``sup |f'|``: f is that Lipschitz, element-wise."""
+        raise NotSupported(self.op, "lipschitz", "no bound on the slope of the activation")
+
+    def lipschitz(self, node, Ls):
+        c = self.slope_bound(node)
+        return c * Ls[0], c, "activation slope bound"
+
+    def deviation(self, node, centers, devs):
+        return devs[0] * self.slope_bound(node)
+
+    def patchable(self, node) -> bool:
+        return True
+
+    def patch_step(self, node, g, vl, vu, inputs):
+        """As ``backward``, on windows of the line maps (cached per node in ``g``)."""
+        kl, bl, ku, bu = self.relaxation(node, inputs[0])
+        B = kl.shape[0]
+        maps = [kl, ku, bu] + ([bl] if self.has_lower_bias else [])
+        win = g.windows(lambda: torch.cat(maps), ("relax", node.name)).split(B)
+        kl, ku, bu = win[:3]
+        bl = win[3] if self.has_lower_bias else None
+
+        def one(v, k_pos, k_neg, b_pos, b_neg):
+            """v- k_neg + v+ k_pos (exact: one of the two products is 0), one scratch buffer."""
+            part = v.clamp(max=0)
+            nv = part * k_neg
+            bias = 0.0
+            if b_neg is not None:
+                bias = part.mul_(b_neg).flatten(2).sum(-1)
+            part = torch.clamp(v, min=0, out=part)
+            nv.addcmul_(part, k_pos)
+            if b_pos is not None:
+                bias = bias + part.mul_(b_pos).flatten(2).sum(-1)
+            return nv, bias
+
+        al, b_l = one(vl, kl, ku, bl, bu)
+        au, b_u = one(vu, ku, kl, bu, bl)
+        return [(g, al, au)], b_l, b_u
 
     def relaxation(self, node, x: Interval):
         """``relax`` over the input interval ``x``, computed once per interval object: every
         backward pass of a bounds computation reads the same input intervals. The key holds the
         tensors' version counters, so an in-place change of the bounds is never served stale."""
-        cache = x.__dict__.setdefault("_relaxations", {})
+        cache = x.cache
         key = self._key(node, x)
         if key not in cache:
             cache[key] = self.relax(node, x.lower, x.upper)
@@ -38,7 +80,7 @@ class ElementwiseRelaxation(BoundRule):
     def seed_relaxation(self, node, x: Interval, lines) -> None:
         """Store ``lines`` as the relaxation over ``x`` (e.g. rows gathered from the relaxation
         over a larger batch whose rows ``x`` holds), so that it is not computed again."""
-        x.__dict__.setdefault("_relaxations", {})[self._key(node, x)] = tuple(lines)
+        x.cache[self._key(node, x)] = tuple(lines)
 
     def interval(self, node, inputs):
         (x,) = inputs  # monotone non-decreasing activations
@@ -113,6 +155,7 @@ class ReLU(ElementwiseRelaxation):
     adaptive choice); exact where the neuron is stable."""
 
     sign_only = True
+    splittable = True
     has_lower_bias = False
     slope = 0.0  # LeakyReLU overrides per node
 
@@ -120,12 +163,27 @@ class ReLU(ElementwiseRelaxation):
         a = node.params.get("negative_slope", self.slope)
         return x.clamp(min=0) if a == 0 else torch.where(x >= 0, x, x * a)
 
+    def slope_bound(self, node) -> float:
+        return max(1.0, abs(node.params.get("negative_slope", self.slope)))
+
+    def alpha_init(self, node, inputs, B, S, dtype):
+        """The lower line's slope of each unstable neuron: any value in [a, 1] (a the negative
+        slope) gives a line below the activation, through 0; CROWN's is 1 where u > -l, else a
+        (drawn over ``x.relax`` where given, as ``relaxation``)."""
+        x = inputs[0]
+        if not ((x.lower < 0) & (x.upper > 0)).any():
+            return None
+        a = node.params.get("negative_slope", self.slope)
+        r = x.relax or x
+        init = torch.where(r.upper > -r.lower, 1.0, a).to(dtype).unsqueeze(1)
+        return init.expand(B, S, *node.shape), a, 1.0
+
     def relaxation(self, node, x: Interval):
         """Over ``x``, except that neurons ``x`` leaves unstable take the lines drawn over
         ``x.relax`` where it is given (see ``Interval``); stable neurons stay exact."""
         if x.relax is None:
             return super().relaxation(node, x)
-        cache = x.__dict__.setdefault("_relaxations", {})
+        cache = x.cache
         key = self._key(node, x)
         if key not in cache:
             own = self.relax(node, x.lower, x.upper)
@@ -180,7 +238,11 @@ class SShaped(ElementwiseRelaxation):
     iters = 30
 
     def df(self, x):
-        raise NotImplementedError
+        raise NotSupported(self.op, "backward", "no derivative given")
+
+    def slope_bound(self, node) -> float:
+        """f' grows on x <= 0 (convex) and falls on x >= 0 (concave): its max is f'(0)."""
+        return float(self.df(torch.zeros((), dtype=torch.float64)))
 
     def _tangent(self, d):
         k = self.df(d)
@@ -243,7 +305,7 @@ class SShaped(ElementwiseRelaxation):
         """-> (free_l, t0_l, t1_l, free_u, t0_u, t1_u) over ``x`` (cached like ``relaxation``):
         the neurons whose lower / upper line may be a tangent at any point of [t0, t1]. The
         lower line mirrors the upper one (f(-x) = 2 f(0) - f(x))."""
-        cache = x.__dict__.setdefault("_relaxations", {})
+        cache = x.cache
         key = ("tangents",) + self._key(node, x)
         if key not in cache:
             l, u = x.lower, x.upper
@@ -251,6 +313,16 @@ class SShaped(ElementwiseRelaxation):
             fl, m0, m1 = self._upper_tangents(-u, -l)
             cache[key] = (fl, -m1, -m0, fu, a0, a1)
         return cache[key]
+
+    def alpha_init(self, node, inputs, B, S, dtype):
+        """Tangent positions ``[2, B, S, *shape]`` in [0, 1] (lower line, upper line) where a
+        neuron's line may be any tangent on a range (``tangent_ranges``), starting at CROWN's."""
+        x = inputs[0]
+        free_l, _, _, free_u, _, _ = self.tangent_ranges(node, x)
+        if not (free_l | free_u).any():
+            return None
+        init = torch.stack(self.initial_tangents(node, x)).to(dtype).unsqueeze(2)
+        return init.expand(2, B, S, *node.shape), 0.0, 1.0
 
     def initial_tangents(self, node, x: Interval):
         """The tangent positions ``(lower, upper)`` in [0, 1] that reproduce ``relax``'s lines

@@ -1,19 +1,50 @@
 """The bound-rule interface and the registry of rules by op kind.
 
-A rule answers, for one node:
-1. ``interval(node, inputs)``: IBP, from the intervals of its perturbed inputs;
-2. ``backward(node, A_lower, A_upper, inputs)``: CROWN, turning linear bounds on the node's value
-   (``A: [B, S, *node.shape]``) into linear bounds on each perturbed input, plus the bias
-   (``[B, S]``) that the relaxation adds. ``inputs`` are the inputs' intervals when the rule
-   ``needs_bounds`` (a nonlinear relaxation), else None.
+A rule is the only place that knows its operator. It answers every question a method asks of a
+node, or raises ``NotSupported`` naming the op and the question:
+
+1. ``interval(node, inputs)``: IBP, from the intervals of its perturbed inputs; ``point(node,
+   inputs)``: the value at a point (differentiable: attacks, replays, training losses);
+2. ``backward(node, A_lower, A_upper, inputs, alpha=None, beta=None)``: CROWN, turning linear
+   bounds on the node's value (``A: [B, S, *node.shape]``) into linear bounds on each perturbed
+   input, plus the bias (``[B, S]``) that the relaxation adds. ``inputs`` are the inputs'
+   intervals when the rule ``needs_bounds`` (a nonlinear relaxation), else None. ``alpha``:
+   values of the relaxation's free parameters (alpha-CROWN), ``beta``: split multipliers
+   (beta-CROWN), for the rules that take them;
+3. ``alpha_init(node, x, B, S, dtype)``: the free parameters of the relaxation, their initial
+   value (reproducing ``backward``'s lines) and valid range, or None where there is no freedom;
+4. ``patch_step(node, g, vl, vu, inputs)``: the CROWN step with A stored as patches (see
+   ``verifier.bounds.patches``) where ``patchable(node)``;
+5. ``deviation(node, centers, devs)``: a bound on ``||y - y0||_2`` from its inputs' (weight
+   perturbation analysis); ``lipschitz(node, Ls)``: a global L2 Lipschitz bound composed from its
+   inputs' (``-> (L, own constant, how)``);
+6. ``splittable``: branch and bound may split the node's input at 0 (each half is linear);
+   ``weight_op``: the op that the node becomes when its parameters are perturbed (``lifted``
+   checks it can), ``live_params``: the node's params read from a module's live parameters
+   (certified training).
 """
 from __future__ import annotations
 
 import torch
 
 from ..bound_types import Interval
+from ..errors import VerifierError
 
 RULES: dict[str, "BoundRule"] = {}
+
+# every question a method may ask of a rule (the coverage test walks them all)
+QUESTIONS = ("interval", "point", "backward", "alpha_init", "patch_step", "deviation",
+             "lipschitz", "lifted", "live_params")
+
+
+class NotSupported(VerifierError):
+    """A rule cannot answer one question (``question``) for its op (``op``): the method asking
+    falls back to a sound default where it has one (e.g. no deviation bound: inf) or reports it."""
+
+    def __init__(self, op: str, question: str, why: str = ""):
+        self.op, self.question, self.why = op, question, why
+        msg = f"op {op!r} does not support {question}"
+        super().__init__(msg + (f": {why}" if why else ""))
 
 
 def register(op: str):
@@ -25,29 +56,120 @@ def register(op: str):
     return deco
 
 
+def live_from_module(node, named: dict) -> dict:
+    """The node's params with each parameter it holds (``params["param_names"]``: role ->
+    (name, layout)) replaced by the module's live tensor of that name (autograd flows into it);
+    -> (params, names used)."""
+    params = dict(node.params)
+    used = set()
+    for role, (pname, layout) in node.params.get("param_names", {}).items():
+        if pname not in named:
+            continue  # a buffer or a constant: stays as traced
+        ref = params[role]
+        v = named[pname].to(ref.dtype)
+        params[role] = v.t() if layout == "t" else v
+        if tuple(params[role].shape) != tuple(ref.shape):
+            raise VerifierError(f"node {node.name!r}: parameter {pname!r} has shape "
+                                f"{list(params[role].shape)}, the traced graph {list(ref.shape)}: "
+                                "trace the model again")
+        used.add(pname)
+    return params, used
+
+
 class BoundRule:
     op: str = ""
     needs_bounds = False  # backward uses the inputs' intervals (nonlinear relaxations)
     sign_only = False     # the relaxation depends only on which neurons are unstable (ReLU-like)
     affine = False        # the node is affine in its inputs (IBP with a spec merges into it)
+    elementwise = False   # a relaxation per element of its one input (alpha-CROWN tightens
+                          # such inputs' bounds first)
+    splittable = False    # branch and bound may split its input at 0 (linear on each half)
+    data_movement = False  # each output element is a copy of an input element or a constant
+    weight_op: str | None = None  # the op of this node with perturbed parameters
 
     def interval(self, node, inputs: list[Interval]) -> Interval:
-        raise NotImplementedError
+        raise NotSupported(self.op, "interval")
 
     def point(self, node, inputs: list[torch.Tensor]) -> torch.Tensor:
         """The node's value at a point (differentiable; attacks and replays of the graph): the
         interval rule on degenerate intervals, unless a rule has a cheaper exact form."""
         return self.interval(node, [Interval(x, x) for x in inputs]).lower
 
-    def backward(self, node, A_lower, A_upper, inputs):
+    def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
         """-> ([(A_lower_i, A_upper_i) per input], bias_lower, bias_upper)."""
-        raise NotImplementedError
+        raise NotSupported(self.op, "backward")
+
+    @property
+    def optimizable(self) -> bool:
+        """Whether the relaxation may have free parameters (the rule defines ``alpha_init``)."""
+        return type(self).alpha_init is not BoundRule.alpha_init
+
+    def has_rows(self, node) -> bool:
+        """Whether ``rows`` applies (the node is a cheap map of one vector input)."""
+        return False
+
+    def rows(self, node, idx: torch.Tensor):
+        """The rows ``idx`` of a one-input affine node ``y = M x + b`` (vectors) as
+        ``(M[idx]: [k, n_in], b[idx]: [k] or None)``: CROWN bounds those neurons by starting
+        from its input with ``A = M[idx]``."""
+        raise NotSupported(self.op, "rows")
+
+    def alpha_init(self, node, inputs: list[Interval], B: int, S: int, dtype):
+        """Free parameters of the relaxation over the input intervals for ``S`` spec rows:
+        -> (initial ``[B, S, ...]`` reproducing ``backward``'s lines, low, high) with every value
+        in ``[low, high]`` sound, or None where the relaxation has no freedom here."""
+        return None
+
+    def patchable(self, node) -> bool:
+        """Whether ``patch_step`` applies to this node."""
+        return False
+
+    def patch_step(self, node, g, vl, vu, inputs):
+        """The CROWN step with A as patches ``v: [B, K, C, ph, pw]`` at windows ``g`` (a
+        ``verifier.bounds.patches.Geometry``): -> ([(g_i, vl_i, vu_i) per input], bias_l, bias_u)."""
+        raise NotSupported(self.op, "patch_step")
+
+    def deviation(self, node, centers: list[torch.Tensor], devs: list[torch.Tensor]) -> torch.Tensor:
+        """``d`` with ``||y - y0||_2 <= d`` per sample (``[B | 1]`` float64) when every input i
+        lies within ``devs[i]`` of its value ``centers[i]`` at the sets' centers."""
+        raise NotSupported(self.op, "deviation")
+
+    def lipschitz(self, node, Ls: list[float]) -> tuple[float, float, str]:
+        """A global L2 Lipschitz bound of the node as a function of the model's input, from its
+        inputs' bounds ``Ls``: -> (L, the op's own constant, how it was obtained)."""
+        raise NotSupported(self.op, "lipschitz")
+
+    def lifted(self, node, pname: str) -> str:
+        """The op this node becomes when its parameter ``pname`` is perturbed (read as an input):
+        ``weight_op``, after checking the node's attributes allow it."""
+        if self.weight_op is None:
+            raise NotSupported(self.op, "a weight perturbation",
+                               f"parameter {pname!r} is used by node {node.name!r} ({self.op}), "
+                               "which cannot carry a weight perturbation (linear and conv layers can)")
+        return self.weight_op
+
+    def live_params(self, node, named: dict, modules: dict, batch_stats: dict | None):
+        """-> (the node's params with the module's live parameters, the parameter names used):
+        bounds computed on them carry gradients to the module (certified training)."""
+        return live_from_module(node, named)
 
 
 class AffineRule(BoundRule):
-    """A rule for y = L(x_1, ..., x_k) + b: the same map acts on the lower and upper A."""
+    """A rule for y = L(x_1, ..., x_k) + b: the same map acts on the lower and upper A. With one
+    input, ``op_norm`` (an upper bound on ``||L||_2``) gives the Lipschitz and deviation bounds."""
 
     affine = True
+
+    def op_norm(self, node) -> tuple[float, str]:
+        """-> (an upper bound on the L2 operator norm of L, how it was obtained)."""
+        raise NotSupported(self.op, "lipschitz")
+
+    def lipschitz(self, node, Ls):
+        c, how = self.op_norm(node)
+        return c * Ls[0], c, how
+
+    def deviation(self, node, centers, devs):
+        return devs[0] * self.op_norm(node)[0]
 
     def transpose(self, node, A: torch.Tensor) -> list[torch.Tensor]:
         """``A·L``: the A of each input. A: [B, S, *node.shape]."""
@@ -57,7 +179,7 @@ class AffineRule(BoundRule):
         """``A·b``: [B, S], or 0.0 when the map has no constant part."""
         return 0.0
 
-    def backward(self, node, A_lower, A_upper, inputs):
+    def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
         if A_upper is A_lower:
             lo = self.transpose(node, A_lower)
             b_lo = self.bias(node, A_lower)

@@ -4,10 +4,42 @@ two perturbed tensors (McCormick planes).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..bound_types import Interval
-from .base import AffineRule, BoundRule, dot, pos_neg, register, unbroadcast
+from ..errors import VerifierError
+from .base import (AffineRule, BoundRule, NotSupported, dot, live_from_module, pos_neg, register,
+                   unbroadcast)
+
+
+def _full(t, shape):
+    """A constant broadcast to the full per-sample map, with a batch dim of 1 if it has none."""
+    t = torch.as_tensor(t)
+    if t.ndim <= len(shape):
+        t = t.expand(*shape).unsqueeze(0)
+    return t
+
+
+def _batchnorm_affine(mod, stats, eps: float, ndim: int, dtype):
+    """``w = gamma / sqrt(var + eps)``, ``b = beta - mean w`` from a BatchNorm module's live
+    parameters, with its running statistics (eval mode) or the clean batch's ``stats``."""
+    if mod.training:
+        if stats is None:
+            raise VerifierError(f"BatchNorm module {type(mod).__name__} is in training mode: give "
+                                "the clean batch's statistics (verifier.graph.live.BatchStats)")
+        mean, var = stats
+    else:
+        mean, var = mod.running_mean, mod.running_var
+    scale = torch.rsqrt(var.to(dtype) + eps)
+    if mod.weight is not None:
+        scale = scale * mod.weight.to(dtype)
+    shift = -mean.to(dtype) * scale
+    if mod.bias is not None:
+        shift = shift + mod.bias.to(dtype)
+    view = (-1,) + (1,) * (ndim - 1)
+    return scale.reshape(view), shift.reshape(view)
 
 
 @register("affine")
@@ -43,6 +75,52 @@ class ElementwiseAffine(AffineRule):
         b = node.params.get("b")
         return 0.0 if b is None else dot(A, b)
 
+    def op_norm(self, node):
+        """``max |w|``, times ``sqrt(copies)`` where broadcasting repeats each input entry."""
+        w = node.params.get("w")
+        rep = math.prod(node.shape) / max(1, math.prod(node.params["in_shape"]))
+        if w is None:
+            return math.sqrt(rep), "shift only"
+        return float(w.detach().abs().max()) * math.sqrt(rep), "max |scale| (diagonal)"
+
+    def patchable(self, node) -> bool:
+        return tuple(node.params["in_shape"]) == tuple(node.shape)
+
+    def patch_step(self, node, g, vl, vu, inputs):
+        p = node.params
+        bl = bu = 0.0
+        w, b = p.get("w"), p.get("b")
+        shape = node.shape
+        if w is not None:
+            ww = g.windows(lambda: _full(w, shape).to(vl.dtype).expand(vl.shape[0], *shape),
+                           ("w", node.name))
+            nl, nu = vl * ww, (vu * ww if vu is not vl else None)
+        else:
+            nl, nu = vl, (vu if vu is not vl else None)
+        if b is not None:
+            bw = g.windows(lambda: _full(b, shape).to(vl.dtype).expand(vl.shape[0], *shape),
+                           ("b", node.name)).flatten(2)
+            bl = (vl.flatten(2) * bw).sum(-1)
+            bu = bl if vu is vl else (vu.flatten(2) * bw).sum(-1)
+        return [(g, nl, nl if nu is None else nu)], bl, bu
+
+    def live_params(self, node, named, modules, batch_stats):
+        """A folded BatchNorm (``params["batchnorm"]``) is folded again from the module's live
+        parameters and statistics (see ``verifier.graph.live``)."""
+        params, used = live_from_module(node, named)
+        bn = node.params.get("batchnorm")
+        if bn is None:
+            return params, used
+        mod = modules.get(bn["module"])
+        if mod is None:
+            raise VerifierError(f"node {node.name!r}: no BatchNorm module {bn['module']!r} in "
+                                "the model")
+        stats = (batch_stats or {}).get(bn["module"])
+        params["w"], params["b"] = _batchnorm_affine(mod, stats, bn["eps"], len(params["in_shape"]),
+                                                     params["w"].dtype)
+        used |= {f"{bn['module']}.{k}" for k in ("weight", "bias") if getattr(mod, k) is not None}
+        return params, used
+
 
 @register("add")
 class Add(AffineRule):
@@ -61,6 +139,25 @@ class Add(AffineRule):
         return [unbroadcast(A if s > 0 else -A, shp)
                 for s, shp in zip(node.params["signs"], node.params["in_shapes"])]
 
+    def lipschitz(self, node, Ls):
+        return sum(Ls), float(len(Ls)), "sum of branches"
+
+    def deviation(self, node, centers, devs):
+        return sum(devs)
+
+    def patchable(self, node) -> bool:
+        return all(tuple(s) == tuple(node.shape) for s in node.params["in_shapes"])
+
+    def patch_step(self, node, g, vl, vu, inputs):
+        outs = []
+        for s in node.params["signs"]:
+            if s > 0:
+                outs.append((g, vl, vu))
+            else:
+                nl = -vl
+                outs.append((g, nl, nl if vu is vl else -vu))
+        return outs, 0.0, 0.0
+
 
 @register("mul")
 class Mul(BoundRule):
@@ -69,12 +166,16 @@ class Mul(BoundRule):
 
     needs_bounds = True
 
+    def lipschitz(self, node, Ls):
+        raise NotSupported(self.op, "lipschitz",
+                           "a product of two perturbed tensors has no global Lipschitz constant")
+
     def interval(self, node, inputs):
         x, y = inputs
         c = torch.stack([x.lower * y.lower, x.lower * y.upper, x.upper * y.lower, x.upper * y.upper])
         return Interval(c.min(0).values, c.max(0).values)
 
-    def backward(self, node, A_lower, A_upper, inputs):
+    def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
         x, y = inputs
         shape = node.shape
         lx, uy, ly = (torch.broadcast_to(t, (t.shape[0], *shape)).unsqueeze(1)

@@ -5,11 +5,14 @@ convolution, the transposed convolution of A).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from ..bound_types import Interval
-from .base import AffineRule, register
+from .base import AffineRule, NotSupported, register
+from .norms import conv_norm, dense_norm
 
 
 def _fold(A):
@@ -20,6 +23,26 @@ def _fold(A):
 @register("linear")
 class Linear(AffineRule):
     """``y = x W^T + b`` over the last dim; params ``weight: [out, in]``, ``bias: [out] | None``."""
+
+    weight_op = "linear_w"
+
+    def lifted(self, node, pname):
+        if len(node.shape) != 1:
+            raise NotSupported(self.op, "a weight perturbation",
+                               f"parameter {pname!r}: node {node.name!r} applies a linear layer to "
+                               f"a tensor of shape {list(node.params.get('in_shape', node.shape))} "
+                               "per sample; weight perturbations support vector inputs")
+        return self.weight_op
+
+    def op_norm(self, node):
+        return dense_norm(node.params["weight"]), "exact SVD (float64)"
+
+    def has_rows(self, node) -> bool:
+        return len(node.shape) == 1
+
+    def rows(self, node, idx):
+        b = node.params.get("bias")
+        return node.params["weight"][idx], (None if b is None else b[idx])
 
     def interval(self, node, inputs):
         (x,) = inputs
@@ -54,6 +77,9 @@ class MatMulLeft(AffineRule):
 
     def transpose(self, node, A):
         return [node.params["M"].transpose(-1, -2).matmul(A)]
+
+    def op_norm(self, node):
+        return dense_norm(node.params["M"]), "exact SVD (float64)"
 
 
 def _channel_bias(node, A):
@@ -138,10 +164,79 @@ def conv_adjoint(A, W, stride, padding, dilation, groups, in_spatial):
     return _conv_fn(nd)(A, Wt, None, stride=1, padding=0, dilation=dilation, groups=groups)
 
 
+def window_count(p) -> int:
+    """The most output windows of a convolution (params ``p``) that read one input entry."""
+    k = p["weight"].shape[2:]
+    if any(d != 1 for d in p["dilation"]):
+        return math.prod(k)
+    return math.prod(math.ceil(kk / s) for kk, s in zip(k, p["stride"]))
+
+
+def frobenius(W: torch.Tensor) -> float:
+    """``||W||_F`` in float64."""
+    return float(torch.linalg.vector_norm(W.double()))
+
+
+def _tconv(x, W, stride, groups, dilation, out_size):
+    """``conv_transpose2d(x, W)`` without padding, by the fastest route on CPU for its shape."""
+    N, co, h, w = x.shape
+    if groups == 1 and h * w == 1 and all(d == 1 for d in dilation):  # one position: a matmul
+        return (x.reshape(N, co) @ W.reshape(co, -1)).reshape(N, *W.shape[1:])
+    if any(s > 1 for s in stride) and folds_faster(W, groups, N):  # columns, then scatter-add
+        return fold_adjoint(x, W, out_size, stride, dilation=dilation)
+    return F.conv_transpose2d(x, W, None, stride=stride, groups=groups, dilation=dilation)
+
+
 @register("conv")
 class Conv(AffineRule):
     """1-D/2-D convolution; params weight, bias, stride, padding, dilation, groups
     (padding: ints per spatial dim, zeros)."""
+
+    weight_op = "conv_w"
+
+    def lifted(self, node, pname):
+        w = node.params["weight"]
+        if w.ndim != 4 or node.params["groups"] != 1:
+            raise NotSupported(self.op, "a weight perturbation",
+                               f"parameter {pname!r}: node {node.name!r} is a {w.ndim - 2}-D "
+                               f"convolution with groups={node.params['groups']}; weight "
+                               "perturbations support 2-D convolutions with groups=1")
+        return self.weight_op
+
+    def op_norm(self, node):
+        p = node.params
+        return conv_norm(p["weight"], p["in_shape"], node.shape, p["stride"], p["padding"],
+                         p["dilation"], p["groups"])
+
+    def deviation(self, node, centers, devs):
+        """The cheap bound ``||K||_F sqrt(m)`` (m: ``window_count``), not ``op_norm``'s FFT."""
+        return devs[0] * (frobenius(node.params["weight"]) * math.sqrt(window_count(node.params)))
+
+    def patchable(self, node) -> bool:
+        return node.params["weight"].ndim == 4
+
+    def patch_step(self, node, g, vl, vu, inputs):
+        """The window grows through the kernel (``g.back_through_conv``); A maps by the
+        transposed convolution, masked to 0 outside the input map (the zero padding)."""
+        p = node.params
+        Wt, bias = p["weight"], p.get("bias")
+        gi = g.back_through_conv(Wt.shape[2:], p["stride"], p["padding"], p["dilation"])
+        _, Hin, Win = p["in_shape"]
+        mask = gi.mask(Hin, Win, vl.dtype)
+        inside = bool(mask.all())
+
+        def one(v):
+            B, K = v.shape[:2]
+            y = _tconv(v.reshape(B * K, *v.shape[2:]), Wt, p["stride"], p["groups"], p["dilation"],
+                       gi.size)
+            y = y.reshape(B, K, *y.shape[1:])
+            if not inside:
+                y.mul_(mask)
+            return y, (0.0 if bias is None else v.sum(dim=(-1, -2)).matmul(bias))
+
+        al, bl = one(vl)
+        au, bu = (al, bl) if vu is vl else one(vu)
+        return [(gi, al, au)], bl, bu
 
     def interval(self, node, inputs):
         (x,) = inputs

@@ -7,11 +7,19 @@ window's elements (max >= every weighted mean), with optimized weights.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from ..bound_types import Interval
 from .base import AffineRule, BoundRule, register
+from .norms import window_overlap
+
+
+def _overlap(p) -> int:
+    nd = len(p["kernel_size"])
+    return window_overlap(p["kernel_size"], p["stride"], p.get("dilation", (1,) * nd))
 
 
 @register("avgpool")
@@ -30,6 +38,18 @@ class AvgPool(AffineRule):
     def interval(self, node, inputs):
         (x,) = inputs
         return Interval(self._pool(node, x.lower), self._pool(node, x.upper))
+
+    def op_norm(self, node):
+        """``|mean of k values| <= sqrt(k) ||values|| / divisor``, summed over the windows that
+        share an element (the overlap)."""
+        p = node.params
+        if p.get("divisor_override"):
+            div = float(p["divisor_override"])
+        elif p.get("count_include_pad", True) or not any(p["padding"]):
+            div = float(math.prod(p["kernel_size"]))
+        else:
+            div = 1.0   # border windows may average fewer entries: the safe divisor
+        return math.sqrt(_overlap(p) * math.prod(p["kernel_size"])) / div, "sqrt(overlap k) / divisor"
 
     def transpose(self, node, A):
         B, S = A.shape[:2]
@@ -63,6 +83,23 @@ class MaxPool(BoundRule):
         w = F.unfold(t, p["kernel_size"], dilation=p["dilation"], stride=p["stride"])
         return w.view(B, C, -1, w.shape[-1])
 
+    def lipschitz(self, node, Ls):
+        """``|max a - max b| <= max |a - b|`` per window, and an element lies in at most
+        ``overlap`` windows."""
+        c = math.sqrt(_overlap(node.params))
+        return c * Ls[0], c, "sqrt(window overlap)"
+
+    def deviation(self, node, centers, devs):
+        return devs[0] * math.sqrt(_overlap(node.params))
+
+    def alpha_init(self, node, inputs, B, S, dtype):
+        """Lower-line weights ``[B, S, C, k, L]`` >= 0 over each window (normalized in
+        ``backward``), starting at CROWN's element; None when every window is decided."""
+        onehot, undecided = self.initial_weights(node, inputs[0])
+        if not undecided:
+            return None
+        return onehot.to(dtype).unsqueeze(1).expand(B, S, *onehot.shape[1:]), 0.0, 1.0
+
     def initial_weights(self, node, x: Interval):
         """-> (weights ``[B, C, k, L]`` of CROWN's lower line: one-hot on the element with the
         largest lower bound, whether some window is undecided (else nothing to optimize))."""
@@ -72,7 +109,7 @@ class MaxPool(BoundRule):
         u_others = uw.scatter(2, j, float("-inf")).max(dim=2, keepdim=True).values
         return torch.zeros_like(lw).scatter_(2, j, 1.0), bool((best_l < u_others).any())
 
-    def backward(self, node, A_lower, A_upper, inputs, alpha=None):
+    def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
         """``alpha``: optional lower-line weights ``(for the lower bound, for the upper bound)``,
         each ``[B, S, C, k, L]`` and >= 0 (alpha-CROWN): normalized over each window's real
         (unpadded) elements they give a convex combination, which never exceeds the max; all

@@ -6,10 +6,13 @@ when the graph is made, by running the op on numbered tensors). Concat of severa
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..bound_types import Interval
 from .base import AffineRule, register
+from .norms import selection_norm
 
 
 @register("select")
@@ -19,6 +22,8 @@ class Select(AffineRule):
     params: ``index: [n_out] int64``, ``fill: [n_out]`` or None, ``identity``: the map is a
     plain reshape (no data movement), ``in_shape``.
     """
+
+    data_movement = True
 
     def _apply(self, node, t):
         p = node.params
@@ -59,6 +64,12 @@ class Select(AffineRule):
             out.index_add_(2, idx[keep], flat[:, :, keep])
         return [out.reshape(B, S, *p["in_shape"])]
 
+    def op_norm(self, node):
+        p = node.params
+        if p.get("identity") or p.get("permutation"):
+            return 1.0, "reshape / permutation"
+        return selection_norm(p["index"], math.prod(p["in_shape"])), "sqrt(max copies)"
+
     def bias(self, node, A):
         fill = node.params["fill"]
         if fill is None:
@@ -85,6 +96,14 @@ class Concat(AffineRule):
                 up.append(c)
         d = p["dim"] + 1
         return Interval(torch.cat(lo, d), torch.cat(up, d))
+
+    def lipschitz(self, node, Ls):
+        parts = [Ls[k] for k in node.params["parts"] if isinstance(k, int)]
+        return math.sqrt(sum(v * v for v in parts)), 1.0, "sqrt(sum of squares)"
+
+    def deviation(self, node, centers, devs):
+        """Over the parts (an input placed twice counts twice)."""
+        return torch.sqrt(sum(devs[k] * devs[k] for k in node.params["parts"] if isinstance(k, int)))
 
     def _split(self, node, A):
         return torch.split(A, node.params["sizes"], dim=node.params["dim"] + 2)

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from ..bound_types import Interval
 from .base import AffineRule, BoundRule, register
-from .linear import _conv_args, _fold, conv_adjoint
+from .linear import _conv_args, _fold, conv_adjoint, frobenius, window_count
+from .norms import dense_norm
 
 # products held at once by the exact IBP of a linear layer with sign-changing inputs
 _CORNER_ELEMENTS = 2 ** 22
@@ -104,7 +105,33 @@ class _Bilinear(BoundRule):
         """The most output windows that read one input entry."""
         raise NotImplementedError
 
-    def backward(self, node, A_lower, A_upper, inputs):
+    def deviation(self, node, centers, devs):
+        """``||f(., Wc)||·d_x + ||f(., dW)||·(||x0|| + d_x) + ||db||`` (times sqrt(positions) for
+        a convolution's bias), operator norms bounded by the spectral norm (dense) or
+        ``||K||_F sqrt(m)`` (convolutions; ``||dW||_F`` for the perturbed weight)."""
+        p = node.params
+        roles = dict(zip(p["roles"], devs[1:]))
+        center = dict(zip(p["roles"], centers[1:]))
+        d_x = devs[0]
+        conv = self.op == "conv_w"
+        if "weight" in roles:
+            Wc = center["weight"][0]
+            if p.get("layouts", {}).get("weight") == "t":
+                Wc = Wc.t()
+        else:
+            Wc = p["weight"]
+        m = math.sqrt(window_count(p)) if conv else 1.0
+        op_c = frobenius(Wc) * m if conv else dense_norm(Wc)
+        out = op_c * d_x
+        if "weight" in roles:
+            x0n = torch.linalg.vector_norm(centers[0].double().flatten(1), dim=1)
+            out = out + roles["weight"] * m * (x0n + d_x)
+        if "bias" in roles:
+            positions = math.prod(node.shape[1:]) if conv else 1
+            out = out + roles["bias"] * math.sqrt(positions)
+        return out
+
+    def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
         x, W, b, roles = _params(node, inputs)
         eps2 = node.params.get("l2_eps")
         if eps2 is not None:
@@ -360,8 +387,7 @@ class ConvW(_Bilinear):
         return A.flatten(3).sum(-1)
 
     def window_count(self, node) -> int:
-        from ..bounds.deviation import _windows
-        return _windows(node.params)
+        return window_count(node.params)
 
     def _bias_term(self, node, b):
         return b[:, :, None, None]
@@ -380,6 +406,10 @@ class ParamAffine(AffineRule):
 
     def transpose(self, node, A):
         return [(A * node.params["direction"]).flatten(2).sum(-1, keepdim=True)]
+
+    def deviation(self, node, centers, devs):
+        """``W0 + t·delta`` moves by ``|t - t_c| ||delta||_F``."""
+        return devs[0] * frobenius(node.params["direction"])
 
     def bias(self, node, A):
         return (A * node.params["base"]).flatten(2).sum(-1)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..api import BoundedModel, margin_spec
+from ..ops import RULES
 from ..perturbation import LpBall
 
 
@@ -34,9 +35,10 @@ def robust_ce(margin_lower: torch.Tensor) -> torch.Tensor:
 
 
 def relu_inputs(bm: BoundedModel) -> list[str]:
-    """Names of the nodes read by a ReLU, in topological order."""
+    """Names of the nodes read by a ReLU-like activation (a kink at 0 that branch and bound may
+    split: ReLU, LeakyReLU), in topological order."""
     g = bm.graph
-    return [n for n in g.order if any(c.op == "relu" for c in g.consumers(n))]
+    return [n for n in g.order if any(RULES[c.op].splittable for c in g.consumers(n))]
 
 
 def warmup_regularizers(bm: BoundedModel, nodes: dict, tau: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

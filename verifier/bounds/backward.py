@@ -1,0 +1,89 @@
+"""The backward interpreter: CROWN's back-substitution over the graph, the one loop that
+CROWN, CROWN-IBP, alpha-CROWN, beta-CROWN (branch and bound) and the patch form share.
+
+From ``A`` at a start node (``A: [B, S, *shape]``, or patches, see ``verifier.bounds.patches``),
+every node in reverse topological order passes its A to its inputs through its rule
+(``rule.backward``, or ``rule.patch_step`` while A is patches) and adds the bias its relaxation
+makes; at a leaf the linear bound is concretized over the leaf's perturbation set (dual norm).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..graph.nodes import Graph
+from ..ops import RULES
+from .patches import Store, can_step, concretize, stays_patch
+
+
+def dense_step(node, A_l, A_u, bounds, leaves, alpha=None, beta=None):
+    """One backward step with dense A at ``node``: -> ([(A_l, A_u) per input], bias_l, bias_u);
+    at a leaf, no inputs and the concretized bounds over its perturbation set. ``alpha``,
+    ``beta``: per node name, passed to the rules that take them."""
+    if node.op == "input":
+        leaf = leaves[node.name]
+        return [], leaf.concretize(A_l, upper=False), leaf.concretize(A_u, upper=True)
+    rule = RULES[node.op]
+    ins = [bounds[i] for i in node.inputs] if rule.needs_bounds else None
+    extra = {}
+    if alpha is not None and node.name in alpha:
+        extra["alpha"] = alpha[node.name]
+    if beta is not None and node.name in beta:
+        extra["beta"] = beta[node.name]
+    return rule.backward(node, A_l, A_u, ins, **extra)
+
+
+def patch_step(node, g, vl, vu, bounds, leaves):
+    """One backward step with patches: -> ([(geometry, A_l, A_u) per input], bias_l, bias_u)."""
+    if node.op == "input":
+        leaf = leaves[node.name]
+        return [], concretize(g, vl, leaf, node.name, False), concretize(g, vu, leaf, node.name, True)
+    rule = RULES[node.op]
+    ins = [bounds[i] for i in node.inputs] if rule.needs_bounds else None
+    return rule.patch_step(node, g, vl, vu, ins)
+
+
+def backward(graph: Graph, start: str, store: Store, bounds, leaves, alpha: dict | None = None,
+             beta: dict | None = None, record: dict | None = None):
+    """Lower and upper bounds ``[B, S]`` of the linear function whose A at ``start`` the
+    ``store`` holds (dense or patches). A node's patches turn dense where its rule has no patch
+    step or the window grows past ``patches.DENSE_SHARE`` of its map. ``record``: a dict whose
+    keys are node names; each gets the dense lower-bound A that reaches that node."""
+    lower = upper = 0.0
+    for name in reversed(graph.ancestors_order(start)):
+        node = graph[name]
+        if name in store.patches and not (can_step(node, leaves)
+                                          and stays_patch(node, store.patches[name][0])):
+            store.densify(name)
+        if name in store.patches:
+            g, vl, vu = store.patches.pop(name)
+            outs, b_l, b_u = patch_step(node, g, vl, vu, bounds, leaves)
+            lower, upper = lower + b_l, upper + b_u
+            for inp, (gi, al, au) in zip(node.inputs, outs):
+                store.add_patch(inp, gi, al, au)
+        elif name in store.dense:
+            A_l, A_u = store.dense.pop(name)
+            if record is not None and name in record:
+                record[name] = A_l
+            parts, b_l, b_u = dense_step(node, A_l, A_u, bounds, leaves, alpha, beta)
+            lower, upper = lower + b_l, upper + b_u
+            for inp, (al, au) in zip(node.inputs, parts):
+                if al is not None:  # None: the rule concretized that input itself
+                    store.add_dense(inp, al, au)
+    return lower, upper
+
+
+def backward_bound(graph: Graph, start: str, C: torch.Tensor, bounds, leaves,
+                   alpha: dict | None = None, beta: dict | None = None, record: dict | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower and upper bounds ``[B, S]`` of ``C·x_start`` (``C: [B, S, *shape(start)]``);
+    ``alpha``: optimized relaxation parameters by node name (alpha-CROWN, see
+    ``BoundRule.alpha_init``); ``beta``: split multipliers by ReLU node name (beta-CROWN, see
+    ``ReLU.backward``); ``record``: see ``backward``."""
+    store = Store(graph)
+    store.dense[start] = (C, C)
+    lower, upper = backward(graph, start, store, bounds, leaves, alpha, beta, record)
+    B, S = C.shape[:2]
+    if not isinstance(lower, torch.Tensor):  # the start does not depend on any leaf
+        lower = C.new_zeros(B, S) + lower
+        upper = C.new_zeros(B, S) + upper
+    return lower, upper
