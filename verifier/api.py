@@ -209,9 +209,8 @@ class BoundedModel:
             from .weights import ParameterSets
             # live: the parameter sets are centered at the module's current parameters
             sets = ParameterSets(graph, weights, self.dtype)
-            graph = sets.graph
             leaves = {**leaves, **sets.leaves}
-            sets.annotate(leaves)
+            graph = sets.with_deviations(leaves)
         C = None
         if spec is not None:
             C = torch.as_tensor(spec).to(self.dtype)

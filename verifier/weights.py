@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from .bounds.deviation import deviations
 from .errors import PerturbationError
 from .graph.nodes import Graph, Node
 from .graph.params import lift, parameter_values
+from .ops import RULES
 from .perturbation import Box, LpBall, Perturbation, parse_norm
 
 SEGMENT_LEAF = "weight_segment.t"
@@ -152,30 +154,42 @@ class ParameterSets:
             else:
                 raise PerturbationError(f"unknown weight perturbation {type(spec).__name__}")
         self.names = list(sources)
-        self.graph = lift(graph, sources, extra)
-        for node in self.graph:
-            # a weight read straight from a ball: its rule uses the ball, not just its box
+        self.graph = self._with_balls(lift(graph, sources, extra))
+
+    def _with_balls(self, graph: Graph) -> Graph:
+        """The lifted graph, each layer whose weight is read straight from a ball given the
+        ball (its rule uses the ball, not just its box): ``l2_eps``, an L2 ball's radius, and
+        ``weight_ball`` where the rule concretizes the ball itself (``fuses_weight_ball``)
+        and is the ball's only reader."""
+        nodes = []
+        for node in graph:
             roles = dict(zip(node.params.get("roles", ()), node.inputs[1:]))
             leaf = roles.get("weight")
             ball = self.balls.get(leaf)
-            if ball is None:
-                continue
-            if ball.norm == 2.0:
-                node.params["l2_eps"] = ball._eps_t.reshape(-1)[0]
-            if node.op == "linear_w" and len(self.graph.consumers(leaf)) == 1:
-                # the rule concretizes the ball itself (its A is an outer product)
-                node.params["weight_ball"] = ball
+            if ball is not None:
+                params = dict(node.params)
+                if ball.norm == 2.0:
+                    params["l2_eps"] = ball._eps_t.reshape(-1)[0]
+                if RULES[node.op].fuses_weight_ball and len(graph.consumers(leaf)) == 1:
+                    params["weight_ball"] = ball
+                node = replace(node, params=params)
+            nodes.append(node)
+        return Graph(nodes, output=graph.output, leaves=graph.leaves)
 
-    def annotate(self, leaves: dict) -> None:
-        """Give each perturbed layer the certified L2 deviations of its input and output from
-        their values at the sets' centers (``verifier.bounds.deviation``): its rule intersects
-        its interval with them and uses them in the L2 remainder."""
-        from .bounds.deviation import deviations
+    def with_deviations(self, leaves: dict) -> Graph:
+        """The lifted graph for these leaves, each perturbed layer holding the certified L2
+        deviations of its input and output from their values at the sets' centers
+        (``verifier.bounds.deviation``) as constants (``dev``): its rule intersects its interval
+        with them and uses them in the L2 remainder. A new graph; ``self.graph`` is unchanged."""
         v0, d = deviations(self.graph, leaves)
+        nodes = []
         for node in self.graph:
-            if node.op in ("linear_w", "conv_w"):
+            if node.op != "input" and "roles" in node.params:
                 x = node.inputs[0]
-                node.params["dev"] = (v0[x], d[x], v0[node.name], d[node.name])
+                node = replace(node, params={**node.params,
+                                             "dev": (v0[x], d[x], v0[node.name], d[node.name])})
+            nodes.append(node)
+        return Graph(nodes, output=self.graph.output, leaves=self.graph.leaves)
 
     @staticmethod
     def _claim(sources, name):

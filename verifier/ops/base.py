@@ -86,6 +86,7 @@ class BoundRule:
     splittable = False    # branch and bound may split its input at 0 (linear on each half)
     data_movement = False  # each output element is a copy of an input element or a constant
     weight_op: str | None = None  # the op of this node with perturbed parameters
+    fuses_weight_ball = False     # concretizes the ball of a weight it reads itself
 
     def interval(self, node, inputs: list[Interval]) -> Interval:
         raise NotSupported(self.op, "interval")

@@ -75,6 +75,9 @@ class _Bilinear(BoundRule):
     """Shared CROWN rule of ``y = f(x, W) + b``, f linear in each argument."""
 
     needs_bounds = True
+    # the rule concretizes its weight's ball itself (``concretize_weight``; params
+    # ``weight_ball``) instead of returning the weight's A
+    fuses_weight_ball = False
 
     def f(self, node, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         """``f(x, W)`` for ``x: [B, *in]`` and ``W: [1 | B, *weight]``."""
@@ -278,6 +281,8 @@ class _Bilinear(BoundRule):
 @register("linear_w")
 class LinearW(_Bilinear):
     """``y = x W^T + b`` with a perturbed weight and/or bias; ``x: [B, in]``."""
+
+    fuses_weight_ball = True
 
     def f(self, node, x, W):
         s = _shared(W)
