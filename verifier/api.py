@@ -14,13 +14,19 @@ from dataclasses import dataclass, field
 import torch
 
 from .bound_types import Interval
+from .bounds.alpha import alpha_crown_bounds
 from .bounds.crown import crown_bounds, ibp_spec_bounds
+from .bounds.forward import evaluate
 from .bounds.ibp import ibp_bounds
 from .errors import ShapeError, VerifierError
+from .graph.live import live_graph
 from .graph.nodes import Graph
+from .graph.onnx_loader import load_onnx
+from .graph.params import parameter_values
 from .graph.simplify import fold_bias_adds
 from .graph.trace import build_graph
 from .perturbation import Box, LpBall, Perturbation
+from .weights import ParameterSets, WeightPerturbation
 
 METHODS = ("ibp", "crown", "crown-ibp", "alpha-crown")
 
@@ -101,7 +107,6 @@ class BoundedModel:
     @classmethod
     def from_onnx(cls, path, dtype: torch.dtype = torch.float32) -> "BoundedModel":
         """Load an ONNX file (``.onnx`` or ``.onnx.gz``); a symbolic batch dim is taken as 1."""
-        from .graph.onnx_loader import load_onnx
         m = load_onnx(path)
         if len(m.input_names) != 1:
             raise ShapeError(f"{path}: the model has {len(m.input_names)} inputs; one is supported")
@@ -128,11 +133,9 @@ class BoundedModel:
         """The traced graph evaluated on ``x`` (differentiable; for attacks): every node's
         rule maps the degenerate interval [x, x]. ``params``: parameter name -> a value to use
         instead of the model's (same shape), e.g. a point of a weight perturbation set."""
-        from .weight_attack import evaluate
         graph = self.graph
         vals = {self.input: x.to(self.dtype)}
         if params:
-            from .weights import ParameterSets, WeightPerturbation
             graph = ParameterSets(self.graph, WeightPerturbation(list(params), 0.0), self.dtype).graph
             vals.update({k: torch.as_tensor(v).to(self.dtype).unsqueeze(0) for k, v in params.items()})
         return evaluate(graph, vals)[0]
@@ -140,7 +143,6 @@ class BoundedModel:
     def parameters(self) -> dict[str, torch.Tensor]:
         """The parameters a weight perturbation can select (those of linear and conv layers), by
         the source model's names: parameter name -> value."""
-        from .graph.params import parameter_values
         return parameter_values(self.graph)
 
     def check_input(self, x: torch.Tensor, what: str = "input") -> torch.Tensor:
@@ -200,13 +202,11 @@ class BoundedModel:
             next(iter(leaves.values())).interval().lower.shape[0]
         graph = self.graph
         if live:
-            from .graph.live import live_graph
             if method not in ("ibp", "crown-ibp"):
                 raise VerifierError(f"live (differentiable) bounds support the methods ibp and "
                                     f"crown-ibp, not {method!r}")
             graph = live_graph(self.graph, self.module, batch_stats)
         if weights is not None:
-            from .weights import ParameterSets
             # live: the parameter sets are centered at the module's current parameters
             sets = ParameterSets(graph, weights, self.dtype)
             leaves = {**leaves, **sets.leaves}
@@ -229,7 +229,6 @@ class BoundedModel:
                 else:
                     lo, up = ibp_spec_bounds(graph, nodes, C)
             elif method == "alpha-crown":
-                from .bounds.alpha import alpha_crown_bounds
                 lo, up, nodes = alpha_crown_bounds(graph, leaves, C)
             else:
                 lo, up, nodes = crown_bounds(graph, leaves, C, method=method)

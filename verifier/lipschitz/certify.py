@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..api import BoundedModel, margin_spec
 from ..bounds.forward import forward
 from ..errors import VerifierError
 from ..ops.base import NotSupported
+from ..perturbation import LpBall
 
 
 class LipschitzError(VerifierError):
@@ -106,7 +108,6 @@ def graph_lipschitz(graph) -> LipschitzReport:
 def lipschitz_constant(model, input_shape=None) -> LipschitzReport:
     """A certified L2 Lipschitz constant of ``model``: a ``BoundedModel``, or an ``nn.Module``
     with its per-sample ``input_shape`` (traced in float64 so the weights are read exactly)."""
-    from ..api import BoundedModel
     if not isinstance(model, BoundedModel):
         if input_shape is None:
             raise LipschitzError([("<model>", "an nn.Module needs input_shape")])
@@ -154,8 +155,6 @@ def crown_l2(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, radius: flo
     *effective local constant* ``max_j (m_j(x) - lower_j) / (sqrt(2) r)`` (m_j = f_y - f_j at x,
     lower_j its CROWN lower bound over the L2 ball of radius r): the smallest L for which the
     margin test above would prove what CROWN's bound proves. Unclipped ball, float64."""
-    from ..api import BoundedModel, margin_spec
-    from ..perturbation import LpBall
     shape = input_shape or tuple(x.shape[1:])
     model = BoundedModel(net, input_shape=shape, dtype=torch.float64)
     n_cls = None
