@@ -106,24 +106,24 @@ def test_every_subdomain_bound_and_inherited_bound_holds_at_sampled_points(seed,
     sampled inside it (with its corners) must respect both the spec rows' lower bounds and every
     intermediate node's interval that its children inherit."""
     import verifier.complete.input_bab as ib
-    from verifier.weight_attack import evaluate
+    from verifier.bounds.forward import evaluate
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(5, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(),
                         nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3))
     bm = BoundedModel(net, input_shape=(5,))
     lo, hi = -torch.ones(5), torch.ones(5)
     records = []
-    orig = ib.crown_bounds
+    orig = ib.crown
 
     def recording(graph, leaves, C, **kw):
         out = orig(graph, leaves, C, **kw)
         leaf = leaves[bm.input]
-        records.append((leaf.lower.clone(), leaf.upper.clone(), C.clone(), out[0].clone(),
-                        {k: (v.lower.clone(), v.upper.clone()) for k, v in out[2].items()},
+        records.append((leaf.lower.clone(), leaf.upper.clone(), C.clone(), out.lower.clone(),
+                        {k: (v.lower.clone(), v.upper.clone()) for k, v in out.nodes.items()},
                         kw.get("prior") is not None))
         return out
 
-    monkeypatch.setattr(ib, "crown_bounds", recording)
+    monkeypatch.setattr(ib, "crown", recording)
     C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]])   # y0 is not the largest
     g = torch.Generator().manual_seed(seed)
     x = lo + torch.rand(20000, 5, generator=g) * (hi - lo)
@@ -180,7 +180,7 @@ def test_clipped_boxes_keep_every_counterexample(seed):
     satisfies a conjunction, from dense sampling (with the corners) and from a PGD attack on
     each box, must lie inside the clipped box, and a box called closed must hold none; the
     clipping must also cut some volume (else the test would check nothing)."""
-    from verifier.bounds.crown import crown_bounds
+    from verifier.bounds.crown import crown
     from verifier.complete.input_bab import _clip_boxes, _RecordingBox
     from verifier.complete.spec_attack import spec_attack
     torch.manual_seed(seed)
@@ -200,14 +200,12 @@ def test_clipped_boxes_keep_every_counterexample(seed):
     C_all, d_all = torch.cat(Cs), torch.cat(ds)
     owner = torch.tensor([0, 0, 1])
     leaf = _RecordingBox(lo, hi, rows=3)
-    lin = {}
     with torch.no_grad():
-        low, _, _ = crown_bounds(bm.graph, {bm.input: leaf}, C_all.expand(n, -1, -1),
-                                 box_rows=False, clipped_pass=False, relax_lines=False,
-                                 linear=lin)
-    margin = low - d_all
+        res = crown(bm.graph, {bm.input: leaf}, C_all.expand(n, -1, -1), box_rows=False,
+                    clipped_pass=False, relax_lines=False)
+    margin = res.lower - d_all
     per_k = torch.stack([margin[:, owner == k].max(1).values for k in range(2)], 1)
-    cl, ch, closed = _clip_boxes(leaf.A, lin["lower"] - d_all, per_k > 0, owner, 2, lo, hi)
+    cl, ch, closed = _clip_boxes(leaf.A, res.linear_lower - d_all, per_k > 0, owner, 2, lo, hi)
     assert bool((cl >= lo).all() and (ch <= hi).all())
     corners = torch.tensor(np.array(np.meshgrid(*[[0, 1]] * 4)).reshape(4, -1).T,
                            dtype=torch.float32)

@@ -8,6 +8,8 @@ makes; at a leaf the linear bound is concretized over the leaf's perturbation se
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from ..graph.nodes import Graph
@@ -72,13 +74,33 @@ def backward(graph: Graph, start: str, store: Store, bounds, leaves, alpha: dict
     return lower, upper
 
 
+@dataclass
+class LinearBounds:
+    """``lower, upper: [B, S]``: bounds of ``C·x_start``; ``A``: for each node asked for, the
+    A of the lower bound that reached it (``[B, S, *shape]``): at a leaf, ``lower`` is the least
+    value of ``A·x + bias`` over the leaf's set."""
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+    A: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def backward_linear(graph: Graph, start: str, C: torch.Tensor, bounds, leaves,
+                    alpha: dict | None = None, beta: dict | None = None, keep=()) -> LinearBounds:
+    """``backward_bound`` that also returns the lower bound's A at the nodes ``keep`` (e.g. for
+    branching heuristics, or the input's for clipping a box)."""
+    record = {k: None for k in keep}
+    lower, upper = backward_bound(graph, start, C, bounds, leaves, alpha, beta, record)
+    return LinearBounds(lower, upper, record)
+
+
 def backward_bound(graph: Graph, start: str, C: torch.Tensor, bounds, leaves,
                    alpha: dict | None = None, beta: dict | None = None, record: dict | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower and upper bounds ``[B, S]`` of ``C·x_start`` (``C: [B, S, *shape(start)]``);
     ``alpha``: optimized relaxation parameters by node name (alpha-CROWN, see
     ``BoundRule.alpha_init``); ``beta``: split multipliers by ReLU node name (beta-CROWN, see
-    ``ReLU.backward``); ``record``: see ``backward``."""
+    ``ReLU.backward``); ``record``: see ``backward`` (``backward_linear`` returns it)."""
     store = Store(graph)
     store.dense[start] = (C, C)
     lower, upper = backward(graph, start, store, bounds, leaves, alpha, beta, record)

@@ -9,6 +9,7 @@ interpreter, node by node in topological order, with CROWN itself (method "crown
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -257,22 +258,41 @@ def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: s
     return forward(graph, lambda n: leaves[n.name].interval(), step, names, bounds)
 
 
+@dataclass
+class CrownBounds:
+    """``lower, upper``: bounds of ``C·f`` (``[B, S]``), or of ``f`` (``[B, *out_shape]``)
+    without C; ``nodes``: the intermediate intervals by node name. ``A``: for each node asked
+    for (``keep``), the lower-bound A of the output pass that reached it (its rows are C's,
+    then the output box's when that is bounded too). ``linear_lower``: the output pass's own
+    lower bound of ``C·f`` (``[B, S]``), the least value over the leaves of the linear function
+    ``A x + b`` whose A the input's entry holds, before any intersection (so ``A x + b <= C f``
+    at every point of the leaves, and ``lower`` may be higher); None without C."""
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+    nodes: dict[str, Interval]
+    A: dict[str, torch.Tensor] = field(default_factory=dict)
+    linear_lower: torch.Tensor | None = None
+
+
 def crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor | None,
-                 method: str = "crown", prior: dict | None = None, record: dict | None = None,
-                 box_rows: bool = True, clipped_pass: bool = True, relax_lines: bool = True,
-                 linear: dict | None = None):
-    """-> (lower, upper, bounds): bounds of ``C·f`` (``[B, S]``), or of ``f`` itself
-    (``[B, *out_shape]``) when C is None, and the intermediate intervals by node name.
-    ``prior``: see ``intermediate_bounds``; ``record``: see ``backward_bound`` (the output
-    pass's ``A``; its rows are C's, then the output box's when that is bounded too).
-    ``linear``: if given, ``linear["lower"]`` is set to the output pass's own lower bound of
-    ``C·f`` (``[B, S]``): the least value over the leaves of the linear function ``A x + b``
-    that ``record`` sees, before it is intersected with any other bound (so ``A x + b <= C f``
-    holds at every point of the leaves, and the lower bound returned may be higher).
+                 method: str = "crown", prior: dict | None = None, **options):
+    """-> (lower, upper, bounds): ``crown``'s bounds and intermediate intervals."""
+    res = crown(graph, leaves, C, method, prior, **options)
+    return res.lower, res.upper, res.nodes
+
+
+def crown(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor | None,
+          method: str = "crown", prior: dict | None = None, keep=(), box_rows: bool = True,
+          clipped_pass: bool = True, relax_lines: bool = True) -> CrownBounds:
+    """CROWN (method "crown") or CROWN-IBP bounds of ``C·f`` (see ``CrownBounds``).
+    ``prior``: see ``intermediate_bounds``; ``keep``: node names whose A to return.
     ``box_rows``, ``clipped_pass``: the two refinements of the output pass below, and
     ``relax_lines`` (see ``intermediate_bounds``): input-split branch and bound, which bounds
     many small domains, turns all three off (on ACAS Xu about 2.3x the domains per second for
     about 8% more domains)."""
+    record = {k: None for k in keep}
+    linear = None
     out = graph.output
     bounds = intermediate_bounds(graph, leaves, method, upto=out, prior=prior,
                                  relax_lines=relax_lines)
@@ -292,8 +312,8 @@ def crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor 
     else:
         spec = C
     lo, up = chunked_backward(graph, out, spec, bounds, leaves, record=record)
-    if linear is not None and C is not None:
-        linear["lower"] = lo[:, :C.shape[1]]
+    if C is not None:
+        linear = lo[:, :C.shape[1]]
     if clipped_pass and any(b.relax is not None for b in bounds.values()):
         # the output pass is cheap next to the intermediate ones: also run it with every chord
         # drawn over the IBP-clipped ranges (tighter on average on IBP-trained nets, looser on
@@ -305,7 +325,7 @@ def crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor 
     if C is None:
         lo, up = lo.view_as(ref), up.view_as(ref)
         bounds[out] = bounds[out].intersect(Interval(lo, up))
-        return bounds[out].lower, bounds[out].upper, bounds
+        return CrownBounds(bounds[out].lower, bounds[out].upper, bounds, record)
     S = C.shape[1]
     box = bounds[out]
     if with_box:
@@ -314,7 +334,7 @@ def crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor 
         lo, up = lo[:, :S], up[:, :S]
     lo = torch.maximum(lo, concretize_interval(C, box, upper=False))
     up = torch.minimum(up, concretize_interval(C, box, upper=True))
-    return lo, up, bounds
+    return CrownBounds(lo, up, bounds, record, linear)
 
 
 def ibp_spec_bounds(graph: Graph, bounds: dict[str, Interval], C: torch.Tensor):

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from ..bound_types import Interval
-from ..bounds.crown import crown_bounds
+from ..bounds.crown import crown
 from ..ops import RULES
 from ..perturbation import Box, round_down, round_up
-from ..weight_attack import evaluate
+from ..bounds.forward import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -396,12 +396,10 @@ def expand_domains(model, pr: Prepared, cur: dict, seed: int, deadline: float,
         prior = None
         if "l:" + keep[0] in cur:
             prior = {k: Interval(cur["l:" + k], cur["u:" + k]) for k in keep}
-        record = {k: None for k in relus}
-        linear = {}
         with torch.no_grad():
-            low, _, nodes = crown_bounds(model.graph, {model.input: leaf}, spec.to(dt),
-                                         prior=prior, record=record, box_rows=False,
-                                         clipped_pass=False, relax_lines=False, linear=linear)
+            res = crown(model.graph, {model.input: leaf}, spec.to(dt), prior=prior, keep=relus,
+                        box_rows=False, clipped_pass=False, relax_lines=False)
+        low, nodes, record = res.lower, res.nodes, res.A
         low = torch.nan_to_num(low, nan=-torch.inf)
     else:
         res = model.bounds({model.input: leaf}, pr.method, spec=spec)
@@ -415,7 +413,7 @@ def expand_domains(model, pr: Prepared, cur: dict, seed: int, deadline: float,
     if pr.clip and keep and leaf.A is not None and leaf.A.shape[0] == n:
         # shrink each open box to where its conjunctions' linear lower bounds allow a
         # counterexample; a box left with none is closed
-        lin = torch.nan_to_num(linear["lower"], nan=-torch.inf)[open_] - d_all
+        lin = torch.nan_to_num(res.linear_lower, nan=-torch.inf)[open_] - d_all
         cl, ch, closed = _clip_boxes(leaf.A[open_].flatten(2), lin, per_k[open_] > 0, owner, K,
                                      olo.flatten(1), ohi.flatten(1))
         olo, ohi = cl.reshape(olo.shape), ch.reshape(ohi.shape)
