@@ -162,7 +162,7 @@ def delta_arguments(p: argparse.ArgumentParser) -> None:
 
 def _models_set(a, model):
     """The parameter set of ``verifier delta`` -> (set, label)."""
-    from ..flatness import parameter_delta, quantization_radii, quantize_parameters
+    from ..analysis.deltas import parameter_delta, quantization_radii, quantize_parameters
     from ..weights import WeightPerturbation, WeightSegment
     given = [f for f, v in (("--other", a.other), ("--delta", a.delta), ("--quantize", a.quantize))
              if v is not None]
@@ -213,7 +213,7 @@ def _load_delta(path):
 
 def cmd_delta(a: argparse.Namespace) -> int:
     model, data = _load(a)
-    from ..flatness import flatness
+    from ..analysis.flatness import flatness
     weights, label = _models_set(a, model)
     r = flatness(model, data, weights, method=a.method, batch_size=a.batch_size,
                  attack_steps=a.attack_steps, label=label, progress=_progress("bounding"))
@@ -232,7 +232,7 @@ def _load(a):
             raise CliError(f"{f}: no such file")
     import torch
 
-    from ..flatness import load_npz
+    from ..analysis.flatness import load_npz
     from ..model_io import load_model
     torch.set_num_threads(a.threads)
     model = load_model(a.model, a.arch, a.arch_kwargs, a.input_shape)
@@ -262,7 +262,7 @@ def _table(results, first: str) -> None:
 
 
 def _finish(a, results, plot, what: str) -> None:
-    from ..flatness import write_csv
+    from ..analysis.flatness import write_csv
     if a.csv:
         write_csv(results, a.csv)
     if a.plot:
@@ -283,7 +283,7 @@ def _finish(a, results, plot, what: str) -> None:
 def cmd_flatness(a: argparse.Namespace) -> int:
     check_weight_args(a, need=True)
     model, data = _load(a)
-    from ..flatness import flatness, plot_curve
+    from ..analysis.flatness import flatness, plot_curve
     radii = list(a.weight_eps)
     results = [flatness(model, data, make_weights(a, e), method=a.method, batch_size=a.batch_size,
                         attack_steps=a.attack_steps, label=f"{e:g}", progress=_progress(f"eps {e:g}"))
@@ -296,7 +296,7 @@ def cmd_flatness(a: argparse.Namespace) -> int:
 def cmd_sensitivity(a: argparse.Namespace) -> int:
     check_weight_args(a, need=True)
     model, data = _load(a)
-    from ..flatness import plot_sensitivity, sensitivity
+    from ..analysis.sensitivity import plot_sensitivity, sensitivity
     results = sensitivity(model, data, a.weight_eps, a.weight_norm, a.relative, params=a.params,
                           method=a.method, batch_size=a.batch_size, attack_steps=a.attack_steps)
     rel = " relative" if a.relative else ""
