@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .util import EXIT_OK, CliError, positive_int
+from .util import EXIT_OK, CliError, int_or_path, labels_for, load_npy, positive_int
 
 LIPSCHITZ_DESCRIPTION = """\
 Print a certified upper bound L on the L2 Lipschitz constant of a model,
@@ -45,7 +45,6 @@ def lipschitz_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_lipschitz(a: argparse.Namespace) -> int:
     if (a.input is None) != (a.label is None):
         raise CliError("--input and --label go together")
-    from .util import int_or_path, labels_for, load_npy
     x = load_npy(a.input, "input file") if a.input is not None else None
 
     import torch

@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from .lipschitz import cmd_train_lipschitz, lipschitz_train_arguments
 from .util import EXIT_OK, CliError, finite_float, nonneg_float, positive_int
 
 TRAIN_DESCRIPTION = """\
@@ -63,13 +64,11 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    from .lipschitz import lipschitz_train_arguments
     lipschitz_train_arguments(p)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
     if getattr(a, "lipschitz", None) is not None:
-        from .lipschitz import cmd_train_lipschitz
         return cmd_train_lipschitz(a)
     from ..train.config import load_config
     from ..train.run import run_training

@@ -10,6 +10,8 @@ import os
 import sys
 import time
 
+from ..schedule import RayDomainPool, ResultsFile, make_scheduler
+from ..schedule.results import key
 from .util import EXIT_OK, CliError, nonneg_int, positive_int
 
 VERIFY_DESCRIPTION = """\
@@ -96,7 +98,6 @@ def cmd_verify(a: argparse.Namespace) -> int:
     torch.set_num_threads(a.threads)
     progress = _progress_line if (a.progress or sys.stderr.isatty()) else None
     if a.workers > 1 or a.ray_address:
-        from ..schedule.ray_bab import RayDomainPool
         with RayDomainPool(a.model, a.workers, a.ray_address) as pool:
             v = verify(a.model, a.spec, timeout=a.timeout, seed=a.seed, progress=progress,
                        expander=pool)
@@ -195,8 +196,6 @@ def cmd_batch(a: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from ..schedule import ResultsFile, make_scheduler
-    from ..schedule.results import key
     torch.set_num_threads(a.threads)
     seen, unique = set(), []
     for r in rows:
