@@ -1,5 +1,9 @@
 """``verifier lipschitz`` (a model's certified L2 Lipschitz constant) and the Lipschitz-constrained
-mode of ``verifier train`` (``--lipschitz CONSTRAINT``)."""
+mode of ``verifier train`` (``--lipschitz CONSTRAINT``).
+
+The modules that import torch are imported inside the commands, so that ``verifier --help``
+and argument errors answer without torch (tests/cli/test_cli_main.py).
+"""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,8 @@
-"""``verifier train``: certified training (IBP, CROWN-IBP) from a config file and flags."""
+"""``verifier train``: certified training (IBP, CROWN-IBP) from a config file and flags.
+
+The modules that import torch are imported inside the commands, so that ``verifier --help``
+and argument errors answer without torch (tests/cli/test_cli_main.py).
+"""
 from __future__ import annotations
 
 import argparse

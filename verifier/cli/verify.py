@@ -1,6 +1,10 @@
 """``verifier verify``, ``verifier batch`` and ``verifier vnncomp-run``: verdicts for VNN-LIB
 properties on ONNX models, one at a time, over a VNN-COMP ``instances.csv``, or in the
-VNN-COMP results-file format."""
+VNN-COMP results-file format.
+
+The modules that import torch are imported inside the commands, so that ``verifier --help``
+and argument errors answer without torch (tests/cli/test_cli_main.py).
+"""
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,9 @@
 """Weight perturbations on the command line: the ``--weights`` flags of ``verifier bounds`` and
-the ``verifier flatness`` and ``verifier sensitivity`` commands."""
+the ``verifier flatness`` and ``verifier sensitivity`` commands.
+
+The modules that import torch are imported inside the commands, so that ``verifier --help``
+and argument errors answer without torch (tests/cli/test_cli_main.py).
+"""
 from __future__ import annotations
 
 import argparse
