@@ -33,7 +33,7 @@ DEFAULT = ROOT.parent / "shared" / "benchmarks" / "vnncomp" / "acasxu"
 
 
 def run_config(label, workers, ray_one, tasks):
-    from verifier.cli_verify import instance_result
+    from verifier.cli.verify import instance_result
     from verifier.schedule import make_scheduler
     from verifier.schedule.ray_batch import RayScheduler
     t0 = time.perf_counter()
@@ -112,7 +112,7 @@ def run_bab(onnx, vnnlib, timeout, workers, relu=False):
 
 
 def run_batch(args):
-    from verifier.cli_verify import read_instances
+    from verifier.cli.verify import read_instances
     rows = read_instances(str(args.bench / "instances.csv"))[::args.every]
     tasks = [(o, v, args.timeout, 0) for o, v, _ in rows]
     print(f"{args.bench.name}: {len(tasks)} instances (every {args.every}th), timeout "

@@ -44,7 +44,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import torch
     torch.set_num_threads(1)
-    from verifier.cli_verify import read_instances, run_instance
+    from verifier.cli.verify import read_instances, run_instance
     from verifier.runtime import tune_allocator
     tune_allocator()  # as the verifier command line does
 

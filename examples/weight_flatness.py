@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from verifier import BoundedModel, margin_spec
-from verifier.flatness import flatness, load_npz, sensitivity
+from verifier.analysis.flatness import flatness, load_npz
+from verifier.analysis.sensitivity import sensitivity
 from verifier.weights import WeightPerturbation
 
 torch.set_num_threads(1)

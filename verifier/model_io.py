@@ -14,6 +14,9 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
+from .api import BoundedModel
 from .errors import ModelLoadError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
@@ -65,9 +68,6 @@ def build_architecture(arch: str, kwargs: str | None, input_shape):
 def load_model(path: str, arch: str | None = None, arch_kwargs: str | None = None,
                input_shape=None, dtype=None):
     """A ``BoundedModel`` from an ONNX file or a PyTorch state dict (see the module doc)."""
-    import torch
-
-    from .api import BoundedModel
     dtype = dtype or torch.float32
     path = os.fspath(path)
     if not os.path.exists(path):

@@ -1,5 +1,6 @@
-"""``verifier report``: one self-contained HTML page (and a text summary) from the files that the
-other commands write. Each input file is recognised by its content:
+"""Reports of the files that the other commands write (the library behind ``verifier report``,
+whose command line is ``verifier.cli.report``): one self-contained HTML page and a text summary.
+Each input file is recognised by its content:
 
 * a **results CSV** (``verifier batch --out``: ``onnx,vnnlib,status,time_s,method,reason``;
   ``benchmarks/vnncomp.py --out``: ``benchmark,onnx,vnnlib,status,expected,time_s,method``; any
@@ -187,7 +188,7 @@ def per_layer_widths(model, perturbation, spec=None, methods=PER_LAYER_METHODS) 
 # plots (matplotlib, imported on use)
 # ------------------------------------------------------------------------------------------
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
@@ -413,7 +414,7 @@ def _lipschitz_html(s: Source, plt) -> str:
 
 def render_html(sources, title: str = "verifier report", plots: bool = True) -> str:
     """The whole page, as text. ``plots=False`` (or no matplotlib) leaves the plots out."""
-    plt = _pyplot() if plots else None
+    plt = pyplot() if plots else None
     body = [f"<h1>{_e(title)}</h1>"]
     if plots and plt is None:
         body.append(f'<p class="note">{NO_MATPLOTLIB}.</p>')
@@ -464,43 +465,3 @@ def write_report(paths, html_path=None, title: str = "verifier report", plots: b
     if html_path is not None:
         Path(html_path).write_text(render_html(sources, title, plots), encoding="utf-8")
     return sources, summary(sources)
-
-
-# ------------------------------------------------------------------------------------------
-# the subcommand
-# ------------------------------------------------------------------------------------------
-
-REPORT_DESCRIPTION = """\
-Summarize result files in one self-contained HTML page (plots embedded as PNG) and print a short
-summary. Each FILE is recognised by its content: a results CSV (verifier batch --out,
-benchmarks/vnncomp.py --out: per-instance table, verdict counts, cactus plot over all the
-results files), the JSON of verifier verify --json, the JSON of verifier bounds --json (with
---per-layer: per-node bound widths of IBP, CROWN and alpha-CROWN), or the report.json of
-verifier train (certified accuracy vs eps) or verifier train --lipschitz (vs L2 radius).
-Plots need matplotlib; without it the page has its tables only."""
-
-REPORT_EPILOG = """\
-examples:
-  verifier batch tests/data/vnncomp_test/instances.csv --out results.csv
-  verifier report results.csv --html report.html
-  verifier bounds model.onnx --input x.npy --eps 0.03 --label 7 --json --per-layer > b.json
-  verifier report b.json runs/digits/report.json --html report.html"""
-
-
-def report_arguments(p) -> None:
-    p.add_argument("files", nargs="+", metavar="FILE",
-                   help="results .csv, or .json from verifier bounds/verify/train")
-    p.add_argument("--html", metavar="OUT.html", help="write the HTML page there")
-    p.add_argument("--title", default="verifier report", help="the page's title")
-    p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
-
-
-def cmd_report(a) -> int:
-    import sys
-    if a.html is not None and not a.no_plots and _pyplot() is None:
-        print(f"note: {NO_MATPLOTLIB}; the page has its tables only", file=sys.stderr)
-    _, text = write_report(a.files, a.html, a.title, plots=not a.no_plots)
-    print(text)
-    if a.html is not None:
-        print(f"report: {a.html}")
-    return 0

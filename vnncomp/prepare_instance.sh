@@ -10,5 +10,5 @@ done
 SOCK="${VERIFIER_SOCKET:-/tmp/verifier-vnncomp-$(id -u).sock}"
 # remember the interpreter itself (a version-manager shim costs ~0.1 s per call)
 python -c 'import sys; print(sys.executable)' > "$SOCK.python" 2>/dev/null || true
-python -m verifier.vnncomp_server start "$SOCK" || true
+python -m verifier.cli.vnncomp_server start "$SOCK" || true
 exit 0

@@ -10,12 +10,12 @@ PY=python
 [ -s "$SOCK.python" ] && PY=$(cat "$SOCK.python")
 # the verifier keeps to the budget itself; this outer limit only guards against a hang
 t="${6%.*}"; limit=$(( ${t:-0} + 20 ))
-timeout --signal=KILL "$limit" "$PY" -m verifier.vnncomp_server run "$SOCK" "$2" "$3" "$4" "$5" "$6"
+timeout --signal=KILL "$limit" "$PY" -m verifier.cli.vnncomp_server run "$SOCK" "$2" "$3" "$4" "$5" "$6"
 rc=$?
 if [ $rc -eq 137 ] || [ $rc -eq 124 ]; then
   echo "timeout" > "$5"
-  "$PY" -m verifier.vnncomp_server stop "$SOCK" >/dev/null 2>&1 || true
-  pkill -f "verifier.vnncomp_server serve $SOCK" 2>/dev/null || true
+  "$PY" -m verifier.cli.vnncomp_server stop "$SOCK" >/dev/null 2>&1 || true
+  pkill -f "verifier.cli.vnncomp_server serve $SOCK" 2>/dev/null || true
 elif [ ! -s "$5" ]; then
   echo "error" > "$5"
 fi

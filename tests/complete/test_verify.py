@@ -300,7 +300,7 @@ def test_vnncomp_scripts_write_results_file(tmp_path):
                 n_y = sum(1 for l in lines if "(Y_" in l)
                 assert (n_x, n_y) == (5, 5)
     finally:
-        subprocess.run([sys.executable, "-m", "verifier.vnncomp_server", "stop", sock], timeout=30)
+        subprocess.run([sys.executable, "-m", "verifier.cli.vnncomp_server", "stop", sock], timeout=30)
 
 
 def test_run_instance_without_server_runs_in_process(tmp_path):

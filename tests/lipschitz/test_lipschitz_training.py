@@ -137,5 +137,5 @@ def test_cli_errors_are_usage_errors(tmp_path):
 
 
 def test_cli_constraint_names_match_the_library():
-    from verifier import cli_lipschitz
+    from verifier.cli import lipschitz as cli_lipschitz
     assert cli_lipschitz.CONSTRAINTS == CONSTRAINTS

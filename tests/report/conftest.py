@@ -19,7 +19,7 @@ def files(tmp_path_factory):
     out["batch"], out["vnncomp"] = str(d / "batch.csv"), str(d / "vnncomp.csv")
 
     # verifier verify --json on a shipped sat instance
-    from verifier.cli_verify import run_instance
+    from verifier.cli.verify import run_instance
     r = run_instance(str(VNNCOMP / "onnx" / "test_sat.onnx"),
                      str(VNNCOMP / "vnnlib" / "test_prop.vnnlib"), 30.0)
     (d / "verify.json").write_text(json.dumps(r["verdict"].to_json()))

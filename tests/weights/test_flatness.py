@@ -13,9 +13,10 @@ from torch.func import functional_call
 
 from verifier import BoundedModel
 from verifier.errors import ShapeError, VerifierError
-from verifier.flatness import (ce_upper_from_margins, flatness, load_npz, parameter_delta,
-                               plot_curve, plot_sensitivity, quantization_radii,
-                               quantize_parameters, sensitivity, write_csv)
+from verifier.analysis.deltas import parameter_delta, quantization_radii, quantize_parameters
+from verifier.analysis.flatness import (ce_upper_from_margins, flatness, load_npz, plot_curve,
+                                        write_csv)
+from verifier.analysis.sensitivity import plot_sensitivity, sensitivity
 from verifier.weights import WeightPerturbation, WeightSegment
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .trace import Ref
+from .nodes import Ref
 
 
 def _refs(x) -> list[Ref]:

@@ -3,7 +3,8 @@
 A ``Node`` is one operator application whose value depends on a perturbed leaf. Its ``op`` names
 a bound rule in ``verifier.ops``; ``inputs`` are the names of the perturbed nodes it reads;
 ``params`` hold the constant tensors and attributes the rule needs. ``shape`` is the per-sample
-shape (the batch dimension excluded).
+shape (the batch dimension excluded). While a model is traced, a ``Ref`` stands for a perturbed
+argument of a source operator (see ``verifier.graph.mapping``).
 """
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 import torch
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A perturbed argument of an fx node: the graph node it refers to and its per-sample shape."""
+    name: str
+    shape: tuple
 
 
 @dataclass

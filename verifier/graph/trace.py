@@ -9,21 +9,12 @@ constants. Each perturbed fx node is then mapped to a bound rule by the tables i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.fx as fx
 
 from ..errors import ModelLoadError, ShapeError, UnsupportedOpsError
-from .nodes import Graph, Node
-
-
-@dataclass(frozen=True)
-class Ref:
-    """A perturbed argument of an fx node: the graph node it refers to and its per-sample shape."""
-    name: str
-    shape: tuple
-
+from .mapping import map_node
+from .nodes import Graph, Node, Ref
 
 class _Recorder(fx.Interpreter):
     def __init__(self, gm):
@@ -153,8 +144,6 @@ def build_graph(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...
 
     ``example_inputs`` carry a batch dimension of 1.
     """
-    from .mapping import map_node
-
     module = module.eval()
     if isinstance(module, fx.GraphModule):
         gm = module

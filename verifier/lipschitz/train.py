@@ -36,6 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..train.config import ConfigError
+from ..train.evaluate import export_onnx
+from ..train.trainer import build_model, load_data
+from .certify import crown_l2, lipschitz_certify, lipschitz_constant
 from .constraints import CONSTRAINTS, MUON_UPDATE_NORM, apply_constraint
 from ..ops.norms import window_overlap
 
@@ -141,7 +144,6 @@ class TrainResult:
 
 def train_lipschitz(cfg: LipschitzConfig, train_ds, progress: bool = False) -> TrainResult:
     """Train ``cfg.model`` on ``train_ds`` under ``cfg.constraint`` (see the module doc)."""
-    from ..train.trainer import build_model
     torch.set_num_threads(cfg.threads)
     net = build_model(cfg, train_ds.input_shape, train_ds.n_classes).train()
     if cfg.constraint != "weight_decay":
@@ -190,7 +192,6 @@ def train_lipschitz(cfg: LipschitzConfig, train_ds, progress: bool = False) -> T
 def evaluate_lipschitz(net: nn.Module, test_ds, radii=(0.5, 1.0), crown: bool = True) -> dict:
     """Certified constant (per layer and overall), clean accuracy, L2 certified accuracy from
     margins at each radius, and CROWN's L2 verified accuracy beside it."""
-    from .certify import crown_l2, lipschitz_certify, lipschitz_constant
     t0 = time.perf_counter()
     rep = lipschitz_constant(net, test_ds.input_shape)
     out = lipschitz_certify(net, test_ds.x, test_ds.y, rep.lipschitz, radii)
@@ -208,7 +209,6 @@ def evaluate_lipschitz(net: nn.Module, test_ds, radii=(0.5, 1.0), crown: bool = 
 
 def run_lipschitz(cfg: LipschitzConfig, progress: bool = False, data=None) -> dict:
     """Train, evaluate, and (with ``cfg.output``) write model.pt, model.onnx, report.json."""
-    from ..train.trainer import load_data
     torch.set_num_threads(cfg.threads)
     train_ds, test_ds = data if data is not None else load_data(cfg)
     res = train_lipschitz(cfg, train_ds, progress=progress)
@@ -217,7 +217,6 @@ def run_lipschitz(cfg: LipschitzConfig, progress: bool = False, data=None) -> di
                   epochs=cfg.epochs, dataset=test_ds.name,
                   train_time_s=round(res.train_time_s, 1), history=res.history)
     if cfg.output:
-        from ..train.evaluate import export_onnx
         out = Path(cfg.output)
         out.mkdir(parents=True, exist_ok=True)
         torch.save(res.net.state_dict(), out / "model.pt")

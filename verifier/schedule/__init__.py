@@ -6,17 +6,13 @@
   bound domains for ``verify(..., expander=...)``;
 * ``ResultsFile``: the resumable results CSV of ``verifier batch``.
 
-Ray is imported only inside the Ray implementations; nothing in the core imports this package.
+Ray is imported only inside the Ray implementations, when they run (so this package imports
+without it); nothing in the core imports this package.
 """
-from .base import InProcessScheduler, Scheduler, SchedulerError, TaskOutcome, make_scheduler
+from .base import InProcessScheduler, Scheduler, SchedulerError, TaskOutcome
+from .factory import make_scheduler
+from .ray_bab import RayDomainPool
 from .results import ResultsFile
-
-
-def __getattr__(name):  # RayDomainPool without importing its module (and ray) up front
-    if name == "RayDomainPool":
-        from .ray_bab import RayDomainPool
-        return RayDomainPool
-    raise AttributeError(name)
 
 
 __all__ = ["InProcessScheduler", "Scheduler", "SchedulerError", "TaskOutcome", "make_scheduler",

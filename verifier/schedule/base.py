@@ -1,8 +1,9 @@
 """The scheduler interface: run independent tasks (one verification instance each) and yield
 their outcomes as they finish. ``InProcessScheduler`` runs them one after another in the
 current process (the default, no dependency); ``RayScheduler`` (``ray_batch.py``) runs them as
-Ray tasks on a local or remote Ray cluster. ``make_scheduler`` picks one from the command-line
-flags. Nothing in ``verifier.bounds`` or ``verifier.complete`` imports this package.
+Ray tasks on a local or remote Ray cluster; ``make_scheduler`` (``factory.py``) picks one from
+the command-line flags. Nothing in ``verifier.bounds`` or ``verifier.complete`` imports this
+package.
 """
 from __future__ import annotations
 
@@ -60,24 +61,6 @@ class InProcessScheduler(Scheduler):
                 yield i, TaskOutcome(fn(*args))
             except Exception as e:  # a task's failure is its outcome, not the run's
                 yield i, TaskOutcome(error=f"{type(e).__name__}: {e}".replace("\n", " "))
-
-
-def make_scheduler(workers: int = 1, address: str | None = None, max_retries: int = 2,
-                   hard_limit: Callable[[tuple], float] | None = None) -> Scheduler:
-    """In-process for one worker and no address; otherwise Ray (local with ``workers`` CPUs
-    when ``address`` is None, else the cluster at ``address``: "auto", "HOST:PORT" or
-    "ray://HOST:PORT"). Asking for Ray without it installed is an error, not a silent fall
-    back to one process: the user asked for parallel work. ``max_retries``: how many times a
-    task whose worker died is run again before it is reported as an error. ``hard_limit(args)``
-    : seconds after which a running task is killed (reported as an error, not retried)."""
-    if workers < 1:
-        raise SchedulerError(f"workers must be >= 1, got {workers}")
-    if max_retries < 0:
-        raise SchedulerError(f"max_retries must be >= 0, got {max_retries}")
-    if workers == 1 and address is None:
-        return InProcessScheduler()
-    from .ray_batch import RayScheduler
-    return RayScheduler(workers, address, max_retries=max_retries, hard_limit=hard_limit)
 
 
 def import_ray(why: str):

@@ -10,6 +10,7 @@ import socket
 import time
 from collections import deque
 
+from ..runtime import tune_allocator
 from .base import Scheduler, SchedulerError, TaskOutcome, import_ray
 
 log = logging.getLogger(__name__)
@@ -18,9 +19,8 @@ log = logging.getLogger(__name__)
 def _run_task(fn, *args):
     """The body of every Ray task: one torch thread (each task has one CPU), the allocator
     settings of the command line, then ``fn(*args)``."""
-    import torch
+    import torch  # in the Ray worker only: the driver's scheduler does not need it
 
-    from ..runtime import tune_allocator
     torch.set_num_threads(1)
     tune_allocator()
     return fn(*args)

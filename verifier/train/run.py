@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..weights import WeightPerturbation
 from .config import TrainConfig, to_dict
 from .evaluate import certified_under_weights, evaluate, export_onnx, write_report
 from .trainer import load_data, train
@@ -34,7 +35,6 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
                   eval_time_s=round(time.perf_counter() - t1, 1), dataset=test_ds.name,
                   method=cfg.method, train_eps=cfg.eps_train, epochs=cfg.epochs)
     if cfg.weight_eps > 0:
-        from ..weights import WeightPerturbation
         w = WeightPerturbation(cfg.weight_params, cfg.weight_eps, relative=cfg.weight_relative)
         report["weight_perturbation"] = {"params": cfg.weight_params, "eps": cfg.weight_eps,
                                          "relative": cfg.weight_relative}

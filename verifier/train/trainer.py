@@ -24,7 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..api import BoundedModel
+from ..errors import ModelLoadError
 from ..graph.live import BatchStats
+from ..model_io import build_architecture
+from ..weights import WeightPerturbation
 from .config import ConfigError, TrainConfig, to_dict
 from .data import Dataset, load_dataset
 from .init import ibp_init_
@@ -47,8 +50,6 @@ def load_data(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
 
 def build_model(cfg: TrainConfig, input_shape, n_classes: int) -> nn.Module:
     """The architecture named by ``cfg.model`` (zoo name or module:function), seeded."""
-    from ..model_io import build_architecture
-    from ..errors import ModelLoadError
     torch.manual_seed(cfg.seed)
     try:
         net, _ = build_architecture(cfg.model, json.dumps(cfg.model_kwargs) if cfg.model_kwargs else None,
@@ -139,7 +140,6 @@ def train_step(cfg: TrainConfig, state: TrainState, xb, yb, s: dict, n_classes: 
     eps = s["eps"]
     weights = None
     if cfg.weight_eps > 0 and s["progress"] > 0:
-        from ..weights import WeightPerturbation
         weights = WeightPerturbation(cfg.weight_params, cfg.weight_eps * s["progress"],
                                      relative=cfg.weight_relative)
     if cfg.method != "natural" and (eps > 0 or weights is not None):

@@ -1,12 +1,16 @@
 """Weight perturbations on the command line: the ``--weights`` flags of ``verifier bounds`` and
-the ``verifier flatness`` and ``verifier sensitivity`` commands."""
+the ``verifier flatness`` and ``verifier sensitivity`` commands.
+
+The modules that import torch are imported inside the commands, so that ``verifier --help``
+and argument errors answer without torch (tests/cli/test_cli_main.py).
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from .cli_util import EXIT_OK, CliError, nonneg_float, positive_int
+from .util import EXIT_OK, CliError, nonneg_float, positive_int
 
 FLATNESS_DESCRIPTION = """\
 Certified flatness of a classifier on a dataset: an upper bound on the mean cross-entropy loss
@@ -91,7 +95,7 @@ def check_weight_args(a: argparse.Namespace, need: bool) -> bool:
 
 
 def make_weights(a: argparse.Namespace, eps: float, patterns=None):
-    from .weights import WeightPerturbation
+    from ..weights import WeightPerturbation
     return WeightPerturbation(patterns if patterns is not None else a.weights, eps,
                               a.weight_norm, a.relative)
 
@@ -162,8 +166,8 @@ def delta_arguments(p: argparse.ArgumentParser) -> None:
 
 def _models_set(a, model):
     """The parameter set of ``verifier delta`` -> (set, label)."""
-    from .flatness import parameter_delta, quantization_radii, quantize_parameters
-    from .weights import WeightPerturbation, WeightSegment
+    from ..analysis.deltas import parameter_delta, quantization_radii, quantize_parameters
+    from ..weights import WeightPerturbation, WeightSegment
     given = [f for f, v in (("--other", a.other), ("--delta", a.delta), ("--quantize", a.quantize))
              if v is not None]
     if len(given) != 1:
@@ -183,7 +187,7 @@ def _models_set(a, model):
         radii = {k: d.abs() for k, d in parameter_delta(model, q).items()}
         return WeightPerturbation(None, radii), f"{a.quantize}-bit"
     if a.other is not None:
-        from .model_io import load_model
+        from ..model_io import load_model
         other = load_model(a.other, a.arch if a.model.endswith((".pt", ".pth", ".ckpt")) else None,
                            a.arch_kwargs, a.input_shape)
         delta = parameter_delta(model, other)
@@ -213,7 +217,7 @@ def _load_delta(path):
 
 def cmd_delta(a: argparse.Namespace) -> int:
     model, data = _load(a)
-    from .flatness import flatness
+    from ..analysis.flatness import flatness
     weights, label = _models_set(a, model)
     r = flatness(model, data, weights, method=a.method, batch_size=a.batch_size,
                  attack_steps=a.attack_steps, label=label, progress=_progress("bounding"))
@@ -232,8 +236,8 @@ def _load(a):
             raise CliError(f"{f}: no such file")
     import torch
 
-    from .flatness import load_npz
-    from .model_io import load_model
+    from ..analysis.flatness import load_npz
+    from ..model_io import load_model
     torch.set_num_threads(a.threads)
     model = load_model(a.model, a.arch, a.arch_kwargs, a.input_shape)
     x, y = load_npz(a.data)
@@ -262,7 +266,7 @@ def _table(results, first: str) -> None:
 
 
 def _finish(a, results, plot, what: str) -> None:
-    from .flatness import write_csv
+    from ..analysis.flatness import write_csv
     if a.csv:
         write_csv(results, a.csv)
     if a.plot:
@@ -283,7 +287,7 @@ def _finish(a, results, plot, what: str) -> None:
 def cmd_flatness(a: argparse.Namespace) -> int:
     check_weight_args(a, need=True)
     model, data = _load(a)
-    from .flatness import flatness, plot_curve
+    from ..analysis.flatness import flatness, plot_curve
     radii = list(a.weight_eps)
     results = [flatness(model, data, make_weights(a, e), method=a.method, batch_size=a.batch_size,
                         attack_steps=a.attack_steps, label=f"{e:g}", progress=_progress(f"eps {e:g}"))
@@ -296,7 +300,7 @@ def cmd_flatness(a: argparse.Namespace) -> int:
 def cmd_sensitivity(a: argparse.Namespace) -> int:
     check_weight_args(a, need=True)
     model, data = _load(a)
-    from .flatness import plot_sensitivity, sensitivity
+    from ..analysis.sensitivity import plot_sensitivity, sensitivity
     results = sensitivity(model, data, a.weight_eps, a.weight_norm, a.relative, params=a.params,
                           method=a.method, batch_size=a.batch_size, attack_steps=a.attack_steps)
     rel = " relative" if a.relative else ""

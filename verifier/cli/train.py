@@ -1,11 +1,16 @@
-"""``verifier train``: certified training (IBP, CROWN-IBP) from a config file and flags."""
+"""``verifier train``: certified training (IBP, CROWN-IBP) from a config file and flags.
+
+The modules that import torch are imported inside the commands, so that ``verifier --help``
+and argument errors answer without torch (tests/cli/test_cli_main.py).
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from .cli_util import EXIT_OK, CliError, finite_float, nonneg_float, positive_int
+from .lipschitz import cmd_train_lipschitz, lipschitz_train_arguments
+from .util import EXIT_OK, CliError, finite_float, nonneg_float, positive_int
 
 TRAIN_DESCRIPTION = """\
 Train a classifier to be certifiably robust under an L-inf ball of radius --eps (pixel scale,
@@ -63,16 +68,14 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    from .cli_lipschitz import lipschitz_train_arguments
     lipschitz_train_arguments(p)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
     if getattr(a, "lipschitz", None) is not None:
-        from .cli_lipschitz import cmd_train_lipschitz
         return cmd_train_lipschitz(a)
-    from .train.config import load_config
-    from .train.run import run_training
+    from ..train.config import load_config
+    from ..train.run import run_training
     overrides = {k: getattr(a, k) for k in _FLAGS}
     if a.model_kwargs is not None:
         try:

@@ -1,9 +1,9 @@
 """A warm verifier process for the VNN-COMP scripts, so that each instance does not pay for
 importing torch, onnx2torch and onnxruntime (about 3 s of CPU on a 2-core machine).
 
-``prepare_instance.sh`` starts ``python -m verifier.vnncomp_server serve SOCKET`` once (it only
-imports; no analysis of the instance happens before ``run_instance.sh``), and
-``run_instance.sh`` runs ``python -m verifier.vnncomp_server run SOCKET CATEGORY ONNX VNNLIB
+``prepare_instance.sh`` starts ``python -m verifier.cli.vnncomp_server serve SOCKET`` once (it
+only imports; no analysis of the instance happens before ``run_instance.sh``), and
+``run_instance.sh`` runs ``python -m verifier.cli.vnncomp_server run SOCKET CATEGORY ONNX VNNLIB
 RESULTS TIMEOUT``: a small client (no torch import) that hands the instance to the server and
 waits. Without a server, or if the server fails to answer, the client runs the instance itself.
 """
@@ -16,14 +16,17 @@ import subprocess
 import sys
 import time
 
+from .verify import run_instance
+
 
 def serve(path: str) -> int:
-    import torch  # noqa: F401  (the imports are the point: warm them)
+    # the imports are the point: warm them here, not at the top, so that the client (``run``)
+    # starts without torch
+    import torch
     import onnx2torch  # noqa: F401
     import onnxruntime  # noqa: F401
 
-    from . import cli_verify  # noqa: F401
-    from .complete import verify  # noqa: F401
+    from ..complete import verify  # noqa: F401
     torch.set_num_threads(1)
     if os.path.exists(path):
         os.unlink(path)
@@ -54,7 +57,6 @@ def serve(path: str) -> int:
 
 
 def _run(req) -> str:
-    from .cli_verify import run_instance
     r = run_instance(req["onnx"], req["vnnlib"], float(req["timeout"]))
     text = r["status"] + "\n"
     v = r["verdict"]
@@ -100,7 +102,7 @@ def start(path: str, wait_s: float = 60.0) -> int:
             return 0
         except OSError:
             os.unlink(path)
-    subprocess.Popen([sys.executable, "-m", "verifier.vnncomp_server", "serve", path],
+    subprocess.Popen([sys.executable, "-m", "verifier.cli.vnncomp_server", "serve", path],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True)
     t0 = time.time()
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
         return stop(argv[1])
     if len(argv) == 7 and argv[0] == "run":
         return run(*argv[1:])
-    print("usage: python -m verifier.vnncomp_server serve|start|stop SOCKET | "
+    print("usage: python -m verifier.cli.vnncomp_server serve|start|stop SOCKET | "
           "run SOCKET CATEGORY ONNX VNNLIB RESULTS TIMEOUT", file=sys.stderr)
     return 2
 

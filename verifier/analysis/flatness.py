@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
-from .errors import ShapeError, VerifierError
+from ..api import margin_spec
+from ..errors import ShapeError, VerifierError
+from ..weight_attack import evaluate, weight_pgd
+from ..weights import ParameterSets
 
 LOSSES = ("cross_entropy",)
 
@@ -81,9 +86,6 @@ def _data(model, data):
 
 def load_npz(path):
     """``x`` and ``y`` arrays from an .npz file, with clear errors."""
-    import os
-
-    import numpy as np
     path = os.fspath(path)
     if not os.path.exists(path):
         raise VerifierError(f"{path}: no such file")
@@ -121,10 +123,6 @@ def flatness(model, data, weights, loss: str = "cross_entropy", method: str = "c
     ``attack_samples``: the attack optimizes one model on that many samples (the first ones),
     then its loss is measured on all the data. ``progress(done, total)`` is called per batch.
     """
-    from .api import margin_spec
-    from .weight_attack import weight_pgd
-    from .weights import ParameterSets
-
     if loss not in LOSSES:
         raise VerifierError(f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
     t0 = time.perf_counter()
@@ -162,7 +160,6 @@ def flatness(model, data, weights, loss: str = "cross_entropy", method: str = "c
     sets = ParameterSets(model.graph, weights, model.dtype)
     xa, ya = x[:attack_samples], y[:attack_samples]
     att = weight_pgd(sets, xa, lambda out: _ce(out, ya).mean(), steps=attack_steps, restarts=1)
-    from .weight_attack import evaluate
     inp = sets.graph.leaves[0]
     with torch.no_grad():
         att_out = torch.cat([evaluate(sets.graph, {inp: x[i:i + batch_size], **att.leaves})[0]
@@ -184,96 +181,6 @@ def flatness_curve(model, data, make_weights, radii, **kw) -> list[FlatnessResul
     return [flatness(model, data, make_weights(e), label=f"eps={e:g}", **kw) for e in radii]
 
 
-def sensitivity(model, data, eps: float, norm="inf", relative: bool = False,
-                params: str = "weight", modules: list[str] | None = None, **kw) -> list[FlatnessResult]:
-    """Per module, the certified (and attacked) loss increase when only that module's
-    parameters move (``params``: "weight", "bias" or "both"); ranked by certified increase,
-    largest first. A module is the layer that uses the parameters, named by their common prefix
-    (``fc1`` for ``fc1.weight``, ``fc1.bias``) or else by the layer's node name."""
-    from .graph.params import parameter_uses
-    from .weights import WeightPerturbation
-    if params not in ("weight", "bias", "both"):
-        raise VerifierError(f"params must be weight, bias or both, got {params!r}")
-    by_node: dict[str, list[str]] = {}
-    for name, uses in parameter_uses(model.graph).items():
-        node, role, _ = uses[0]
-        if params == "both" or role == params:
-            by_node.setdefault(node, []).append(name)
-    groups: dict[str, list[str]] = {}
-    for node, names in by_node.items():
-        prefixes = {n.rpartition(".")[0] for n in names}
-        label = prefixes.pop() if len(prefixes) == 1 and "" not in prefixes else node
-        groups[label] = names
-    if modules is not None:
-        unknown = [m for m in modules if m not in groups]
-        if unknown:
-            raise VerifierError(f"unknown module(s) {unknown}; modules: {sorted(groups)}")
-        groups = {m: groups[m] for m in modules}
-    if not groups:
-        raise VerifierError(f"no {params} parameters to perturb")
-    out = [flatness(model, data, WeightPerturbation(names, eps, norm, relative), label=mod, **kw)
-           for mod, names in groups.items()]
-    return sorted(out, key=lambda r: -r.certified_increase)
-
-
-def parameter_delta(base, other) -> dict:
-    """``other - base`` per parameter: ``other`` is a model of the same architecture (a
-    ``BoundedModel``) or a dict of parameter values; names and shapes must match."""
-    mine = base.parameters()
-    theirs = other.parameters() if hasattr(other, "parameters") and not isinstance(other, dict) else other
-    missing = sorted(set(mine) - set(theirs))
-    extra = sorted(set(theirs) - set(mine))
-    if extra:
-        raise VerifierError(f"parameters {extra} are not in the base model (its parameters: "
-                            f"{sorted(mine)})")
-    out = {}
-    for name, w in mine.items():
-        if name in missing:
-            continue
-        v = torch.as_tensor(theirs[name]).to(w.dtype)
-        if tuple(v.shape) != tuple(w.shape):
-            raise ShapeError(f"parameter {name}: shape {list(v.shape)} differs from the base "
-                             f"model's {list(w.shape)}")
-        if not bool(torch.isfinite(v).all()):
-            raise VerifierError(f"parameter {name} of the other model holds NaN or inf")
-        d = (v.double() - w.double()).to(w.dtype)
-        if bool((d != 0).any()):
-            out[name] = d
-    return out
-
-
-def _grid_steps(model, bits, per_channel, params):
-    from .weights import select_parameters
-    if not 2 <= bits <= 32:
-        raise VerifierError(f"bits must lie in [2, 32], got {bits}")
-    vals = model.parameters()
-    levels = 2 ** (bits - 1) - 1
-    for name in select_parameters(vals, params):
-        w = vals[name].double()
-        if per_channel and w.ndim > 1:
-            m = w.abs().flatten(1).amax(1).view(-1, *([1] * (w.ndim - 1)))
-        else:
-            m = w.abs().max()
-        yield name, w, (m / levels).clamp(min=torch.finfo(torch.float64).tiny)
-
-
-def quantize_parameters(model, bits: int = 8, per_channel: bool = False,
-                        params: str | list[str] = "*") -> dict:
-    """The round-to-nearest copy of the selected parameters on a symmetric uniform grid of
-    ``bits`` bits (step ``max|W| / (2^(bits-1) - 1)``, per tensor or per output channel)."""
-    return {name: (torch.round(w / step) * step).to(torch.float32)
-            for name, w, step in _grid_steps(model, bits, per_channel, params)}
-
-
-def quantization_radii(model, bits: int = 8, per_channel: bool = False,
-                       params: str | list[str] = "*") -> dict:
-    """Per-element radii that cover every rounding of the selected parameters to that grid
-    (half a step, plus 2^-20 relative slack for a quantizer that rounds in float32):
-    ``WeightPerturbation(None, quantization_radii(m))`` certifies all such copies at once."""
-    return {name: (step / 2 * (1 + 2 ** -20)).expand_as(w).clone()
-            for name, w, step in _grid_steps(model, bits, per_channel, params)}
-
-
 # --- reports ------------------------------------------------------------------------------------
 COLUMNS = ("label", "n", "clean_loss", "certified_loss", "attack_loss", "certified_increase",
            "attack_increase", "clean_accuracy", "certified_accuracy", "stable_fraction", "method",
@@ -292,7 +199,8 @@ def write_csv(results: list[FlatnessResult], path, extra: dict | None = None) ->
             w.writerow(row)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or a VerifierError that says how to install it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -304,7 +212,7 @@ def _pyplot():
 
 def plot_curve(results: list[FlatnessResult], radii, path, title: str = "") -> None:
     """Certified max loss and the attack's loss against the radius."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.plot(radii, [r.certified_loss for r in results], "o-", label="certified upper bound")
     ax.plot(radii, [r.attack_loss for r in results], "s--", label="attack (lower bound)")
@@ -313,25 +221,6 @@ def plot_curve(results: list[FlatnessResult], radii, path, title: str = "") -> N
     ax.set_ylabel("mean cross-entropy")
     ax.set_yscale("log")
     ax.set_title(title or "worst-case loss under weight perturbation")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_sensitivity(results: list[FlatnessResult], path, title: str = "") -> None:
-    """Bars: certified and attacked loss increase per module."""
-    plt = _pyplot()
-    labels = [r.label for r in results]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(labels) + 2), 3.8))
-    idx = range(len(labels))
-    ax.bar([i - 0.2 for i in idx], [r.certified_increase for r in results], 0.4, label="certified")
-    ax.bar([i + 0.2 for i in idx], [r.attack_increase for r in results], 0.4, label="attack")
-    ax.set_xticks(list(idx))
-    ax.set_xticklabels(labels, rotation=30, ha="right")
-    ax.set_ylabel("loss increase")
-    ax.set_yscale("symlog", linthresh=1e-3)
-    ax.set_title(title or "per-module sensitivity")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

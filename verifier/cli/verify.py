@@ -1,6 +1,10 @@
 """``verifier verify``, ``verifier batch`` and ``verifier vnncomp-run``: verdicts for VNN-LIB
 properties on ONNX models, one at a time, over a VNN-COMP ``instances.csv``, or in the
-VNN-COMP results-file format."""
+VNN-COMP results-file format.
+
+The modules that import torch are imported inside the commands, so that ``verifier --help``
+and argument errors answer without torch (tests/cli/test_cli_main.py).
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +14,9 @@ import os
 import sys
 import time
 
-from .cli_util import EXIT_OK, CliError, nonneg_int, positive_int
+from ..schedule import RayDomainPool, ResultsFile, make_scheduler
+from ..schedule.results import key
+from .util import EXIT_OK, CliError, nonneg_int, positive_int
 
 VERIFY_DESCRIPTION = """\
 Decide a VNN-LIB property on an ONNX model. The VNN-LIB file describes the counterexamples:
@@ -92,11 +98,10 @@ def cmd_verify(a: argparse.Namespace) -> int:
     _check_files(a.model, a.spec)
     import torch
 
-    from .complete import verify
+    from ..complete import verify
     torch.set_num_threads(a.threads)
     progress = _progress_line if (a.progress or sys.stderr.isatty()) else None
     if a.workers > 1 or a.ray_address:
-        from .schedule.ray_bab import RayDomainPool
         with RayDomainPool(a.model, a.workers, a.ray_address) as pool:
             v = verify(a.model, a.spec, timeout=a.timeout, seed=a.seed, progress=progress,
                        expander=pool)
@@ -159,8 +164,8 @@ def read_instances(path: str) -> list[tuple[str, str, float]]:
 
 def run_instance(onnx_path, vnnlib_path, timeout, seed=0, cache=None):
     """-> Verdict-like dict; an exception becomes status "error" with its reason."""
-    from .api import BoundedModel
-    from .complete import verify
+    from ..api import BoundedModel
+    from ..complete import verify
     t0 = time.perf_counter()
     try:
         if cache is not None:
@@ -195,8 +200,6 @@ def cmd_batch(a: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .schedule import ResultsFile, make_scheduler
-    from .schedule.results import key
     torch.set_num_threads(a.threads)
     seen, unique = set(), []
     for r in rows:

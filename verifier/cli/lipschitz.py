@@ -1,12 +1,16 @@
 """``verifier lipschitz`` (a model's certified L2 Lipschitz constant) and the Lipschitz-constrained
-mode of ``verifier train`` (``--lipschitz CONSTRAINT``)."""
+mode of ``verifier train`` (``--lipschitz CONSTRAINT``).
+
+The modules that import torch are imported inside the commands, so that ``verifier --help``
+and argument errors answer without torch (tests/cli/test_cli_main.py).
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from .cli_util import EXIT_OK, CliError, positive_int
+from .util import EXIT_OK, CliError, int_or_path, labels_for, load_npy, positive_int
 
 LIPSCHITZ_DESCRIPTION = """\
 Print a certified upper bound L on the L2 Lipschitz constant of a model,
@@ -45,13 +49,12 @@ def lipschitz_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_lipschitz(a: argparse.Namespace) -> int:
     if (a.input is None) != (a.label is None):
         raise CliError("--input and --label go together")
-    from .cli_util import int_or_path, labels_for, load_npy
     x = load_npy(a.input, "input file") if a.input is not None else None
 
     import torch
 
-    from .lipschitz.certify import certified_radius, lipschitz_constant
-    from .model_io import load_model
+    from ..lipschitz.certify import certified_radius, lipschitz_constant
+    from ..model_io import load_model
     torch.set_num_threads(a.threads)
     model = load_model(a.model, a.arch, a.arch_kwargs, a.input_shape, dtype=torch.float64)
     rep = lipschitz_constant(model)
@@ -112,7 +115,7 @@ def cmd_train_lipschitz(a: argparse.Namespace) -> int:
     if given:
         raise CliError(f"{', '.join(given)}: not used by --lipschitz training (flags only, no "
                        "config file or resume)")
-    from .lipschitz.train import LipschitzConfig, run_lipschitz
+    from ..lipschitz.train import LipschitzConfig, run_lipschitz
     kw = {k: getattr(a, k) for k in ("dataset", "train_path", "test_path", "train_subset",
                                      "test_subset", "model", "epochs", "batch_size", "seed",
                                      "threads", "output") if getattr(a, k) is not None}
