@@ -35,6 +35,7 @@ import torch
 from ..bound_types import Interval
 from ..bounds.crown import backward_bound, refine_node
 from ..perturbation import Box
+from ..projected_gradient import Variable, projected_gradient, sign_step
 
 log = logging.getLogger(__name__)
 
@@ -244,30 +245,13 @@ class SplitProblem:
         (``[n, *in_shape]``), inside the box. -> (x, violation [n, K]) of the best points."""
         f = self.model.graph_forward
         lo, hi = self.lower, self.upper
-        step = (hi - lo) * 0.1
-        x = x0.clone()
-        best_x, best_v = x.clone(), None
-        for it in range(steps):
-            if deadline is not None and time.perf_counter() > deadline:
-                break
-            if stop is not None and stop():
-                break
-            x.requires_grad_(True)
-            with torch.enable_grad():
-                vk = self.violation(f(x).reshape(x.shape[0], -1))
-                v = vk.min(1).values
-                grad, = torch.autograd.grad(v.sum(), x)
-            with torch.no_grad():
-                if best_v is None:
-                    best_v, best_x = v.detach().clone(), x.detach().clone()
-                better = v < best_v
-                best_v = torch.where(better, v.detach(), best_v)
-                best_x[better] = x.detach()[better]
-                if bool((best_v <= 0).any()):
-                    break
-                x = torch.maximum(torch.minimum(x.detach() - step * grad.sign(), hi), lo)
-                if it % 10 == 9:
-                    step = step * 0.5
+        var = Variable(project=lambda y: torch.maximum(torch.minimum(y, hi), lo),
+                       step=sign_step((hi - lo) * 0.1, halve_every=10))
+        run = projected_gradient(
+            lambda xs: self.violation(f(xs["x"]).reshape(xs["x"].shape[0], -1)).min(1).values,
+            {"x": var}, lambda r, gen: {"x": x0.clone()}, steps, maximize=False, seed=None,
+            early_stop=lambda best: bool((best <= 0).any()), deadline=deadline, stop=stop)
+        best_x = run.x["x"]
         with torch.no_grad():
             return best_x, self.violation(f(best_x).reshape(best_x.shape[0], -1))
 
