@@ -6,7 +6,8 @@ weights ``W: [B, M, K]``, ``pgd`` searches for each sample and objective
 
     x*[b, m] = argmax_{x in S_b}  W[b, m] · f(x)
 
-by gradient steps followed by a projection onto ``S_b``, and keeps the best iterate. It is a
+by gradient steps followed by a projection onto ``S_b``, and keeps the best iterate (the loop is
+the package's one PGD, ``verifier.projected_gradient``, re-exported here). It is a
 heuristic (a lower bound on the max), used to look for counterexamples and, in the tests, to
 confront certified bounds with points that push every bounded quantity to its extremes: maximize
 with ``W = C`` and minimize with ``W = -C``.
