@@ -6,7 +6,8 @@ weights ``W: [B, M, K]``, ``pgd`` searches for each sample and objective
 
     x*[b, m] = argmax_{x in S_b}  W[b, m] · f(x)
 
-by gradient steps followed by a projection onto ``S_b``, and keeps the best iterate. It is a
+by gradient steps followed by a projection onto ``S_b``, and keeps the best iterate (the loop is
+the package's one PGD, ``verifier.projected_gradient``, re-exported here). It is a
 heuristic (a lower bound on the max), used to look for counterexamples and, in the tests, to
 confront certified bounds with points that push every bounded quantity to its extremes: maximize
 with ``W = C`` and minimize with ``W = -C``.
@@ -32,6 +33,7 @@ import torch
 
 from .errors import PerturbationError
 from .perturbation import Box, LpBall, Perturbation
+from .projected_gradient import PGDRun, Variable, projected_gradient, sign_step  # noqa: F401
 
 _BISECT_ITERS = 60
 
@@ -209,22 +211,18 @@ def pgd(fn, perturbation: Perturbation, objective_weights: torch.Tensor, steps: 
         return (y * W).sum(-1)
 
     center = c.unsqueeze(1).expand(B, M, *shape)
-    best_x = center.clone()
     with torch.no_grad():
-        best_v = value(best_x)
-    for r in range(restarts):
-        x = center.clone() if r == 0 else _random_start(perturbation, c, lo, hi, norm, eps, M, gen)
-        for t in range(steps + 1):
-            with torch.enable_grad():
-                x = x.detach().requires_grad_(True)
-                v = value(x)
-                g = torch.autograd.grad(v.sum(), x)[0] if t < steps else None
-            with torch.no_grad():
-                ok = inside(perturbation, x) & torch.isfinite(v)
-                better = ok & (v > best_v)
-                bx = better.view(B, M, *([1] * len(shape)))
-                best_x = torch.where(bx, x.detach(), best_x)
-                best_v = torch.where(better, v.detach(), best_v)
-                if g is not None:
-                    x = project(perturbation, x.detach() + _step(g, norm, alpha, l1_sparsity))
-    return PGDResult(best_x, best_v)
+        v0 = value(center)
+    var = Variable(project=lambda y: project(perturbation, y),
+                   step=lambda g, t: _step(g, norm, alpha, l1_sparsity),
+                   inside=lambda x: inside(perturbation, x))
+
+    def start(r, gen):
+        if r == 0:
+            return {"x": center.clone()}
+        return {"x": _random_start(perturbation, c, lo, hi, norm, eps, M, gen)}
+
+    run = projected_gradient(lambda xs: value(xs["x"]), {"x": var}, start, steps,
+                             restarts=restarts, generator=gen, evaluate_last=True,
+                             best=({"x": center.clone()}, v0), finite_only=True)
+    return PGDResult(run.x["x"], run.value)

@@ -42,6 +42,7 @@ from ..graph.nodes import Graph
 from ..ops import RULES
 from ..perturbation import Perturbation
 from .crown import backward_bound, crown_bounds
+from .optimize import projected_optimize
 
 # elements of the A tensors of one chunk of rows in the intermediate optimization
 INTERMEDIATE_CHUNK = 2 ** 24
@@ -69,34 +70,11 @@ def _optimize(bound_fn, alphas, ranges, lo0, up0, iterations, lr, lr_decay, pati
     """Projected Adam steps on ``alphas`` against ``sum(upper) - sum(lower)`` of ``bound_fn()``;
     -> the best lower and upper bound of each row seen, never looser than ``lo0, up0``."""
     params = [p for pair in alphas.values() for p in pair]
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, lr_decay)
-    best_l, best_u = lo0.clone(), up0.clone()
-    stall, last = 0, None
-    with torch.enable_grad():
-        for _ in range(iterations):
-            if deadline is not None and time.perf_counter() > deadline:
-                break
-            lo, up = bound_fn()
-            best_l = torch.maximum(best_l, lo.detach())
-            best_u = torch.minimum(best_u, up.detach())
-            loss = up.sum() - lo.sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                for name, (al, au) in alphas.items():
-                    al.clamp_(*ranges[name])
-                    au.clamp_(*ranges[name])
-            value = float(loss.detach())
-            if last is not None and value > last - 1e-6 * (1 + abs(last)):
-                stall += 1
-                if stall >= patience:
-                    break
-            else:
-                stall = 0
-            last = value
+    ranges = [(p, *ranges[name]) for name, pair in alphas.items() for p in pair]
+    res = projected_optimize(bound_fn, params, lambda v, best: v[1].sum() - v[0].sum(),
+                             (lo0, up0), ("max", "min"), iterations, project=ranges, lr=lr,
+                             lr_decay=lr_decay, patience=patience, deadline=deadline)
+    best_l, best_u = res.best
     with torch.no_grad():  # the slopes after the last step
         lo, up = bound_fn()
     return torch.maximum(best_l, lo), torch.minimum(best_u, up)

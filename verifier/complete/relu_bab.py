@@ -34,7 +34,9 @@ import torch
 
 from ..bound_types import Interval
 from ..bounds.crown import backward_bound, refine_node
+from ..bounds.optimize import projected_optimize
 from ..perturbation import Box
+from ..projected_gradient import Variable, projected_gradient, sign_step
 
 log = logging.getLogger(__name__)
 
@@ -155,35 +157,20 @@ class SplitProblem:
                                   record=record)[0]
 
         best = torch.full((n, S), -torch.inf, dtype=dt)
-        params = [v[0] for v in alphas.values()] + [b for _, b in betas.values()]
-        if params and iterations > 0:
+        if (alphas or betas) and iterations > 0:
             groups = []
             if alphas:
                 groups.append({"params": [v[0] for v in alphas.values()], "lr": lr_alpha})
             if betas:
                 groups.append({"params": [b for _, b in betas.values()], "lr": lr_beta})
-            opt = torch.optim.Adam(groups)
-            with torch.enable_grad():
-                for _ in range(iterations):
-                    if deadline is not None and time.perf_counter() > deadline:
-                        break
-                    if stop is not None and stop():
-                        break
-                    low = run()
-                    best = torch.maximum(best, low.detach())
-                    m = best - self.d
-                    if bool((self.conj_margin(m) > 0).all(1).all()):
-                        break
-                    # rows already refuted do not pull on the shared parameters
-                    loss = -(low * (m <= 0)).sum()
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    with torch.no_grad():
-                        for r, (al, a) in alphas.items():
-                            al.clamp_(a, 1.0)
-                        for _, b in betas.values():
-                            b.clamp_(min=0)
+            ranges = [(al, a, 1.0) for al, a in alphas.values()] + \
+                     [(b, 0, None) for _, b in betas.values()]
+            # rows already refuted do not pull on the shared parameters
+            best, = projected_optimize(
+                lambda: (run(),), groups, lambda v, b: -(v[0] * (b[0] - self.d <= 0)).sum(),
+                (best,), ("max",), iterations, project=ranges, deadline=deadline, stop=stop,
+                early_stop=lambda b: bool((self.conj_margin(b[0] - self.d) > 0).all(1).all())
+            ).best
         record = {r: None for r in self.relus}
         record[model.input] = None
         with torch.no_grad():
@@ -244,30 +231,13 @@ class SplitProblem:
         (``[n, *in_shape]``), inside the box. -> (x, violation [n, K]) of the best points."""
         f = self.model.graph_forward
         lo, hi = self.lower, self.upper
-        step = (hi - lo) * 0.1
-        x = x0.clone()
-        best_x, best_v = x.clone(), None
-        for it in range(steps):
-            if deadline is not None and time.perf_counter() > deadline:
-                break
-            if stop is not None and stop():
-                break
-            x.requires_grad_(True)
-            with torch.enable_grad():
-                vk = self.violation(f(x).reshape(x.shape[0], -1))
-                v = vk.min(1).values
-                grad, = torch.autograd.grad(v.sum(), x)
-            with torch.no_grad():
-                if best_v is None:
-                    best_v, best_x = v.detach().clone(), x.detach().clone()
-                better = v < best_v
-                best_v = torch.where(better, v.detach(), best_v)
-                best_x[better] = x.detach()[better]
-                if bool((best_v <= 0).any()):
-                    break
-                x = torch.maximum(torch.minimum(x.detach() - step * grad.sign(), hi), lo)
-                if it % 10 == 9:
-                    step = step * 0.5
+        var = Variable(project=lambda y: torch.maximum(torch.minimum(y, hi), lo),
+                       step=sign_step((hi - lo) * 0.1, halve_every=10))
+        run = projected_gradient(
+            lambda xs: self.violation(f(xs["x"]).reshape(xs["x"].shape[0], -1)).min(1).values,
+            {"x": var}, lambda r, gen: {"x": x0.clone()}, steps, maximize=False, seed=None,
+            early_stop=lambda best: bool((best <= 0).any()), deadline=deadline, stop=stop)
+        best_x = run.x["x"]
         with torch.no_grad():
             return best_x, self.violation(f(best_x).reshape(best_x.shape[0], -1))
 

@@ -1,13 +1,16 @@
 """A PGD attack on a VNN-LIB property: look for x in a box with ``C f(x) <= d``.
 
 For each conjunction ``C y <= d`` it minimizes the violation ``max_r (C_r f(x) - d_r)`` over the
-box by signed-gradient steps from random starts (and the box center), projecting by clamping.
+box by signed-gradient steps from random starts (and the box center), projecting by clamping
+(``verifier.projected_gradient``; the step, a quarter of the box width, halves every 10 steps).
 A point whose violation is <= 0 is a candidate counterexample; the caller replays it on the
 original model before calling it one.
 """
 from __future__ import annotations
 
 import torch
+
+from ..projected_gradient import Variable, projected_gradient, sign_step
 
 
 def spec_attack(f, lower: torch.Tensor, upper: torch.Tensor, Cs: list[torch.Tensor],
@@ -18,15 +21,10 @@ def spec_attack(f, lower: torch.Tensor, upper: torch.Tensor, Cs: list[torch.Tens
     ``f``: [N, *in_shape] -> [N, n_out]; ``lower, upper``: [*in_shape];
     ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]`` for each conjunction k.
     """
-    import time
     g = torch.Generator().manual_seed(seed)
     K = len(Cs)
     R = max(1, restarts)
     width = (upper - lower)
-    # starts: the center plus uniform points, for every conjunction
-    u = torch.rand((K, R, *lower.shape), generator=g, dtype=lower.dtype)
-    u[:, 0] = 0.5
-    x = (lower + u * width).reshape(K * R, *lower.shape)
     rows = max(c.shape[0] for c in Cs)
     n_out = Cs[0].shape[1]
     C = torch.zeros(K, rows, n_out, dtype=lower.dtype)
@@ -38,31 +36,24 @@ def spec_attack(f, lower: torch.Tensor, upper: torch.Tensor, Cs: list[torch.Tens
     C = C.repeat_interleave(R, 0)
     d0 = torch.where(mask, d, torch.zeros_like(d)).repeat_interleave(R, 0)
     m = mask.repeat_interleave(R, 0)
-    best_v = torch.full((K * R,), torch.inf, dtype=lower.dtype)
-    best_x = x.clone()
-    step = (width * 0.25).expand_as(x).clone()
-    lo, hi = lower.expand_as(x), upper.expand_as(x)
+
+    def start(r, gen):
+        # the center plus uniform points of the box, for every conjunction
+        u = torch.rand((K, R, *lower.shape), generator=gen, dtype=lower.dtype)
+        u[:, 0] = 0.5
+        return {"x": (lower + u * width).reshape(K * R, *lower.shape)}
 
     def violation(xx):
         y = f(xx).reshape(xx.shape[0], -1)
         v = torch.einsum("nrk,nk->nr", C, y) - d0
         return torch.where(m, v, torch.full_like(v, -torch.inf)).max(dim=1).values
 
-    for it in range(steps):
-        if deadline is not None and time.perf_counter() > deadline:
-            break
-        x.requires_grad_(True)
-        v = violation(x)
-        grad, = torch.autograd.grad(v.sum(), x)
-        with torch.no_grad():
-            better = v < best_v
-            best_v = torch.where(better, v.detach(), best_v)
-            best_x[better] = x.detach()[better]
-            if bool((best_v <= 0).any()):
-                break
-            x = torch.maximum(torch.minimum(x.detach() - step * grad.sign(), hi), lo)
-            if it % 10 == 9:
-                step = step * 0.5
+    var = Variable(project=lambda y: torch.maximum(torch.minimum(y, upper), lower),
+                   step=sign_step(width * 0.25, halve_every=10))
+    run = projected_gradient(lambda xs: violation(xs["x"]), {"x": var}, start, steps,
+                             maximize=False, generator=g, deadline=deadline,
+                             early_stop=lambda best: bool((best <= 0).any()))
+    best_x = run.x["x"]
     with torch.no_grad():
         v = violation(best_x)
     i = int(torch.argmin(v))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..api import BoundedModel, margin_spec
 from ..ops import RULES
 from ..perturbation import LpBall
+from ..projected_gradient import Variable, projected_gradient, sign_step
 
 
 def robust_ce(margin_lower: torch.Tensor) -> torch.Tensor:
@@ -84,13 +85,13 @@ def pgd_ce(net, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, genera
     if eps <= 0 or steps <= 0:
         return x
     lo, hi = (x - eps).clamp(*clip), (x + eps).clamp(*clip)
-    noise = torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1
-    xa = (x + eps * noise).clamp(lo, hi)
-    alpha = 2.5 * eps / steps
-    for _ in range(steps):
-        xa = xa.detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss = F.cross_entropy(net(xa), y)
-            (g,) = torch.autograd.grad(loss, xa)
-        xa = torch.min(torch.max(xa + alpha * g.sign(), lo), hi)
-    return xa.detach()
+
+    def start(r, gen):
+        noise = torch.rand(x.shape, generator=gen, dtype=x.dtype) * 2 - 1
+        return {"x": (x + eps * noise).clamp(lo, hi)}
+
+    var = Variable(project=lambda z: torch.min(torch.max(z, lo), hi),
+                   step=sign_step(2.5 * eps / steps))
+    run = projected_gradient(lambda xs: F.cross_entropy(net(xs["x"]), y), {"x": var}, start,
+                             steps, seed=None, generator=generator, keep_best=False)
+    return run.x["x"].detach()
