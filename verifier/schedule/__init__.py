@@ -2,8 +2,8 @@
 
 * ``make_scheduler(workers, address)`` -> a ``Scheduler`` for independent tasks (``verifier
   batch``): ``InProcessScheduler`` or ``RayScheduler``;
-* ``RayDomainPool`` (``ray_bab.py``): Ray actors that bound batches of input-split branch and
-  bound domains for ``verify(..., expander=...)``;
+* ``RayDomainPool`` (``ray_bab.py``): Ray actors that expand batches of branch and bound
+  domains (input or ReLU splits) for ``verify(..., expander=...)``;
 * ``ResultsFile``: the resumable results CSV of ``verifier batch``.
 
 Ray is imported only inside the Ray implementations; nothing in the core imports this package.
