@@ -8,8 +8,8 @@ first clipped to the part where the output pass's linear lower bounds still allo
 counterexample (``_clip_boxes``: every point cut away is refuted by those bounds), then split
 in two at the midpoint of one input (``_branch_dims``), so the domains always cover every
 counterexample the box may hold: when none is left open the property holds (``unsat``). The
-domains waiting form a best-first frontier (``frontier.BestFirstFrontier``: the lowest parent margin first,
-depth first while it holds more than ``FRONTIER_MEMORY`` bytes). A child
+domains waiting form a best-first frontier (``frontier.BestFirstFrontier``: the lowest parent
+margin first, depth first while it holds more than ``FRONTIER_MEMORY`` bytes). A child
 starts from its parent's intermediate bounds (sound over the parent's box, hence over the
 child's), intersected with its own: neurons stable in the parent are never bounded again, and
 CROWN bounds each domain's own unstable neurons. Each round also evaluates the model at the open

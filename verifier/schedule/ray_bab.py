@@ -13,12 +13,13 @@ Times cross processes as durations (remaining seconds), never as clock values.
 Stopping: when the coordinator returns (a candidate, the deadline, an error) it calls
 ``cancel``: no batch is handed out any more, and every batch out is cancelled with
 ``ray.cancel``: one not yet started never runs; one running sees Ray's cancellation flag
-(``is_canceled``, passed to ``Prepared.expand`` as ``stop``), which the ReLU-split expansion polls between optimization steps and PGD
-steps, so it ends within one step; its result is dropped. (Stopping early only skips
-optimization steps and attacks, never a child: a stopped expansion is still sound.) The
-input-split expansion does not poll it: its batch is one CROWN pass, its attacks stop at the
-deadline it was given. An actor that dies is restarted once by Ray and its batch run again (an
-expansion depends only on its input); a second death is an error, never a closed domain.
+(``is_canceled``, passed to ``Prepared.expand`` as ``stop``), which the ReLU-split expansion
+polls between optimization steps and PGD steps, so it ends within one step; its result is
+dropped. (Stopping early only skips optimization steps and attacks, never a child: a stopped
+expansion is still sound.) The input-split expansion does not poll it: its batch is one CROWN
+pass, its attacks stop at the deadline it was given. An actor that dies is restarted once by Ray
+and its batch run again (an expansion depends only on its input); a second death is an error,
+never a closed domain.
 """
 from __future__ import annotations
 
