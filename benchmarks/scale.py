@@ -85,7 +85,7 @@ def _open_conjunctions(m, lo, hi, Cs, ds):
 def run_bab(onnx, vnnlib, timeout, workers, relu=False):
     from verifier.complete.input_bab import input_split_bab
     from verifier.complete.relu_bab import relu_split_bab
-    from verifier.schedule import RayDomainPool
+    from verifier.schedule.ray_bab import RayDomainPool
     m, lo, hi, Cs, ds = _region(onnx, vnnlib)
     kind = "ReLU-split" if relu else "input-split"
     if relu:

@@ -9,7 +9,9 @@ import torch
 import torch.nn as nn
 
 from verifier import BoundedModel
-from verifier.complete.input_bab import LocalExpander, _Frontier, expand_domains, input_split_bab
+from verifier.complete.bab import LocalExpander
+from verifier.complete.frontier import BestFirstFrontier
+from verifier.complete.input_bab import input_split_bab
 
 
 def _part(ids, keys, width=3):
@@ -24,7 +26,7 @@ def test_pop_hands_out_the_lowest_keys_waiting(seed):
     g = torch.Generator().manual_seed(seed)
     waiting = {}                                   # id -> key: the reference, kept by hand
     first = _part([0], [-float("inf")])
-    f = _Frontier(first)
+    f = BestFirstFrontier(first)
     waiting[0] = -float("inf")
     next_id = 1
     for step in range(40):
@@ -58,7 +60,7 @@ def test_pop_hands_out_the_lowest_keys_waiting(seed):
 
 
 def test_lowest_is_the_lowest_key_waiting():
-    f = _Frontier(_part([0, 1], [0.5, 0.25]))
+    f = BestFirstFrontier(_part([0, 1], [0.5, 0.25]))
     f.push(_part([2, 3, 4], [0.75, -1.0, 2.0]))
     assert f.lowest() == -1.0
     assert f.pop(1)["id"].tolist() == [3]
@@ -66,7 +68,7 @@ def test_lowest_is_the_lowest_key_waiting():
 
 
 def test_above_the_memory_cap_the_newest_domains_go_first():
-    f = _Frontier(_part(range(10), [-5.0] * 10), max_bytes=0)   # always above the cap
+    f = BestFirstFrontier(_part(range(10), [-5.0] * 10), max_bytes=0)   # always above the cap
     f.push(_part(range(10, 20), [9.0] * 10))
     got = f.pop(4)["id"].tolist()
     assert set(got) <= set(range(10, 20))        # the newest part, though its keys are higher
@@ -79,7 +81,7 @@ def test_above_the_memory_cap_the_newest_domains_go_first():
 
 
 def test_a_mostly_handed_out_part_is_compacted():
-    f = _Frontier(_part(range(1000), torch.arange(1000.0)))
+    f = BestFirstFrontier(_part(range(1000), torch.arange(1000.0)))
     full = f.bytes
     f.pop(900)
     assert len(f) == 100 and f.bytes <= full // 4
@@ -88,7 +90,7 @@ def test_a_mostly_handed_out_part_is_compacted():
 
 
 def test_children_without_their_keys_are_an_error():
-    f = _Frontier(_part([0], [0.0]))
+    f = BestFirstFrontier(_part([0], [0.0]))
     with pytest.raises(ValueError, match="no 'key'"):
         f.push({"lo": torch.zeros(2, 3), "hi": torch.ones(2, 3)})
 
@@ -103,7 +105,7 @@ class _Recorder(LocalExpander):
     def collect(self, deadline):
         job, self._job = self._job, None
         self.events.append(("out", job[0]["lo"].clone(), job[0]["hi"].clone()))
-        e = expand_domains(self.model, self._pr, *job)
+        e = self.prepared.expand(*job)
         if e.children is not None:
             c = e.children
             self.events.append(("in", c["lo"].clone(), c["hi"].clone(), c["key"].clone()))

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from verifier import BoundedModel
 from verifier.complete import verify
-from verifier.complete.relu_bab import SplitProblem, relu_split_bab
+from verifier.complete.relu_bab import ReluPrepared, relu_split_bab
 
 N_IN = 20
 
@@ -92,7 +92,7 @@ def test_every_subdomain_bound_holds_on_its_points(seed):
     net = _net(seed, hidden=(12, 12, 12), n_in=6)
     bm = BoundedModel(net, input_shape=(6,))
     lo, hi = _box(6, r=1.0)
-    P = SplitProblem(bm, lo, hi, [torch.tensor([[1.0]])], [torch.tensor([0.0])])
+    P = ReluPrepared(bm, lo, hi, [torch.tensor([[1.0]])], [torch.tensor([0.0])])
     n = 24
     d_lo, d_up, sg = _random_splits(P, net, n, seed)
     res = P.bound(d_lo, d_up, sg, first_split=0, iterations=15)
@@ -126,7 +126,7 @@ def test_beta_only_tightens_and_sometimes_does():
         net = _net(seed, hidden=(16, 16))
         bm = BoundedModel(net, input_shape=(N_IN,))
         lo, hi = _box()
-        P = SplitProblem(bm, lo, hi, [torch.tensor([[1.0]])], [torch.tensor([0.0])])
+        P = ReluPrepared(bm, lo, hi, [torch.tensor([[1.0]])], [torch.tensor([0.0])])
         d_lo, d_up, sg = _random_splits(P, net, 16, seed + 10)
         # fixed slopes, so that beta is the only difference; no refinement of later layers, so
         # that the splits act only through beta and the clamped bounds

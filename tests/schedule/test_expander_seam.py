@@ -1,4 +1,4 @@
-"""The seam between branch and bound's coordinators (input and ReLU splits) and where batches
+"""The seam between branch and bound's coordinator (input and ReLU splits) and where batches
 are bounded (no Ray needed): several batches in flight, coming back in any order, give the same
 verdicts; every domain is still bounded before unsat; a failing expander is an error, never a
 verdict; the default expander bounds exactly the domains it did before the seam."""
@@ -11,14 +11,14 @@ import torch.nn as nn
 from support import least_output
 
 from verifier import BoundedModel
-from verifier.complete.input_bab import LocalExpander, expand_domains, input_split_bab
-from verifier.complete.relu_bab import LocalReluExpander, expand_relu_domains, relu_split_bab
+from verifier.complete.bab import LocalExpander
+from verifier.complete.input_bab import input_split_bab
+from verifier.complete.relu_bab import relu_split_bab
 
 
 class _Shuffled:
     """Up to ``slots`` batches in flight, each collected in a random order (as workers of
-    different speeds would return them); counts the domains it bounded. ``_expand(job)``: the
-    expansion of one batch."""
+    different speeds would return them); counts the domains it bounded."""
 
     def __init__(self, model, slots, seed=0):
         super().__init__(model)
@@ -28,7 +28,7 @@ class _Shuffled:
         self.jobs.append((cur, seed, deadline, attack_after))
 
     def collect(self, deadline):
-        e = self._expand(self.jobs.pop(self.rng.randrange(len(self.jobs))))
+        e = self.prepared.expand(*self.jobs.pop(self.rng.randrange(len(self.jobs))))
         self.bounded += e.bounded
         return e
 
@@ -38,8 +38,7 @@ class _Shuffled:
 
 
 class ShuffledExpander(_Shuffled, LocalExpander):
-    def _expand(self, job):
-        return expand_domains(self.model, self._pr, *job)
+    """Input-split or ReLU-split batches in flight, collected in a random order."""
 
 
 class Broken(LocalExpander):
@@ -98,13 +97,6 @@ def test_default_expander_bounds_the_same_domains_as_an_explicit_local_one():
 
 # -- the same seam in ReLU-split branch and bound --------------------------------------------
 
-class ShuffledReluExpander(_Shuffled, LocalReluExpander):
-    """ReLU-split batches in flight, collected in a random order."""
-
-    def _expand(self, job):
-        return expand_relu_domains(self._P, *job, iterations=self._iterations)
-
-
 def _relu_problem(seed):
     """A 20-input ReLU net (input splitting would not do), its box, and the least output found
     by sampling and PGD (an upper estimate of the true minimum)."""
@@ -123,7 +115,7 @@ def test_relu_batches_in_flight_in_any_order_give_the_same_verdicts(seed):
     for d in (m - 0.03, m + 0.01):
         args = (bm, lo, hi, C, [torch.tensor([d])])
         ref = relu_split_bab(*args, time.perf_counter() + 30, batch=8)
-        ex = ShuffledReluExpander(bm, slots=3, seed=seed)
+        ex = ShuffledExpander(bm, slots=3, seed=seed)
         got = relu_split_bab(*args, time.perf_counter() + 30, batch=8, expander=ex)
         assert got.domains == ex.bounded + 1          # the root is bounded by the coordinator
         if d > m:      # a sampled point violates it: never unsat, in any order
@@ -136,7 +128,7 @@ def test_relu_batches_in_flight_in_any_order_give_the_same_verdicts(seed):
                 assert float(net(got.x.reshape(1, 20))) <= d + 1e-5
 
 
-class BrokenRelu(LocalReluExpander):
+class BrokenRelu(LocalExpander):
     def collect(self, deadline):
         raise RuntimeError("worker lost")
 
@@ -152,6 +144,6 @@ def test_default_relu_expander_bounds_the_same_domains_as_an_explicit_local_one(
     _, bm, lo, hi, m = _relu_problem(2)
     args = (bm, lo, hi, [torch.tensor([[1.0]])], [torch.tensor([m - 0.03])])
     a = relu_split_bab(*args, time.perf_counter() + 30, batch=8)
-    b = relu_split_bab(*args, time.perf_counter() + 30, batch=8, expander=LocalReluExpander(bm))
+    b = relu_split_bab(*args, time.perf_counter() + 30, batch=8, expander=LocalExpander(bm))
     assert a.status == b.status == "unsat"
     assert (a.domains, a.rounds, a.worst) == (b.domains, b.rounds, b.worst)

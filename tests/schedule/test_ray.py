@@ -161,7 +161,7 @@ def test_ray_domain_pool_gives_the_in_process_verdicts(local_ray):
     replayed counterexample): with 2 actors the verdicts are the in-process ones."""
     net = "1_2"
     from verifier.complete import verify
-    from verifier.schedule import RayDomainPool
+    from verifier.schedule.ray_bab import RayDomainPool
     exp = expected(ACAS_SAMPLE)
     with RayDomainPool(_acas(net, "prop_2")[0], actors=2) as pool:
         for prop in ("prop_2", "prop_3", "prop_4"):
@@ -178,7 +178,7 @@ def test_ray_domain_pool_gives_the_in_process_verdicts(local_ray):
 def pool_1_1(local_ray):
     """2 actors holding ACAS Xu 1_1 (shared by the next two tests; the kill test comes last:
     it spends the actors' one restart)."""
-    from verifier.schedule import RayDomainPool
+    from verifier.schedule.ray_bab import RayDomainPool
     with RayDomainPool(_acas("1_1", "prop_3")[0], actors=2) as pool:
         yield pool
 
@@ -207,7 +207,8 @@ def test_ray_domain_pool_stops_at_the_deadline_and_serves_the_next_run(pool_1_1)
 
 def test_ray_domain_pool_actor_killed_mid_batch_is_restarted_and_the_batch_rerun(pool_1_1):
     from verifier.api import BoundedModel
-    from verifier.complete.input_bab import LocalExpander, SplitProblem
+    from verifier.complete.bab import LocalExpander
+    from verifier.complete.input_bab import InputProblem
     from verifier.spec.vnnlib import read_vnnlib
     onnx, vnnlib = _acas("1_1", "prop_3")
     m = BoundedModel.from_onnx(onnx)
@@ -220,7 +221,7 @@ def test_ray_domain_pool_actor_killed_mid_batch_is_restarted_and_the_batch_rerun
     blo[:, 0] = lo[0] + cuts[:-1] * (hi[0] - lo[0])
     bhi[:, 0] = lo[0] + cuts[1:] * (hi[0] - lo[0])
     blo, bhi = blo.reshape(64, *m.input_shape), bhi.reshape(64, *m.input_shape)
-    prob = SplitProblem([torch.as_tensor(c.C, dtype=torch.float32) for c in r.disjuncts],
+    prob = InputProblem([torch.as_tensor(c.C, dtype=torch.float32) for c in r.disjuncts],
                         [torch.as_tensor(c.d, dtype=torch.float32) for c in r.disjuncts],
                         (hi - lo).flatten(), "crown")
     far = time.perf_counter() + 600
@@ -279,7 +280,7 @@ def relu_case(tmp_path_factory):
 @pytest.fixture(scope="module")
 def relu_pool(local_ray, relu_case):
     """2 actors holding the ReLU net (the kill test comes last: it spends their restarts)."""
-    from verifier.schedule import RayDomainPool
+    from verifier.schedule.ray_bab import RayDomainPool
     with RayDomainPool(relu_case[0], actors=2) as pool:
         yield pool
 
@@ -297,8 +298,8 @@ def test_ray_domain_pool_gives_the_in_process_relu_split_verdicts(relu_case, rel
 
 def _expand_locally(model, prob, cur, far):
     """The batch ``cur`` expanded in this process (what an actor must reproduce)."""
-    from verifier.complete.relu_bab import LocalReluExpander
-    local = LocalReluExpander(model)
+    from verifier.complete.bab import LocalExpander
+    local = LocalExpander(model)
     local.start(prob)
     local.submit(cur, 1, far, far)
     return local.collect(far)
@@ -307,13 +308,13 @@ def _expand_locally(model, prob, cur, far):
 def _relu_root_batch(onnx, vnnlib, iterations):
     """The model, a ReluProblem of the property, and its root as a batch of one parent."""
     from verifier.api import BoundedModel
-    from verifier.complete.relu_bab import ReluProblem, SplitProblem
+    from verifier.complete.relu_bab import ReluPrepared, ReluProblem
     from verifier.spec.vnnlib import read_vnnlib
     m = BoundedModel.from_onnx(onnx)
     r = read_vnnlib(vnnlib).regions[0]
     lo = torch.as_tensor(r.lower, dtype=torch.float32).reshape(m.input_shape)
     hi = torch.as_tensor(r.upper, dtype=torch.float32).reshape(m.input_shape)
-    P = SplitProblem(m, lo, hi, [torch.as_tensor(c.C, dtype=torch.float32) for c in r.disjuncts],
+    P = ReluPrepared(m, lo, hi, [torch.as_tensor(c.C, dtype=torch.float32) for c in r.disjuncts],
                      [torch.as_tensor(c.d, dtype=torch.float32) for c in r.disjuncts])
     lo_, up_, sg = P.root_domain()
     res = P.bound(lo_, up_, sg, first_split=len(P.relus), iterations=2)

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from ..schedule import RayDomainPool, ResultsFile, make_scheduler
+from ..schedule import ResultsFile, make_scheduler
 from ..schedule.results import key
 from .util import EXIT_OK, CliError, nonneg_int, positive_int
 
@@ -99,6 +99,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
     import torch
 
     from ..complete import verify
+    from ..schedule.ray_bab import RayDomainPool
     torch.set_num_threads(a.threads)
     progress = _progress_line if (a.progress or sys.stderr.isatty()) else None
     if a.workers > 1 or a.ray_address:

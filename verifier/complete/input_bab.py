@@ -1,4 +1,5 @@
-"""Branch and bound by input splitting, for low-dimensional inputs (ACAS Xu has 5).
+"""The input-split strategy of branch and bound (``bab.py``), for low-dimensional inputs
+(ACAS Xu has 5).
 
 A domain is a sub-box of the region's box. Every domain is bounded with CROWN (in batches); a
 conjunction ``C y <= d`` is refuted on a domain when some row has ``lower(C_r y) > d_r``, and
@@ -7,8 +8,8 @@ first clipped to the part where the output pass's linear lower bounds still allo
 counterexample (``_clip_boxes``: every point cut away is refuted by those bounds), then split
 in two at the midpoint of one input (``_branch_dims``), so the domains always cover every
 counterexample the box may hold: when none is left open the property holds (``unsat``). The
-domains waiting form a best-first frontier (``_Frontier``: the lowest parent margin first,
-depth first while it holds more than ``FRONTIER_MEMORY`` bytes). A child
+domains waiting form a best-first frontier (``frontier.BestFirstFrontier``: the lowest parent
+margin first, depth first while it holds more than ``FRONTIER_MEMORY`` bytes). A child
 starts from its parent's intermediate bounds (sound over the parent's box, hence over the
 child's), intersected with its own: neurons stable in the parent are never bounded again, and
 CROWN bounds each domain's own unstable neurons. Each round also evaluates the model at the open
@@ -18,7 +19,6 @@ model).
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -26,11 +26,13 @@ import torch
 
 from ..bound_types import Interval
 from ..bounds.crown import crown
+from ..bounds.forward import evaluate
 from ..ops import RULES
 from ..perturbation import Box, round_down, round_up
-from ..bounds.forward import evaluate
-
-log = logging.getLogger(__name__)
+from .bab import (BabResult, DomainBatch, Expansion, LocalExpander, Prepared, Problem,
+                  branch_and_bound, time_share)
+from .frontier import FRONTIER_MEMORY, BestFirstFrontier
+from .spec_attack import spec_attack
 
 
 class _RecordingBox(Box):
@@ -197,145 +199,13 @@ def _prior_nodes(graph) -> list[str]:
             and any(RULES[c.op].needs_bounds for c in graph.consumers(n.name))]
 
 
-# bytes of waiting domains above which the frontier hands out its newest domains first
-FRONTIER_MEMORY = 2 ** 30
-
-
-class _Frontier:
-    """Domains waiting to be bounded, each with a ``key``: its parent's margin on its most open
-    conjunction (lower is more open; children of one parent share it). Held as the batches of
-    children pushed (dicts of tensors with the same leading size), never copied when more is
-    pushed; each keeps its keys sorted and the order of its rows by key.
-
-    ``pop(k)`` is best first: the ``k`` lowest keys of all parts (ties: the older part first).
-    Best first can hold far more domains than depth first, so while the parts take more than
-    ``max_bytes``, ``pop`` hands out the newest part's domains instead (depth first, as a
-    stack: then each round adds at most one batch, and the subtrees being closed are the
-    newest). ``bytes`` counts the parts' whole blocks; a part three quarters handed out is
-    compacted (its rows left are copied), so the blocks hold at most four times the bytes of
-    the domains waiting. Which domains get bounded never depends on the order (a domain's
-    expansion depends only on itself); the order decides how soon a counterexample turns up
-    and how much memory waits."""
-
-    def __init__(self, first: dict, max_bytes: int = FRONTIER_MEMORY):
-        # per part: its tensors, its keys left (sorted), their rows, its rows in all, row bytes
-        self.parts, self.keys, self.rows, self.size, self.row_bytes = [], [], [], [], []
-        self.n = self.bytes = 0
-        self.max_bytes = max_bytes
-        self.push(first)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def push(self, part: dict) -> None:
-        """``part``: a batch with a ``key: [m]`` entry (taken out and kept beside it)."""
-        part = dict(part)
-        if "key" not in part:
-            raise ValueError("a batch of children has no 'key' (its parents' margins): "
-                             "the expander must return expand_domains' children")
-        key = torch.nan_to_num(part.pop("key"), nan=-torch.inf)
-        m = key.shape[0]
-        if m == 0:
-            return
-        key, rows = torch.sort(key, stable=True)
-        row = sum(v[0].numel() * v.element_size() for v in part.values()) + key.element_size()
-        for lst, v in ((self.parts, part), (self.keys, key), (self.rows, rows),
-                       (self.size, m), (self.row_bytes, row)):
-            lst.append(v)
-        self.n += m
-        self.bytes += m * row
-
-    def lowest(self) -> float:
-        """The lowest key waiting (inf when empty)."""
-        return min((float(k[0]) for k in self.keys), default=float("inf"))
-
-    def _counts(self, k: int) -> dict:
-        """How many domains to take from each part (the first of its sorted rows)."""
-        if self.bytes > self.max_bytes:       # depth first: the newest parts
-            counts, size = {}, 0
-            for i in reversed(range(len(self.parts))):
-                if size >= k:
-                    break
-                counts[i] = min(self.keys[i].shape[0], k - size)
-                size += counts[i]
-            return counts
-        heads = [key[:k] for key in self.keys]
-        sizes = [h.shape[0] for h in heads]
-        if sum(sizes) <= k:
-            return dict(enumerate(sizes))
-        # each part is sorted, so the k lowest keys are prefixes of the parts: all keys below
-        # the k-th lowest, then the keys equal to it, older parts first
-        t = torch.kthvalue(torch.cat(heads), k).values
-        counts, need = {}, k
-        below = [int(torch.searchsorted(h, t)) for h in heads]
-        need -= sum(below)
-        for i, h in enumerate(heads):
-            extra = min(int(torch.searchsorted(h, t, right=True)) - below[i], need)
-            need -= extra
-            if below[i] + extra:
-                counts[i] = below[i] + extra
-        return counts
-
-    def pop(self, k: int) -> dict:
-        """Up to ``k`` domains: the lowest keys (best first), or, above ``max_bytes``, the
-        newest part's (depth first). Their order within the batch is not the keys' order."""
-        if not self.n or k < 1:
-            raise IndexError(f"pop({k}) from a frontier of {self.n} domains")
-        counts = self._counts(k)
-        names = [name for name in self.parts[next(iter(counts))]
-                 if all(name in self.parts[i] for i in counts)]
-        whole = [i for i, c in counts.items() if c == self.size[i]]   # untouched parts
-        if len(counts) == 1 and whole:
-            i = whole[0]
-            out = {name: self.parts[i][name] for name in names}
-        else:
-            total = sum(counts.values())
-            first = self.parts[next(iter(counts))]
-            out = {name: torch.empty(total, *first[name].shape[1:], dtype=first[name].dtype)
-                   for name in names}
-            at = 0
-            for i, c in counts.items():
-                sel = self.rows[i][:c]
-                for name in names:
-                    torch.index_select(self.parts[i][name], 0, sel, out=out[name][at:at + c])
-                at += c
-        for i, c in counts.items():
-            self.keys[i], self.rows[i] = self.keys[i][c:], self.rows[i][c:]
-            self.n -= c
-            left = self.keys[i].shape[0]
-            if left and 4 * left < self.size[i]:
-                # the rest is a small share of a big block: copy it, so the block can go
-                self.parts[i] = {name: v.index_select(0, self.rows[i])
-                                 for name, v in self.parts[i].items()}
-                self.rows[i] = torch.arange(left)
-                self.bytes -= (self.size[i] - left) * self.row_bytes[i]
-                self.size[i] = left
-            elif not left:
-                self.bytes -= self.size[i] * self.row_bytes[i]
-        keep = [i for i, key in enumerate(self.keys) if key.shape[0]]
-        if len(keep) < len(self.keys):
-            for lst in (self.parts, self.keys, self.rows, self.size, self.row_bytes):
-                lst[:] = [lst[i] for i in keep]
-        return out
-
-
 # the most of branch and bound's time spent on PGD attacks from open domains
 ATTACK_SHARE = 0.05
 
 
 @dataclass
-class BabResult:
-    status: str                 # "unsat", "candidate", "timeout"
-    x: torch.Tensor | None = None
-    disjunct: int | None = None
-    domains: int = 0            # domains bounded in all
-    rounds: int = 0
-    worst: float = float("nan")  # the worst (lowest) refutation margin still open
-
-
-@dataclass
-class SplitProblem:
-    """What every batch of one branch and bound run shares (cheap to send to a worker):
+class InputProblem(Problem):
+    """What every batch of one input-split run shares (cheap to send to a worker):
     ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]``, ``scale: [n_in]`` the region's widths."""
     Cs: list
     ds: list
@@ -343,25 +213,16 @@ class SplitProblem:
     method: str = "crown"
     clip: bool = True           # shrink open boxes by their linear bounds (``_clip_boxes``)
 
-
-@dataclass
-class Expansion:
-    """One batch of domains bounded and split: ``bounded`` domains bounded, ``open`` of them
-    not refuted (``worst`` their lowest margin), ``children`` their two halves each (a batch
-    for the queue, None when all closed), or a ``candidate`` ``(x, disjunct)`` to replay."""
-    bounded: int = 0
-    open: int = 0
-    worst: float = float("nan")
-    children: dict | None = None
-    candidate: tuple | None = None
-    attack_s: float = 0.0
+    def prepare(self, model) -> InputPrepared:
+        return InputPrepared(model, self)
 
 
-class Prepared:
-    """A SplitProblem's tensors in the box's dtype, and the graph's nodes it needs."""
+class InputPrepared(Prepared):
+    """An InputProblem's tensors in the box's dtype, and the graph's nodes it needs."""
 
-    def __init__(self, model, p: SplitProblem):
+    def __init__(self, model, p: InputProblem):
         dt = p.scale.dtype
+        self.model = model
         self.Cs, self.ds, self.scale, self.method = p.Cs, p.ds, p.scale, p.method
         self.C_all = torch.cat([c.to(dt) for c in p.Cs])                 # [R, n_out]
         self.d_all = torch.cat([d.to(dt) for d in p.ds])                 # [R]
@@ -371,14 +232,21 @@ class Prepared:
         self.relus = [n.name for n in model.graph if n.op != "input" and RULES[n.op].sign_only]
         self.clip = p.clip
 
+    def expand(self, batch: DomainBatch, seed: int, deadline: float, attack_after: float,
+               stop=None) -> Expansion:
+        """``expand_input_domains`` (``stop`` is not polled: a batch is one CROWN pass, and its
+        attacks stop at ``deadline``)."""
+        return expand_input_domains(self.model, self, batch, seed, deadline, attack_after)
 
-def expand_domains(model, pr: Prepared, cur: dict, seed: int, deadline: float,
-                   attack_after: float) -> Expansion:
+
+def expand_input_domains(model, pr: InputPrepared, cur: DomainBatch, seed: int, deadline: float,
+                         attack_after: float) -> Expansion:
     """Bound a batch of domains (``cur``: boxes ``lo, hi: [n, *input_shape]`` and, after the
     first round, their parents' intermediate bounds ``l:NODE, u:NODE``); try the centres and
     the bound-minimizing corners as counterexamples; attack the most open domains when
-    ``perf_counter() >= attack_after``; split the open domains. Times are perf_counter()."""
-    from .spec_attack import spec_attack
+    ``perf_counter() >= attack_after``; split the open domains. Times are perf_counter().
+    The children: boxes ``lo, hi``, bounds ``l:NODE, u:NODE`` and ``key: [2 n_open]`` (their
+    parent's margin on its most open conjunction, the frontier's order)."""
     C_all, d_all, owner, K, keep, relus = pr.C_all, pr.d_all, pr.owner, pr.K, pr.keep, pr.relus
     dt = C_all.dtype
     blo, bhi = cur["lo"], cur["hi"]
@@ -389,7 +257,7 @@ def expand_domains(model, pr: Prepared, cur: dict, seed: int, deadline: float,
         y_c, cvals = evaluate(model.graph, {model.input: centres})
     x = _holding(model, centres, C_all, d_all, owner, K, y=y_c)
     if x is not None:
-        return Expansion(candidate=x)
+        return Expansion(parents=n, candidate=(*x, "the centre of a domain"))
     spec = C_all.reshape(1, *C_all.shape[:1], *model.output_shape).expand(n, -1, *model.output_shape)
     leaf = _RecordingBox(blo, bhi, rows=C_all.shape[0])
     if keep:
@@ -408,7 +276,7 @@ def expand_domains(model, pr: Prepared, cur: dict, seed: int, deadline: float,
     per_k = torch.stack([margin[:, owner == k].max(1).values for k in range(K)], 1)
     open_ = (per_k <= 0).any(1)
     if not open_.any():
-        return Expansion(bounded=n)
+        return Expansion(bounded=n, parents=n)
     olo, ohi = blo[open_], bhi[open_]
     if pr.clip and keep and leaf.A is not None and leaf.A.shape[0] == n:
         # shrink each open box to where its conjunctions' linear lower bounds allow a
@@ -422,11 +290,12 @@ def expand_domains(model, pr: Prepared, cur: dict, seed: int, deadline: float,
             open_[open_.nonzero().squeeze(1)[closed]] = False
             olo, ohi = olo[~closed], ohi[~closed]
             if not open_.any():
-                return Expansion(bounded=n)
-    out = Expansion(bounded=n, open=int(open_.sum()), worst=float(per_k[open_].min()))
+                return Expansion(bounded=n, parents=n)
+    out = Expansion(bounded=n, parents=n, open=int(open_.sum()),
+                    worst=float(per_k[open_].min()))
     x = _corner_candidate(model, leaf.A, open_, margin, owner, K, olo, ohi, C_all, d_all)
     if x is not None:
-        out.candidate = x
+        out.candidate = (*x, "a domain's bound-minimizing corner")
         return out
     # a short attack from the most open domains, while attacks have taken less than
     # ATTACK_SHARE of the time (corners and centres are tried on every domain anyway)
@@ -439,7 +308,7 @@ def expand_domains(model, pr: Prepared, cur: dict, seed: int, deadline: float,
             x, k, v = spec_attack(model.graph_forward, olo[j], ohi[j], pr.Cs, pr.ds, steps=20,
                                   restarts=4, seed=seed + j, deadline=deadline)
             if v <= 0:
-                out.candidate = (x, k)
+                out.candidate = (x, k, "PGD from an open domain")
                 break
         out.attack_s = time.perf_counter() - ta
         if out.candidate is not None:
@@ -467,85 +336,25 @@ def expand_domains(model, pr: Prepared, cur: dict, seed: int, deadline: float,
     return out
 
 
-class LocalExpander:
-    """The default expander: each batch expanded in this process when it is collected.
-
-    An expander is the seam between branch and bound's coordinator (``input_split_bab``: the
-    queue, the deadline, candidates) and where batches are bounded: ``start(problem)`` once per
-    run, then up to ``slots`` batches ``submit``-ted before each ``collect(deadline)`` (which
-    returns one finished Expansion, or None if the deadline passed first), and ``cancel()``
-    when the run ends (outstanding work is dropped). An expander whose batches run in other
-    processes implements the same four methods and ``slots`` (how many batches at once)."""
-
-    slots = 1
-
-    def __init__(self, model):
-        self.model = model
-        self._job = None
-
-    def start(self, problem: SplitProblem) -> None:
-        self._pr = Prepared(self.model, problem)
-
-    def submit(self, cur: dict, seed: int, deadline: float, attack_after: float) -> None:
-        self._job = (cur, seed, deadline, attack_after)
-
-    def collect(self, deadline: float) -> Expansion | None:
-        job, self._job = self._job, None
-        return expand_domains(self.model, self._pr, *job)
-
-    def cancel(self) -> None:
-        self._job = None
-
-
 def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, deadline: float,
                     batch: int = 4096, method: str = "crown", progress=None,
                     expander=None, frontier_bytes: int = FRONTIER_MEMORY) -> BabResult:
-    """``lower, upper: [*input_shape]``; ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]``.
+    """Branch and bound on input splits: ``lower, upper: [*input_shape]``;
+    ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]``.
 
     ``progress(domains_left, worst_margin, elapsed)`` is called after every round.
     ``expander``: where batches are bounded (default ``LocalExpander(model)``, this process);
     the domains always cover the box: ``unsat`` only once every batch handed out has come back
-    closed or split, and the queue is empty."""
+    closed or split, and the frontier is empty. The frontier holds each domain's box and the
+    intermediate bounds of its parent (over a superset of the domain: sound for it, and they
+    let CROWN skip the neurons already stable there), the most open first while it fits in
+    ``frontier_bytes`` (``BestFirstFrontier``)."""
     t0 = time.perf_counter()
     expander = expander if expander is not None else LocalExpander(model)
-    expander.start(SplitProblem(list(Cs), list(ds), (upper - lower).flatten().clamp(min=1e-12),
-                                method))
-    # the queue: each domain's box and the intermediate bounds of its parent (over a superset
-    # of the domain: sound for it, and they let CROWN skip the neurons already stable there),
-    # the most open first while it fits in ``frontier_bytes`` (``_Frontier``)
-    queue = _Frontier({"lo": lower.unsqueeze(0), "hi": upper.unsqueeze(0),
-                       "key": torch.full((1,), -torch.inf, dtype=lower.dtype)}, frontier_bytes)
-    total = rounds = inflight = 0
-    attack_s = 0.0
-    worst = float("nan")
-    try:
-        while len(queue) or inflight:
-            while len(queue) and inflight < expander.slots:
-                if time.perf_counter() > deadline:
-                    return BabResult("timeout", domains=total, rounds=rounds, worst=worst)
-                rounds += 1
-                expander.submit(queue.pop(batch), rounds, deadline,
-                                t0 + attack_s / ATTACK_SHARE)
-                inflight += 1
-            e = expander.collect(deadline)
-            if e is None:
-                return BabResult("timeout", domains=total, rounds=rounds, worst=worst)
-            inflight -= 1
-            total += e.bounded
-            attack_s += e.attack_s
-            if e.children is not None:
-                queue.push(e.children)
-            if len(queue):   # the lowest margin of the domains waiting
-                worst = queue.lowest()
-            elif e.open:
-                worst = e.worst
-            if e.candidate is not None:
-                return BabResult("candidate", e.candidate[0], e.candidate[1], total, rounds,
-                                 worst)
-            if progress is not None and e.bounded:
-                progress(len(queue), worst, time.perf_counter() - t0)
-            log.debug("round %d: %d domains left, worst margin %.4g", rounds, len(queue),
-                      worst)
-    finally:
-        expander.cancel()  # a candidate or the deadline: outstanding batches are dropped
-    return BabResult("unsat", domains=total, rounds=rounds, worst=worst)
+    problem = InputProblem(list(Cs), list(ds), (upper - lower).flatten().clamp(min=1e-12), method)
+    root = BestFirstFrontier({"lo": lower.unsqueeze(0), "hi": upper.unsqueeze(0),
+                              "key": torch.full((1,), -torch.inf, dtype=lower.dtype)},
+                             frontier_bytes)
+    return branch_and_bound(problem, root, expander, deadline, batch=batch,
+                            attack_after=time_share(t0, ATTACK_SHARE), proof="CROWN",
+                            progress=progress, t0=t0, name="input-split branch and bound")

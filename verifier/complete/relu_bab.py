@@ -1,4 +1,5 @@
-"""Branch and bound by ReLU splitting (beta-CROWN style), for high-dimensional inputs.
+"""The ReLU-split strategy of branch and bound (``bab.py``; beta-CROWN style), for
+high-dimensional inputs.
 
 A domain is the input box together with a set of split ReLU neurons, each assumed active
 (pre-activation ``z >= 0``) or inactive (``z <= 0``). Splits act on the bounds in two ways:
@@ -33,14 +34,17 @@ from dataclasses import dataclass
 import torch
 
 from ..bound_types import Interval
-from ..bounds.crown import backward_bound, refine_node
+from ..bounds.backward import backward_linear
+from ..bounds.crown import intermediate_bounds, refine_node
 from ..bounds.optimize import projected_optimize
+from ..ops import RULES
 from ..perturbation import Box
 from ..projected_gradient import Variable, projected_gradient, sign_step
+from .bab import (BabResult, DomainBatch, Expansion, Frontier, LocalExpander, Prepared, Problem,
+                  branch_and_bound, every_kth_round)
 
 log = logging.getLogger(__name__)
 
-SPLITTABLE = ("relu", "leaky_relu")
 # crossing intermediate bounds close a domain only beyond this float slack
 INFEASIBLE_TOL = 1e-5
 # bytes the queue of open domains may hold (pre-activation bounds and split signs); sets the
@@ -48,25 +52,15 @@ INFEASIBLE_TOL = 1e-5
 DOMAIN_MEMORY = 2 ** 30
 
 
-@dataclass
-class ReluBabResult:
-    status: str                  # "unsat", "candidate", "timeout", "unknown"
-    x: torch.Tensor | None = None
-    disjunct: int | None = None
-    domains: int = 0             # domains bounded in all
-    rounds: int = 0
-    worst: float = float("nan")  # the worst (lowest) refutation margin still open
-    reason: str = ""
-
-
-class SplitProblem:
+class ReluPrepared(Prepared):
     """A property over one input box, ready for bounding batches of ReLU-split domains.
 
     ``root``: intermediate bounds of the whole box by node name (batch 1), e.g. alpha-CROWN's;
-    computed with CROWN when not given."""
+    computed with CROWN when not given; ``iterations``: the optimization steps of each bound
+    in ``expand``."""
 
-    def __init__(self, model, lower, upper, Cs, ds, root: dict | None = None):
-        from ..bounds.crown import intermediate_bounds
+    def __init__(self, model, lower, upper, Cs, ds, root: dict | None = None,
+                 iterations: int = 8):
         self.model = model
         self.graph = g = model.graph
         dt = lower.dtype
@@ -82,13 +76,21 @@ class SplitProblem:
                 root = intermediate_bounds(g, leaves, "crown", upto=g.output)
         self.root = {k: Interval(v.lower.detach(), v.upper.detach()) for k, v in root.items()}
         order = g.ancestors_order(g.output)
-        self.relus = [n for n in order if g[n].op in SPLITTABLE and g[n].inputs[0] in self.root]
+        self.relus = [n for n in order if g[n].op != "input" and RULES[g[n].op].splittable
+                      and g[n].inputs[0] in self.root]
         self.pre = {r: g[r].inputs[0] for r in self.relus}
         self.sizes = [math.prod(g[r].shape) for r in self.relus]
         self.offsets = [0]
         for s in self.sizes:
             self.offsets.append(self.offsets[-1] + s)
         self.position = {n: i for i, n in enumerate(order)}
+        self.iterations = iterations
+
+    def expand(self, batch: DomainBatch, seed: int, deadline: float, attack_after: float,
+               stop=None) -> Expansion:
+        """``expand_relu_domains`` with this problem's ``iterations``."""
+        return expand_relu_domains(self, batch, seed, deadline, attack_after,
+                                   iterations=self.iterations, stop=stop)
 
     # --- a batch of domains: {pre: lower [n, *shape]}, {pre: upper}, {relu: sign int8} ---
     def root_domain(self):
@@ -142,19 +144,19 @@ class SplitProblem:
         alphas, betas = {}, {}
         for r in self.relus:
             p = self.pre[r]
-            unstable = (lo[p] < 0) & (up[p] > 0)
-            if optimize_alpha and unstable.any():
-                a = g[r].params.get("negative_slope", 0.0)
-                init = torch.where(up[p] > -lo[p], 1.0, a).to(dt).unsqueeze(1).expand(n, S, *g[r].shape)
-                alphas[r] = (init.clone().requires_grad_(True), a)
+            # the rule's free lower slopes (ReLU: [a, 1] where unstable), starting at CROWN's
+            got = RULES[g[r].op].alpha_init(g[r], [bounds[p]], n, S, dt) if optimize_alpha else None
+            if got is not None:
+                init, low, high = got
+                alphas[r] = (init.clone().requires_grad_(True), low, high)
             if optimize_beta and (sg[r] != 0).any():
                 betas[r] = (sg[r], torch.zeros(n, S, *g[r].shape, dtype=dt, requires_grad=True))
 
-        def run(record=None):
+        def run(keep=()):
             al = {r: (v[0], v[0]) for r, v in alphas.items()}
             be = {r: (s, b, b) for r, (s, b) in betas.items()}
-            return backward_bound(g, out, spec, bounds, leaves, alpha=al or None, beta=be or None,
-                                  record=record)[0]
+            return backward_linear(g, out, spec, bounds, leaves, alpha=al or None,
+                                   beta=be or None, keep=keep)
 
         best = torch.full((n, S), -torch.inf, dtype=dt)
         if (alphas or betas) and iterations > 0:
@@ -163,19 +165,18 @@ class SplitProblem:
                 groups.append({"params": [v[0] for v in alphas.values()], "lr": lr_alpha})
             if betas:
                 groups.append({"params": [b for _, b in betas.values()], "lr": lr_beta})
-            ranges = [(al, a, 1.0) for al, a in alphas.values()] + \
+            ranges = [(al, low, high) for al, low, high in alphas.values()] + \
                      [(b, 0, None) for _, b in betas.values()]
             # rows already refuted do not pull on the shared parameters
             best, = projected_optimize(
-                lambda: (run(),), groups, lambda v, b: -(v[0] * (b[0] - self.d <= 0)).sum(),
+                lambda: (run().lower,), groups, lambda v, b: -(v[0] * (b[0] - self.d <= 0)).sum(),
                 (best,), ("max",), iterations, project=ranges, deadline=deadline, stop=stop,
                 early_stop=lambda b: bool((self.conj_margin(b[0] - self.d) > 0).all(1).all())
             ).best
-        record = {r: None for r in self.relus}
-        record[model.input] = None
         with torch.no_grad():
-            low = run(record)
-        best = torch.maximum(best, low)
+            last = run(keep=(*self.relus, model.input))
+        record = last.A
+        best = torch.maximum(best, last.lower)
         margin = best - self.d
         if parent_margin is not None:
             margin = torch.maximum(margin, parent_margin)
@@ -274,14 +275,14 @@ def _first_hit(pts, v):
     return None
 
 
-def _violating(P: SplitProblem, pts):
+def _violating(P: ReluPrepared, pts):
     """-> (point, conjunction) of the first of ``pts`` that satisfies a conjunction, or None."""
     with torch.no_grad():
         return _first_hit(pts, P.violation(P.model.graph_forward(pts).reshape(pts.shape[0], -1)))
 
 
 @dataclass
-class ReluProblem:
+class ReluProblem(Problem):
     """What every batch of one ReLU-split run shares (cheap to send to a worker): the box
     ``lower, upper: [*input_shape]``, ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]``, the box's
     intermediate bounds ``root`` ({node: Interval}, batch 1) and the optimization steps of
@@ -293,22 +294,13 @@ class ReluProblem:
     root: dict
     iterations: int = 8
 
-    def prepare(self, model) -> SplitProblem:
-        return SplitProblem(model, self.lower, self.upper, self.Cs, self.ds, self.root)
+    def prepare(self, model) -> ReluPrepared:
+        return ReluPrepared(model, self.lower, self.upper, self.Cs, self.ds, self.root,
+                            self.iterations)
 
 
-@dataclass
-class ReluExpansion:
-    """One batch of parents split and their children bounded: ``bounded`` children bounded,
-    ``children`` the open ones (a batch for the queue, with their own neuron to split), or a
-    ``candidate`` ``(x, disjunct, how it was found)`` to replay."""
-    bounded: int = 0
-    children: dict | None = None
-    candidate: tuple | None = None
-
-
-def expand_relu_domains(P: SplitProblem, cur: dict, seed: int, deadline: float,
-                        attack_after: float, iterations: int = 8, stop=None) -> ReluExpansion:
+def expand_relu_domains(P: ReluPrepared, cur: DomainBatch, seed: int, deadline: float,
+                        attack_after: float, iterations: int = 8, stop=None) -> Expansion:
     """Split each parent of the batch ``cur`` on its chosen neuron (active / inactive), bound
     the ``2n`` children with beta-CROWN from their parents' bounds, try their bound-minimizing
     inputs as counterexamples, run PGD from the worst when ``perf_counter() >= attack_after``,
@@ -332,7 +324,7 @@ def expand_relu_domains(P: SplitProblem, cur: dict, seed: int, deadline: float,
     first = int(which.min())
     res = P.bound(c_lo, c_up, c_sg, cur["margin"].repeat(2, 1), first_split=first,
                   iterations=iterations, deadline=deadline, stop=stop)
-    out = ReluExpansion(bounded=2 * n)
+    out = Expansion(bounded=2 * n, parents=n)
     pts = P.attack_points(res)
     c = _violating(P, pts)
     if c is not None:
@@ -364,121 +356,95 @@ def expand_relu_domains(P: SplitProblem, cur: dict, seed: int, deadline: float,
     return out
 
 
-class LocalReluExpander:
-    """The default expander of ``relu_split_bab``: each batch expanded in this process when it
-    is collected. The seam is input_bab's (``LocalExpander``): ``start(problem)`` once per run
-    (a ``ReluProblem``), up to ``slots`` batches ``submit(cur, seed, deadline, attack_after)``
-    before each ``collect(deadline)`` (one finished ReluExpansion, or None if the deadline
-    passed first), and ``cancel()`` when the run ends."""
+class ReluFrontier(Frontier):
+    """The open, bounded domains waiting (a batch ``q``, see ``_NESTED``), with ``cm [n]``
+    each one's margin on its most open conjunction; ``pop(k)`` hands out the ``k`` worst
+    (lowest ``cm``) of those that still have a neuron to split. Stuck (-> ``unknown``) when
+    none has one and no batch is out, or when more than ``max_domains`` wait."""
 
-    slots = 1
+    def __init__(self, P: ReluPrepared, q: DomainBatch, max_domains: int):
+        self.P, self.max_domains = P, max_domains
+        self.q = self.cm = None
+        self.worst = float("nan")
+        self._keep_open(q)
 
-    def __init__(self, model):
-        self.model = model
-        self._job = None
+    def _keep_open(self, q: DomainBatch) -> None:
+        """Append the domains of ``q`` still open (a closed one only at the root: expansions
+        return open children only)."""
+        cm = self.P.conj_margin(q["margin"]).min(1).values if q["margin"].shape[0] \
+            else q["margin"].new_zeros(0)
+        open_ = cm <= 0
+        if not bool(open_.all()):
+            keep = open_.nonzero().flatten()
+            q, cm = _take_batch(q, keep), cm[keep]
+        if self.q is not None:
+            q, cm = _cat_batch(self.q, q), torch.cat([self.cm, cm])
+        self.q, self.cm = q, cm
+        self.worst = float(cm.min()) if cm.numel() else self.worst
 
-    def start(self, problem: ReluProblem) -> None:
-        self._P, self._iterations = problem.prepare(self.model), problem.iterations
+    def __len__(self) -> int:
+        return int(self.cm.numel())
 
-    def submit(self, cur: dict, seed: int, deadline: float, attack_after: float) -> None:
-        self._job = (cur, seed, deadline, attack_after)
+    def ready(self) -> bool:
+        return bool((self.q["which"] >= 0).any())
 
-    def collect(self, deadline: float) -> ReluExpansion | None:
-        job, self._job = self._job, None
-        return expand_relu_domains(self._P, *job, iterations=self._iterations)
+    def stuck(self, inflight: int) -> str | None:
+        if not self.ready() and not inflight:
+            return f"{len(self)} domains have no unstable neuron left to split"
+        if len(self) > self.max_domains:
+            return f"domain limit {self.max_domains} reached (worst margin {self.worst:.4g})"
+        return None
 
-    def cancel(self) -> None:
-        self._job = None
+    def pop(self, k: int) -> DomainBatch:
+        splittable = self.q["which"] >= 0
+        cm = self.cm
+        key = torch.where(splittable, cm, torch.full_like(cm, torch.inf))
+        take = key.argsort()[:min(k, int(splittable.sum()))]
+        rest = torch.ones(cm.numel(), dtype=torch.bool)
+        rest[take] = False
+        out = _take_batch(self.q, take)
+        self.q, self.cm = _take_batch(self.q, rest), cm[rest]
+        return out
+
+    def add(self, e: Expansion) -> None:
+        if e.children is not None:
+            self._keep_open(e.children)
+        else:
+            self.worst = float(self.cm.min()) if self.cm.numel() else self.worst
 
 
 def relu_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, deadline: float,
                    root: dict | None = None, batch: int = 64, max_domains: int | None = None,
                    iterations: int = 8, attack_every: int = 3, progress=None,
-                   expander=None) -> ReluBabResult:
-    """``lower, upper: [*input_shape]``; ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]``;
-    ``root``: the box's intermediate bounds (batch 1) to start from, e.g. alpha-CROWN's;
-    ``max_domains``: open domains kept at most (default: what ``DOMAIN_MEMORY`` holds);
-    reaching it ends the search with ``unknown``.
+                   expander=None) -> BabResult:
+    """Branch and bound on ReLU splits: ``lower, upper: [*input_shape]``;
+    ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]``; ``root``: the box's intermediate bounds
+    (batch 1) to start from, e.g. alpha-CROWN's; ``max_domains``: open domains kept at most
+    (default: what ``DOMAIN_MEMORY`` holds); reaching it ends the search with ``unknown``.
 
-    ``progress(domains_left, worst_margin, elapsed)`` is called after every round.
-    ``expander``: where batches of domains are split and bounded (default
-    ``LocalReluExpander(model)``, this process); ``unsat`` only once every batch handed out has
-    come back and no domain is left open."""
+    The root is bounded here (one domain); ``progress(domains_left, worst_margin, elapsed)`` is
+    called after every round. ``expander``: where batches of domains are split and bounded
+    (default ``LocalExpander(model)``, this process); ``unsat`` only once every batch handed
+    out has come back and no domain is left open."""
     t0 = time.perf_counter()
-    P = SplitProblem(model, lower, upper, Cs, ds, root)
+    P = ReluPrepared(model, lower, upper, Cs, ds, root, iterations)
     if max_domains is None:
         per_domain = sum(P.sizes) * (2 * lower.element_size() + 1) + 1
         max_domains = max(batch * 4, DOMAIN_MEMORY // per_domain)
-    total = rounds = 0
-    worst = float("nan")
-
-    def result(status, reason, x=None, k=None):
-        log.info("relu bab: %s after %d domains, %d rounds, %.1fs (%s)", status, total, rounds,
-                 time.perf_counter() - t0, reason)
-        return ReluBabResult(status, x, k, total, rounds, worst, reason)
-
     lo, up, sg = P.root_domain()
     res = P.bound(lo, up, sg, first_split=len(P.relus), iterations=iterations, deadline=deadline)
-    total = 1
     c = _violating(P, P.attack_points(res))
     if c is not None:
-        return result("candidate", "the root's bound-minimizing input violates the property", *c)
-    # the queue of open, bounded domains (the worst splittable ones are handed out first)
+        reason = "the root's bound-minimizing input violates the property"
+        log.info("ReLU-split branch and bound: candidate after 1 domain (%s)", reason)
+        return BabResult("candidate", *c, domains=1, reason=reason)
     which, local = P.branch(res, sg)
-    q = {"lo": res["lo"], "up": res["up"], "sg": sg, "margin": res["margin"], "which": which,
-         "local": local, "depth": torch.zeros(1, dtype=torch.long)}
-    expander = expander if expander is not None else LocalReluExpander(model)
-    expander.start(ReluProblem(lower, upper, list(Cs), list(ds), P.root, iterations))
-    inflight = 0
-    out = 0   # domains handed out whose batch has not come back
-    try:
-        while True:
-            cm = P.conj_margin(q["margin"]).min(1).values if q["margin"].shape[0] \
-                else q["margin"].new_zeros(0)
-            open_ = cm <= 0
-            if not bool(open_.all()):  # drop closed ones (only the root can be closed here)
-                keep = open_.nonzero().flatten()
-                q, cm = _take_batch(q, keep), cm[keep]
-            worst = float(cm.min()) if cm.numel() else worst
-            if progress is not None and rounds:
-                progress(int(cm.numel()), worst, time.perf_counter() - t0)
-            if cm.numel() == 0 and not inflight:
-                return result("unsat", f"every subdomain refuted by beta-CROWN bounds "
-                                       f"({total} domains)")
-            if time.perf_counter() > deadline:
-                return result("timeout", f"budget ran out with {cm.numel() + out} domains "
-                                         f"open (worst margin {worst:.4g}, {total} bounded)")
-            splittable = q["which"] >= 0
-            if not bool(splittable.any()) and not inflight:
-                return result("unknown", f"{cm.numel()} domains have no unstable neuron left "
-                                         f"to split")
-            if cm.numel() > max_domains:
-                return result("unknown", f"domain limit {max_domains} reached (worst margin "
-                                         f"{worst:.4g})")
-            while inflight < expander.slots and bool(splittable.any()):
-                rounds += 1
-                # the worst splittable domains first
-                key = torch.where(splittable, cm, torch.full_like(cm, torch.inf))
-                take = key.argsort()[:min(batch, int(splittable.sum()))]
-                rest = torch.ones(cm.numel(), dtype=torch.bool)
-                rest[take] = False
-                attack_after = -math.inf if rounds % attack_every == 0 else math.inf
-                expander.submit(_take_batch(q, take), rounds, deadline, attack_after)
-                inflight += 1
-                out += take.numel()
-                q, cm, splittable = _take_batch(q, rest), cm[rest], splittable[rest]
-            e = expander.collect(deadline)
-            if e is None:
-                return result("timeout", f"budget ran out with {cm.numel() + out} domains "
-                                         f"open (worst margin {worst:.4g}, {total} bounded)")
-            inflight -= 1
-            out -= e.bounded // 2
-            total += e.bounded
-            if e.candidate is not None:
-                return result("candidate", e.candidate[2], e.candidate[0], e.candidate[1])
-            if e.children is not None:
-                q = _cat_batch(q, e.children)
-            log.debug("round %d: %d domains open, worst margin %.4g", rounds,
-                      q["margin"].shape[0], worst)
-    finally:
-        expander.cancel()  # a candidate or the deadline: outstanding batches are dropped
+    frontier = ReluFrontier(P, {"lo": res["lo"], "up": res["up"], "sg": sg,
+                                "margin": res["margin"], "which": which, "local": local,
+                                "depth": torch.zeros(1, dtype=torch.long)}, max_domains)
+    expander = expander if expander is not None else LocalExpander(model)
+    problem = ReluProblem(lower, upper, list(Cs), list(ds), P.root, iterations)
+    return branch_and_bound(problem, frontier, expander, deadline, batch=batch,
+                            attack_after=every_kth_round(attack_every), proof="beta-CROWN",
+                            progress=progress, t0=t0, domains=1,
+                            name="ReLU-split branch and bound")

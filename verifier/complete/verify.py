@@ -1,31 +1,44 @@
 """``verify(model, spec, timeout)``: a verdict for a VNN-LIB property, with its reason.
 
 The property is violated (``sat``) iff some region's box holds an ``x`` whose output ``y``
-satisfies one of the region's conjunctions ``C y <= d``. In order:
+satisfies one of the region's conjunctions ``C y <= d``. ``verify`` is four steps, each one
+call:
 
-1. an attack (PGD on the violation ``max_r (C_r y - d_r)``) looks for such an ``x``; a candidate
-   is **replayed on the original model** (onnxruntime for ONNX) and reported only if the
-   replayed output satisfies the conjunction exactly: ``sat``;
-2. incomplete methods of increasing cost (IBP, CROWN, alpha-CROWN) bound ``C y`` over each box; a
-   conjunction is refuted when some row has ``lower(C_r y) > d_r``; when every conjunction of
-   every region is refuted: ``unsat``, proved by that method;
-3. for inputs of at most ``max_split_inputs`` values, branch and bound on input splits
-   (``input_bab``) until every domain is refuted (``unsat``) or a replayed counterexample
-   turns up (``sat``); for larger inputs of a model with ReLUs, branch and bound on ReLU
-   splits with beta-CROWN bounds (``relu_bab``), starting from alpha-CROWN's intermediate
-   bounds, until the deadline;
-4. otherwise ``unknown`` (bounds too loose, no counterexample found), or ``timeout`` when the
-   budget ran out first. An internal error is raised, never turned into a verdict.
+1. ``_attack``: PGD on the violation ``max_r (C_r y - d_r)`` looks for such an ``x``; a
+   candidate is **replayed on the original model** (onnxruntime for ONNX) and reported only if
+   the replayed output satisfies the conjunction exactly: ``sat``;
+2. ``_incomplete_bounds``: methods of increasing cost (IBP, CROWN, alpha-CROWN) bound ``C y``
+   over each box; a conjunction is refuted when some row has ``lower(C_r y) > d_r``; when
+   every conjunction of every region is refuted: ``unsat``, proved by that method;
+3. ``_branch_and_bound``: the one coordinator (``bab.branch_and_bound``) with the split
+   strategy ``_split_strategy`` picks: input splits (``input_bab``) for inputs of at most
+   ``max_split_inputs`` values, until every domain is refuted (``unsat``) or a replayed
+   counterexample turns up (``sat``); for larger inputs of a model with ReLUs, ReLU splits
+   with beta-CROWN bounds (``relu_bab``) on the conjunctions still open, starting from
+   alpha-CROWN's intermediate bounds, until the deadline;
+4. ``_no_verdict``: otherwise ``unknown`` (bounds too loose, no counterexample found), or
+   ``timeout`` when the budget ran out first. An internal error is raised, never turned into a
+   verdict.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from ..api import BoundedModel
+from ..bounds.alpha import alpha_crown_bounds
 from ..errors import ShapeError
+from ..ops import RULES
+from ..perturbation import Box, round_down, round_up
+from ..spec.vnnlib import VnnlibSpec, read_vnnlib
+from .input_bab import input_split_bab
+from .relu_bab import relu_split_bab
+from .replay import replay_runner
+from .spec_attack import spec_attack
 
 STATUSES = ("sat", "unsat", "unknown", "timeout")
 
@@ -112,16 +125,53 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
     ``max_split_inputs`` values, else by ReLU splitting; ``progress(domains_left,
     worst_margin, elapsed_s)`` is called after every round of it; ``expander``: where
     branch and bound (input- or ReLU-split) bounds its batches of domains (default: this
-    process; see ``input_bab.LocalExpander`` and ``relu_bab.LocalReluExpander``; one expander,
-    such as a ``RayDomainPool``, serves both).
+    process, ``bab.LocalExpander``; one expander, such as a ``RayDomainPool``, serves both).
     """
-    from ..api import BoundedModel
-    from ..spec.vnnlib import VnnlibSpec, read_vnnlib
-    from .replay import replay_runner
-    from .spec_attack import spec_attack
-
     t0 = time.perf_counter()
-    deadline = t0 + timeout
+    run = _Run(*_load(model, spec), timeout, t0 + timeout)
+    split = _split_strategy(run.model, bab, max_split_inputs)
+    if attack and (verdict := _attack(run, seed)) is not None:
+        return _timed(verdict, t0)
+    verdict, left = _incomplete_bounds(run, methods, alpha_intermediate=split is not INPUT_SPLITS)
+    if verdict is None and split is not None:
+        verdict = _branch_and_bound(run, split, left, progress, expander)
+    return _timed(verdict or _no_verdict(run, methods, left), t0)
+
+
+def _timed(verdict: Verdict, t0: float) -> Verdict:
+    verdict.time_s = time.perf_counter() - t0
+    return verdict
+
+
+@dataclass
+class _Run:
+    """One call of ``verify``: the model, the spec, its regions' boxes in the model's dtype
+    (rounded outwards: the float32 box contains the spec's float64 box), the budget."""
+    model: Any
+    spec: Any
+    timeout: float
+    deadline: float
+    boxes: list = field(init=False)
+
+    def __post_init__(self):
+        dt = self.model.dtype
+        self.boxes = [(round_down(torch.as_tensor(r.lower), dt).reshape(self.model.input_shape),
+                       round_up(torch.as_tensor(r.upper), dt).reshape(self.model.input_shape))
+                      for r in self.spec.regions]
+
+    def late(self) -> bool:
+        return time.perf_counter() > self.deadline
+
+    def conjunctions(self, region, which=None):
+        """``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]`` of the region's conjunctions."""
+        dt = self.model.dtype
+        cs = region.disjuncts if which is None else [region.disjuncts[k] for k in which]
+        return ([torch.as_tensor(c.C, dtype=dt) for c in cs],
+                [torch.as_tensor(c.d, dtype=dt) for c in cs])
+
+
+def _load(model, spec):
+    """-> (BoundedModel, VnnlibSpec) from paths or objects; the spec's sizes must match."""
     if not isinstance(model, BoundedModel):
         model = BoundedModel.from_onnx(model)
     if not isinstance(spec, VnnlibSpec):
@@ -131,63 +181,55 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
     if spec.n_inputs != n_in or spec.n_outputs != n_out:
         raise ShapeError(f"the spec declares {spec.n_inputs} inputs and {spec.n_outputs} outputs; "
                          f"the model has {n_in} inputs {list(model.input_shape)} and {n_out} outputs")
+    return model, spec
 
-    def done(status, reason, method=None, cex=None, **details):
-        return Verdict(status, reason, method, cex, time.perf_counter() - t0, details)
 
-    dt = model.dtype
-    from ..perturbation import round_down, round_up
-    # rounded outwards: the float32 box contains the spec's float64 box
-    boxes = [(round_down(torch.as_tensor(r.lower), dt).reshape(model.input_shape),
-              round_up(torch.as_tensor(r.upper), dt).reshape(model.input_shape)) for r in spec.regions]
+def _attack(run: _Run, seed: int) -> Verdict | None:
+    """Step 1: PGD on each region's violation; a hit replayed on the original model: ``sat``."""
+    replay, replayer = replay_runner(run.model)
+    for ri, (region, (lo, hi)) in enumerate(zip(run.spec.regions, run.boxes)):
+        if run.late():
+            return Verdict("timeout", f"budget of {run.timeout:g}s ran out during the attack")
+        Cs, ds = run.conjunctions(region)
+        x, k, v = spec_attack(run.model.graph_forward, lo, hi, Cs, ds, seed=seed + ri,
+                              deadline=run.deadline)
+        if v <= 0:
+            cex = _replay(x, k, region, ri, replay, replayer)
+            if cex is not None:
+                return Verdict("sat", f"counterexample found by PGD and replayed with {replayer}",
+                               "pgd", cex)
+    return None
 
-    # 1. attack, with replay on the original model
-    if attack:
-        run, replayer = replay_runner(model)
 
-        def f(x):
-            return model.graph_forward(x)
+@dataclass
+class _Left:
+    """What the incomplete bounds left: ``refuted`` (region, conjunction) pairs, alpha-CROWN's
+    intermediate bounds per region (``roots``: ReLU-split branch and bound starts there) and
+    how many conjunctions the last method left open."""
+    refuted: set = field(default_factory=set)
+    roots: dict = field(default_factory=dict)
+    open: int | None = None
 
-        for ri, (region, (lo, hi)) in enumerate(zip(spec.regions, boxes)):
-            if time.perf_counter() > deadline:
-                return done("timeout", f"budget of {timeout:g}s ran out during the attack")
-            Cs = [torch.as_tensor(c.C, dtype=dt) for c in region.disjuncts]
-            ds = [torch.as_tensor(c.d, dtype=dt) for c in region.disjuncts]
-            x, k, v = spec_attack(f, lo, hi, Cs, ds, seed=seed + ri, deadline=deadline)
-            if v <= 0:
-                x32, inside = _float32_inside(x.detach().double().numpy().reshape(-1),
-                                              region.lower, region.upper)
-                y = run(x32)
-                if inside:
-                    for kk in [k] + [j for j in range(len(region.disjuncts)) if j != k]:
-                        if _holds(region.disjuncts[kk], y):
-                            cex = Counterexample(x32.astype(np.float64), y, ri, kk, replayer)
-                            return done("sat", f"counterexample found by PGD and replayed with "
-                                               f"{replayer}", "pgd", cex)
 
-    # 2. incomplete methods of increasing cost
-    input_bab = bab and n_in <= max_split_inputs
-    last_open = None
-    refuted: set = set()  # (region, conjunction) refuted by some method
-    roots: dict = {}  # alpha-CROWN's intermediate bounds per region (ReLU-split BaB starts there)
+def _incomplete_bounds(run: _Run, methods, alpha_intermediate: bool):
+    """Step 2: methods of increasing cost bound ``C y`` over each box; every conjunction of
+    every region refuted by one method: ``unsat``. -> (Verdict or None, _Left)."""
+    model, dt, left = run.model, run.model.dtype, _Left()
     for method in methods:
-        if time.perf_counter() > deadline:
-            return done("timeout", f"budget of {timeout:g}s ran out before {method}")
+        if run.late():
+            return Verdict("timeout", f"budget of {run.timeout:g}s ran out before {method}"), left
         open_count = 0
-        for ri, (region, (lo, hi)) in enumerate(zip(spec.regions, boxes)):
+        for ri, (region, (lo, hi)) in enumerate(zip(run.spec.regions, run.boxes)):
             C = torch.as_tensor(np.concatenate([c.C for c in region.disjuncts]), dtype=dt)
-            d = np.concatenate([c.d for c in region.disjuncts])
-            from ..perturbation import Box
             box = Box(lo.unsqueeze(0), hi.unsqueeze(0))
             spec_c = C.reshape(1, C.shape[0], *model.output_shape)
             if method == "alpha-crown":
                 # output slopes only where input-split branch and bound follows (its time is
                 # better spent on domains); else the pre-activation bounds too
-                from ..bounds.alpha import alpha_crown_bounds
                 with torch.no_grad():
-                    low, _, roots[ri] = alpha_crown_bounds(model.graph, model._leaves(box),
-                                                           spec_c.to(dt), deadline=deadline,
-                                                           intermediate=not input_bab)
+                    low, _, left.roots[ri] = alpha_crown_bounds(
+                        model.graph, model._leaves(box), spec_c.to(dt), deadline=run.deadline,
+                        intermediate=alpha_intermediate)
                 lower = torch.nan_to_num(low, nan=-torch.inf)[0].double().numpy()
             else:
                 lower = model.bounds(box, method, spec=spec_c).lower[0].double().numpy()
@@ -198,70 +240,113 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
                 if not np.any(lower[rows] > c.d):
                     open_count += 1
                 else:
-                    refuted.add((ri, kk))
+                    left.refuted.add((ri, kk))
         if open_count == 0:
-            return done("unsat", f"every output condition refuted by {method} bounds", method)
-        last_open = open_count
-    # 3. complete: branch and bound on input splits for low-dimensional inputs
-    if input_bab:
-        from .input_bab import input_split_bab
-        run, replayer = replay_runner(model)
-        total = 0
-        for ri, (region, (lo, hi)) in enumerate(zip(spec.regions, boxes)):
-            Cs = [torch.as_tensor(c.C, dtype=dt) for c in region.disjuncts]
-            ds = [torch.as_tensor(c.d, dtype=dt) for c in region.disjuncts]
-            r = input_split_bab(model, lo, hi, Cs, ds, deadline, progress=progress,
-                                expander=expander)
-            total += r.domains
-            if r.status == "candidate":
-                cex = _replay(r.x, r.disjunct, region, ri, run, replayer)
-                if cex is not None:
-                    return done("sat", f"counterexample found by input-split branch and bound "
-                                       f"and replayed with {replayer}", "bab-input", cex,
-                                domains=total)
-                # our float32 graph and the original model disagree at a boundary point
-                return done("unknown", "a candidate counterexample of branch and bound did not "
-                                       "replay on the original model", None, domains=total)
-            if r.status == "timeout":
-                return done("timeout", f"budget of {timeout:g}s ran out in branch and bound "
-                                       f"({total} domains)", None, domains=total)
-        return done("unsat", f"every output condition refuted on all {total} input-split "
-                             f"domains (CROWN bounds)", "bab-input", domains=total)
-    relu_bab = bab and any(n.op in ("relu", "leaky_relu") for n in model.graph)
-    if relu_bab:
-        from .relu_bab import relu_split_bab
-        run, replayer = replay_runner(model)
-        total = 0
-        for ri, (region, (lo, hi)) in enumerate(zip(spec.regions, boxes)):
-            if time.perf_counter() > deadline:
-                return done("timeout", f"budget of {timeout:g}s ran out in ReLU-split branch and "
-                                       f"bound ({total} domains)", None, domains=total)
-            todo = [kk for kk in range(len(region.disjuncts)) if (ri, kk) not in refuted]
-            if not todo:
-                continue
-            Cs = [torch.as_tensor(region.disjuncts[kk].C, dtype=dt) for kk in todo]
-            ds = [torch.as_tensor(region.disjuncts[kk].d, dtype=dt) for kk in todo]
-            r = relu_split_bab(model, lo, hi, Cs, ds, deadline, root=roots.get(ri),
-                               progress=progress, expander=expander)
-            total += r.domains
-            if r.status == "candidate":
-                cex = _replay(r.x, todo[r.disjunct], region, ri, run, replayer)
-                if cex is not None:
-                    return done("sat", f"counterexample found by ReLU-split branch and bound "
-                                       f"({r.reason}) and replayed with {replayer}", "bab-relu",
-                                cex, domains=total)
-                return done("unknown", "a candidate counterexample of ReLU-split branch and bound "
-                                       "did not replay on the original model", None, domains=total)
-            if r.status == "timeout":
-                return done("timeout", f"budget of {timeout:g}s ran out in ReLU-split branch and "
-                                       f"bound: {r.reason}", None, domains=total)
-            if r.status != "unsat":
-                return done("unknown", f"ReLU-split branch and bound: {r.reason}", None,
-                            domains=total)
-        return done("unsat", f"every output condition refuted: every subdomain refuted by "
-                             f"beta-CROWN bounds ({total} ReLU-split domains)", "bab-relu",
-                    domains=total)
-    if time.perf_counter() > deadline:
-        return done("timeout", f"budget of {timeout:g}s ran out")
-    return done("unknown", f"{last_open} output condition(s) not refuted by "
-                           f"{', '.join(methods)}; no counterexample found", None)
+            return Verdict("unsat", f"every output condition refuted by {method} bounds",
+                           method), left
+        left.open = open_count
+    return None, left
+
+
+@dataclass(frozen=True)
+class _Split:
+    """A split strategy as ``verify`` runs and words it: ``run(model, lo, hi, Cs, ds, deadline,
+    root, progress, expander) -> BabResult``; ``open_only``: hand it only the conjunctions the
+    incomplete bounds left open; the reasons (format fields: timeout, total, reason, replayer);
+    ``late``: the reason when the deadline passes between regions (None: the run reports it)."""
+    method: str
+    run: Callable
+    open_only: bool
+    sat: str
+    no_replay: str
+    timeout: str
+    unknown: str
+    unsat: str
+    late: str | None
+
+
+INPUT_SPLITS = _Split(
+    "bab-input",
+    lambda model, lo, hi, Cs, ds, deadline, root, progress, expander: input_split_bab(
+        model, lo, hi, Cs, ds, deadline, progress=progress, expander=expander),
+    open_only=False,
+    sat="counterexample found by input-split branch and bound and replayed with {replayer}",
+    no_replay="a candidate counterexample of branch and bound did not replay on the original "
+              "model",
+    timeout="budget of {timeout:g}s ran out in branch and bound ({total} domains)",
+    unknown="input-split branch and bound: {reason}",
+    unsat="every output condition refuted on all {total} input-split domains (CROWN bounds)",
+    late=None)
+
+RELU_SPLITS = _Split(
+    "bab-relu",
+    lambda model, lo, hi, Cs, ds, deadline, root, progress, expander: relu_split_bab(
+        model, lo, hi, Cs, ds, deadline, root=root, progress=progress, expander=expander),
+    open_only=True,
+    sat="counterexample found by ReLU-split branch and bound ({reason}) and replayed with "
+        "{replayer}",
+    no_replay="a candidate counterexample of ReLU-split branch and bound did not replay on the "
+              "original model",
+    timeout="budget of {timeout:g}s ran out in ReLU-split branch and bound: {reason}",
+    unknown="ReLU-split branch and bound: {reason}",
+    unsat="every output condition refuted: every subdomain refuted by beta-CROWN bounds "
+          "({total} ReLU-split domains)",
+    late="budget of {timeout:g}s ran out in ReLU-split branch and bound ({total} domains)")
+
+
+def _split_strategy(model, bab: bool, max_split_inputs: int) -> _Split | None:
+    """Input splits for at most ``max_split_inputs`` input values, else ReLU splits for a
+    model with a node that branch and bound may split (ReLU-like), else none."""
+    if not bab:
+        return None
+    if int(np.prod(model.input_shape)) <= max_split_inputs:
+        return INPUT_SPLITS
+    if any(n.op != "input" and RULES[n.op].splittable for n in model.graph):
+        return RELU_SPLITS
+    return None
+
+
+def _branch_and_bound(run: _Run, split: _Split, left: _Left, progress, expander) -> Verdict:
+    """Step 3: branch and bound on each region in turn until every domain is refuted
+    (``unsat``), a candidate replays on the original model (``sat``) or the budget ends."""
+    replay, replayer = replay_runner(run.model)
+    total = 0
+
+    def verdict(status, reason, method=None, cex=None):
+        why = r.reason if r is not None else ""
+        return Verdict(status, reason.format(timeout=run.timeout, total=total, reason=why,
+                                             replayer=replayer),
+                       method, cex, details={"domains": total})
+
+    r = None
+    for ri, (region, (lo, hi)) in enumerate(zip(run.spec.regions, run.boxes)):
+        if split.late is not None and run.late():
+            return verdict("timeout", split.late)
+        todo = [kk for kk in range(len(region.disjuncts))
+                if not (split.open_only and (ri, kk) in left.refuted)]
+        if not todo:
+            continue
+        Cs, ds = run.conjunctions(region, todo)
+        r = split.run(run.model, lo, hi, Cs, ds, run.deadline, left.roots.get(ri), progress,
+                      expander)
+        total += r.domains
+        if r.status == "candidate":
+            cex = _replay(r.x, todo[r.disjunct], region, ri, replay, replayer)
+            if cex is not None:
+                return verdict("sat", split.sat, split.method, cex)
+            # our float32 graph and the original model disagree at a boundary point
+            return verdict("unknown", split.no_replay)
+        if r.status == "timeout":
+            return verdict("timeout", split.timeout)
+        if r.status != "unsat":
+            return verdict("unknown", split.unknown)
+    return verdict("unsat", split.unsat, split.method)
+
+
+def _no_verdict(run: _Run, methods, left: _Left) -> Verdict:
+    """Step 4: no proof and no counterexample: ``timeout`` if the budget ran out, else
+    ``unknown``."""
+    if run.late():
+        return Verdict("timeout", f"budget of {run.timeout:g}s ran out")
+    return Verdict("unknown", f"{left.open} output condition(s) not refuted by "
+                              f"{', '.join(methods)}; no counterexample found")

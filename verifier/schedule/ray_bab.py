@@ -1,30 +1,34 @@
 """``RayDomainPool``: branch and bound (input- or ReLU-split) with its batches of domains
 bounded on Ray actors.
 
-The coordinators stay ``input_bab.input_split_bab`` and ``relu_bab.relu_split_bab`` (the
-frontier, the deadline, candidates and their replay in ``verify``); this module only implements
-their expander seam (``start`` / ``submit`` / ``collect`` / ``cancel``, see ``LocalExpander``).
-Each actor loads the ONNX model once and keeps it, with the current run's prepared problem (the
+The coordinator stays ``complete.bab.branch_and_bound`` (the frontier, the deadline, candidates
+and their replay in ``verify``); this module only implements its expander seam (``start`` /
+``submit`` / ``collect`` / ``cancel``, see ``bab.LocalExpander``). Each actor loads the ONNX
+model once and keeps it, with the current run's ``Prepared`` problem (``Problem.prepare``: the
 spec; for ReLU splits also the box's intermediate bounds), for every batch it is handed; one
 batch per actor is in flight at a time, so ``actors`` batches are bounded at once. The same pool
-serves both kinds of run (the problem's type picks the expansion). Times cross processes as
-durations (remaining seconds), never as clock values.
+serves both split strategies (the problem prepares itself and its ``Prepared`` expands a batch).
+Times cross processes as durations (remaining seconds), never as clock values.
 
 Stopping: when the coordinator returns (a candidate, the deadline, an error) it calls
 ``cancel``: no batch is handed out any more, and every batch out is cancelled with
 ``ray.cancel``: one not yet started never runs; one running sees Ray's cancellation flag
-(``is_canceled``), which the ReLU-split expansion polls between optimization steps and PGD
-steps, so it ends within one step; its result is dropped. (Stopping early only skips
-optimization steps and attacks, never a child: a stopped expansion is still sound.) The
-input-split expansion does not poll it: its batch is one CROWN pass, its attacks stop at the
-deadline it was given. An actor that dies is restarted once by Ray and its batch run again (an
-expansion depends only on its input); a second death is an error, never a closed domain.
+(``is_canceled``, passed to ``Prepared.expand`` as ``stop``), which the ReLU-split expansion
+polls between optimization steps and PGD steps, so it ends within one step; its result is
+dropped. (Stopping early only skips optimization steps and attacks, never a child: a stopped
+expansion is still sound.) The input-split expansion does not poll it: its batch is one CROWN
+pass, its attacks stop at the deadline it was given. An actor that dies is restarted once by Ray
+and its batch run again (an expansion depends only on its input); a second death is an error,
+never a closed domain.
 """
 from __future__ import annotations
 
 import itertools
 import time
 
+from ..api import BoundedModel
+from ..complete.bab import Problem
+from ..runtime import tune_allocator
 from .base import SchedulerError
 from .ray_batch import init_ray
 
@@ -42,29 +46,17 @@ class _DomainActor:
 
     def __init__(self, onnx_path: str):
         import torch
-
-        from ..api import BoundedModel
-        from ..runtime import tune_allocator
         torch.set_num_threads(1)
         tune_allocator()
         self.model = BoundedModel.from_onnx(onnx_path)
         self.run_id, self.prepared = None, None
 
-    def expand(self, run_id, problem, cur, seed, deadline_in, attack_in):
-        from ..complete.input_bab import Prepared, SplitProblem, expand_domains
-        from ..complete.relu_bab import ReluProblem, expand_relu_domains
+    def expand(self, run_id, problem, batch, seed, deadline_in, attack_in):
         now = time.perf_counter()
         deadline, attack_after = now + deadline_in, now + attack_in
-        if isinstance(problem, SplitProblem):
-            if run_id != self.run_id:
-                self.run_id, self.prepared = run_id, Prepared(self.model, problem)
-            return expand_domains(self.model, self.prepared, cur, seed, deadline, attack_after)
-        if isinstance(problem, ReluProblem):
-            if run_id != self.run_id:
-                self.run_id, self.prepared = run_id, problem.prepare(self.model)
-            return expand_relu_domains(self.prepared, cur, seed, deadline, attack_after,
-                                       iterations=problem.iterations, stop=_cancel_flag())
-        raise TypeError(f"not a branch and bound problem: {type(problem).__name__}")
+        if run_id != self.run_id:
+            self.run_id, self.prepared = run_id, problem.prepare(self.model)
+        return self.prepared.expand(batch, seed, deadline, attack_after, stop=_cancel_flag())
 
     def pid(self) -> int:
         import os
@@ -72,7 +64,8 @@ class _DomainActor:
 
 
 class RayDomainPool:
-    """An expander for ``input_split_bab``, ``relu_split_bab`` and ``verify(..., expander=)``
+    """An expander for ``bab.branch_and_bound`` (``input_split_bab``, ``relu_split_bab``) and
+    ``verify(..., expander=)``
     whose batches run on ``actors`` Ray actors holding the model of ``onnx_path`` (the same
     model the caller verifies). Local Ray with ``actors`` CPUs when ``address`` is None."""
 
@@ -98,21 +91,18 @@ class RayDomainPool:
 
     # -- the expander seam ------------------------------------------------------------------
     def start(self, problem) -> None:
-        """A new run: ``problem`` is an ``input_bab.SplitProblem`` or a
-        ``relu_bab.ReluProblem``."""
-        from ..complete.input_bab import SplitProblem
-        from ..complete.relu_bab import ReluProblem
-        if not isinstance(problem, (SplitProblem, ReluProblem)):
+        """A new run: ``problem`` is a ``bab.Problem`` (``InputProblem`` or ``ReluProblem``)."""
+        if not isinstance(problem, Problem):
             raise SchedulerError(f"RayDomainPool cannot run a {type(problem).__name__}: it "
-                                 "takes input_bab.SplitProblem or relu_bab.ReluProblem")
+                                 "takes a complete.bab.Problem (InputProblem or ReluProblem)")
         self.cancel()
         self._run = next(self._runs)
         self._problem = self._ray.put(problem)
 
-    def submit(self, cur: dict, seed: int, deadline: float, attack_after: float) -> None:
+    def submit(self, batch: dict, seed: int, deadline: float, attack_after: float) -> None:
         actor = self._free.pop()
         now = time.perf_counter()
-        ref = actor.expand.remote(self._run, self._problem, cur, seed, deadline - now,
+        ref = actor.expand.remote(self._run, self._problem, batch, seed, deadline - now,
                                   attack_after - now)
         self._pending[ref] = actor
 
