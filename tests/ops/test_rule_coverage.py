@@ -10,6 +10,7 @@ sampling its inputs inside those intervals (corners, uniform points), independen
 - backward (CROWN): ``A_lower_i·x_i + bias_lower <= A_lower·y`` and the upper twin, for random A,
   and for random relaxation parameters in ``alpha_init``'s range where the rule has some;
 - rows: the rows of a one-input affine map equal ``backward`` of one-hot A;
+- constant_shift / absorb_shift: ``y = x + b`` exactly, and the absorbing op computes ``y + b``;
 - patch_step: the patches, made dense, equal ``backward`` of the same one-hot rows;
 - deviation: ``||y(x) - y(c)||_2 <= d`` for inputs sampled in L2 balls of radii ``devs``;
 - lipschitz: ``||y(x + dx) - y(x)||_2 <= L ||dz||`` where each input moves by ``||dz||``;
@@ -18,6 +19,7 @@ sampling its inputs inside those intervals (corners, uniform points), independen
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -300,7 +302,29 @@ def test_lifted_and_live_params_answer_or_say_not_supported(op):
             assert pname not in named or pname in used, f"{op}: live params skip {pname}"
 
 
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_constant_shift_and_absorb_shift_are_exact(op):
+    graph, node, ins, _ = CASES[op]
+    rule = RULES[op]
+    xs, ys = _points(rule, node, ins, n=8)
+    b = _ask("constant_shift", lambda: rule.constant_shift(node))
+    if b is not None:   # y = x + b
+        assert all(torch.equal(ys[k], xs[0][k] + b) for k in range(8))
+    gen = torch.Generator().manual_seed(4)
+    row = torch.randn(node.shape[-1:], generator=gen, dtype=ys.dtype)
+    # (a bias that is a named parameter is never absorbed: drop the names to see the fold)
+    plain = replace(node, params={k: v for k, v in node.params.items() if k != "param_names"})
+    params = _ask("absorb_shift", lambda: rule.absorb_shift(plain, row))
+    assert params is not None or op != "linear", "a dense layer must absorb a row bias"
+    if params is not None:   # the same op with these params computes y + row
+        moved = replace(node, params=params)
+        for k in range(8):
+            got = rule.point(moved, [x[k] for x in xs])
+            assert torch.allclose(got, ys[k] + row, rtol=1e-12, atol=1e-12)
+
+
 def test_questions_are_the_ones_checked_here():
     """A new question on BoundRule needs a check in this file."""
-    assert set(QUESTIONS) == {"interval", "point", "backward", "alpha_init", "patch_step",
-                              "deviation", "lipschitz", "lifted", "live_params"}
+    assert set(QUESTIONS) == {"interval", "point", "backward", "alpha_init", "rows", "patch_step",
+                              "deviation", "lipschitz", "lifted", "live_params",
+                              "constant_shift", "absorb_shift"}

@@ -19,6 +19,9 @@ node, or raises ``NotSupported`` naming the op and the question:
    perturbation analysis); ``lipschitz(node, Ls)``: a global L2 Lipschitz bound composed from its
    inputs' (``-> (L, own constant, how)``);
 6. ``splittable``: branch and bound may split the node's input at 0 (each half is linear);
+   ``rows``: a dense layer's rows, where CROWN may start one node earlier;
+   ``constant_shift`` / ``absorb_shift``: graph simplification (a linear layer absorbs a
+   following constant add, ``verifier.graph.simplify``);
    ``weight_op``: the op that the node becomes when its parameters are perturbed (``lifted``
    checks it can), ``live_params``: the node's params read from a module's live parameters
    (certified training).
@@ -33,8 +36,8 @@ from ..errors import VerifierError
 RULES: dict[str, "BoundRule"] = {}
 
 # every question a method may ask of a rule (the coverage test walks them all)
-QUESTIONS = ("interval", "point", "backward", "alpha_init", "patch_step", "deviation",
-             "lipschitz", "lifted", "live_params")
+QUESTIONS = ("interval", "point", "backward", "alpha_init", "rows", "patch_step", "deviation",
+             "lipschitz", "lifted", "live_params", "constant_shift", "absorb_shift")
 
 
 class NotSupported(VerifierError):
@@ -114,6 +117,15 @@ class BoundRule:
         ``(M[idx]: [k, n_in], b[idx]: [k] or None)``: CROWN bounds those neurons by starting
         from its input with ``A = M[idx]``."""
         raise NotSupported(self.op, "rows")
+
+    def constant_shift(self, node) -> torch.Tensor | None:
+        """``b`` where the node is ``y = x + b`` with a constant ``b`` (graph simplification)."""
+        return None
+
+    def absorb_shift(self, node, b: torch.Tensor) -> dict | None:
+        """The params of this node followed by ``+ b``, where that is the same op exactly (in
+        the graph's dtype); None where it is not."""
+        return None
 
     def alpha_init(self, node, inputs: list[Interval], B: int, S: int, dtype):
         """Free parameters of the relaxation over the input intervals for ``S`` spec rows:

@@ -75,6 +75,10 @@ class ElementwiseAffine(AffineRule):
         b = node.params.get("b")
         return 0.0 if b is None else dot(A, b)
 
+    def constant_shift(self, node):
+        p = node.params
+        return p.get("b") if p.get("w") is None else None
+
     def op_norm(self, node):
         """``max |w|``, times ``sqrt(copies)`` where broadcasting repeats each input entry."""
         w = node.params.get("w")

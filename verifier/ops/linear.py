@@ -15,6 +15,19 @@ from .base import AffineRule, NotSupported, register
 from .norms import conv_norm, dense_norm
 
 
+def _row_bias(b: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """``b`` broadcast to the per-sample ``shape`` as one bias row of the last dim, or None when
+    it does not broadcast or varies along a leading dim."""
+    try:
+        full = torch.broadcast_to(b, shape)
+    except RuntimeError:
+        return None
+    rows = full.reshape(-1, shape[-1])
+    if not bool((rows == rows[:1]).all()):
+        return None
+    return rows[0].clone()
+
+
 def _fold(A):
     """[B, S, *shape] -> [B*S, *shape]"""
     return A.reshape(A.shape[0] * A.shape[1], *A.shape[2:])
@@ -39,6 +52,23 @@ class Linear(AffineRule):
 
     def has_rows(self, node) -> bool:
         return len(node.shape) == 1
+
+    def absorb_shift(self, node, b):
+        """The bias plus ``b`` when ``b`` is one row over the last dim and the sum is exact in
+        the weight's dtype; never into a bias a weight perturbation may replace (a named
+        parameter: the perturbed value would lose the constant)."""
+        if not node.shape or "bias" in node.params.get("param_names", {}):
+            return None
+        row = _row_bias(b, tuple(node.shape))
+        if row is None:
+            return None
+        old = node.params.get("bias")
+        W = node.params["weight"]
+        exact = row.double() + (0.0 if old is None else old.double())
+        bias = exact.to(W.dtype)
+        if not torch.equal(bias.double(), exact):
+            return None
+        return {**node.params, "bias": bias.to(W.device)}
 
     def rows(self, node, idx):
         b = node.params.get("bias")
