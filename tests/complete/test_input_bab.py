@@ -181,7 +181,8 @@ def test_clipped_boxes_keep_every_counterexample(seed):
     each box, must lie inside the clipped box, and a box called closed must hold none; the
     clipping must also cut some volume (else the test would check nothing)."""
     from verifier.bounds.crown import crown
-    from verifier.complete.input_bab import _clip_boxes, _RecordingBox
+    from verifier import Box
+    from verifier.complete.input_bab import _clip_boxes
     from verifier.complete.spec_attack import spec_attack
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(4, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 3))
@@ -199,13 +200,12 @@ def test_clipped_boxes_keep_every_counterexample(seed):
     ds = [torch.stack([(ys @ C.t()).amax(-1).quantile(0.05)] * C.shape[0]) for C in Cs]
     C_all, d_all = torch.cat(Cs), torch.cat(ds)
     owner = torch.tensor([0, 0, 1])
-    leaf = _RecordingBox(lo, hi, rows=3)
     with torch.no_grad():
-        res = crown(bm.graph, {bm.input: leaf}, C_all.expand(n, -1, -1), box_rows=False,
-                    clipped_pass=False, relax_lines=False)
+        res = crown(bm.graph, {bm.input: Box(lo, hi)}, C_all.expand(n, -1, -1), box_rows=False,
+                    clipped_pass=False, relax_lines=False, keep=(bm.input,))
     margin = res.lower - d_all
     per_k = torch.stack([margin[:, owner == k].max(1).values for k in range(2)], 1)
-    cl, ch, closed = _clip_boxes(leaf.A, res.linear_lower - d_all, per_k > 0, owner, 2, lo, hi)
+    cl, ch, closed = _clip_boxes(res.A[bm.input], res.linear_lower - d_all, per_k > 0, owner, 2, lo, hi)
     assert bool((cl >= lo).all() and (ch <= hi).all())
     corners = torch.tensor(np.array(np.meshgrid(*[[0, 1]] * 4)).reshape(4, -1).T,
                            dtype=torch.float32)

@@ -35,21 +35,6 @@ from .frontier import FRONTIER_MEMORY, BestFirstFrontier
 from .spec_attack import spec_attack
 
 
-class _RecordingBox(Box):
-    """A Box that keeps the linear coefficients ``A`` of the last lower bound concretized over
-    it with ``rows`` leading spec rows (the output spec's pass; used to pick the split)."""
-
-    def __init__(self, lower, upper, rows: int):
-        super().__init__(lower, upper)
-        self.rows = rows
-        self.A = None
-
-    def concretize(self, A, upper):
-        if not upper and A.shape[1] >= self.rows:
-            self.A = A[:, :self.rows]
-        return super().concretize(A, upper)
-
-
 def _branch_dims(A, open_, margin, per_k, owner, olo, ohi, scale, relax_terms=None):
     """The input to split in each open domain, for the row r closest to refuting the domain's
     most open conjunction: where the split is estimated to raise that row's lower bound most.
@@ -259,30 +244,36 @@ def expand_input_domains(model, pr: InputPrepared, cur: DomainBatch, seed: int, 
     if x is not None:
         return Expansion(parents=n, candidate=(*x, "the centre of a domain"))
     spec = C_all.reshape(1, *C_all.shape[:1], *model.output_shape).expand(n, -1, *model.output_shape)
-    leaf = _RecordingBox(blo, bhi, rows=C_all.shape[0])
+    leaves = {model.input: Box(blo, bhi)}
+    A = None   # the output bound's A on the input: lower(C_r y) >= A_r x + b_r ([n, R, *in])
     if keep:
         prior = None
         if "l:" + keep[0] in cur:
             prior = {k: Interval(cur["l:" + k], cur["u:" + k]) for k in keep}
         with torch.no_grad():
-            res = crown(model.graph, {model.input: leaf}, spec.to(dt), prior=prior, keep=relus,
+            res = crown(model.graph, leaves, spec.to(dt), prior=prior, keep=(*relus, model.input),
                         box_rows=False, clipped_pass=False, relax_lines=False)
-        low, nodes, record = res.lower, res.nodes, res.A
+        low, nodes, record, A = res.lower, res.nodes, res.A, res.A[model.input]
         low = torch.nan_to_num(low, nan=-torch.inf)
+    elif pr.method in ("crown", "crown-ibp"):   # no node a relaxation reads (a linear net)
+        with torch.no_grad():
+            res = crown(model.graph, leaves, spec.to(dt), method=pr.method, keep=(model.input,))
+        low = torch.nan_to_num(res.lower, nan=-torch.inf)
+        if res.A[model.input] is not None:
+            A = res.A[model.input][:, :C_all.shape[0]]
     else:
-        res = model.bounds({model.input: leaf}, pr.method, spec=spec)
-        low = res.lower
+        low = model.bounds(leaves, pr.method, spec=spec).lower
     margin = low - d_all                                          # [n, R]: > 0 refutes a row
     per_k = torch.stack([margin[:, owner == k].max(1).values for k in range(K)], 1)
     open_ = (per_k <= 0).any(1)
     if not open_.any():
         return Expansion(bounded=n, parents=n)
     olo, ohi = blo[open_], bhi[open_]
-    if pr.clip and keep and leaf.A is not None and leaf.A.shape[0] == n:
+    if pr.clip and keep and A is not None and A.shape[0] == n:
         # shrink each open box to where its conjunctions' linear lower bounds allow a
         # counterexample; a box left with none is closed
         lin = torch.nan_to_num(res.linear_lower, nan=-torch.inf)[open_] - d_all
-        cl, ch, closed = _clip_boxes(leaf.A[open_].flatten(2), lin, per_k[open_] > 0, owner, K,
+        cl, ch, closed = _clip_boxes(A[open_].flatten(2), lin, per_k[open_] > 0, owner, K,
                                      olo.flatten(1), ohi.flatten(1))
         olo, ohi = cl.reshape(olo.shape), ch.reshape(ohi.shape)
         if closed.any():
@@ -293,7 +284,7 @@ def expand_input_domains(model, pr: InputPrepared, cur: DomainBatch, seed: int, 
                 return Expansion(bounded=n, parents=n)
     out = Expansion(bounded=n, parents=n, open=int(open_.sum()),
                     worst=float(per_k[open_].min()))
-    x = _corner_candidate(model, leaf.A, open_, margin, owner, K, olo, ohi, C_all, d_all)
+    x = _corner_candidate(model, A, open_, margin, owner, K, olo, ohi, C_all, d_all)
     if x is not None:
         out.candidate = (*x, "a domain's bound-minimizing corner")
         return out
@@ -318,7 +309,7 @@ def expand_input_domains(model, pr: InputPrepared, cur: DomainBatch, seed: int, 
         oi = open_.nonzero().squeeze(1)
         terms = _relax_terms(model, relus, record, nodes, oi, cvals, centres[open_],
                              (ohi - olo).flatten(1))
-    dim = _branch_dims(leaf.A, open_, margin, per_k, owner, olo, ohi, pr.scale, terms)
+    dim = _branch_dims(A, open_, margin, per_k, owner, olo, ohi, pr.scale, terms)
     mid = ((olo.flatten(1).gather(1, dim[:, None]) + ohi.flatten(1).gather(1, dim[:, None])) / 2)
     left_hi = ohi.flatten(1).clone()
     left_hi.scatter_(1, dim[:, None], mid)
