@@ -29,6 +29,16 @@ from typing import Callable
 import torch
 
 
+
+def halted(deadline: float | None, stop: Callable[[], bool] | None) -> str | None:
+    """Why a loop must end now: "deadline" (past the ``time.perf_counter()`` value), "stop"
+    (``stop()`` is true), or None to go on. Every iterative loop (attacks, optimizers) asks it."""
+    if deadline is not None and time.perf_counter() > deadline:
+        return "deadline"
+    if stop is not None and stop():
+        return "stop"
+    return None
+
 @dataclass
 class Variable:
     """One variable of the search: ``project(y)`` maps a point to its set; ``step(g, t)`` is
@@ -90,11 +100,9 @@ def projected_gradient(objective: Callable[[dict], torch.Tensor], variables: dic
         if best_x is None:
             best_x = {k: v.clone() for k, v in x.items()}
         for t in range(steps + 1 if evaluate_last else steps):
-            if deadline is not None and time.perf_counter() > deadline:
-                reason = "deadline"
-                break
-            if stop is not None and stop():
-                reason = "stop"
+            halt = halted(deadline, stop)
+            if halt:
+                reason = halt
                 break
             it += 1
             grads = None

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from .attack import inside, project
-from .bound_types import Interval
 from .bounds.forward import evaluate
 from .perturbation import Box, LpBall
 from .projected_gradient import Variable, projected_gradient

@@ -233,8 +233,7 @@ def test_rows_and_patches_equal_dense_backward(op):
         checked = True
     elif not rule.patchable(node):
         assert _ask("patch_step", lambda: rule.patch_step(node, None, None, None, needs)) is None
-    if not checked:
-        pytest.skip(f"{op}: neither rows nor patches apply")
+    # (neither applies: the rule said NotSupported for patch_step above)
 
 
 def _ball_points(c: torch.Tensor, d: torch.Tensor, n: int, gen) -> torch.Tensor:

@@ -16,11 +16,12 @@ and it stops before an iteration once ``time.perf_counter() > deadline`` or ``st
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+
+from ..projected_gradient import halted
 
 
 @dataclass
@@ -63,11 +64,9 @@ def projected_optimize(objective: Callable[[], tuple], params, loss: Callable, b
     stall, last, reason, taken = 0, None, "iterations", 0
     with torch.enable_grad():
         for _ in range(iterations):
-            if deadline is not None and time.perf_counter() > deadline:
-                reason = "deadline"
-                break
-            if stop is not None and stop():
-                reason = "stop"
+            halt = halted(deadline, stop)
+            if halt:
+                reason = halt
                 break
             values = objective()
             best = tuple(torch.maximum(b, v.detach()) if s == "max" else torch.minimum(b, v.detach())
