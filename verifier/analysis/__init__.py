@@ -2,7 +2,9 @@
 
 * ``flatness``: certified worst-case loss of a classifier when its weights move in a set;
 * ``sensitivity``: that figure per module, ranked;
-* ``deltas``: parameter differences between models and quantization grids, as weight sets.
+* ``deltas``: parameter differences between models and quantization grids, as weight sets;
+* ``lipschitz``: certified L2 Lipschitz constants composed through the graph and the margin
+  certificates they give (``verifier.lipschitz`` re-exports them beside Lipschitz training).
 
 Import from the modules, e.g. ``from verifier.analysis.flatness import flatness``.
 """

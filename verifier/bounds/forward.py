@@ -7,7 +7,7 @@
 * IBP: ``rule.interval`` (``verifier.bounds.ibp``), intervals;
 * points: ``rule.point`` (``evaluate``), tensors, differentiable (attacks, replays);
 * weight deviation: ``rule.deviation`` (``verifier.bounds.deviation``), L2 distances;
-* Lipschitz: ``rule.lipschitz`` (``verifier.lipschitz.certify``), constants;
+* Lipschitz: ``rule.lipschitz`` (``verifier.analysis.lipschitz``), constants;
 * CROWN's intermediate bounds: IBP, then a backward pass per node (``verifier.bounds.crown``).
 
 Live training bounds are IBP / CROWN on a graph whose params are the module's live tensors

@@ -53,7 +53,7 @@ def cmd_lipschitz(a: argparse.Namespace) -> int:
 
     import torch
 
-    from ..lipschitz.certify import certified_radius, lipschitz_constant
+    from ..analysis.lipschitz import certified_radius, lipschitz_constant
     from ..model_io import load_model
     torch.set_num_threads(a.threads)
     model = load_model(a.model, a.arch, a.arch_kwargs, a.input_shape, dtype=torch.float64)

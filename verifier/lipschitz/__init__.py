@@ -3,12 +3,13 @@ bounds are in ``verifier.ops.norms``, where each rule's ``lipschitz`` reads them
 
 * ``constraints``: weight constraints applied after each optimizer step (spectral
   normalization, hammer, soft cap, hard cap, SVD clipping; weight decay as the baseline);
-* ``certify``: the model's certified constant composed through the graph, margin certificates,
-  and CROWN's L2 verification beside them;
+* the certificates (re-exported here from ``verifier.analysis.lipschitz``): the model's
+  certified constant composed through the graph, margin certificates, and CROWN's L2
+  verification beside them;
 * ``train``: the training loop (Muon or AdamW, any constraint).
 """
-from .certify import (LipschitzError, LipschitzReport, certified_radius, crown_l2,
-                      lipschitz_certify, lipschitz_constant, margins)
+from ..analysis.lipschitz import (LipschitzError, LipschitzReport, certified_radius, crown_l2,
+                                  lipschitz_certify, lipschitz_constant, margins)
 from ..ops.norms import gram_norm_bound
 from .constraints import CONSTRAINTS, apply_constraint
 

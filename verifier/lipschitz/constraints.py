@@ -13,7 +13,7 @@ vectors, using matrix products only (no SVD, no power iteration).
 
 Numerics: the SVD-based constraints work in float64 and cast back; the cast can move a singular
 value by a relative ~1e-7 (float32). Certificates never rely on a constraint having held: they
-recompute every norm from the stored weights (``verifier.lipschitz.certify``).
+recompute every norm from the stored weights (``verifier.analysis.lipschitz``).
 """
 from __future__ import annotations
 
