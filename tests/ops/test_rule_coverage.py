@@ -212,14 +212,16 @@ def test_rows_and_patches_equal_dense_backward(op):
     onehot = torch.zeros(B, rows.numel(), n, dtype=dtype)
     onehot[:, torch.arange(rows.numel()), rows] = 1.0
     onehot = onehot.view(B, rows.numel(), *node.shape)
-    checked = False
-    if rule.has_rows(node):
+    if not rule.has_rows(node):
+        assert _ask("rows", lambda: rule.rows(node, rows)) is None
+    else:
         W, b = rule.rows(node, rows)
         parts, bl, _ = rule.backward(node, onehot, onehot, needs)
         assert torch.allclose(W.expand_as(parts[0][0]), parts[0][0])
         assert torch.allclose(torch.as_tensor(0.0 if b is None else b, dtype=dtype).expand_as(bl), bl)
-        checked = True
-    if len(node.shape) == 3 and rule.patchable(node):
+    patched = len(node.shape) == 3 and rule.patchable(node)
+    assert patched or op not in ("conv", "affine"), f"{op}: its case must take the patch step"
+    if patched:
         store = start_patches(graph, node.name, rows, dtype, B)
         g, v, _ = store.patches[node.name]
         outs, pl, pu = rule.patch_step(node, g, v, v, needs)
@@ -230,10 +232,8 @@ def test_rows_and_patches_equal_dense_backward(op):
             assert torch.allclose(gi.to_dense(au, shape), du, atol=1e-10)
         assert torch.allclose(torch.as_tensor(pl, dtype=dtype).expand_as(bl), bl, atol=1e-10)
         assert torch.allclose(torch.as_tensor(pu, dtype=dtype).expand_as(bu), bu, atol=1e-10)
-        checked = True
     elif not rule.patchable(node):
         assert _ask("patch_step", lambda: rule.patch_step(node, None, None, None, needs)) is None
-    # (neither applies: the rule said NotSupported for patch_step above)
 
 
 def _ball_points(c: torch.Tensor, d: torch.Tensor, n: int, gen) -> torch.Tensor:
