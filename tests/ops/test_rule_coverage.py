@@ -84,6 +84,8 @@ MODELS = [
      (1, 6, 6), WeightPerturbation(["0.weight", "0.bias"], 0.05)),
     (lambda: nn.Sequential(nn.Linear(5, 4), nn.ReLU()), (5,),
      WeightSegment({"0.weight": torch.randn(4, 5)}, (-0.5, 1.0))),
+    (lambda: nn.Sequential(nn.Linear(5, 8), nn.SiLU(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8),
+                           nn.Softplus(beta=2.0), nn.Linear(8, 8), nn.ELU(alpha=1.5)), (5,), None),
 ]
 
 

@@ -382,6 +382,34 @@ def onnx_gemm(b, n, mod, a, w, c=None):
           param_names=_param_names(**names))
 
 
+def _arg(target, args, kwargs, name, pos, default):
+    """An activation's attribute: from its module, else its call's keyword or position."""
+    if isinstance(target, nn.Module):
+        return getattr(target, name, default)
+    return kwargs.get(name, args[pos] if len(args) > pos else default)
+
+
+def smooth(op):
+    """GELU (erf form), SiLU, Softplus, ELU: the smooth rules (``verifier.ops.smooth``)."""
+    def handler(b, n, target, x, *args, **kwargs):
+        params = {}
+        if op == "gelu":
+            form = _arg(target, args, kwargs, "approximate", 99, "none")
+            if form != "none":
+                return b.problem(n, f"GELU with approximate={form!r} (only the exact, erf form)")
+        elif op == "softplus":
+            params["beta"] = float(_arg(target, args, kwargs, "beta", 0, 1.0))
+            params["threshold"] = float(_arg(target, args, kwargs, "threshold", 1, 20.0))
+            if params["beta"] <= 0:
+                return b.problem(n, f"Softplus with beta {params['beta']} <= 0")
+        elif op == "elu":
+            params["alpha"] = float(_arg(target, args, kwargs, "alpha", 0, 1.0))
+            if params["alpha"] < 0:
+                return b.problem(n, f"ELU with alpha {params['alpha']} < 0")
+        b.add(n, op, [x], **params)
+    return handler
+
+
 def onnx_batchnorm(b, n, mod, x, weight, bias, mean, var):
     _batchnorm(b, n, x, weight, bias, mean, var, mod.epsilon)
 
@@ -435,6 +463,8 @@ def _build_module_table():
         nn.BatchNorm1d: batchnorm_module, nn.BatchNorm2d: batchnorm_module,
         nn.ReLU: activation("relu"), nn.LeakyReLU: activation("leaky_relu"),
         nn.Sigmoid: activation("sigmoid"), nn.Tanh: activation("tanh"),
+        nn.SiLU: smooth("silu"), nn.GELU: smooth("gelu"), nn.Softplus: smooth("softplus"),
+        nn.ELU: smooth("elu"),
         nn.Flatten: select, nn.Unflatten: select, nn.ZeroPad2d: select, nn.ConstantPad1d: select,
         nn.ConstantPad2d: select, nn.ReflectionPad1d: select, nn.ReflectionPad2d: select,
         nn.ReplicationPad1d: select, nn.ReplicationPad2d: select,
@@ -469,6 +499,8 @@ FUNCTIONS = {
     torch.relu: activation("relu"), F.relu: activation("relu"), F.leaky_relu: activation("leaky_relu"),
     torch.sigmoid: activation("sigmoid"), F.sigmoid: activation("sigmoid"),
     torch.tanh: activation("tanh"), F.tanh: activation("tanh"),
+    F.silu: smooth("silu"), F.gelu: smooth("gelu"), F.softplus: smooth("softplus"),
+    F.elu: smooth("elu"),
     torch.flatten: select, torch.reshape: select, torch.permute: select, torch.transpose: select,
     torch.squeeze: select, torch.unsqueeze: select, operator.getitem: select, F.pad: select,
     torch.narrow: select, torch.t: select, torch.movedim: select, torch.index_select: select,

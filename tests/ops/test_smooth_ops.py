@@ -1,0 +1,87 @@
+"""The smooth element-wise rules (GELU, SiLU, Softplus, ELU; ``verifier.ops.smooth``): their lines
+hold on dense grids of many intervals (narrow, wide, one-sided, across every breakpoint,
+degenerate), their intervals contain every value, and whole models bounded with every method
+contain sampled and PGD points (``check_sound``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from helpers import check_sound, linf
+from verifier import BoundedModel
+from verifier.bound_types import Interval
+from verifier.graph.nodes import Node
+from verifier.ops import RULES
+
+CASES = [("silu", {}), ("gelu", {}), ("softplus", {"beta": 1.0, "threshold": 20.0}),
+         ("softplus", {"beta": 3.0, "threshold": 5.0}), ("elu", {"alpha": 1.0}),
+         ("elu", {"alpha": 0.3}), ("elu", {"alpha": 2.5})]
+
+
+def _intervals(dtype):
+    """600 intervals: random centres and widths over [-8, 8], plus ones around each breakpoint
+    and degenerate ones."""
+    g = torch.Generator().manual_seed(0)
+    c = torch.rand(500, generator=g, dtype=torch.float64) * 16 - 8
+    w = torch.rand(500, generator=g, dtype=torch.float64) ** 3 * 10
+    l, u = c - w / 2, c + w / 2
+    extra_c = torch.tensor([-2.3994, 2.3994, -1.4142, 1.4142, 0.0] * 18, dtype=torch.float64)
+    extra_w = torch.rand(90, generator=g, dtype=torch.float64) * 1.5
+    l = torch.cat([l, extra_c - extra_w / 2, torch.tensor([0.3] * 10, dtype=torch.float64)])
+    u = torch.cat([u, extra_c + extra_w / 2, torch.tensor([0.3] * 10, dtype=torch.float64)])
+    return l.to(dtype), u.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("op,params", CASES)
+def test_lines_and_interval_hold_on_dense_grids(op, params, dtype):
+    rule = RULES[op]
+    node = Node("a", op, ["x"], (600,), dict(params))
+    l, u = _intervals(dtype)
+    kl, bl, ku, bu = rule.relax(node, l.unsqueeze(0), u.unsqueeze(0))
+    iv = rule.interval(node, [Interval(l.unsqueeze(0), u.unsqueeze(0))])
+    t = torch.linspace(0, 1, 2001, dtype=torch.float64).unsqueeze(1)
+    x = l.double() + t * (u.double() - l.double())                  # [2001, 600]
+    y = rule.f(node, x.to(dtype)).double()                          # the function in the graph's dtype
+    lo_line = kl.double() * x.to(dtype).double() + bl.double()
+    up_line = ku.double() * x.to(dtype).double() + bu.double()
+    assert bool((lo_line <= y).all()), f"{op}: a lower line cut f"
+    assert bool((y <= up_line).all()), f"{op}: an upper line cut f"
+    assert bool((iv.lower.double() <= y).all() and (y <= iv.upper.double()).all())
+
+
+@pytest.mark.parametrize("op,params", CASES)
+def test_lines_are_tight_on_narrow_intervals(op, params):
+    """Not just sound: on a narrow interval the two lines are within O(width^2) of f."""
+    rule = RULES[op]
+    node = Node("a", op, ["x"], (50,), dict(params))
+    c = torch.linspace(-5, 5, 50, dtype=torch.float64).unsqueeze(0)
+    kl, bl, ku, bu = rule.relax(node, c - 1e-2, c + 1e-2)
+    gap = (ku - kl) * c + (bu - bl)
+    extra = rule._gap(node) if op == "softplus" else 0.0   # torch's threshold switch
+    assert float(gap.max()) < 1e-3 + 2 * extra
+
+
+def test_silu_and_gelu_models_are_sound_under_every_method():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.SiLU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 3))
+    check_sound(BoundedModel(net, input_shape=(6,), dtype=torch.float64),
+                linf(torch.randn(3, 6), 0.6), methods=("ibp", "crown", "crown-ibp", "alpha-crown"))
+
+
+def test_softplus_and_elu_cnn_is_sound():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ELU(alpha=1.5), nn.Conv2d(3, 2, 3, stride=2),
+                        nn.Softplus(beta=2.0), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
+    check_sound(BoundedModel(net, input_shape=(1, 7, 7), dtype=torch.float64),
+                linf(torch.rand(2, 1, 7, 7), 0.3), methods=("ibp", "crown", "crown-ibp"))
+
+
+def test_unsupported_attributes_are_reported():
+    from verifier import UnsupportedOpsError
+    net = nn.Sequential(nn.Linear(3, 4), nn.GELU(approximate="tanh"), nn.Linear(4, 2), nn.ELU(alpha=-1.0))
+    with pytest.raises(UnsupportedOpsError) as e:
+        BoundedModel(net, input_shape=(3,))
+    text = str(e.value)
+    assert "approximate='tanh'" in text and "alpha -1.0" in text
