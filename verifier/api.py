@@ -19,6 +19,7 @@ from .bounds.crown import crown_bounds, ibp_spec_bounds
 from .bounds.forward import evaluate
 from .bounds.ibp import ibp_bounds
 from .errors import ShapeError, VerifierError
+from .graph.fuse import fuse_gelu
 from .graph.live import live_graph
 from .graph.nodes import Graph
 from .graph.onnx_loader import load_onnx
@@ -95,8 +96,8 @@ class BoundedModel:
         example_input = torch.as_tensor(example_input)[:1].to(torch.float32)
         self.module = model.eval()
         self.dtype = dtype
-        self.graph: Graph = fold_bias_adds(build_graph(self.module, (example_input,),
-                                                       [input_name] if input_name else None).to(dtype))
+        traced = build_graph(self.module, (example_input,), [input_name] if input_name else None)
+        self.graph: Graph = fuse_gelu(fold_bias_adds(traced.to(dtype)))
         if len(self.graph.leaves) != 1:
             raise ShapeError(f"the model takes {len(self.graph.leaves)} inputs; one is supported")
         self.input = self.graph.leaves[0]

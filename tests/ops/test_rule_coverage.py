@@ -65,6 +65,17 @@ class _MatLeft(nn.Module):
         return torch.tanh(self.M @ x.view(-1, 4, 2))
 
 
+class _Hard(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = torch.erf(self.fc1(x))
+        h = torch.exp(h) + h.abs() + torch.clamp(h, -0.2, 0.5)
+        return F.hardswish(self.fc2(h)) + F.hardsigmoid(h)
+
+
 def _conv_net():
     return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3).eval(), nn.ReLU(),
                          nn.MaxPool2d(2), nn.ConvTranspose2d(3, 2, 2, stride=2),
@@ -86,6 +97,7 @@ MODELS = [
      WeightSegment({"0.weight": torch.randn(4, 5)}, (-0.5, 1.0))),
     (lambda: nn.Sequential(nn.Linear(5, 8), nn.SiLU(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8),
                            nn.Softplus(beta=2.0), nn.Linear(8, 8), nn.ELU(alpha=1.5)), (5,), None),
+    (_Hard, (5,), None),
 ]
 
 

@@ -410,6 +410,40 @@ def smooth(op):
     return handler
 
 
+def clamp(default_lo=None, default_hi=None):
+    """Hardtanh / ReLU6 / clamp with constant bounds: the ``hardtanh`` rule."""
+    def handler(b, n, target, x, *args, **kwargs):
+        if isinstance(target, nn.Module):
+            lo, hi = getattr(target, "min_val", default_lo), getattr(target, "max_val", default_hi)
+        else:
+            names = ("min_val", "max_val") if default_lo is not None else ("min", "max")
+            lo = kwargs.get(names[0], args[0] if args else default_lo)
+            hi = kwargs.get(names[1], args[1] if len(args) > 1 else default_hi)
+        if isinstance(lo, Ref) or isinstance(hi, Ref) or isinstance(lo, torch.Tensor) \
+                or isinstance(hi, torch.Tensor):
+            return b.problem(n, "clamp with tensor bounds (constant numbers only)")
+        lo = -math.inf if lo is None else float(lo)
+        hi = math.inf if hi is None else float(hi)
+        if not lo < hi:
+            return b.problem(n, f"clamp with min {lo} >= max {hi}")
+        b.add(n, "hardtanh", [x], min_val=lo, max_val=hi)
+    return handler
+
+
+def hardsigmoid(b, n, target, x, *args, **kwargs):
+    alpha, beta = (float(target.alpha), float(target.beta)) if hasattr(target, "alpha") else (1 / 6, 0.5)
+    if alpha <= 0:
+        return b.problem(n, f"HardSigmoid with alpha {alpha} <= 0")
+    b.add(n, "hardsigmoid", [x], alpha=alpha, beta=beta)
+
+
+def plain(op):
+    """An element-wise op without attributes (exp, abs, erf, hardswish)."""
+    def handler(b, n, target, x, *args, **kwargs):
+        b.add(n, op, [x])
+    return handler
+
+
 def onnx_batchnorm(b, n, mod, x, weight, bias, mean, var):
     _batchnorm(b, n, x, weight, bias, mean, var, mod.epsilon)
 
@@ -423,8 +457,11 @@ def onnx_function(b, n, mod, x, *args, **kwargs):
     fn = getattr(mod, "function", None)
     op = {torch.tanh: "tanh", torch.sigmoid: "sigmoid", torch.relu: "relu"}.get(fn)
     if op is None:
-        return b.problem(n, f"no bound rule for the element-wise function "
-                            f"{getattr(fn, '__name__', fn)}")
+        op = {torch.exp: "exp", torch.abs: "abs", torch.erf: "erf"}.get(fn)
+        if op is None:
+            return b.problem(n, f"no bound rule for the element-wise function "
+                                f"{getattr(fn, '__name__', fn)}")
+        return plain(op)(b, n, mod, x)
     return activation(op)(b, n, mod, x)
 
 
@@ -443,6 +480,7 @@ def _onnx_classes():
         "gemm": ["OnnxGemm"], "batch_norm": ["OnnxBatchNorm"], "concat": ["OnnxConcat"],
         "neg": ["OnnxNeg"], "functions": ["OnnxFunction"], "global_average_pool": ["OnnxGlobalAveragePool",
                                                     "OnnxGlobalAveragePoolWithKnownInputShape"],
+        "activations": ["OnnxErf", "OnnxHardSigmoid"],
     }
     found = {}
     for mod_name, classes in names.items():
@@ -464,7 +502,8 @@ def _build_module_table():
         nn.ReLU: activation("relu"), nn.LeakyReLU: activation("leaky_relu"),
         nn.Sigmoid: activation("sigmoid"), nn.Tanh: activation("tanh"),
         nn.SiLU: smooth("silu"), nn.GELU: smooth("gelu"), nn.Softplus: smooth("softplus"),
-        nn.ELU: smooth("elu"),
+        nn.ELU: smooth("elu"), nn.Hardtanh: clamp(-1.0, 1.0), nn.ReLU6: clamp(0.0, 6.0),
+        nn.Hardsigmoid: hardsigmoid, nn.Hardswish: plain("hardswish"),
         nn.Flatten: select, nn.Unflatten: select, nn.ZeroPad2d: select, nn.ConstantPad1d: select,
         nn.ConstantPad2d: select, nn.ReflectionPad1d: select, nn.ReflectionPad2d: select,
         nn.ReplicationPad1d: select, nn.ReplicationPad2d: select,
@@ -483,7 +522,8 @@ def _build_module_table():
     for c, h in (("OnnxCopyIdentity", alias), ("OnnxDropoutDynamic", alias),
                  ("OnnxBinaryMathOperation", onnx_binary), ("OnnxMatMul", binary("matmul")),
                  ("OnnxGemm", onnx_gemm), ("OnnxBatchNorm", onnx_batchnorm), ("OnnxConcat", onnx_concat),
-                 ("OnnxNeg", neg), ("OnnxFunction", onnx_function),
+                 ("OnnxNeg", neg), ("OnnxFunction", onnx_function), ("OnnxErf", plain("erf")),
+                 ("OnnxHardSigmoid", hardsigmoid),
                  ("OnnxGlobalAveragePool", global_avgpool),
                  ("OnnxGlobalAveragePoolWithKnownInputShape", global_avgpool)):
         if c in onnx:
@@ -500,7 +540,10 @@ FUNCTIONS = {
     torch.sigmoid: activation("sigmoid"), F.sigmoid: activation("sigmoid"),
     torch.tanh: activation("tanh"), F.tanh: activation("tanh"),
     F.silu: smooth("silu"), F.gelu: smooth("gelu"), F.softplus: smooth("softplus"),
-    F.elu: smooth("elu"),
+    F.elu: smooth("elu"), torch.exp: plain("exp"), torch.abs: plain("abs"),
+    torch.erf: plain("erf"), torch.special.erf: plain("erf"), F.hardswish: plain("hardswish"),
+    F.hardsigmoid: hardsigmoid, F.hardtanh: clamp(-1.0, 1.0), F.relu6: clamp(0.0, 6.0),
+    torch.clamp: clamp(), torch.clip: clamp(),
     torch.flatten: select, torch.reshape: select, torch.permute: select, torch.transpose: select,
     torch.squeeze: select, torch.unsqueeze: select, operator.getitem: select, F.pad: select,
     torch.narrow: select, torch.t: select, torch.movedim: select, torch.index_select: select,
@@ -516,7 +559,8 @@ METHODS = {
                            "__getitem__", "movedim")},
     "contiguous": alias, "clone": alias, "add": binary("add"), "sub": binary("sub"), "mul": binary("mul"),
     "div": binary("div"), "matmul": binary("matmul"), "neg": neg, "relu": activation("relu"),
-    "sigmoid": activation("sigmoid"), "tanh": activation("tanh"),
+    "sigmoid": activation("sigmoid"), "tanh": activation("tanh"), "exp": plain("exp"),
+    "abs": plain("abs"), "erf": plain("erf"), "clamp": clamp(), "clip": clamp(),
     "__add__": binary("add"), "__sub__": binary("sub"), "__mul__": binary("mul"),
 }
 

@@ -6,6 +6,8 @@ deviation and the Lipschitz bound both follow from the largest slope ``slope_bou
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..bound_types import Interval
@@ -381,3 +383,14 @@ class Tanh(SShaped):
 
     def df(self, x):
         return 1 - torch.tanh(x) ** 2
+
+
+@register("erf")
+class Erf(SShaped):
+    """``erf(x)``: increasing, convex on x <= 0, concave on x >= 0, odd; ``f' = 2/sqrt(pi) e^(-x^2)``."""
+
+    def f(self, node, x):
+        return torch.erf(x)
+
+    def df(self, x):
+        return 2 / math.sqrt(math.pi) * torch.exp(-x * x)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..bound_types import Interval
 from .activation import ElementwiseRelaxation
-from .base import register
+from .base import NotSupported, register
 
 SLACK = 1e-6   # relative margin of the slope bound
 
@@ -59,6 +59,8 @@ class SmoothElementwise(ElementwiseRelaxation):
         return ()
 
     def slope_bound(self, node) -> float:
+        if not all(math.isfinite(v) for v in self.slope_limits):
+            raise NotSupported(self.op, "lipschitz", f"{self.op} has no global slope bound")
         pts = torch.tensor(self.breakpoints(node), dtype=torch.float64)
         vals = [abs(v) for v in self.slope_limits]
         if pts.numel():
@@ -219,3 +221,103 @@ class ELU(SmoothElementwise):
 
     def slope_bound(self, node) -> float:
         return max(1.0, node.params.get("alpha", 1.0)) * (1 + SLACK)
+
+
+@register("exp")
+class Exp(SmoothElementwise):
+    """``exp(x)``: convex and increasing; no global slope bound (no Lipschitz constant)."""
+
+    slope_limits = (0.0, math.inf)
+
+    def f(self, node, x):
+        return torch.exp(x)
+
+    def df(self, node, x):
+        return torch.exp(x)
+
+
+@register("abs")
+class Abs(SmoothElementwise):
+    """``|x|``: convex, a kink at 0."""
+
+    slope_limits = (-1.0, 1.0)
+
+    def f(self, node, x):
+        return x.abs()
+
+    def df(self, node, x):
+        return torch.where(x > 0, 1.0, -1.0).to(x.dtype)
+
+    def breakpoints(self, node):
+        return (0.0,)
+
+
+class PiecewiseLinear(SmoothElementwise):
+    """A continuous piecewise-linear (or piecewise smooth) function whose kinks are its
+    breakpoints: on each piece f' is constant or monotone."""
+
+
+@register("hardtanh")
+class Hardtanh(PiecewiseLinear):
+    """``clamp(x, min_val, max_val)`` (params ``min_val`` < ``max_val``, either may be infinite;
+    ReLU6 is (0, 6))."""
+
+    slope_limits = (0.0, 0.0)
+
+    def f(self, node, x):
+        lo, hi = node.params["min_val"], node.params["max_val"]
+        return x.clamp(lo if math.isfinite(lo) else None, hi if math.isfinite(hi) else None)
+
+    def df(self, node, x):
+        p = node.params
+        return ((x > p["min_val"]) & (x < p["max_val"])).to(x.dtype)
+
+    def breakpoints(self, node):
+        return tuple(v for v in (node.params["min_val"], node.params["max_val"]) if math.isfinite(v))
+
+    def slope_bound(self, node) -> float:
+        return 1.0
+
+
+@register("hardsigmoid")
+class Hardsigmoid(PiecewiseLinear):
+    """``clamp(alpha x + beta, 0, 1)`` (params ``alpha`` > 0, ``beta``; torch: 1/6 and 1/2)."""
+
+    slope_limits = (0.0, 0.0)
+
+    def f(self, node, x):
+        p = node.params
+        return (p["alpha"] * x + p["beta"]).clamp(0.0, 1.0)
+
+    def df(self, node, x):
+        p = node.params
+        z = p["alpha"] * x + p["beta"]
+        return ((z > 0) & (z < 1)).to(x.dtype) * p["alpha"]
+
+    def breakpoints(self, node):
+        p = node.params
+        return (-p["beta"] / p["alpha"], (1 - p["beta"]) / p["alpha"])
+
+    def slope_bound(self, node) -> float:
+        return node.params["alpha"] * (1 + SLACK)
+
+
+@register("hardswish")
+class Hardswish(PiecewiseLinear):
+    """``x relu6(x + 3) / 6``: 0 below -3, ``x (x + 3) / 6`` (convex) on [-3, 3], x above 3;
+    f' from -0.5 to 1.5."""
+
+    slope_limits = (0.0, 1.0)
+
+    def f(self, node, x):
+        return F.hardswish(x)
+
+    def df(self, node, x):
+        mid = (2 * x + 3) / 6
+        return torch.where(x < -3, torch.zeros_like(x), torch.where(x > 3, torch.ones_like(x), mid))
+
+    def breakpoints(self, node):
+        return (-3.0, 3.0)
+
+    def slope_bound(self, node) -> float:
+        return 1.5 * (1 + SLACK)
