@@ -68,9 +68,14 @@ class SmoothElementwise(ElementwiseRelaxation):
         return max(vals) * (1 + SLACK)
 
     # --- the bound on g(x) = f(x) - k x over [l, u] ------------------------------------------
+    def margin(self, node) -> float:
+        """An absolute widening of every bound (torch's departure from the formula, if any)."""
+        return 0.0
+
     def _extreme(self, node, l, u, k, upper: bool):
         """A rigorous bound on ``max`` (``upper``) or ``min`` of ``f(x) - k x`` over ``[l, u]``
-        (float64 tensors of one shape)."""
+        (float64, broadcastable). Differentiable in ``k`` (the envelope: the candidates are found
+        without gradients, then evaluated with them)."""
         s = 1.0 if upper else -1.0
 
         def h(x):
@@ -79,6 +84,7 @@ class SmoothElementwise(ElementwiseRelaxation):
         def dh(x):
             return s * (self.df(node, x) - k)
 
+        l, u = torch.broadcast_tensors(l, u, k.detach())[:2]
         best = torch.maximum(h(l), h(u))
         edges = [-math.inf, *self.breakpoints(node), math.inf]
         for p in self.breakpoints(node):
@@ -86,19 +92,20 @@ class SmoothElementwise(ElementwiseRelaxation):
             inside = (l < pt) & (pt < u)
             best = torch.where(inside, torch.maximum(best, h(pt)), best)
         for lo_e, hi_e in zip(edges[:-1], edges[1:]):
-            a = l.clamp(min=lo_e) if math.isfinite(lo_e) else l
-            b = u.clamp(max=hi_e) if math.isfinite(hi_e) else u
-            # an interior maximum of h needs h' >= 0 at a and <= 0 at b (h' monotone here)
-            live = (a < b) & (dh(a) >= 0) & (dh(b) <= 0)
-            if not bool(live.any()):
-                continue
-            a = torch.where(live, a, l)
-            b = torch.where(live, b, l)
-            for _ in range(self.iters):
-                m = (a + b) / 2
-                up = dh(m) >= 0
-                a = torch.where(up, m, a)
-                b = torch.where(up, b, m)
+            with torch.no_grad():
+                a = l.clamp(min=lo_e) if math.isfinite(lo_e) else l
+                b = u.clamp(max=hi_e) if math.isfinite(hi_e) else u
+                # an interior maximum of h needs h' >= 0 at a and <= 0 at b (h' monotone here)
+                live = (a < b) & (dh(a) >= 0) & (dh(b) <= 0)
+                if not bool(live.any()):
+                    continue
+                a = torch.where(live, a, l)
+                b = torch.where(live, b, l)
+                for _ in range(self.iters):
+                    m = (a + b) / 2
+                    up = dh(m) >= 0
+                    a = torch.where(up, m, a)
+                    b = torch.where(up, b, m)
             # h is concave on the region (h' decreasing through its root): h <= h(a) + h'(a)(x - a)
             bound = h(a) + dh(a).clamp(min=0) * (b - a)
             best = torch.where(live, torch.maximum(best, bound), best)
@@ -109,12 +116,29 @@ class SmoothElementwise(ElementwiseRelaxation):
         d = slack(dtype) * (1 + v.abs() + (0.0 if scale is None else scale))
         return (v + d if up else v - d).to(dtype)
 
+    def _line(self, node, l, u, k, upper: bool, dtype):
+        """The line ``k x + b`` above (``upper``) or below f on ``[l, u]`` for the slope ``k``
+        (float64): ``b`` from ``_extreme``, widened for the rounding of k to ``dtype`` (the line
+        is evaluated with the rounded k) and by the slack; -> (k, b) in ``dtype``."""
+        b = self._extreme(node, l, u, k, upper)
+        kd = k.to(dtype)
+        far = torch.maximum(l.abs(), u.abs())
+        reach = (far * (kd.double() - k).abs()).detach() + self.margin(node)
+        kx = kd.double().abs().detach() * far   # the line's values reach |b| + |k| max|x|
+        return kd, self._round(b + reach if upper else b - reach, upper, dtype, kx)
+
+    def _chord(self, node, l, u):
+        width = u - l
+        wide = width > 1e-9
+        chord = (self.f(node, u) - self.f(node, l)) / torch.where(wide, width, torch.ones_like(width))
+        return torch.where(wide, chord, self.df(node, (l + u) / 2))
+
     def interval(self, node, inputs):
         (x,) = inputs
         l, u = x.lower.double(), x.upper.double()
         zero = torch.zeros_like(l)
-        lo = self._extreme(node, l, u, zero, upper=False)
-        hi = self._extreme(node, l, u, zero, upper=True)
+        lo = self._extreme(node, l, u, zero, upper=False) - self.margin(node)
+        hi = self._extreme(node, l, u, zero, upper=True) + self.margin(node)
         return Interval(self._round(lo, False, x.lower.dtype), self._round(hi, True, x.upper.dtype))
 
     def point(self, node, inputs):
@@ -123,20 +147,10 @@ class SmoothElementwise(ElementwiseRelaxation):
     def relax(self, node, l, u):
         dtype = l.dtype
         l, u = l.double(), u.double()
-        width = u - l
-        wide = width > 1e-9
-        chord = (self.f(node, u) - self.f(node, l)) / torch.where(wide, width, torch.ones_like(width))
-        k = torch.where(wide, chord, self.df(node, (l + u) / 2))
-        bl = self._extreme(node, l, u, k, upper=False)
-        bu = self._extreme(node, l, u, k, upper=True)
-        k = k.to(dtype)
-        # the lines are evaluated with the rounded k: widen the offsets by |dk| max |x|
-        far = torch.maximum(l.abs(), u.abs())
-        dk = (k.double() - torch.where(wide, chord, self.df(node, (l + u) / 2))).abs()
-        reach = far * dk
-        kx = k.double().abs() * far   # the line's values reach |b| + |k| max|x|
-        return (k, self._round(bl - reach, False, dtype, kx), k,
-                self._round(bu + reach, True, dtype, kx))
+        k = self._chord(node, l, u)
+        kl, bl = self._line(node, l, u, k, False, dtype)
+        ku, bu = self._line(node, l, u, k, True, dtype)
+        return kl, bl, ku, bu
 
 
 @register("silu")
@@ -195,13 +209,8 @@ class Softplus(SmoothElementwise):
         torch's values with the formula's derivative)."""
         return 2 * math.exp(-node.params.get("threshold", 20.0)) / node.params.get("beta", 1.0)
 
-    def relax(self, node, l, u):
-        kl, bl, ku, bu = super().relax(node, l, u)
-        return kl, bl - self._gap(node), ku, bu + self._gap(node)
-
-    def interval(self, node, inputs):
-        iv = super().interval(node, inputs)
-        return Interval(iv.lower - self._gap(node), iv.upper + self._gap(node))
+    def margin(self, node) -> float:
+        return self._gap(node)
 
 
 @register("elu")
