@@ -33,12 +33,12 @@ def make_mlp(path: Path, seed: int = 0) -> Path:
 
 
 def make_unsupported(path: Path) -> Path:
-    """MatMul -> Exp -> Softmax: two nodes without a bound rule."""
+    """MatMul -> Floor -> Softmax: two nodes without a bound rule."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     W = numpy_helper.from_array(np.ones((4, 3), np.float32), "W")
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"),
-             helper.make_node("Exp", ["h"], ["e"], name="the_exp"),
+             helper.make_node("Floor", ["h"], ["e"], name="the_floor"),
              helper.make_node("Softmax", ["e"], ["y"], name="the_softmax", axis=-1)]
     g = helper.make_graph(nodes, "unsup", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
                                                                         [1, 4])],
