@@ -19,7 +19,7 @@ from .bounds.crown import crown_bounds, ibp_spec_bounds
 from .bounds.forward import evaluate
 from .bounds.ibp import ibp_bounds
 from .errors import ShapeError, VerifierError
-from .graph.fuse import fuse_gelu
+from .graph.fuse import fuse
 from .graph.live import live_graph
 from .graph.nodes import Graph
 from .graph.onnx_loader import load_onnx
@@ -97,7 +97,7 @@ class BoundedModel:
         self.module = model.eval()
         self.dtype = dtype
         traced = build_graph(self.module, (example_input,), [input_name] if input_name else None)
-        self.graph: Graph = fuse_gelu(fold_bias_adds(traced.to(dtype)))
+        self.graph: Graph = fuse(fold_bias_adds(traced.to(dtype)))
         if len(self.graph.leaves) != 1:
             raise ShapeError(f"the model takes {len(self.graph.leaves)} inputs; one is supported")
         self.input = self.graph.leaves[0]

@@ -88,3 +88,32 @@ def test_gelu_mlp_from_onnx_is_at_least_as_tight_as_the_reference():
         low = res.lower[0].double().numpy()
         assert (low <= np.array(s["empirical"]["min"]) + 1e-5).all()          # sound
         assert (low >= np.array(s["CROWN"]["lower"]) - 1e-4).all()            # as tight
+
+
+def test_written_out_silu_is_one_node_and_sound():
+    class HandSilu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 12), nn.Linear(12, 3)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            return self.fc2(h * torch.sigmoid(h))
+
+    torch.manual_seed(1)
+    bm = BoundedModel(HandSilu(), input_shape=(4,), dtype=torch.float64)
+    ops = [n.op for n in bm.graph]
+    assert "silu" in ops and "sigmoid" not in ops and "mul" not in ops, ops
+    check_sound(bm, linf(torch.randn(3, 4), 0.5), methods=("ibp", "crown", "crown-ibp", "alpha-crown"))
+
+
+def test_silu_exported_to_onnx_is_fused(tmp_path):
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 2)).eval()
+    path = tmp_path / "silu.onnx"
+    torch.onnx.export(net, torch.zeros(1, 4), str(path), opset_version=13, dynamo=False)
+    bm = BoundedModel.from_onnx(path)
+    assert "silu" in [n.op for n in bm.graph]
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        assert torch.allclose(bm.graph_forward(x).float(), net(x), atol=1e-5)

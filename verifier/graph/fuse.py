@@ -8,6 +8,11 @@ factors' boxes loses their dependence (on the reference ``gelu_mlp``, CROWN's me
 is -32.9 that way). It becomes ``(2 p)·gelu(x)``: a ``gelu`` node and a scaling ``affine`` node
 that keeps the product's name. ``s`` must be 1/sqrt(2) within 1e-6 (relative): the model then
 computes GELU up to that rounding of the constant, which the smooth rule's slack covers.
+
+``fuse_silu``: SiLU as exporters write it, ``x * sigmoid(x)`` (ONNX ``Sigmoid`` then ``Mul``),
+becomes one ``silu`` node, for the same reason.
+
+``fuse`` applies both.
 """
 from __future__ import annotations
 
@@ -98,6 +103,32 @@ def fuse_gelu(graph: Graph) -> Graph:
         else:
             nodes.append(node)
     return Graph(nodes, output=graph.output, leaves=graph.leaves)
+
+
+def fuse_silu(graph: Graph) -> Graph:
+    """``graph`` with every ``x * sigmoid(x)`` as a ``silu`` node named after the product."""
+    plan, dead = {}, set()
+    for node in graph:
+        if node.op != "mul" or len(node.inputs) != 2:
+            continue
+        for a, b in (node.inputs, node.inputs[::-1]):
+            sig = graph[b]
+            if (sig.op == "sigmoid" and sig.inputs == [a] and len(graph.consumers(b)) == 1
+                    and tuple(graph[a].shape) == tuple(node.shape)):
+                plan[node.name] = a
+                dead.add(b)
+                break
+    if not plan:
+        return graph
+    nodes = [replace(n, op="silu", inputs=[plan[n.name]], params={},
+                     source=f"{n.source} (x * sigmoid(x))") if n.name in plan else n
+             for n in graph if n.name not in dead]
+    return Graph(nodes, output=graph.output, leaves=graph.leaves)
+
+
+def fuse(graph: Graph) -> Graph:
+    """Every fusion of this module."""
+    return fuse_silu(fuse_gelu(graph))
 
 
 def _dtype(graph: Graph) -> torch.dtype:
