@@ -21,7 +21,7 @@ CASES = [("silu", {}), ("gelu", {}), ("softplus", {"beta": 1.0, "threshold": 20.
          ("hardtanh", {"min_val": -1.0, "max_val": 1.0}), ("hardtanh", {"min_val": 0.0, "max_val": 6.0}),
          ("hardtanh", {"min_val": 0.2, "max_val": float("inf")}),
          ("hardsigmoid", {"alpha": 1 / 6, "beta": 0.5}), ("hardsigmoid", {"alpha": 0.2, "beta": 0.5}),
-         ("hardswish", {})]
+         ("hardswish", {}), ("sin", {}), ("cos", {})]
 
 
 def _intervals(dtype):
@@ -110,6 +110,35 @@ def test_clamp_and_hard_activations_cnn_is_sound():
 
     check_sound(BoundedModel(Net(), input_shape=(1, 7, 7), dtype=torch.float64),
                 linf(torch.rand(2, 1, 7, 7), 0.3), methods=("ibp", "crown", "crown-ibp", "alpha-crown"))
+
+
+@pytest.mark.parametrize("op", ["sin", "cos"])
+def test_periodic_rules_hold_past_their_turn_limit(op):
+    """A range with more turns than MAX_TURNS: the constant-bound fallback, still sound."""
+    rule = RULES[op]
+    node = Node("a", op, ["x"], (4,), {})
+    l = torch.tensor([[-300.0, -1.0, 0.5, 250.0]], dtype=torch.float64)
+    u = torch.tensor([[-290.0, 2.0, 0.6, 260.0]], dtype=torch.float64)
+    kl, bl, ku, bu = rule.relax(node, l, u)
+    iv = rule.interval(node, [Interval(l, u)])
+    x = l + torch.linspace(0, 1, 20001, dtype=torch.float64).unsqueeze(1) * (u - l)
+    y = rule.f(node, x)
+    assert bool((kl * x + bl <= y).all() and (y <= ku * x + bu).all())
+    assert bool((iv.lower <= y).all() and (y <= iv.upper).all())
+
+
+def test_a_siren_is_sound():
+    class Siren(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.l3 = nn.Linear(2, 16), nn.Linear(16, 16), nn.Linear(16, 1)
+
+        def forward(self, x):
+            return self.l3(torch.sin(self.l2(torch.sin(30 * self.l1(x)))))
+
+    torch.manual_seed(3)
+    check_sound(BoundedModel(Siren(), input_shape=(2,), dtype=torch.float64),
+                linf(torch.rand(3, 2) * 2 - 1, 0.02), methods=("ibp", "crown", "crown-ibp"))
 
 
 def test_unsupported_attributes_are_reported():

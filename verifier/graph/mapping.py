@@ -457,7 +457,8 @@ def onnx_function(b, n, mod, x, *args, **kwargs):
     fn = getattr(mod, "function", None)
     op = {torch.tanh: "tanh", torch.sigmoid: "sigmoid", torch.relu: "relu"}.get(fn)
     if op is None:
-        op = {torch.exp: "exp", torch.abs: "abs", torch.erf: "erf"}.get(fn)
+        op = {torch.exp: "exp", torch.abs: "abs", torch.erf: "erf", torch.sin: "sin",
+              torch.cos: "cos"}.get(fn)
         if op is None:
             return b.problem(n, f"no bound rule for the element-wise function "
                                 f"{getattr(fn, '__name__', fn)}")
@@ -542,6 +543,7 @@ FUNCTIONS = {
     F.silu: smooth("silu"), F.gelu: smooth("gelu"), F.softplus: smooth("softplus"),
     F.elu: smooth("elu"), torch.exp: plain("exp"), torch.abs: plain("abs"),
     torch.erf: plain("erf"), torch.special.erf: plain("erf"), F.hardswish: plain("hardswish"),
+    torch.sin: plain("sin"), torch.cos: plain("cos"),
     F.hardsigmoid: hardsigmoid, F.hardtanh: clamp(-1.0, 1.0), F.relu6: clamp(0.0, 6.0),
     torch.clamp: clamp(), torch.clip: clamp(),
     torch.flatten: select, torch.reshape: select, torch.permute: select, torch.transpose: select,
@@ -561,6 +563,7 @@ METHODS = {
     "div": binary("div"), "matmul": binary("matmul"), "neg": neg, "relu": activation("relu"),
     "sigmoid": activation("sigmoid"), "tanh": activation("tanh"), "exp": plain("exp"),
     "abs": plain("abs"), "erf": plain("erf"), "clamp": clamp(), "clip": clamp(),
+    "sin": plain("sin"), "cos": plain("cos"),
     "__add__": binary("add"), "__sub__": binary("sub"), "__mul__": binary("mul"),
 }
 

@@ -58,6 +58,11 @@ class SmoothElementwise(ElementwiseRelaxation):
         """Sorted points where ``f'`` may change its direction of monotonicity."""
         return ()
 
+    def breakpoints_in(self, node, lo: float, hi: float) -> tuple[float, ...]:
+        """The breakpoints that matter on ``[lo, hi]`` (all of them, unless f has infinitely
+        many, as a periodic f does)."""
+        return self.breakpoints(node)
+
     def slope_bound(self, node) -> float:
         if not all(math.isfinite(v) for v in self.slope_limits):
             raise NotSupported(self.op, "lipschitz", f"{self.op} has no global slope bound")
@@ -86,8 +91,9 @@ class SmoothElementwise(ElementwiseRelaxation):
 
         l, u = torch.broadcast_tensors(l, u, k.detach())[:2]
         best = torch.maximum(h(l), h(u))
-        edges = [-math.inf, *self.breakpoints(node), math.inf]
-        for p in self.breakpoints(node):
+        points = self.breakpoints_in(node, float(l.min()), float(u.max())) if l.numel() else ()
+        edges = [-math.inf, *points, math.inf]
+        for p in points:
             pt = torch.full_like(l, p)
             inside = (l < pt) & (pt < u)
             best = torch.where(inside, torch.maximum(best, h(pt)), best)
@@ -330,3 +336,57 @@ class Hardswish(PiecewiseLinear):
 
     def slope_bound(self, node) -> float:
         return 1.5 * (1 + SLACK)
+
+
+class Periodic(SmoothElementwise):
+    """``sin(x + phase)``: f' = cos(x + phase) turns at ``x = k pi - phase``; only those inside
+    the inputs' range are used, and past ``MAX_TURNS`` of them the bounds are the constant
+    lines -1 and 1."""
+
+    phase = 0.0
+    slope_limits = (1.0, 1.0)
+    MAX_TURNS = 64
+
+    def f(self, node, x):
+        return torch.sin(x + self.phase) if self.phase else torch.sin(x)
+
+    def df(self, node, x):
+        return torch.cos(x + self.phase) if self.phase else torch.cos(x)
+
+    def breakpoints_in(self, node, lo, hi):
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return ()
+        k0, k1 = math.floor((lo + self.phase) / math.pi), math.ceil((hi + self.phase) / math.pi)
+        if k1 - k0 > self.MAX_TURNS:
+            return None
+        return tuple(k * math.pi - self.phase for k in range(k0, k1 + 1))
+
+    def slope_bound(self, node) -> float:
+        return 1.0
+
+    def _extreme(self, node, l, u, k, upper: bool):
+        if not (l.numel() and math.isfinite(float(l.min())) and math.isfinite(float(u.max()))) \
+                or self.breakpoints_in(node, float(l.min()), float(u.max())) is None:
+            # too wide a range (or none): |sin| <= 1, so f - kx lies within -1 - kx and 1 - kx
+            # max of 1 - kx is at l for k >= 0 (else u); min of -1 - kx at u for k >= 0 (else l)
+            far = torch.where(k.detach() >= 0, l, u) if upper else torch.where(k.detach() >= 0, u, l)
+            return (1.0 if upper else -1.0) - k * far
+        return super()._extreme(node, l, u, k, upper)
+
+
+@register("sin")
+class Sin(Periodic):
+    """``sin(x)`` (SIREN): turns of f' at k pi."""
+
+
+@register("cos")
+class Cos(Periodic):
+    """``cos(x) = sin(x + pi / 2)``: turns of f' at k pi - pi / 2."""
+
+    phase = math.pi / 2
+
+    def f(self, node, x):
+        return torch.cos(x)
+
+    def df(self, node, x):
+        return -torch.sin(x)
