@@ -383,10 +383,11 @@ def onnx_gemm(b, n, mod, a, w, c=None):
 
 
 def _arg(target, args, kwargs, name, pos, default):
-    """An activation's attribute: from its module, else its call's keyword or position."""
+    """An activation's attribute: from its module, else its call's keyword or position (None:
+    keyword only)."""
     if isinstance(target, nn.Module):
         return getattr(target, name, default)
-    return kwargs.get(name, args[pos] if len(args) > pos else default)
+    return kwargs.get(name, args[pos] if pos is not None and len(args) > pos else default)
 
 
 def smooth(op):
@@ -394,7 +395,7 @@ def smooth(op):
     def handler(b, n, target, x, *args, **kwargs):
         params = {}
         if op == "gelu":
-            form = _arg(target, args, kwargs, "approximate", 99, "none")
+            form = _arg(target, args, kwargs, "approximate", None, "none")
             if form != "none":
                 return b.problem(n, f"GELU with approximate={form!r} (only the exact, erf form)")
         elif op == "softplus":

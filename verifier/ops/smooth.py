@@ -267,13 +267,8 @@ class Abs(SmoothElementwise):
         return (0.0,)
 
 
-class PiecewiseLinear(SmoothElementwise):
-    """A continuous piecewise-linear (or piecewise smooth) function whose kinks are its
-    breakpoints: on each piece f' is constant or monotone."""
-
-
 @register("hardtanh")
-class Hardtanh(PiecewiseLinear):
+class Hardtanh(SmoothElementwise):
     """``clamp(x, min_val, max_val)`` (params ``min_val`` < ``max_val``, either may be infinite;
     ReLU6 is (0, 6))."""
 
@@ -295,7 +290,7 @@ class Hardtanh(PiecewiseLinear):
 
 
 @register("hardsigmoid")
-class Hardsigmoid(PiecewiseLinear):
+class Hardsigmoid(SmoothElementwise):
     """``clamp(alpha x + beta, 0, 1)`` (params ``alpha`` > 0, ``beta``; torch: 1/6 and 1/2)."""
 
     slope_limits = (0.0, 0.0)
@@ -318,7 +313,7 @@ class Hardsigmoid(PiecewiseLinear):
 
 
 @register("hardswish")
-class Hardswish(PiecewiseLinear):
+class Hardswish(SmoothElementwise):
     """``x relu6(x + 3) / 6``: 0 below -3, ``x (x + 3) / 6`` (convex) on [-3, 3], x above 3;
     f' from -0.5 to 1.5."""
 
@@ -333,9 +328,6 @@ class Hardswish(PiecewiseLinear):
 
     def breakpoints(self, node):
         return (-3.0, 3.0)
-
-    def slope_bound(self, node) -> float:
-        return 1.5 * (1 + SLACK)
 
 
 class Periodic(SmoothElementwise):
