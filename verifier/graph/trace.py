@@ -75,6 +75,17 @@ class Builder:
         self.by_name[node.name] = node
         return node
 
+    def add_inner(self, n: fx.Node, suffix: str, op: str, inputs: list[Ref], shape: tuple,
+                  **params) -> Ref:
+        """An inner node of a source op that the mapping writes as several rules (e.g. LayerNorm:
+        a mean, a variance, ...), named ``<fx node>/<suffix>``, of per-sample ``shape``; -> its
+        Ref (the last node of the chain is added with ``add``, under the fx node's own name)."""
+        node = Node(name=f"{n.name}/{suffix}", op=op, inputs=[r.name for r in inputs],
+                    shape=tuple(shape), params=params, source=_describe(self.gm, n))
+        self.nodes.append(node)
+        self.by_name[node.name] = node
+        return Ref(node.name, node.shape)
+
     def make_alias(self, n: fx.Node, ref: Ref) -> None:
         self.alias[n.name] = ref.name
 
