@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import composite
 from .nodes import Ref
 
 
@@ -482,7 +483,8 @@ def _onnx_classes():
         "gemm": ["OnnxGemm"], "batch_norm": ["OnnxBatchNorm"], "concat": ["OnnxConcat"],
         "neg": ["OnnxNeg"], "functions": ["OnnxFunction"], "global_average_pool": ["OnnxGlobalAveragePool",
                                                     "OnnxGlobalAveragePoolWithKnownInputShape"],
-        "activations": ["OnnxErf", "OnnxHardSigmoid"],
+        "activations": ["OnnxErf", "OnnxHardSigmoid", "OnnxSoftmaxV1V11"],
+        "layer_norm": ["OnnxLayerNorm"],
     }
     found = {}
     for mod_name, classes in names.items():
@@ -513,6 +515,9 @@ def _build_module_table():
         nn.AvgPool1d: avgpool_module, nn.AvgPool2d: avgpool_module,
         nn.AdaptiveAvgPool1d: adaptive_avgpool, nn.AdaptiveAvgPool2d: adaptive_avgpool,
         nn.MaxPool2d: maxpool_module,
+        nn.LayerNorm: composite.layer_norm_module, nn.RMSNorm: composite.rms_norm_module,
+        nn.GroupNorm: composite.group_norm_module, nn.Softmax: composite.softmax(False),
+        nn.LogSoftmax: composite.softmax(True),
     }
     onnx = _onnx_classes()
     for c in ("OnnxReshape", "OnnxTranspose", "OnnxSlice", "OnnxSliceV9", "OnnxGather", "OnnxGatherElements",
@@ -525,7 +530,8 @@ def _build_module_table():
                  ("OnnxBinaryMathOperation", onnx_binary), ("OnnxMatMul", binary("matmul")),
                  ("OnnxGemm", onnx_gemm), ("OnnxBatchNorm", onnx_batchnorm), ("OnnxConcat", onnx_concat),
                  ("OnnxNeg", neg), ("OnnxFunction", onnx_function), ("OnnxErf", plain("erf")),
-                 ("OnnxHardSigmoid", hardsigmoid),
+                 ("OnnxHardSigmoid", hardsigmoid), ("OnnxLayerNorm", composite.onnx_layer_norm),
+                 ("OnnxSoftmaxV1V11", composite.onnx_softmax_v1),
                  ("OnnxGlobalAveragePool", global_avgpool),
                  ("OnnxGlobalAveragePoolWithKnownInputShape", global_avgpool)):
         if c in onnx:
@@ -554,6 +560,10 @@ FUNCTIONS = {
     torch.cat: cat, torch.concat: cat, F.linear: linear_fn, F.conv1d: conv_fn, F.conv2d: conv_fn,
     F.avg_pool1d: avgpool_fn, F.avg_pool2d: avgpool_fn, F.max_pool2d: maxpool_fn, F.dropout: alias,
     F.batch_norm: batchnorm_fn,
+    F.layer_norm: composite.layer_norm_fn, F.rms_norm: composite.rms_norm_fn,
+    F.group_norm: composite.group_norm_fn, F.softmax: composite.softmax(False),
+    torch.softmax: composite.softmax(False), F.log_softmax: composite.softmax(True),
+    torch.log_softmax: composite.softmax(True),
 }
 
 METHODS = {
@@ -564,7 +574,8 @@ METHODS = {
     "div": binary("div"), "matmul": binary("matmul"), "neg": neg, "relu": activation("relu"),
     "sigmoid": activation("sigmoid"), "tanh": activation("tanh"), "exp": plain("exp"),
     "abs": plain("abs"), "erf": plain("erf"), "clamp": clamp(), "clip": clamp(),
-    "sin": plain("sin"), "cos": plain("cos"),
+    "sin": plain("sin"), "cos": plain("cos"), "softmax": composite.softmax(False),
+    "log_softmax": composite.softmax(True),
     "__add__": binary("add"), "__sub__": binary("sub"), "__mul__": binary("mul"),
 }
 
