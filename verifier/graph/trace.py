@@ -62,6 +62,8 @@ class Builder:
             return type(a)(self.resolve(x) for x in a)
         if isinstance(a, dict):
             return {k: self.resolve(v) for k, v in a.items()}
+        if isinstance(a, slice):
+            return slice(self.resolve(a.start), self.resolve(a.stop), self.resolve(a.step))
         return a
 
     def out_shape(self, n: fx.Node) -> tuple:
@@ -105,6 +107,8 @@ class Builder:
                 return type(a)(sub(x) for x in a)
             if isinstance(a, dict):
                 return {k: sub(v) for k, v in a.items()}
+            if isinstance(a, slice):  # x[..., a:b] with traced sizes as bounds
+                return slice(sub(a.start), sub(a.stop), sub(a.step))
             return a
         args, kwargs = sub(n.args), sub(n.kwargs)
         if n.op == "call_module":
