@@ -47,7 +47,7 @@ def _norm_chain(b, n, x: Ref, k: int, eps: float, center: bool, prefix: str = ""
     kept = tuple(1 if i in dims else s for i, s in enumerate(shape))
 
     def mean(src: Ref, part: str) -> Ref:
-        return b.add_inner(n, prefix + part, "reduce", [src], kept, kind="mean", dims=dims,
+        return b.add_inner(n, prefix + part, "reduce_sum", [src], kept, kind="mean", dims=dims,
                            keepdim=True, in_shape=src.shape)
 
     c = x
@@ -159,7 +159,7 @@ def _softmax(b, n, x, dim, log: bool):
     pairs = shape[:d + 1] + (shape[d],) + shape[d + 1:]
     diff = b.add_inner(n, "diff", "pairdiff", [x], pairs, dim=d, in_shape=shape)
     e = b.add_inner(n, "exp", "exp", [diff], pairs)
-    s = b.add_inner(n, "sum", "reduce", [e], shape, kind="sum", dims=(d + 1,), keepdim=False,
+    s = b.add_inner(n, "sum", "reduce_sum", [e], shape, kind="sum", dims=(d + 1,), keepdim=False,
                     in_shape=pairs)
     if not log:
         return b.add(n, "reciprocal", [s])
