@@ -2,8 +2,8 @@
 nodes named ``<node>/<part>``, the last one under the source op's own name).
 
 * LayerNorm over the last ``k`` dims: ``m = mean(x)``, ``c = x - m``, ``v = var(x)`` (one
-  rule, ``verifier.ops.variance``), ``r = rsqrt(v + eps)``, ``y = c * r``, then ``gamma y +
-  beta``. The variance is a convex function of ``x``: its lower bound is the exact least
+  rule, ``verifier.ops.layernorm``), ``r = rsqrt(v + eps)``, ``y = c * r`` (a product that knows ``r``'s
+  definition, ``verifier.ops.layernorm``), then ``gamma y + beta``. The variance is a convex function of ``x``: its lower bound is the exact least
   variance over ``x``'s box (IBP) and a tangent plane of ``x`` (CROWN), not a sum of
   intervals of the squared centred values (0 as soon as each may change sign), so it stays
   above 0 where ``x`` varies little and ``1 / sqrt`` does not blow up.
@@ -64,7 +64,7 @@ def _norm_chain(b, n, x: Ref, k: int, eps: float, center: bool, prefix: str = ""
     ve = b.add_inner(n, prefix + "var_eps", "affine", [v], kept, w=None,
                      b=torch.tensor(float(eps), dtype=torch.float64), in_shape=kept)
     r = b.add_inner(n, prefix + "rstd", "rsqrt", [ve], kept)
-    return "mul", [c, r], {"in_shapes": (shape, kept)}
+    return "normalize", [c, r], {"in_shapes": (shape, kept), "dims": dims, "eps": float(eps)}
 
 
 def _finish(b, n, x: Ref, last: tuple, weight, bias, names: dict, view=None):

@@ -2,7 +2,7 @@
 one mapping entry in ``verifier.graph.mapping``, one soundness test (see
 docs/adding-an-operator.md); every method then asks the rule (``base.QUESTIONS``)."""
 from . import (activation, elementwise, linear, pairwise, pooling, shape, smooth,  # noqa: F401
-               variance, weights)  # (registration)
+               layernorm, weights)  # (registration)
 from .base import QUESTIONS, RULES, AffineRule, BoundRule, NotSupported, register
 
 __all__ = ["QUESTIONS", "RULES", "AffineRule", "BoundRule", "NotSupported", "register"]

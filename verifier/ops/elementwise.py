@@ -49,6 +49,10 @@ class ElementwiseAffine(AffineRule):
     def interval(self, node, inputs):
         (x,) = inputs
         w, b = node.params.get("w"), node.params.get("b")
+        if w is None:  # a shift: exact ends (the centre-radius form loses a small b next to a
+            #            wide interval: [0, 1e9] + 1e-5 would start at 0 in float32)
+            lo, up = x.lower + b, x.upper + b
+            return Interval(lo.expand(torch.broadcast_shapes(lo.shape, up.shape)), up)
         mid, rad = x.center, x.radius
         if w is not None:
             mid, rad = mid * w, rad * w.abs()
