@@ -76,6 +76,18 @@ class _Hard(nn.Module):
         return F.hardswish(self.fc2(h)) + F.hardsigmoid(h) + torch.sin(3 * h) + torch.cos(h)
 
 
+class _Attention(nn.Module):
+    """Q K^T and (scores) V of two perturbed tensors: the einsum rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):                       # x: [B, 3, 4]
+        s = self.q(x) @ self.k(x).transpose(-1, -2)
+        return torch.relu(s) @ self.v(x)
+
+
 def _conv_net():
     return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3).eval(), nn.ReLU(),
                          nn.MaxPool2d(2), nn.ConvTranspose2d(3, 2, 2, stride=2),
@@ -86,6 +98,7 @@ def _conv_net():
 MODELS = [
     (lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)), (5,), None),
     (_Mul, (5,), None),
+    (_Attention, (3, 4), None),
     (_Residual, (5,), None),
     (_MatLeft, (8,), None),
     (_conv_net, (2, 6, 6), None),

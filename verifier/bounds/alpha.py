@@ -125,8 +125,9 @@ def _downstream(graph, name, cur):
     """IBP of the nodes between a refined node and the next refined one that a rule reads
     (e.g. a ReLU's output read by a layer with perturbed weights)."""
     for c in graph.consumers(name):
-        if c.name in cur and RULES[c.op].optimizable:
-            cur[c.name] = cur[c.name].intersect(RULES[c.op].interval(c, [cur[name]]))
+        if c.name in cur and RULES[c.op].optimizable and all(i in cur for i in c.inputs):
+            # every input's current bounds (a product reads two, possibly the same node twice)
+            cur[c.name] = cur[c.name].intersect(RULES[c.op].interval(c, [cur[i] for i in c.inputs]))
 
 
 def alpha_crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor | None,

@@ -116,6 +116,8 @@ def binary(kind):
                              in_shapes=(x.shape, y.shape))
             if kind == "mul":
                 return b.add(n, "mul", [x, y], in_shapes=(x.shape, y.shape))
+            if kind == "matmul":
+                return _matmul_two(b, n, x, y)
             return b.problem(n, f"{kind} of two perturbed tensors is not supported")
         if kind == "matmul":
             if xr:
@@ -142,6 +144,75 @@ def binary(kind):
             return _affine(b, n, ref, 1.0 / c.double(), None)  # exact in a float64 graph
         return b.problem(n, f"unknown arithmetic {kind}")
     return handler
+
+
+def _add_einsum(b, n, x, y, equation):
+    from ..ops.bilinear import check_equation
+    why = check_equation(equation, x.shape, y.shape)
+    if why is not None:
+        return b.problem(n, why)
+    b.add(n, "einsum", [x, y], equation=equation, in_shapes=(tuple(x.shape), tuple(y.shape)))
+
+
+def _matmul_two(b, n, x, y):
+    """torch.matmul of two perturbed tensors as a per-sample einsum: both of the same rank >= 2
+    per sample (then the batch dims, the sample's included, line up and broadcast)."""
+    if len(x.shape) < 2 or len(y.shape) < 2:
+        return b.problem(n, "matmul of two perturbed tensors with a 1-D operand per sample (the "
+                            "sample's batch dimension would be multiplied; unsqueeze it to 2-D)")
+    if len(x.shape) != len(y.shape):
+        return b.problem(n, f"matmul of two perturbed tensors of different ranks per sample "
+                            f"({list(x.shape)}, {list(y.shape)}): the batch dimension would not "
+                            "line up (unsqueeze the smaller one)")
+    k = len(x.shape) - 2
+    lead = "abcdefgh"[:k] if k <= 8 else None
+    if lead is None:
+        return b.problem(n, "matmul with more than 8 batch dimensions")
+    return _add_einsum(b, n, x, y, f"{lead}ij,{lead}jk->{lead}ik")
+
+
+def _einsum_letters(eq: str, ndims: list[int]):
+    """A full torch.einsum equation (with the batch dim) as explicit letters, ``...`` expanded
+    and an implicit output made explicit: -> (operand strings, output string) or a reason."""
+    eq = eq.replace(" ", "")
+    ins, arrow, out = eq.partition("->")
+    ops = ins.split(",")
+    if len(ops) != len(ndims):
+        return f"einsum equation {eq!r} for {len(ndims)} operands"
+    used = set(eq) - set(",->.")
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in used]
+    widths = [nd - len(o.replace("...", "")) if "..." in o else 0 for o, nd in zip(ops, ndims)]
+    w = max(widths + [0])
+    ell = "".join(free[:w])
+    ops = [o.replace("...", ell[w - k:]) for o, k in zip(ops, widths)]
+    if arrow:
+        out = out.replace("...", ell)
+    else:
+        counts = {c: "".join(ops).count(c) for c in "".join(ops)}
+        out = ell + "".join(sorted(c for c, k in counts.items() if k == 1 and c not in ell))
+    return ops, out
+
+
+def einsum_fn(b, n, target, equation, *operands, **kwargs):
+    """torch.einsum of two perturbed operands, each keeping the batch dim first (as does the
+    output): the ``einsum`` rule over the per-sample dims."""
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    if not isinstance(equation, str):
+        return b.problem(n, "einsum in the sublist format (give an equation string)")
+    if len(operands) != 2 or not all(isinstance(o, Ref) for o in operands):
+        return b.problem(n, "einsum with other than two perturbed operands (a constant operand "
+                            "or a third operand has no rule)")
+    x, y = operands
+    got = _einsum_letters(equation, [len(x.shape) + 1, len(y.shape) + 1])
+    if isinstance(got, str):
+        return b.problem(n, got)
+    (xs, ys), out = got
+    bl = xs[:1]
+    if not (bl and ys[:1] == bl and out[:1] == bl and bl not in xs[1:] + ys[1:] + out[1:]):
+        return b.problem(n, f"einsum {equation!r} does not keep the batch dimension as the first "
+                            "dimension of both operands and of the output")
+    return _add_einsum(b, n, x, y, f"{xs[1:]},{ys[1:]}->{out[1:]}")
 
 
 def neg(b, n, target, x, *a, **k):
@@ -543,7 +614,8 @@ FUNCTIONS = {
     operator.add: binary("add"), torch.add: binary("add"), operator.sub: binary("sub"),
     torch.sub: binary("sub"), operator.mul: binary("mul"), torch.mul: binary("mul"),
     operator.truediv: binary("div"), torch.div: binary("div"), operator.matmul: binary("matmul"),
-    torch.matmul: binary("matmul"), torch.mm: binary("matmul"), operator.neg: neg, torch.neg: neg,
+    torch.matmul: binary("matmul"), torch.mm: binary("matmul"), torch.bmm: binary("matmul"),
+    torch.einsum: einsum_fn, operator.neg: neg, torch.neg: neg,
     torch.relu: activation("relu"), F.relu: activation("relu"), F.leaky_relu: activation("leaky_relu"),
     torch.sigmoid: activation("sigmoid"), F.sigmoid: activation("sigmoid"),
     torch.tanh: activation("tanh"), F.tanh: activation("tanh"),
@@ -571,7 +643,7 @@ METHODS = {
                            "expand", "repeat", "narrow", "t", "unflatten", "select", "index_select",
                            "__getitem__", "movedim")},
     "contiguous": alias, "clone": alias, "add": binary("add"), "sub": binary("sub"), "mul": binary("mul"),
-    "div": binary("div"), "matmul": binary("matmul"), "neg": neg, "relu": activation("relu"),
+    "div": binary("div"), "matmul": binary("matmul"), "bmm": binary("matmul"), "neg": neg, "relu": activation("relu"),
     "sigmoid": activation("sigmoid"), "tanh": activation("tanh"), "exp": plain("exp"),
     "abs": plain("abs"), "erf": plain("erf"), "clamp": clamp(), "clip": clamp(),
     "sin": plain("sin"), "cos": plain("cos"), "softmax": composite.softmax(False),
@@ -602,7 +674,7 @@ def map_node(b, n):
         return b.problem(n, "no bound rule")
     if n.op == "call_method" and not isinstance(args[0], Ref):
         # a method on a constant with a perturbed argument, e.g. W.matmul(x)
-        if n.target in ("add", "sub", "mul", "div", "matmul", "__add__", "__sub__", "__mul__"):
+        if n.target in ("add", "sub", "mul", "div", "matmul", "bmm", "__add__", "__sub__", "__mul__"):
             return h(b, n, n.target, *args, **kwargs)
         return b.problem(n, "method on a constant with a perturbed argument")
     return h(b, n, n.target, *args, **kwargs)
