@@ -86,6 +86,18 @@ class _Attention(nn.Module):
     def forward(self, x):                       # x: [B, 3, 4]
         s = self.q(x) @ self.k(x).transpose(-1, -2)
         return torch.relu(s) @ self.v(x)
+class _Domain(nn.Module):
+    """pow (2, 3, -1.5), sqrt, rsqrt, reciprocal (through a division) and log."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        p = F.softplus(h) + 0.5
+        q = h ** 2 + torch.pow(h, 3) + p ** -1.5 + torch.sqrt(p) + torch.rsqrt(p) + torch.log(p)
+        return self.fc2(q) / p
 
 
 def _conv_net():
@@ -111,6 +123,7 @@ MODELS = [
     (lambda: nn.Sequential(nn.Linear(5, 8), nn.SiLU(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8),
                            nn.Softplus(beta=2.0), nn.Linear(8, 8), nn.ELU(alpha=1.5)), (5,), None),
     (_Hard, (5,), None),
+    (_Domain, (5,), None),
 ]
 
 

@@ -118,6 +118,9 @@ def binary(kind):
                 return b.add(n, "mul", [x, y], in_shapes=(x.shape, y.shape))
             if kind == "matmul":
                 return _matmul_two(b, n, x, y)
+            if kind == "div":   # x * (1 / y)
+                r = b.add_inner(n, "reciprocal", "reciprocal", [y], y.shape)
+                return b.add(n, "mul", [x, r], in_shapes=(x.shape, y.shape))
             return b.problem(n, f"{kind} of two perturbed tensors is not supported")
         if kind == "matmul":
             if xr:
@@ -139,8 +142,9 @@ def binary(kind):
         if kind == "mul":
             return _affine(b, n, ref, c, None)
         if kind == "div":
-            if not xr:
-                return b.problem(n, "division by a perturbed tensor is not supported")
+            if not xr:   # c / y = c * (1 / y)
+                r = b.add_inner(n, "reciprocal", "reciprocal", [ref], ref.shape)
+                return _affine(b, n, r, c, None)
             return _affine(b, n, ref, 1.0 / c.double(), None)  # exact in a float64 graph
         return b.problem(n, f"unknown arithmetic {kind}")
     return handler
@@ -517,6 +521,33 @@ def plain(op):
     return handler
 
 
+def power(b, n, target, x, exponent=None, *args, **kwargs):
+    """``x ** p``, ``torch.pow(x, p)``, ``.pow(p)`` for a constant number ``p``: the ``pow`` rule
+    (``verifier.ops.domain``); ``torch.square`` / ``.square()`` (no exponent): p = 2."""
+    exponent = kwargs.get("exponent", exponent)
+    if target in (torch.square, "square"):
+        exponent = 2.0
+    if not isinstance(x, Ref):
+        return b.problem(n, "a power with a perturbed exponent (only constant exponents)")
+    if isinstance(exponent, Ref):
+        return b.problem(n, "a power with a perturbed exponent (x ** y of two perturbed "
+                                "tensors; only constant exponents)")
+    if isinstance(exponent, torch.Tensor):
+        if exponent.numel() != 1:
+            return b.problem(n, f"a power with an exponent tensor of shape {list(exponent.shape)} "
+                                "(one number only)")
+        exponent = exponent.item()
+    if not isinstance(exponent, (int, float)) or not math.isfinite(exponent):
+        return b.problem(n, f"a power with exponent {exponent!r} (a finite number only)")
+    b.add(n, "pow", [x], exponent=float(exponent))
+
+
+def onnx_pow(b, n, mod, x, exponent):
+    if getattr(mod, "broadcast", None) == 1 and getattr(mod, "axis", None) is not None:
+        return b.problem(n, "old-style broadcast with axis")
+    return power(b, n, mod, x, exponent)
+
+
 def onnx_batchnorm(b, n, mod, x, weight, bias, mean, var):
     _batchnorm(b, n, x, weight, bias, mean, var, mod.epsilon)
 
@@ -531,7 +562,8 @@ def onnx_function(b, n, mod, x, *args, **kwargs):
     op = {torch.tanh: "tanh", torch.sigmoid: "sigmoid", torch.relu: "relu"}.get(fn)
     if op is None:
         op = {torch.exp: "exp", torch.abs: "abs", torch.erf: "erf", torch.sin: "sin",
-              torch.cos: "cos"}.get(fn)
+              torch.cos: "cos", torch.log: "log", torch.sqrt: "sqrt",
+              torch.reciprocal: "reciprocal"}.get(fn)
         if op is None:
             return b.problem(n, f"no bound rule for the element-wise function "
                                 f"{getattr(fn, '__name__', fn)}")
@@ -554,8 +586,9 @@ def _onnx_classes():
         "gemm": ["OnnxGemm"], "batch_norm": ["OnnxBatchNorm"], "concat": ["OnnxConcat"],
         "neg": ["OnnxNeg"], "functions": ["OnnxFunction"], "global_average_pool": ["OnnxGlobalAveragePool",
                                                     "OnnxGlobalAveragePoolWithKnownInputShape"],
-        "activations": ["OnnxErf", "OnnxHardSigmoid", "OnnxSoftmaxV1V11"],
+        "activations": ["OnnxErf", "OnnxHardSigmoid", "OnnxSoftmaxV1V11", "OnnxPReLU"],
         "layer_norm": ["OnnxLayerNorm"],
+        "pow": ["OnnxPow", "OnnxSqrt"], "reciprocal": ["OnnxReciprocal"],
     }
     found = {}
     for mod_name, classes in names.items():
@@ -603,6 +636,8 @@ def _build_module_table():
                  ("OnnxNeg", neg), ("OnnxFunction", onnx_function), ("OnnxErf", plain("erf")),
                  ("OnnxHardSigmoid", hardsigmoid), ("OnnxLayerNorm", composite.onnx_layer_norm),
                  ("OnnxSoftmaxV1V11", composite.onnx_softmax_v1),
+                 ("OnnxHardSigmoid", hardsigmoid), ("OnnxPow", onnx_pow),
+                 ("OnnxSqrt", plain("sqrt")), ("OnnxReciprocal", plain("reciprocal")),
                  ("OnnxGlobalAveragePool", global_avgpool),
                  ("OnnxGlobalAveragePoolWithKnownInputShape", global_avgpool)):
         if c in onnx:
@@ -623,6 +658,8 @@ FUNCTIONS = {
     F.elu: smooth("elu"), torch.exp: plain("exp"), torch.abs: plain("abs"),
     torch.erf: plain("erf"), torch.special.erf: plain("erf"), F.hardswish: plain("hardswish"),
     torch.sin: plain("sin"), torch.cos: plain("cos"),
+    torch.pow: power, operator.pow: power, torch.square: power, torch.sqrt: plain("sqrt"),
+    torch.rsqrt: plain("rsqrt"), torch.reciprocal: plain("reciprocal"), torch.log: plain("log"),
     F.hardsigmoid: hardsigmoid, F.hardtanh: clamp(-1.0, 1.0), F.relu6: clamp(0.0, 6.0),
     torch.clamp: clamp(), torch.clip: clamp(),
     torch.flatten: select, torch.reshape: select, torch.permute: select, torch.transpose: select,
@@ -648,6 +685,9 @@ METHODS = {
     "abs": plain("abs"), "erf": plain("erf"), "clamp": clamp(), "clip": clamp(),
     "sin": plain("sin"), "cos": plain("cos"), "softmax": composite.softmax(False),
     "log_softmax": composite.softmax(True),
+    "sin": plain("sin"), "cos": plain("cos"), "pow": power, "__pow__": power, "square": power,
+    "sqrt": plain("sqrt"), "rsqrt": plain("rsqrt"), "reciprocal": plain("reciprocal"),
+    "log": plain("log"), "__truediv__": binary("div"),
     "__add__": binary("add"), "__sub__": binary("sub"), "__mul__": binary("mul"),
 }
 

@@ -127,11 +127,19 @@ class SmoothElementwise(ElementwiseRelaxation):
         (float64): ``b`` from ``_extreme``, widened for the rounding of k to ``dtype`` (the line
         is evaluated with the rounded k) and by the slack; -> (k, b) in ``dtype``."""
         b = self._extreme(node, l, u, k, upper)
+        return self._widen(node, l, u, k, b, 1.0 if upper else -1.0, dtype)
+
+    def _widen(self, node, l, u, k, b, s, dtype):
+        """The line ``k x + b`` (float64, ``b`` a bound of ``f - k x`` over ``[l, u]`` from above
+        where ``s`` = 1, from below where ``s`` = -1: a number or a tensor of signs) moved
+        outwards for the rounding of k to ``dtype`` and by the slack; -> (k, b) in ``dtype``."""
         kd = k.to(dtype)
         far = torch.maximum(l.abs(), u.abs())
         reach = (far * (kd.double() - k).abs()).detach() + self.margin(node)
         kx = kd.double().abs().detach() * far   # the line's values reach |b| + |k| max|x|
-        return kd, self._round(b + reach if upper else b - reach, upper, dtype, kx)
+        v = b + s * reach
+        d = slack(dtype) * (1 + v.abs() + kx)
+        return kd, (v + s * d).to(dtype)
 
     def _chord(self, node, l, u):
         width = u - l
