@@ -100,6 +100,19 @@ class _Domain(nn.Module):
         return self.fc2(q) / p
 
 
+class _Norms(nn.Module):
+    """LayerNorm (variance, normalize), RMSNorm, softmax (pairdiff) and log_softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 6)
+        self.ln, self.rms = nn.LayerNorm(6), nn.RMSNorm(6, eps=1e-5)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(self.ln(h) + self.rms(h)) + torch.softmax(h, -1) + F.log_softmax(h, -1)
+
+
 def _conv_net():
     return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3).eval(), nn.ReLU(),
                          nn.MaxPool2d(2), nn.ConvTranspose2d(3, 2, 2, stride=2),
@@ -124,6 +137,7 @@ MODELS = [
                            nn.Softplus(beta=2.0), nn.Linear(8, 8), nn.ELU(alpha=1.5)), (5,), None),
     (_Hard, (5,), None),
     (_Domain, (5,), None),
+    (_Norms, (5,), None),
 ]
 
 
@@ -167,6 +181,18 @@ def _points(rule, node, ins, n=64, seed=0):
     """Sampled inputs (per input ``[n, B_i, ...]``) and the node's values ``[n, B, *shape]``."""
     gen = torch.Generator().manual_seed(seed)
     xs = [_sample(i, n, gen) for i in ins]
+    xs = [torch.stack(t) for t in zip(*(rule.inputs_at(node, [x[k] for x in xs])
+                                        for k in range(n)))]
+    # a rule whose inputs are related keeps the points where the recomputed ones stay in their
+    # boxes (the others are not points of the graph)
+    inside = torch.ones(n, dtype=torch.bool)
+    for x, iv in zip(xs, ins):
+        tol = 1e-9 * (1 + x.abs())
+        ok = (x >= iv.lower - tol) & (x <= iv.upper + tol)
+        inside &= ok.reshape(n, -1).all(1)
+    assert int(inside.sum()) >= n // 8, f"{node.op}: too few consistent points"
+    xs = [x[inside] for x in xs]
+    n = int(inside.sum())
     ys = torch.stack([rule.point(node, [x[k] for x in xs]) for k in range(n)])
     return xs, ys
 

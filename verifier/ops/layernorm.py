@@ -193,6 +193,12 @@ class Normalize(Mul):
     and ``r``). Lines: the product's (``mul``); interval: the product's, intersected with the
     range that ``r``'s definition allows (see the module doc)."""
 
+    def inputs_at(self, node, xs):
+        c = xs[0]
+        dims = tuple(d + 1 for d in node.params["dims"])
+        r = torch.rsqrt((c * c).mean(dim=dims, keepdim=True) + node.params["eps"])
+        return [c, r.reshape(xs[1].shape)]
+
     def interval(self, node, inputs):
         prod = super().interval(node, inputs)
         c = inputs[0]
