@@ -90,6 +90,13 @@ class _Domain(nn.Module):
         return self.fc2(q) / p
 
 
+def _prelu_net():
+    net = nn.Sequential(nn.Linear(5, 6), nn.PReLU(6), nn.Linear(6, 6), nn.GELU(approximate="tanh"))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([-0.5, 0.0, 0.25, 1.0, 1.5, 3.0]))
+    return net
+
+
 def _conv_net():
     return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3).eval(), nn.ReLU(),
                          nn.MaxPool2d(2), nn.ConvTranspose2d(3, 2, 2, stride=2),
@@ -113,6 +120,7 @@ MODELS = [
                            nn.Softplus(beta=2.0), nn.Linear(8, 8), nn.ELU(alpha=1.5)), (5,), None),
     (_Hard, (5,), None),
     (_Domain, (5,), None),
+    (_prelu_net, (5,), None),
 ]
 
 

@@ -212,23 +212,6 @@ class DomainElementwise(SmoothElementwise):
         return (torch.where(lower, kt, kl), torch.where(lower, bt, bl),
                 torch.where(upper, kt, ku), torch.where(upper, bt, bu))
 
-    def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
-        """With ``alpha`` (alpha-CROWN): ``(tau for the lower bound, tau for the upper bound)``,
-        each ``[B, S, *shape]`` in [0, 1]: the tangent positions of the free lines."""
-        if alpha is None:
-            return super().backward(node, A_lower, A_upper, inputs, beta=beta)
-        (x,) = inputs
-
-        def one(A, k_pos, b_pos, k_neg, b_neg):
-            Ap, An = A.clamp(min=0), A.clamp(max=0)
-            return Ap * k_pos + An * k_neg, (Ap * b_pos + An * b_neg).flatten(2).sum(2)
-
-        kl, bl, ku, bu = self._lines(node, x, alpha[0])
-        A_l, b_l = one(A_lower, kl, bl, ku, bu)
-        kl, bl, ku, bu = self._lines(node, x, alpha[1])
-        A_u, b_u = one(A_upper, ku, bu, kl, bl)
-        return [(A_l, A_u)], b_l, b_u
-
 
 @register("pow")
 class Pow(DomainElementwise):
