@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helpers import check_sound, linf
-from verifier import BoundedModel, Box, DomainError, UnsupportedOpsError
+from verifier import BoundedModel, DomainError, UnsupportedOpsError
 from verifier.bound_types import Interval
 from verifier.graph.nodes import Node
 from verifier.ops import RULES
@@ -399,14 +399,14 @@ def test_prelu_and_gelu_tanh_model_is_sound_under_every_method():
     torch.manual_seed(4)
     bm = BoundedModel(_PreluGelu(), input_shape=(1, 5, 5), dtype=torch.float64)
     ops = [n.op for n in bm.graph]
-    assert ops.count("prelu") == 3 and [n.params for n in bm.graph if n.op == "gelu"] == [{"approximate": "tanh"}]
+    assert ops.count("prelu") == 3
+    assert [n.params for n in bm.graph if n.op == "gelu"] == [{"approximate": "tanh"}]
     check_sound(bm, linf(torch.rand(2, 1, 5, 5), 0.3),
                 methods=("ibp", "crown", "crown-ibp", "alpha-crown"))
 
 
 def test_prelu_reads_its_live_slope():
     """Certified training reads the module's live slope (param_names), with its gradient."""
-    from verifier.graph.live import live_graph
     torch.manual_seed(5)
     net = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 2))
     bm = BoundedModel(net, input_shape=(3,))
@@ -419,7 +419,6 @@ def test_prelu_reads_its_live_slope():
     with pytest.raises(Exception) as e:
         RULES["prelu"].lifted(node, "1.weight")
     assert "weight perturbation" in str(e.value)
-    del live_graph
 
 
 def test_gelu_tanh_written_out_is_fused_and_sound():

@@ -210,7 +210,8 @@ class DomainElementwise(SmoothElementwise):
         free, cv, t0, t1 = (v.unsqueeze(1) for v in self.tangent_ranges(node, x))
         l, u = x.lower.double().unsqueeze(1), x.upper.double().unsqueeze(1)
         tau = tau.double()
-        t = torch.where(free, self._point(t0, t1, tau), t1.expand_as(tau))   # a finite point where unused (no NaN gradient)
+        # where unused, a constant point: no gradient reaches tau through an infinite f'' there
+        t = torch.where(free, self._point(t0, t1, tau), t1.expand_as(tau))
         k = self.df(node, t)
         b = self.f(node, t) - k * t
         s = torch.where(cv > 0, -1.0, 1.0).to(torch.float64)   # convex: the tangent is below
