@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helpers import check_sound, linf
-from verifier import BoundedModel, Box, DomainError, UnsupportedOpsError
+from verifier import BoundedModel, DomainError, UnsupportedOpsError
 from verifier.bound_types import Interval
 from verifier.graph.nodes import Node
 from verifier.ops import RULES
@@ -255,6 +255,28 @@ def test_alpha_crown_tightens_a_convex_domain_op():
     assert float((a.upper - a.lower).sum()) < float((c.upper - c.lower).sum()) * 0.999
 
 
+def test_alpha_crown_is_finite_at_the_domain_edge():
+    """Inputs that start at 0 exactly (after a ReLU): sqrt, x^0.3, x^1.5 have an infinite f'
+    or f'' there; the tangent points stay off it, so alpha-CROWN's gradients stay finite and
+    its bounds are finite and no looser than CROWN's."""
+    class Edge(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            r = torch.relu(self.a(x))
+            return self.b(torch.sqrt(r) + r ** 0.3 + r ** 1.5)
+
+    torch.manual_seed(10)
+    bm = BoundedModel(Edge(), input_shape=(3,), dtype=torch.float64)
+    p = linf(torch.randn(3, 3), 0.5)
+    c, a = bm.bounds(p, method="crown"), bm.bounds(p, method="alpha-crown")
+    assert bool(torch.isfinite(a.lower).all() and torch.isfinite(a.upper).all())
+    assert bool((a.lower >= c.lower - 1e-9).all() and (a.upper <= c.upper + 1e-9).all())
+    check_sound(bm, p, methods=("ibp", "crown", "alpha-crown"))
+
+
 def test_float32_model_is_sound():
     torch.manual_seed(2)
     check_sound(BoundedModel(_Ratio(), input_shape=(4,)), linf(torch.randn(3, 4), 0.2),
@@ -309,3 +331,217 @@ def test_a_perturbed_exponent_is_reported():
         BoundedModel(P(), input_shape=(2,))
     msg = str(e.value)
     assert msg.count("perturbed exponent") == 2 and "exponent tensor of shape [2]" in msg
+
+
+# --- PReLU and GELU's tanh form ----------------------------------------------------------------
+PRELU_SLOPES = [-0.5, 0.0, 0.25, 1.0, 1.5, 3.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("op,params", [
+    ("prelu", {"weight": torch.tensor(PRELU_SLOPES).repeat_interleave(70)}),
+    ("prelu", {"weight": torch.tensor([0.2])}),
+    ("gelu", {"approximate": "tanh"})], ids=["prelu_channels", "prelu_one", "gelu_tanh"])
+def test_prelu_and_gelu_tanh_lines_hold_with_random_alpha(op, params, dtype):
+    rule = RULES[op]
+    g = torch.Generator().manual_seed(0)
+    c = torch.rand(420, generator=g, dtype=torch.float64) * 16 - 8
+    w = torch.rand(420, generator=g, dtype=torch.float64) ** 3 * 10
+    c[::7], w[::11] = 0.0, 0.0   # across 0 symmetrically, and degenerate
+    l, u = (c - w / 2).to(dtype).unsqueeze(0), (c + w / 2).to(dtype).unsqueeze(0)
+    params = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in params.items()}
+    node = Node("a", op, ["x"], (420,), params)
+    kl, bl, ku, bu = rule.relax(node, l, u)
+    _, y = _check_lines(rule, node, l, u, kl, bl, ku, bu, dtype)
+    iv = rule.interval(node, [Interval(l, u)])
+    assert bool((iv.lower.double() <= y).all() and (y <= iv.upper.double()).all())
+    if op == "gelu":
+        # the tanh form is not the erf form: the same intervals, other values
+        assert not torch.allclose(rule.f(node, l), RULES["gelu"].f(Node("b", "gelu", [], (420,), {}), l))
+        return
+    x = Interval(l, u)
+    init, lo, hi = rule.alpha_init(node, [x], 1, 3, dtype)
+    assert init.shape == (1, 3, 420) and (lo, hi) == (0.0, 1.0)
+    tau = torch.rand((1, 3, 420), generator=g, dtype=torch.float64).to(dtype)
+    tau[:, 0], tau[:, 1] = 0.0, 1.0
+    kl, bl, ku, bu = rule._lines(node, x, tau)
+    for s in range(3):
+        _check_lines(rule, node, l, u, kl[:, s], bl[:, s], ku[:, s], bu[:, s], dtype)
+
+
+def test_prelu_crown_lines_are_relus_where_the_slope_is_zero():
+    """With a = 0 on [-1, 3], CROWN's lines are ReLU's (an independent reference): the chord
+    0.75 (x + 1) above, x below (u > -l)."""
+    node = Node("a", "prelu", ["x"], (1,), {"weight": torch.tensor([0.0], dtype=torch.float64)})
+    kl, bl, ku, bu = RULES["prelu"].relax(node, torch.tensor([[-1.0]], dtype=torch.float64),
+                                          torch.tensor([[3.0]], dtype=torch.float64))
+    assert torch.allclose(torch.cat([kl, bl, ku, bu]).flatten(),
+                          torch.tensor([1.0, 0.0, 0.75, 0.75], dtype=torch.float64), atol=1e-12)
+
+
+class _PreluGelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 3, 3, padding=1)
+        self.p1 = nn.PReLU(3)
+        self.fc1, self.fc2 = nn.Linear(3 * 5 * 5, 8), nn.Linear(8, 3)
+        self.p2 = nn.PReLU()
+        with torch.no_grad():
+            self.p1.weight.copy_(torch.tensor([-0.3, 0.4, 2.0]))
+
+    def forward(self, x):
+        h = self.p1(self.c1(x)).flatten(1)
+        h = F.gelu(self.fc1(h), approximate="tanh")
+        return self.fc2(self.p2(h) + F.prelu(h, torch.tensor([1.7])))
+
+
+def test_prelu_and_gelu_tanh_model_is_sound_under_every_method():
+    torch.manual_seed(4)
+    bm = BoundedModel(_PreluGelu(), input_shape=(1, 5, 5), dtype=torch.float64)
+    ops = [n.op for n in bm.graph]
+    assert ops.count("prelu") == 3
+    assert [n.params for n in bm.graph if n.op == "gelu"] == [{"approximate": "tanh"}]
+    check_sound(bm, linf(torch.rand(2, 1, 5, 5), 0.3),
+                methods=("ibp", "crown", "crown-ibp", "alpha-crown"))
+
+
+def test_prelu_reads_its_live_slope():
+    """Certified training reads the module's live slope (param_names), with its gradient."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 2))
+    bm = BoundedModel(net, input_shape=(3,))
+    node = next(n for n in bm.graph if n.op == "prelu")
+    assert node.params["param_names"] == {"weight": ("1.weight", None)}
+    params, used = RULES["prelu"].live_params(node, dict(net.named_parameters()),
+                                              dict(net.named_modules()), None)
+    assert used == {"1.weight"} and params["weight"] is not node.params["weight"]
+    assert params["weight"].requires_grad
+    with pytest.raises(Exception) as e:
+        RULES["prelu"].lifted(node, "1.weight")
+    assert "weight perturbation" in str(e.value)
+
+
+def test_gelu_tanh_written_out_is_fused_and_sound():
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) by hand, with x * x * x and with pow."""
+    class Hand(nn.Module):
+        def __init__(self, cube):
+            super().__init__()
+            self.fc1, self.fc2, self.cube = nn.Linear(4, 6), nn.Linear(6, 2), cube
+
+        def forward(self, x):
+            h = self.fc1(x)
+            h3 = h * (h * h) if self.cube else torch.pow(h, 3)
+            g = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h3)))
+            return self.fc2(g)
+
+    for cube in (True, False):
+        torch.manual_seed(6)
+        net = Hand(cube)
+        bm = BoundedModel(net, input_shape=(4,), dtype=torch.float64)
+        ops = [n.op for n in bm.graph]
+        assert "gelu" in ops and "tanh" not in ops and "pow" not in ops and "mul" not in ops, ops
+        x = torch.randn(5, 4, dtype=torch.float64)
+        ref = net.fc2(F.gelu(net.fc1(x.float()), approximate="tanh")).double()
+        assert torch.allclose(bm.graph_forward(x), ref, atol=1e-5)
+        check_sound(bm, linf(torch.randn(2, 4), 0.5), methods=("ibp", "crown", "alpha-crown"),
+                    check_nodes=False)
+
+
+def test_a_square_written_as_a_product_is_one_pow_node():
+    class Sq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h * h
+
+    torch.manual_seed(7)
+    bm = BoundedModel(Sq(), input_shape=(3,), dtype=torch.float64)
+    assert [n.op for n in bm.graph][-1] == "pow"
+    x = torch.randn(2, 3)
+    r = bm.bounds(linf(x, 1.0), method="crown")
+    assert bool((r.lower >= 0).all())   # McCormick on two copies would go below 0
+    check_sound(bm, linf(x, 1.0), methods=("ibp", "crown"))
+
+
+# --- ONNX --------------------------------------------------------------------------------------
+class _OnnxAll(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(4, 6)
+        self.p1, self.p2 = nn.PReLU(6), nn.PReLU()
+        self.out = nn.Linear(6, 3)
+        with torch.no_grad():
+            self.p1.weight.copy_(torch.linspace(-0.5, 2.0, 6))
+
+    def forward(self, x):
+        h = self.a(x)
+        pos = F.softplus(self.b(x)) + 0.5
+        y = (h ** 2 + torch.pow(h, 3) + torch.sqrt(pos) + pos ** 0.5 + torch.reciprocal(pos)
+             + torch.log(pos) + h / pos + 2.0 / pos + pos ** -1.5)
+        y = self.p1(y) + self.p2(h) + F.gelu(h, approximate="tanh")
+        return self.out(y)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    import onnx
+    torch.manual_seed(8)
+    net = _OnnxAll().eval()
+    path = tmp_path_factory.mktemp("onnx") / "domain.onnx"
+    torch.onnx.export(net, torch.zeros(1, 4), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["out"],
+                      dynamic_axes={"input": {0: "N"}, "out": {0: "N"}})
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"Pow", "Sqrt", "Reciprocal", "Log", "Div", "PRelu", "Tanh"} <= ops, ops
+    return path
+
+
+def test_onnx_round_trip_matches_onnxruntime(exported):
+    import numpy as np
+    import onnxruntime as ort
+    from verifier.model_io import load_model
+    bm = load_model(str(exported))
+    ops = [n.op for n in bm.graph]
+    assert {"pow", "sqrt", "reciprocal", "log", "mul", "prelu", "gelu"} <= set(ops), ops
+    assert "tanh" not in ops    # GELU's tanh form, fused
+    x = torch.randn(7, 4)
+    sess = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    want = sess.run(None, {"input": x.numpy().astype(np.float32)})[0]
+    np.testing.assert_allclose(bm(x).detach().numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_bounds_are_sound(exported):
+    from verifier.model_io import load_model
+    bm = load_model(str(exported), dtype=torch.float64)
+    check_sound(bm, linf(torch.randn(2, 4), 0.2), methods=("ibp", "crown", "alpha-crown"),
+                check_nodes=False)
+
+
+def test_cli_reports_a_domain_error_in_one_line(tmp_path, capsys):
+    import numpy as np
+    from verifier.cli import main
+
+    class LogNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return torch.log(self.fc(x) + 3.0)
+
+    torch.manual_seed(9)
+    path = tmp_path / "log.onnx"
+    torch.onnx.export(LogNet().eval(), torch.zeros(1, 4), str(path), dynamo=False, opset_version=17)
+    np.save(tmp_path / "x.npy", np.zeros((1, 4), np.float32))
+    threads = torch.get_num_threads()
+    try:
+        code = main(["bounds", str(path), "--input", str(tmp_path / "x.npy"), "--eps", "50",
+                     "--method", "ibp"])
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: node ") and "(log)" in err and "x > 0" in err
+    assert "Traceback" not in err

@@ -111,6 +111,11 @@ class _Norms(nn.Module):
     def forward(self, x):
         h = self.fc1(x)
         return self.fc2(self.ln(h) + self.rms(h)) + torch.softmax(h, -1) + F.log_softmax(h, -1)
+def _prelu_net():
+    net = nn.Sequential(nn.Linear(5, 6), nn.PReLU(6), nn.Linear(6, 6), nn.GELU(approximate="tanh"))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([-0.5, 0.0, 0.25, 1.0, 1.5, 3.0]))
+    return net
 
 
 def _conv_net():
@@ -138,6 +143,7 @@ MODELS = [
     (_Hard, (5,), None),
     (_Domain, (5,), None),
     (_Norms, (5,), None),
+    (_prelu_net, (5,), None),
 ]
 
 

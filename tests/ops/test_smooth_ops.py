@@ -149,10 +149,10 @@ def test_unsupported_attributes_are_reported():
             self.fc = nn.Linear(3, 4)
 
         def forward(self, x):
-            h = nn.functional.gelu(self.fc(x), approximate="tanh") + nn.functional.elu(x, -1.0).sum()
+            h = self.fc(x) + nn.functional.elu(x, -1.0).sum()
             return torch.clamp(h, 1.0, 0.5) + torch.clamp(h, min=x.mean())
 
     with pytest.raises(UnsupportedOpsError) as e:
         BoundedModel(Net(), input_shape=(3,))
     text = str(e.value)
-    assert "approximate='tanh'" in text and "alpha -1.0" in text and "min 1.0 >= max 0.5" in text
+    assert "alpha -1.0" in text and "min 1.0 >= max 0.5" in text

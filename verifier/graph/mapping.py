@@ -472,8 +472,10 @@ def smooth(op):
         params = {}
         if op == "gelu":
             form = _arg(target, args, kwargs, "approximate", None, "none")
-            if form != "none":
-                return b.problem(n, f"GELU with approximate={form!r} (only the exact, erf form)")
+            if form not in ("none", "tanh"):
+                return b.problem(n, f"GELU with approximate={form!r} (the erf form 'none', or 'tanh')")
+            if form == "tanh":
+                params["approximate"] = "tanh"
         elif op == "softplus":
             params["beta"] = float(_arg(target, args, kwargs, "beta", 0, 1.0))
             params["threshold"] = float(_arg(target, args, kwargs, "threshold", 1, 20.0))
@@ -512,6 +514,47 @@ def hardsigmoid(b, n, target, x, *args, **kwargs):
     if alpha <= 0:
         return b.problem(n, f"HardSigmoid with alpha {alpha} <= 0")
     b.add(n, "hardsigmoid", [x], alpha=alpha, beta=beta)
+
+
+def _prelu(b, n, x, weight, name=None):
+    """PReLU with slope ``weight``: one value, one per channel (dim 1 of the input), or (ONNX)
+    a tensor broadcastable to a sample; ``name``: the parameter it is (certified training)."""
+    if isinstance(weight, Ref):
+        return b.problem(n, "PReLU with a perturbed slope")
+    w = _float_const(b, weight).detach()
+    shape = tuple(x.shape)
+    if w.numel() == 1:
+        w = w.reshape(1)
+    elif w.ndim == 1 and len(shape) >= 1 and w.shape[0] == shape[0]:
+        pass   # one per channel (the rule views it along dim 0 of a sample)
+    else:
+        full = len(shape) + 1
+        if w.ndim == full:   # an ONNX slope with a batch dim of 1
+            if w.shape[0] != 1:
+                return b.problem(n, "PReLU with a slope that varies along the batch")
+            w = w[0]
+        try:
+            w = w.expand(*shape).contiguous()
+        except RuntimeError:
+            return b.problem(n, f"PReLU with a slope of shape {list(weight.shape)} for inputs "
+                                f"of shape {list(shape)}")
+        if len(shape) == 1:
+            name = name if tuple(weight.shape) == shape else None
+        else:
+            name = None   # stored broadcast: not the parameter's own shape
+    b.add(n, "prelu", [x], weight=w, param_names=_param_names(weight=(name, None)))
+
+
+def prelu_module(b, n, mod, x):
+    _prelu(b, n, x, mod.weight, f"{n.target}.weight")
+
+
+def prelu_fn(b, n, target, x, weight):
+    _prelu(b, n, x, weight, _stored(n, 1, "weight"))
+
+
+def onnx_prelu(b, n, mod, x, slope):
+    _prelu(b, n, x, slope, _stored(n, 1))
 
 
 def plain(op):
@@ -611,7 +654,7 @@ def _build_module_table():
         nn.Sigmoid: activation("sigmoid"), nn.Tanh: activation("tanh"),
         nn.SiLU: smooth("silu"), nn.GELU: smooth("gelu"), nn.Softplus: smooth("softplus"),
         nn.ELU: smooth("elu"), nn.Hardtanh: clamp(-1.0, 1.0), nn.ReLU6: clamp(0.0, 6.0),
-        nn.Hardsigmoid: hardsigmoid, nn.Hardswish: plain("hardswish"),
+        nn.Hardsigmoid: hardsigmoid, nn.Hardswish: plain("hardswish"), nn.PReLU: prelu_module,
         nn.Flatten: select, nn.Unflatten: select, nn.ZeroPad2d: select, nn.ConstantPad1d: select,
         nn.ConstantPad2d: select, nn.ReflectionPad1d: select, nn.ReflectionPad2d: select,
         nn.ReplicationPad1d: select, nn.ReplicationPad2d: select,
@@ -636,7 +679,7 @@ def _build_module_table():
                  ("OnnxNeg", neg), ("OnnxFunction", onnx_function), ("OnnxErf", plain("erf")),
                  ("OnnxHardSigmoid", hardsigmoid), ("OnnxLayerNorm", composite.onnx_layer_norm),
                  ("OnnxSoftmaxV1V11", composite.onnx_softmax_v1),
-                 ("OnnxHardSigmoid", hardsigmoid), ("OnnxPow", onnx_pow),
+                 ("OnnxPow", onnx_pow), ("OnnxPReLU", onnx_prelu),
                  ("OnnxSqrt", plain("sqrt")), ("OnnxReciprocal", plain("reciprocal")),
                  ("OnnxGlobalAveragePool", global_avgpool),
                  ("OnnxGlobalAveragePoolWithKnownInputShape", global_avgpool)):
@@ -660,7 +703,7 @@ FUNCTIONS = {
     torch.sin: plain("sin"), torch.cos: plain("cos"),
     torch.pow: power, operator.pow: power, torch.square: power, torch.sqrt: plain("sqrt"),
     torch.rsqrt: plain("rsqrt"), torch.reciprocal: plain("reciprocal"), torch.log: plain("log"),
-    F.hardsigmoid: hardsigmoid, F.hardtanh: clamp(-1.0, 1.0), F.relu6: clamp(0.0, 6.0),
+    F.prelu: prelu_fn, F.hardsigmoid: hardsigmoid, F.hardtanh: clamp(-1.0, 1.0), F.relu6: clamp(0.0, 6.0),
     torch.clamp: clamp(), torch.clip: clamp(),
     torch.flatten: select, torch.reshape: select, torch.permute: select, torch.transpose: select,
     torch.squeeze: select, torch.unsqueeze: select, operator.getitem: select, F.pad: select,

@@ -65,6 +65,10 @@ class DomainElementwise(SmoothElementwise):
     def describe(self, node) -> str:
         return self.op
 
+    def monotone(self, node, l, u) -> torch.Tensor:
+        """Where ``f`` is monotone on ``[l, u]`` (bool)."""
+        return torch.ones(l.shape, dtype=torch.bool)
+
     # --- the domain ----------------------------------------------------------------------------
     def check(self, node, l, u) -> None:
         """Raise ``DomainError`` where an interval ``[l, u]`` leaves the domain (NaN too)."""
@@ -104,7 +108,7 @@ class DomainElementwise(SmoothElementwise):
         ``[l, u]`` there, so ``max f(x) - k x <= max(f(l), f(u)) - min(k l, k u)`` (and the
         mirror bound for the least value)."""
         got = super()._extreme(node, l, u, k, upper)
-        bad = ~torch.isfinite(got)
+        bad = ~torch.isfinite(got) & self.monotone(node, l, u)   # the rest: an overflow error
         if not bool(bad.any()):
             return got
         fl, fu = self.f(node, l), self.f(node, u)
@@ -140,15 +144,18 @@ class DomainElementwise(SmoothElementwise):
     def tangent_ranges(self, node, x: Interval):
         """-> (free, convexity, t0, t1), float64 ``[B, *shape]`` (cached like ``relaxation``):
         where ``free``, the lower line (convex) or the upper line (concave) may be the tangent at
-        any point of ``[t0, t1]``: ``[l, u]``, except that ``t0`` moves off a point where
-        ``f'`` is infinite (sqrt at 0) by 2^-20 of the width."""
+        any point of ``[t0, t1]``: ``[l, u]``, except that ``t0`` moves off the domain's
+        closed edge 0 (sqrt, x^1.5: f' or f'' infinite there) by 2^-20 of the width."""
         cache = x.cache
         key = ("tangents",) + self._key(node, x)
         if key not in cache:
             l, u = x.lower.double(), x.upper.double()
             self.check(node, x.lower, x.upper)
             cv = self.convexity(node, l, u)
-            t0 = torch.where(torch.isfinite(self.df(node, l)), l, l + (u - l) * 2.0 ** -20)
+            # off the domain's closed edge 0 (x^p, 0 < p: f' or f'' is infinite there, and so
+            # is the gradient of the tangent's slope)
+            edge = (l <= 0) if self.domain(node) == "nonnegative" else ~torch.isfinite(self.df(node, l))
+            t0 = torch.where(edge, l + (u - l) * 2.0 ** -20, l)
             free = (cv != 0) & (u - l > 1e-9) & torch.isfinite(self.df(node, t0)) \
                 & torch.isfinite(self.df(node, u))
             cache[key] = (free, cv, t0, u)
@@ -203,7 +210,8 @@ class DomainElementwise(SmoothElementwise):
         free, cv, t0, t1 = (v.unsqueeze(1) for v in self.tangent_ranges(node, x))
         l, u = x.lower.double().unsqueeze(1), x.upper.double().unsqueeze(1)
         tau = tau.double()
-        t = torch.where(free, self._point(t0, t1, tau), t1.expand_as(tau))   # a finite point where unused (no NaN gradient)
+        # where unused, a constant point: no gradient reaches tau through an infinite f'' there
+        t = torch.where(free, self._point(t0, t1, tau), t1.expand_as(tau))
         k = self.df(node, t)
         b = self.f(node, t) - k * t
         s = torch.where(cv > 0, -1.0, 1.0).to(torch.float64)   # convex: the tangent is below
@@ -211,23 +219,6 @@ class DomainElementwise(SmoothElementwise):
         lower, upper = free & (cv > 0), free & (cv < 0)
         return (torch.where(lower, kt, kl), torch.where(lower, bt, bl),
                 torch.where(upper, kt, ku), torch.where(upper, bt, bu))
-
-    def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
-        """With ``alpha`` (alpha-CROWN): ``(tau for the lower bound, tau for the upper bound)``,
-        each ``[B, S, *shape]`` in [0, 1]: the tangent positions of the free lines."""
-        if alpha is None:
-            return super().backward(node, A_lower, A_upper, inputs, beta=beta)
-        (x,) = inputs
-
-        def one(A, k_pos, b_pos, k_neg, b_neg):
-            Ap, An = A.clamp(min=0), A.clamp(max=0)
-            return Ap * k_pos + An * k_neg, (Ap * b_pos + An * b_neg).flatten(2).sum(2)
-
-        kl, bl, ku, bu = self._lines(node, x, alpha[0])
-        A_l, b_l = one(A_lower, kl, bl, ku, bu)
-        kl, bl, ku, bu = self._lines(node, x, alpha[1])
-        A_u, b_u = one(A_upper, ku, bu, kl, bl)
-        return [(A_l, A_u)], b_l, b_u
 
 
 @register("pow")
@@ -266,6 +257,12 @@ class Pow(DomainElementwise):
         p = self.exponent(node)
         # odd powers turn f' at 0; negative integer powers are never bounded across 0
         return (0.0,) if _is_int(p) and (p < 0 or (p >= 3 and int(p) % 2 == 1)) else ()
+
+    def monotone(self, node, l, u):
+        p = self.exponent(node)
+        if _is_int(p) and p > 0 and int(p) % 2 == 0:
+            return (l >= 0) | (u <= 0)
+        return torch.ones(l.shape, dtype=torch.bool)
 
     def convexity(self, node, l, u):
         p = self.exponent(node)

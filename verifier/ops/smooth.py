@@ -166,6 +166,30 @@ class SmoothElementwise(ElementwiseRelaxation):
         ku, bu = self._line(node, l, u, k, True, dtype)
         return kl, bl, ku, bu
 
+    # --- alpha-CROWN, for the subclasses whose lines have free parameters ----------------------
+    def _lines(self, node, x: Interval, alpha):
+        """The lines of the free parameters ``alpha: [B, S, *shape]`` (as ``alpha_init`` gives
+        them): -> kl, bl, ku, bu, each ``[B, S, *shape]`` in the graph's dtype."""
+        raise NotSupported(self.op, "backward", "no free parameters")
+
+    def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
+        """With ``alpha`` (alpha-CROWN, where the subclass has ``alpha_init``): ``(for the lower
+        bound, for the upper bound)``, each ``[B, S, *shape]``; every value in range gives sound
+        lines (``_lines``), one pair per spec row."""
+        if alpha is None:
+            return super().backward(node, A_lower, A_upper, inputs, beta=beta)
+        (x,) = inputs
+
+        def one(A, k_pos, b_pos, k_neg, b_neg):
+            Ap, An = A.clamp(min=0), A.clamp(max=0)
+            return Ap * k_pos + An * k_neg, (Ap * b_pos + An * b_neg).flatten(2).sum(2)
+
+        kl, bl, ku, bu = self._lines(node, x, alpha[0])
+        A_l, b_l = one(A_lower, kl, bl, ku, bu)
+        kl, bl, ku, bu = self._lines(node, x, alpha[1])
+        A_u, b_u = one(A_upper, ku, bu, kl, bl)
+        return [(A_l, A_u)], b_l, b_u
+
 
 @register("silu")
 class SiLU(SmoothElementwise):
@@ -188,20 +212,40 @@ class SiLU(SmoothElementwise):
 _SQRT2 = math.sqrt(2.0)
 
 
+_TANH_C, _TANH_K = math.sqrt(2 / math.pi), 0.044715
+# the inflection point of the tanh form: the root of u' + x (u'' - 2 tanh(u) u'^2) / 2 on x > 0
+# (f'' = (1 - tanh(u)^2) times that, u = c (x + k x^3)), by bisection in float64 to the last ulp
+_TANH_INFLECTION = 1.418504008790828
+
+
 @register("gelu")
 class GELU(SmoothElementwise):
-    """``x Phi(x)`` (the exact, erf form): ``f'' = phi(x) (2 - x^2)`` changes sign at +-sqrt(2);
-    f' from -0.1289 to 1.1289."""
+    """``x Phi(x)`` (param ``approximate`` "none", the default: the exact, erf form): ``f'' =
+    phi(x) (2 - x^2)`` changes sign at +-sqrt(2); f' from -0.1289 to 1.1289.
+
+    ``approximate`` "tanh": ``0.5 x (1 + tanh(u))``, ``u = sqrt(2 / pi) (x + 0.044715 x^3)``:
+    ``f'' = (1 - tanh(u)^2) (u' + x (u'' - 2 tanh(u) u'^2) / 2)``; the second factor is even,
+    ``sqrt(2 / pi)`` at 0 and falls to -inf, with one root on x > 0 (1.4185040087908280: a float64
+    bisection; an error of an ulp moves the region's ends where f'' is 0 to first order, far
+    inside the slack); f' from -0.1290 to 1.1290."""
 
     slope_limits = (0.0, 1.0)
 
+    def _tanh(self, node) -> bool:
+        return node.params.get("approximate", "none") == "tanh"
+
     def f(self, node, x):
-        return F.gelu(x)
+        return F.gelu(x, approximate="tanh") if self._tanh(node) else F.gelu(x)
 
     def df(self, node, x):
+        if self._tanh(node):
+            t = torch.tanh(_TANH_C * (x + _TANH_K * x * x * x))
+            return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _TANH_C * (1 + 3 * _TANH_K * x * x)
         return 0.5 * (1 + torch.erf(x / _SQRT2)) + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
 
     def breakpoints(self, node):
+        if self._tanh(node):
+            return (-_TANH_INFLECTION, _TANH_INFLECTION)
         return (-_SQRT2, _SQRT2)
 
 
@@ -244,6 +288,78 @@ class ELU(SmoothElementwise):
 
     def slope_bound(self, node) -> float:
         return max(1.0, node.params.get("alpha", 1.0)) * (1 + SLACK)
+
+
+@register("prelu")
+class PReLU(SmoothElementwise):
+    """``x`` for x >= 0, ``a x`` below, with a learned slope ``a`` (param ``weight``: one value,
+    or one per channel (dim 0 of a sample, torch's ``nn.PReLU``), or a tensor broadcastable to a
+    sample; ``param_names`` gives the module's parameter, read live in certified training). Any
+    real ``a``: convex where a <= 1, concave where a > 1 (not monotone where a < 0).
+
+    Where the input crosses 0 the chord bounds one side (above if convex, below if concave) and a
+    line through 0 of slope ``s`` between ``a`` and 1 bounds the other: ``f(x) - s x`` keeps one
+    sign, 0 at x = 0. CROWN takes s = 1 where u > -l, else a (as for ReLU); alpha-CROWN optimizes
+    ``s = a + tau (1 - a)``, ``tau`` in [0, 1]. The slope as a weight perturbation is not
+    supported."""
+
+    def slope(self, node, like: torch.Tensor) -> torch.Tensor:
+        """``a`` broadcastable to ``like`` (``[B, *shape]`` or ``[B, S, *shape]``)."""
+        w = node.params["weight"].to(like.dtype)
+        nd = len(node.shape)
+        if w.numel() > 1 and w.ndim == 1 and nd > 1:
+            w = w.view(-1, *[1] * (nd - 1))   # one per channel
+        return w
+
+    def f(self, node, x):
+        return torch.where(x >= 0, x, x * self.slope(node, x))
+
+    def df(self, node, x):
+        return torch.where(x > 0, torch.ones_like(x), self.slope(node, x).expand_as(x))
+
+    def breakpoints(self, node):
+        return (0.0,)
+
+    def slope_bound(self, node) -> float:
+        return max(1.0, float(node.params["weight"].detach().abs().max()))
+
+    def relax(self, node, l, u):
+        dtype = l.dtype
+        l, u = l.double(), u.double()
+        a = self.slope(node, l).expand_as(l)
+        chord = self._chord(node, l, u)
+        through_0 = torch.where(u > -l, torch.ones_like(a), a)
+        cross = (l < 0) & (u > 0)
+        convex = a <= 1
+        k_lo = torch.where(cross & convex, through_0, chord)
+        k_up = torch.where(cross & ~convex, through_0, chord)
+        kl, bl = self._line(node, l, u, k_lo, False, dtype)
+        ku, bu = self._line(node, l, u, k_up, True, dtype)
+        return kl, bl, ku, bu
+
+    def alpha_init(self, node, inputs, B, S, dtype):
+        """The slope position ``tau`` ``[B, S, *shape]`` of the line through 0 where the input
+        crosses 0 (and ``a`` != 1), starting at CROWN's (1 where u > -l, else 0)."""
+        x = inputs[0]
+        a = self.slope(node, x.lower).expand_as(x.lower)
+        if not bool(((x.lower < 0) & (x.upper > 0) & (a != 1)).any()):
+            return None
+        init = (x.upper > -x.lower).to(dtype).unsqueeze(1)
+        return init.expand(B, S, *node.shape), 0.0, 1.0
+
+    def _lines(self, node, x, tau):
+        dtype = x.lower.dtype
+        kl, bl, ku, bu = (v.unsqueeze(1) for v in self.relaxation(node, x))
+        l, u = x.lower.double().unsqueeze(1), x.upper.double().unsqueeze(1)
+        a = self.slope(node, l).expand_as(l)
+        cross = (l < 0) & (u > 0) & (a != 1)
+        s = a + tau.double() * (1 - a)
+        convex = a <= 1
+        # the least (convex) or largest (concave) value of f - s x over [l, u] is 0, at 0
+        ks, bs = self._widen(node, l, u, s, torch.zeros_like(s), torch.where(convex, -1.0, 1.0), dtype)
+        lower, upper = cross & convex, cross & ~convex
+        return (torch.where(lower, ks, kl), torch.where(lower, bs, bl),
+                torch.where(upper, ks, ku), torch.where(upper, bs, bu))
 
 
 @register("exp")
