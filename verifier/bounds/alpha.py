@@ -16,7 +16,9 @@ line may be the tangent at any point of a range [t0, t1] (``SShaped.tangent_rang
 point ``t0 + tau (t1 - t0)`` with ``tau`` in [0, 1] is optimized in the same way, starting from
 CROWN's lines. A max pool's lower line is a convex combination of each window's elements with
 optimized non-negative weights (normalized over the window; ``MaxPool.backward``), starting
-from CROWN's one element.
+from CROWN's one element. A product of two perturbed tensors (``mul``, ``einsum``) mixes its two
+lower McCormick planes, and its two upper ones, with a weight in [0, 1] per spec row and output
+element, starting from CROWN's planes (``verifier.ops.bilinear``).
 
 Intermediate bounds are optimized first, layer by layer: in topological order, every
 pre-activation node with unstable neurons that depend on earlier unstable ReLUs gets its own

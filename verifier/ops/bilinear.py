@@ -67,16 +67,22 @@ def mccormick_step(A: torch.Tensor, upper: bool, mix, x: Interval, y: Interval, 
     wx, wy = ux - lx, uy - ly
     WL = A.clamp(max=0) if upper else A.clamp(min=0)
     bias = _dot(WL, prod(lx, wy)) - _dot(A, prod(lx, uy))
+    # in place where autograd tracks none of the tensors (those written are A's size)
+    inplace = not (torch.is_grad_enabled() and any(
+        t.requires_grad for t in (A, lx, ux, ly, uy, *(() if mix is None else mix))))
     if mix is None:
         u, t = WL, None
     else:
-        a1, a2 = WL * mix[0], (A - WL) * mix[1]
+        a1 = WL * mix[0]
+        a2 = (A - WL).mul_(mix[1]) if inplace else (A - WL) * mix[1]
         bias = bias - _dot(a1, prod(ux, uy) - prod(lx, ly)) - _dot(a2, prod(ux, ly) - prod(lx, uy))
-        u, t = WL - a1 + a2, a1 + a2
+        if inplace:
+            u = WL.sub_(a1).add_(a2)
+            t = a1.add_(a2)
+        else:
+            u, t = WL - a1 + a2, a1 + a2
         del a1, a2
     del WL
-    # in place where autograd does not track A (the tensors are A's size: one fewer of each)
-    inplace = not (torch.is_grad_enabled() and (A.requires_grad or u.requires_grad))
     a_x, d = adj_x(A, uy), adj_x(u, wy)
     del u
     a_x = a_x.sub_(d) if inplace else a_x - d

@@ -181,10 +181,21 @@ class Mul(BoundRule):
         raise NotSupported(self.op, "lipschitz",
                            "a product of two perturbed tensors has no global Lipschitz constant")
 
+    @staticmethod
+    def _per_sample(node, t):
+        """``t: [B, *s]`` with size-1 dims after the batch dim up to the node's rank, so that
+        broadcasting follows the per-sample shapes (not the batch dim against a sample's)."""
+        extra = len(node.shape) + 1 - t.ndim
+        return t.view(t.shape[0], *[1] * extra, *t.shape[1:]) if extra > 0 else t
+
     def interval(self, node, inputs):
-        x, y = inputs
-        c = torch.stack([x.lower * y.lower, x.lower * y.upper, x.upper * y.lower, x.upper * y.upper])
+        x, y = ([self._per_sample(node, t) for t in (i.lower, i.upper)] for i in inputs)
+        c = torch.stack([x[0] * y[0], x[0] * y[1], x[1] * y[0], x[1] * y[1]])
         return Interval(c.min(0).values, c.max(0).values)
+
+    def point(self, node, inputs):
+        x, y = (self._per_sample(node, t) for t in inputs)
+        return x * y
 
     def alpha_init(self, node, inputs, B, S, dtype):
         """The mix of the two lower planes and of the two upper planes (``[2, B, S, *shape]`` in
@@ -199,8 +210,8 @@ class Mul(BoundRule):
         x, y = inputs
         shape = node.shape
         sx, sy = node.params["in_shapes"]
-        x, y = (Interval(*(torch.broadcast_to(t, (t.shape[0], *shape)) for t in (i.lower, i.upper)))
-                for i in (x, y))
+        x, y = (Interval(*(torch.broadcast_to(self._per_sample(node, t), (t.shape[0], *shape))
+                           for t in (i.lower, i.upper))) for i in (x, y))
 
         def prod(a, b):
             return a * b
