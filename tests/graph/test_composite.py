@@ -134,3 +134,22 @@ def test_onnx_exports_load_and_match_onnxruntime(tmp_path, name, opset):
     want = sess.run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(_value(bm, x).detach().numpy(), want, rtol=1e-4, atol=1e-5)
     check_sound(bm, linf(x[:2], 0.05), methods=("ibp", "crown"))
+
+
+@pytest.mark.parametrize("fn", [lambda h, g: h + g, lambda h, g: h - g, lambda h, g: h * g,
+                                lambda h, g: h / (g * g + 1)])
+def test_two_perturbed_operands_of_different_ranks_are_reported(fn):
+    """[B, 2, 4] with [B, 4]: the batch dim of one would line up with a sample dim of the other."""
+    from verifier import UnsupportedOpsError
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 8)
+
+        def forward(self, x):
+            h = self.a(x)
+            return fn(h.reshape(-1, 2, 4), h[:, :4]).flatten(1)
+
+    with pytest.raises(UnsupportedOpsError, match="different ranks"):
+        BoundedModel(M(), input_shape=(6,))

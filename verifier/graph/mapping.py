@@ -111,14 +111,14 @@ def binary(kind):
             return b.problem(n, f"{kind} with alpha/rounding_mode")
         xr, yr = isinstance(x, Ref), isinstance(y, Ref)
         if xr and yr:
+            if kind != "matmul" and len(x.shape) != len(y.shape):
+                return b.problem(n, f"{kind} of two perturbed tensors of different ranks per "
+                                    f"sample ({list(x.shape)}, {list(y.shape)}): the batch "
+                                    "dimension would not line up (unsqueeze the smaller one)")
             if kind in ("add", "sub"):
                 return b.add(n, "add", [x, y], signs=(1, 1 if kind == "add" else -1),
                              in_shapes=(x.shape, y.shape))
             if kind == "mul":
-                if len(x.shape) != len(y.shape):
-                    return b.problem(n, f"product of two perturbed tensors of different ranks per "
-                                        f"sample ({list(x.shape)}, {list(y.shape)}): the batch "
-                                        "dimension would not line up (unsqueeze the smaller one)")
                 return b.add(n, "mul", [x, y], in_shapes=(x.shape, y.shape))
             if kind == "matmul":
                 return _matmul_two(b, n, x, y)
