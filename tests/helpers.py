@@ -231,6 +231,8 @@ def check_sound(bm: BoundedModel, perturbation, spec: torch.Tensor | None = None
         if not check_nodes:
             continue
         for name, iv in res.nodes.items():
+            if "/" in name and name not in node_vals:
+                continue  # an inner node "<fx node>/<part>" (Builder.add_inner): no fx value
             assert name in node_vals, f"{m}: result.nodes has {name!r}, not an fx node of the model"
             v = node_vals[name].view(n, B, *iv.lower.shape[1:])
             ex = _excess(v, iv.lower.double(), iv.upper.double(), rtol, atol).max().item()

@@ -76,6 +76,17 @@ class _Hard(nn.Module):
         return F.hardswish(self.fc2(h)) + F.hardsigmoid(h) + torch.sin(3 * h) + torch.cos(h)
 
 
+class _Reduce(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 12)
+
+    def forward(self, x):
+        h = self.fc(x).view(-1, 3, 4)
+        return torch.cat([h.amin(dim=1), h.amax(dim=(1, 2), keepdim=True).flatten(1),
+                          h.mean(-1), torch.maximum(h[:, 0], h[:, 1])], 1)
+
+
 def _conv_net():
     return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3).eval(), nn.ReLU(),
                          nn.MaxPool2d(2), nn.ConvTranspose2d(3, 2, 2, stride=2),
@@ -98,6 +109,7 @@ MODELS = [
     (lambda: nn.Sequential(nn.Linear(5, 8), nn.SiLU(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8),
                            nn.Softplus(beta=2.0), nn.Linear(8, 8), nn.ELU(alpha=1.5)), (5,), None),
     (_Hard, (5,), None),
+    (_Reduce, (5,), None),
 ]
 
 
