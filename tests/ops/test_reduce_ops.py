@@ -453,7 +453,8 @@ def test_exported_reductions_match_onnxruntime_and_are_sound(tmp_path, opset):
 
 
 def _model(nodes, inits, out_shape, opset=13, in_shape=(1, 2, 3, 4)):
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *in_shape[1:]])],
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *in_shape[1:]])
+    g = helper.make_graph(nodes, "g", [x],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                           [numpy_helper.from_array(np.asarray(v, dtype=t), n) for n, (v, t) in inits.items()])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])

@@ -174,8 +174,8 @@ class ReduceMax(BoundRule):
         q_coef = torch.where(cand, (up - l_j) / gap, 0.0)
         lo_c = torch.where(cand, lo, 0.0)
         q_bias = l_j.squeeze(-1) - (q_coef * lo_c).sum(-1)
-        q_bias = q_bias + (k + 6) * eps * (l_j.squeeze(-1).abs()
-                                           + (q_coef * (lo_c.abs() + torch.where(cand, up, 0.0).abs())).sum(-1))
+        terms = (q_coef * (lo_c.abs() + torch.where(cand, up, 0.0).abs())).sum(-1)
+        q_bias = q_bias + (k + 6) * eps * (l_j.squeeze(-1).abs() + terms)
         finite = (torch.isfinite(lo) & torch.isfinite(up)).all(-1)
         q_coef = torch.where(finite.unsqueeze(-1), q_coef, p_coef)  # unbounded: Q is P
         q_bias = torch.where(finite, q_bias, p_bias)
