@@ -86,6 +86,8 @@ class _Attention(nn.Module):
     def forward(self, x):                       # x: [B, 3, 4]
         s = self.q(x) @ self.k(x).transpose(-1, -2)
         return torch.relu(s) @ self.v(x)
+
+
 class _Domain(nn.Module):
     """pow (2, 3, -1.5), sqrt, rsqrt, reciprocal (through a division) and log."""
 
@@ -116,6 +118,15 @@ def _prelu_net():
     with torch.no_grad():
         net[1].weight.copy_(torch.tensor([-0.5, 0.0, 0.25, 1.0, 1.5, 3.0]))
     return net
+class _Reduce(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 12)
+
+    def forward(self, x):
+        h = self.fc(x).view(-1, 3, 4)
+        return torch.cat([h.amin(dim=1), h.amax(dim=(1, 2), keepdim=True).flatten(1),
+                          h.mean(-1), torch.maximum(h[:, 0], h[:, 1])], 1)
 
 
 def _conv_net():
@@ -144,6 +155,7 @@ MODELS = [
     (_Domain, (5,), None),
     (_Norms, (5,), None),
     (_prelu_net, (5,), None),
+    (_Reduce, (5,), None),
 ]
 
 

@@ -431,6 +431,193 @@ def maxpool_fn(b, n, target, x, kernel_size, stride=None, padding=0, dilation=1,
     _maxpool(b, n, x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
 
 
+# --- reductions and element-wise max / min ----------------------------------------------------
+_REDUCERS = {"sum": torch.sum, "mean": torch.mean, "max": torch.amax, "min": torch.amin}
+
+
+def _reduce(b, n, x, kind, dim, keepdim, probe=None):
+    """``kind`` (sum, mean, max, min) of ``x`` over ``dim`` (dims of the batched tensor, as the
+    source op takes them): the ``reduce_sum`` / ``reduce_max`` rule over per-sample dims.
+    ``probe``: the fx node whose op is run again to confirm the reading (default ``n``; the
+    (values, indices) node of ``torch.max(x, dim)``, whose values ``n`` reads)."""
+    if not isinstance(x, Ref):
+        return b.problem(n, f"{kind} of a constant with a perturbed argument")
+    full = len(x.shape) + 1
+    if isinstance(dim, torch.Tensor):
+        dim = dim.flatten().tolist()
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        return b.problem(n, f"{kind} over every dimension, the batch included (name the "
+                            "per-sample dims, e.g. dim=(1, ..., n))")
+    dims = sorted({int(d) + full if int(d) < 0 else int(d)
+                   for d in (dim if isinstance(dim, (list, tuple)) else (dim,))})
+    if any(not 0 <= d < full for d in dims):
+        return b.problem(n, f"{kind} over dim {dim} of a {full}-D tensor")
+    if 0 in dims:
+        return b.problem(n, f"{kind} over the batch dimension")
+    dims = tuple(d - 1 for d in dims)
+    keepdim = bool(keepdim)
+    # the source op on a random batch of two must compute exactly this reduction (a reading of
+    # its arguments that is wrong, or an op that mixes the batch, is reported, never bounded)
+    probe = n if probe is None else probe
+    src = [a for a in probe.all_input_nodes if a.name in b.perturbed]
+    t = torch.randn((2, *x.shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = _REDUCERS[kind](t, dim=tuple(d + 1 for d in dims), keepdim=keepdim)
+    try:
+        with torch.no_grad():
+            got = b.rerun(probe, {src[0].name: t}) if len(src) == 1 else None
+    except Exception:
+        got = None
+    if isinstance(got, (tuple, list)):
+        got = got[0]
+    if not (isinstance(got, torch.Tensor) and got.shape == want.shape
+            and torch.allclose(got.double(), want, rtol=1e-6, atol=1e-9)):
+        return b.problem(n, f"{kind}: the op does not compute the reduction over per-sample dims "
+                            f"{[d + 1 for d in dims]} read from its arguments")
+    op = "reduce_sum" if kind in ("sum", "mean") else "reduce_max"
+    b.add(n, op, [x], kind=kind, dims=dims, keepdim=keepdim, in_shape=x.shape)
+
+
+def reduction(kind):
+    """``torch.sum / mean / amax / amin`` and their tensor methods: ``(x, dim, keepdim)``."""
+    def handler(b, n, target, x, *args, **kwargs):
+        dim = kwargs.get("dim", kwargs.get("axis", args[0] if args else None))
+        keepdim = kwargs.get("keepdim", args[1] if len(args) > 1 else False)
+        dtype = kwargs.get("dtype")
+        if dtype is not None and not dtype.is_floating_point:
+            return b.problem(n, f"{kind} with dtype={dtype}")
+        return _reduce(b, n, x, kind, dim, keepdim)
+    return handler
+
+
+def _lift(b, n, ref: Ref, ndim: int, tag: str) -> Ref:
+    """``ref`` viewed with leading dims of size 1 up to ``ndim`` per-sample dims (a batched
+    tensor broadcasts against the others only once the ranks agree)."""
+    if len(ref.shape) >= ndim:
+        return ref
+    numel = math.prod(ref.shape)
+    return b.add_inner(n, tag, "select", [ref], (1,) * (ndim - len(ref.shape)) + tuple(ref.shape),
+                       index=torch.arange(numel), fill=None, identity=True, permutation=True,
+                       in_shape=ref.shape)
+
+
+def _max_pair(b, n, kind, x, y, shape, tag, last):
+    """``max(x, y)`` (or min) of a Ref ``x`` and a Ref or per-sample constant ``y``, written
+    exactly with one ReLU: ``max(x, y) = y + relu(x - y)``, ``min(x, y) = x - relu(x - y)``;
+    with a constant c: ``max(x, c) = c + relu(x - c)``, ``min(x, c) = c - relu(c - x)``. The
+    last node is the fx node's own (``last``), the others inner nodes ``<tag>/...``."""
+    pre = f"{tag}/" if tag else ""
+    x = _lift(b, n, x, len(shape), f"{pre}x_view")
+    if isinstance(y, Ref):
+        y = _lift(b, n, y, len(shape), f"{pre}y_view")
+        d = b.add_inner(n, f"{pre}diff", "add", [x, y], shape, signs=(1, -1),
+                        in_shapes=(x.shape, y.shape))
+        r = b.add_inner(n, f"{pre}relu", "relu", [d], shape)
+        inputs, params = [y if kind == "max" else x, r], dict(
+            signs=(1, 1 if kind == "max" else -1),
+            in_shapes=((y if kind == "max" else x).shape, shape))
+        op = "add"
+    else:
+        sign = 1.0 if kind == "max" else -1.0
+        w = None if kind == "max" else -torch.ones(())
+        d = b.add_inner(n, f"{pre}diff", "affine", [x], shape, w=w, b=-sign * y, in_shape=x.shape)
+        r = b.add_inner(n, f"{pre}relu", "relu", [d], shape)
+        inputs, params, op = [r], dict(w=w, b=y, in_shape=shape), "affine"
+    if last:
+        b.add(n, op, inputs, **params)
+        return None
+    return b.add_inner(n, tag, op, inputs, shape, **params)
+
+
+def _per_sample_const(b, n, c, full: int):
+    """A constant operand as a per-sample tensor (no batch dim), or None where it varies
+    along the batch or has more dims than the output."""
+    c = _float_const(b, c)
+    if c.ndim == full:
+        if c.shape[0] != 1:
+            return None
+        c = c[0]
+    return None if c.ndim > full else c
+
+
+def _elementwise_extremum(b, n, kind, operands):
+    """max / min of several operands (Refs and constants), folded pairwise; the constants are
+    combined into one first."""
+    out = b.out_shape(n)
+    refs = [a for a in operands if isinstance(a, Ref)]
+    consts = []
+    for a in operands:
+        if not isinstance(a, Ref):
+            c = _per_sample_const(b, n, a, len(out) + 1)
+            if c is None:
+                return b.problem(n, f"element-wise {kind} with a constant that varies along the "
+                                    "batch or has more dims than the output")
+            consts.append(c)
+    if not refs:
+        return b.problem(n, f"element-wise {kind} without a perturbed operand")
+    f = torch.maximum if kind == "max" else torch.minimum
+    items = list(refs)
+    if consts:
+        c = consts[0]
+        for other in consts[1:]:
+            c = f(c, other)
+        items.append(c)
+    if len(items) == 1:
+        return b.make_alias(n, items[0])
+    acc = items[0]
+    for k, other in enumerate(items[1:], 1):
+        last = k == len(items) - 1
+        oshape = other.shape if isinstance(other, Ref) else tuple(other.shape)
+        shape = out if last else tuple(torch.broadcast_shapes(tuple(acc.shape), tuple(oshape)))
+        acc = _max_pair(b, n, kind, acc, other, shape, "" if len(items) == 2 else f"m{k}", last)
+
+
+def extremum(kind):
+    """``torch.maximum / minimum (x, y)``; ``torch.max / min`` and the methods ``.max / .min``
+    with a second tensor (element-wise). With a dim they return (values, indices): see
+    ``values_only``; without one they reduce the batch too (reported as the batch changes)."""
+    def handler(b, n, target, x, *args, **kwargs):
+        other = kwargs.get("other", args[0] if args else None)
+        if other is None or "dim" in kwargs or len(args) > 1:
+            return b.problem(n, f"{kind} with these arguments")
+        return _elementwise_extremum(b, n, kind, [x, other])
+    return handler
+
+
+# torch.max / torch.min (function, method) with a dim return (values, indices)
+_TUPLE_EXTREMA = {("call_function", torch.max): "max", ("call_function", torch.min): "min",
+                  ("call_method", "max"): "max", ("call_method", "min"): "min"}
+
+
+def reads_values(u) -> bool:
+    """Whether fx node ``u`` reads the values of a (values, indices) result."""
+    if u.op != "call_function" or len(u.args) != 2:
+        return False
+    return (u.target is operator.getitem and u.args[1] == 0) or \
+        (u.target is getattr and u.args[1] == "values")
+
+
+def values_only(n) -> bool:
+    """``n`` is ``torch.max / min(x, dim, keepdim)`` (or the method) and every use of it reads
+    its values (a use of the indices that is dead, e.g. ``v, _ = x.max(1)``, is allowed)."""
+    if (n.op, n.target) not in _TUPLE_EXTREMA:
+        return False
+    return all(reads_values(u) or (u.op == "call_function" and u.target is operator.getitem
+                                     and not u.users) for u in n.users)
+
+
+def map_values(b, u, n):
+    """Map ``u``, which reads the values of ``n = torch.max / min(x, dim, keepdim)``, as the
+    reduction (the graph node gets ``u``'s name and value)."""
+    kind = _TUPLE_EXTREMA[(n.op, n.target)]
+    args, kwargs = b.resolve(n.args), b.resolve(n.kwargs)
+    x, rest = args[0], args[1:]
+    dim = kwargs.get("dim", rest[0] if rest else None)
+    keepdim = kwargs.get("keepdim", rest[1] if len(rest) > 1 else False)
+    if not isinstance(dim, int):
+        return b.problem(u, f"{kind} with dim {dim!r}")
+    return _reduce(b, u, x, kind, dim, keepdim, probe=n)
+
+
 # --- onnx2torch modules --------------------------------------------------------------------
 def onnx_binary(b, n, mod, x, y):
     if getattr(mod, "broadcast", None) == 1 and getattr(mod, "axis", None) is not None:
@@ -618,6 +805,40 @@ def onnx_function(b, n, mod, x, *args, **kwargs):
     return activation(op)(b, n, mod, x)
 
 
+_ONNX_REDUCE = {"ReduceSum": "sum", "ReduceMean": "mean", "ReduceMax": "max", "ReduceMin": "min"}
+
+
+def onnx_reduce(b, n, mod, x, axes=None):
+    """onnx2torch's ReduceSum / ReduceMean / ReduceMax / ReduceMin (static or dynamic axes)."""
+    if hasattr(mod, "operation_type"):            # OnnxReduceStaticAxes
+        kind = _ONNX_REDUCE.get(mod.operation_type)
+        if kind is None:
+            return b.problem(n, f"no bound rule for {mod.operation_type}")
+        axes, keep, noop = mod.axes, mod.keepdims, False
+    else:                                         # OnnxReduceSum{Static,Dynamic}Axes
+        kind = "sum"
+        keep, noop = bool(mod._keepdims), bool(mod._noop_with_empty_axes)
+        if hasattr(mod, "_axes"):
+            axes = mod._axes
+    if isinstance(axes, Ref):
+        return b.problem(n, f"{kind} with perturbed axes")
+    if isinstance(axes, torch.Tensor):
+        axes = axes.flatten().tolist()
+    if not axes:
+        if noop:
+            return alias(b, n, mod, x)
+        return b.problem(n, f"{kind} over every axis, the batch included")
+    return _reduce(b, n, x, kind, list(axes), keep)
+
+
+def onnx_min_max(b, n, mod, *tensors):
+    """onnx2torch's element-wise, variadic Max / Min."""
+    kind = {torch.amax: "max", torch.amin: "min"}.get(getattr(mod, "_operator", None))
+    if kind is None:
+        return b.problem(n, "an element-wise Max / Min of unknown kind")
+    return _elementwise_extremum(b, n, kind, list(tensors))
+
+
 def _onnx_classes():
     """onnx2torch's module classes, imported lazily and only where present."""
     import importlib
@@ -636,6 +857,8 @@ def _onnx_classes():
         "activations": ["OnnxErf", "OnnxHardSigmoid", "OnnxSoftmaxV1V11", "OnnxPReLU"],
         "layer_norm": ["OnnxLayerNorm"],
         "pow": ["OnnxPow", "OnnxSqrt"], "reciprocal": ["OnnxReciprocal"],
+        "reduce": ["OnnxReduceStaticAxes", "OnnxReduceSumStaticAxes", "OnnxReduceSumDynamicAxes"],
+        "min_max": ["OnnxMinMax"],
     }
     found = {}
     for mod_name, classes in names.items():
@@ -686,7 +909,9 @@ def _build_module_table():
                  ("OnnxPow", onnx_pow), ("OnnxPReLU", onnx_prelu),
                  ("OnnxSqrt", plain("sqrt")), ("OnnxReciprocal", plain("reciprocal")),
                  ("OnnxGlobalAveragePool", global_avgpool),
-                 ("OnnxGlobalAveragePoolWithKnownInputShape", global_avgpool)):
+                 ("OnnxGlobalAveragePoolWithKnownInputShape", global_avgpool),
+                 ("OnnxReduceStaticAxes", onnx_reduce), ("OnnxReduceSumStaticAxes", onnx_reduce),
+                 ("OnnxReduceSumDynamicAxes", onnx_reduce), ("OnnxMinMax", onnx_min_max)):
         if c in onnx:
             t[onnx[c]] = h
     return t
@@ -720,6 +945,9 @@ FUNCTIONS = {
     F.group_norm: composite.group_norm_fn, F.softmax: composite.softmax(False),
     torch.softmax: composite.softmax(False), F.log_softmax: composite.softmax(True),
     torch.log_softmax: composite.softmax(True),
+    torch.sum: reduction("sum"), torch.mean: reduction("mean"), torch.amax: reduction("max"),
+    torch.amin: reduction("min"), torch.max: extremum("max"), torch.min: extremum("min"),
+    torch.maximum: extremum("max"), torch.minimum: extremum("min"),
 }
 
 METHODS = {
@@ -731,11 +959,13 @@ METHODS = {
     "sigmoid": activation("sigmoid"), "tanh": activation("tanh"), "exp": plain("exp"),
     "abs": plain("abs"), "erf": plain("erf"), "clamp": clamp(), "clip": clamp(),
     "sin": plain("sin"), "cos": plain("cos"), "softmax": composite.softmax(False),
-    "log_softmax": composite.softmax(True),
-    "sin": plain("sin"), "cos": plain("cos"), "pow": power, "__pow__": power, "square": power,
+    "log_softmax": composite.softmax(True), "pow": power, "__pow__": power, "square": power,
     "sqrt": plain("sqrt"), "rsqrt": plain("rsqrt"), "reciprocal": plain("reciprocal"),
     "log": plain("log"), "__truediv__": binary("div"),
     "__add__": binary("add"), "__sub__": binary("sub"), "__mul__": binary("mul"),
+    "sum": reduction("sum"), "mean": reduction("mean"), "amax": reduction("max"),
+    "amin": reduction("min"), "max": extremum("max"), "min": extremum("min"),
+    "maximum": extremum("max"), "minimum": extremum("min"),
 }
 
 _MODULES = None
@@ -761,7 +991,8 @@ def map_node(b, n):
         return b.problem(n, "no bound rule")
     if n.op == "call_method" and not isinstance(args[0], Ref):
         # a method on a constant with a perturbed argument, e.g. W.matmul(x)
-        if n.target in ("add", "sub", "mul", "div", "matmul", "bmm", "__add__", "__sub__", "__mul__"):
+        if n.target in ("add", "sub", "mul", "div", "matmul", "bmm", "__add__", "__sub__", "__mul__",
+                        "maximum", "minimum", "max", "min"):
             return h(b, n, n.target, *args, **kwargs)
         return b.problem(n, "method on a constant with a perturbed argument")
     return h(b, n, n.target, *args, **kwargs)

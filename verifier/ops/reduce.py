@@ -136,14 +136,21 @@ class ReduceMax(BoundRule):
         return _grouped(node, -x.upper), _grouped(node, -x.lower)
 
     def lines(self, node, x: Interval):
-        """The lines of the max over each group, ``[B, *kept, k]`` coefficients and ``[B, *kept]``
-        intercepts: (CROWN's lower line: one-hot on j, P's coefficients, P's intercept, Q's
-        coefficients, Q's intercept, decided). Cached on the interval (one computation per
-        bounds pass, as ``ElementwiseRelaxation.relaxation``)."""
+        """The lines of the max over each group (coefficients ``[B, *kept, k]``, intercepts
+        ``[B, *kept]``): (CROWN's lower line, one-hot on j; P's coefficients and intercept; Q's
+        coefficients and intercept; decided; the slack a convex combination's lower line needs).
+        Cached on the interval (one computation per bounds pass, as
+        ``ElementwiseRelaxation.relaxation``).
+
+        Rounding: the intercepts of P and Q are raised by a few ulps of the terms they are made of
+        (the stored lines then hold in exact arithmetic, in float32 too); a one-hot lower line and
+        P with slope 0 or 1 are exact and get none."""
         key = ("reduce_max", node.name, x.lower._version, x.upper._version)
         if key in x.cache:
             return x.cache[key]
         lo, up = self._max_bounds(node, x)
+        k = lo.shape[-1]
+        eps = torch.finfo(lo.dtype).eps
         neg = torch.tensor(-torch.inf, dtype=lo.dtype)
         l_j, j = lo.max(-1, keepdim=True)
         onehot_j = torch.zeros_like(lo).scatter_(-1, j, 1.0)
@@ -158,18 +165,25 @@ class ReduceMax(BoundRule):
         s = torch.where(width > 0, (u_m - c) / torch.where(width > 0, width, 1.0), 0.0)
         s = torch.where((c <= l_m) & (width > 0), 1.0, s).nan_to_num(nan=0.0)  # nan: u_m = inf
         p_coef = onehot_m * s
-        p_bias = torch.where(s == 1, 0.0, u_m * (1 - s)).squeeze(-1)
+        inner = (s > 0) & (s < 1)
+        p_bias = torch.where(s == 1, 0.0, u_m * (1 - s))
+        p_bias = (p_bias + torch.where(inner, 8 * eps * (u_m.abs() + l_m.abs()), 0.0)).squeeze(-1)
         # Q: l_j + the chord of relu(x_i - l_j) over [l_i, u_i] for every element with u_i > l_j
         cand = up > l_j
         gap = torch.where(cand, up - lo, 1.0)
         q_coef = torch.where(cand, (up - l_j) / gap, 0.0)
-        q_bias = l_j.squeeze(-1) - (q_coef * torch.where(cand, lo, 0.0)).sum(-1)
+        lo_c = torch.where(cand, lo, 0.0)
+        q_bias = l_j.squeeze(-1) - (q_coef * lo_c).sum(-1)
+        terms = (q_coef * (lo_c.abs() + torch.where(cand, up, 0.0).abs())).sum(-1)
+        q_bias = q_bias + (k + 6) * eps * (l_j.squeeze(-1).abs() + terms)
         finite = (torch.isfinite(lo) & torch.isfinite(up)).all(-1)
         q_coef = torch.where(finite.unsqueeze(-1), q_coef, p_coef)  # unbounded: Q is P
         q_bias = torch.where(finite, q_bias, p_bias)
         u_not_j = torch.where(onehot_j > 0, neg, up).amax(-1)
         decided = l_j.squeeze(-1) >= u_not_j
-        out = (onehot_j, p_coef, p_bias, q_coef, q_bias, decided)
+        # sum w_i x_i with weights normalized in floats may pass max(x) by (k + 1) ulps of |x|
+        w_slack = (k + 4) * eps * torch.maximum(lo.abs(), up.abs()).amax(-1)
+        out = (onehot_j, p_coef, p_bias, q_coef, q_bias, decided, w_slack)
         x.cache[key] = out
         return out
 
@@ -177,7 +191,7 @@ class ReduceMax(BoundRule):
         """``[B, S, *kept, k + 1]`` in [0, 1]: the lower line's weights over each group
         (normalized in ``backward``; CROWN's one-hot to start) and, last, ``t``, the share of Q in
         the upper line (0 to start). None when every group is decided."""
-        onehot, _, _, _, _, decided = self.lines(node, inputs[0])
+        onehot, _, _, _, _, decided, _ = self.lines(node, inputs[0])
         if bool(decided.all()):
             return None
         init = torch.cat([onehot, torch.zeros_like(onehot[..., :1])], -1).to(dtype)
@@ -189,32 +203,34 @@ class ReduceMax(BoundRule):
         exact). Entries of A >= 0 take the lower line of the max, the others its upper line
         (reversed for the upper bound); for min the max's lines act on ``-x``."""
         (x,) = inputs
-        onehot, p_coef, p_bias, q_coef, q_bias, decided = (t.unsqueeze(1) for t in self.lines(node, x))
+        onehot, p_coef, p_bias, q_coef, q_bias, decided, w_slack = (
+            t.unsqueeze(1) for t in self.lines(node, x))
         B, S = A_lower.shape[:2]
         flip = node.params["kind"] == "min"
         kept = _kept_sizes(node)
 
         def weights(a):
-            """-> (lower-line coefficients, upper-line coefficients, upper intercept)."""
+            """-> (lower-line coefficients and intercept, upper-line coefficients and intercept)."""
             if a is None:
-                return onehot, p_coef, p_bias
+                return onehot, 0.0, p_coef, p_bias
             w, t = a[..., :-1], a[..., -1]
             total = w.sum(-1, keepdim=True)
             lw = torch.where(total > 0, w / torch.where(total > 0, total, 1.0), onehot)
             lw = torch.where(decided.unsqueeze(-1), onehot, lw)
+            lb = torch.where(decided, 0.0, -w_slack)
             t = torch.where(decided, 0.0, t)
-            return lw, p_coef + t.unsqueeze(-1) * (q_coef - p_coef), p_bias + t * (q_bias - p_bias)
+            return lw, lb, p_coef + t.unsqueeze(-1) * (q_coef - p_coef), p_bias + t * (q_bias - p_bias)
 
         def one(A, a, upper):
             A = A.reshape(B, S, *kept)
             if flip:
                 A = -A   # A·min(x) = (-A)·max(-x)
-            lw, uw, ub = weights(a)
+            lw, lb, uw, ub = weights(a)
             Ap, An = A.clamp(min=0), A.clamp(max=0)
             if upper:
                 Ap, An = An, Ap  # Ap now takes the lower line
             A_in = Ap.unsqueeze(-1) * lw + An.unsqueeze(-1) * uw
-            bias = (An * ub).reshape(B, S, -1).sum(-1)
+            bias = (An * ub + Ap * lb).reshape(B, S, -1).sum(-1)
             A_in = _ungrouped(node, A_in)
             return (-A_in if flip else A_in), bias
 
