@@ -34,7 +34,7 @@ import torch
 from ..bound_types import Interval
 from ..errors import DomainError
 from .base import NotSupported, register
-from .smooth import SmoothElementwise
+from .smooth import SmoothElementwise, slack
 
 _DOMAINS = {"positive": "x > 0", "nonnegative": "x >= 0",
             "nonzero": "x != 0 (each interval wholly on one side of 0)"}
@@ -112,7 +112,9 @@ class DomainElementwise(SmoothElementwise):
         if not bool(bad.any()):
             return got
         fl, fu = self.f(node, l), self.f(node, u)
-        kl, ku = k * l, k * u
+        # k x with k = 0 is 0 even at an infinite end (reciprocal over [1, inf]: 1/inf = 0)
+        kl = torch.where(k == 0, torch.zeros_like(l), k * l)
+        ku = torch.where(k == 0, torch.zeros_like(u), k * u)
         if upper:
             alt = torch.maximum(fl, fu) - torch.minimum(kl, ku)
         else:
@@ -128,6 +130,18 @@ class DomainElementwise(SmoothElementwise):
         self.check(node, x.lower, x.upper)
         iv = super().interval(node, inputs)
         lo, hi = iv.lower, iv.upper
+        mono = self.monotone(node, x.lower, x.upper)
+        if bool(mono.any()):
+            # a monotone f: its range is between its values at the ends, also where an end is
+            # infinite (1 / inf = 0), which the generic bound (bisection) cannot handle
+            l, u = x.lower.double(), x.upper.double()
+            fl, fu = self.f(node, l), self.f(node, u)
+            s = slack(lo.dtype)
+            m_lo, m_hi = torch.minimum(fl, fu), torch.maximum(fl, fu)
+            m_lo = (m_lo - s * (1 + m_lo.abs())).to(lo.dtype)
+            m_hi = (m_hi + s * (1 + m_hi.abs())).to(lo.dtype)
+            lo = torch.where(mono & ~(lo >= m_lo), m_lo, lo)   # NaN in the generic bound too
+            hi = torch.where(mono & ~(hi <= m_hi), m_hi, hi)
         fl = self.floor(node)
         if fl is not None:
             lo = lo.clamp(min=fl)

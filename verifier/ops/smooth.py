@@ -41,6 +41,11 @@ def slack(dtype) -> float:
     return 32 * torch.finfo(dtype).eps
 
 
+def _times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a * b`` with ``0 * inf = 0`` (a flat line over an interval with an infinite end)."""
+    return torch.where((a == 0) | (b == 0), torch.zeros_like(a * b), a * b)
+
+
 class SmoothElementwise(ElementwiseRelaxation):
     """``y = f(x)`` for a smooth ``f``; subclasses give ``f``, ``df``, ``breakpoints(node)`` and
     ``slope_limits`` (``f'`` at -inf and +inf)."""
@@ -108,7 +113,7 @@ class SmoothElementwise(ElementwiseRelaxation):
                 a = torch.where(live, a, l)
                 b = torch.where(live, b, l)
                 for _ in range(self.iters):
-                    m = (a + b) / 2
+                    m = self._mid(a, b)
                     up = dh(m) >= 0
                     a = torch.where(up, m, a)
                     b = torch.where(up, b, m)
@@ -116,6 +121,20 @@ class SmoothElementwise(ElementwiseRelaxation):
             bound = h(a) + dh(a).clamp(min=0) * (b - a)
             best = torch.where(live, torch.maximum(best, bound), best)
         return s * best
+
+    def _mid(self, a, b):
+        """A point strictly inside ``(a, b)`` for the bisection: the middle, or the geometric
+        middle where ``0 < a`` and ``b`` is far above it (``[0.5, 1e30]``: 50 halvings would
+        leave a bracket of 1e15; on a log scale they leave one of 1 + 1e-13 relative), or
+        where the bracket reaches infinity."""
+        mid = (a + b) / 2
+        far = (a > 0) & (b > 4 * a)
+        geo = torch.sqrt(a.clamp(min=1e-300)) * torch.sqrt(b)
+        mid = torch.where(far & torch.isfinite(geo), geo, mid)
+        nfar = (b < 0) & (a < 4 * b)
+        ngeo = -torch.sqrt((-b).clamp(min=1e-300)) * torch.sqrt(-a)
+        mid = torch.where(nfar & torch.isfinite(ngeo), ngeo, mid)
+        return torch.where(torch.isfinite(mid), mid, torch.where(a > 0, 2 * a + 1, 2 * b - 1))
 
     def _round(self, v, up: bool, dtype, scale=None):
         """``v`` (float64) moved outwards by ``slack(dtype) (1 + |v| + scale)``, cast."""
@@ -135,8 +154,8 @@ class SmoothElementwise(ElementwiseRelaxation):
         outwards for the rounding of k to ``dtype`` and by the slack; -> (k, b) in ``dtype``."""
         kd = k.to(dtype)
         far = torch.maximum(l.abs(), u.abs())
-        reach = (far * (kd.double() - k).abs()).detach() + self.margin(node)
-        kx = kd.double().abs().detach() * far   # the line's values reach |b| + |k| max|x|
+        reach = _times(far, (kd.double() - k).abs()).detach() + self.margin(node)
+        kx = _times(kd.double().abs().detach(), far)   # the line's values reach |b| + |k| max|x|
         v = b + s * reach
         d = slack(dtype) * (1 + v.abs() + kx)
         return kd, (v + s * d).to(dtype)
