@@ -102,6 +102,20 @@ class DomainElementwise(SmoothElementwise):
                               why=f"its bounds overflow {l.dtype}")
 
     # --- the generic rule, guarded -------------------------------------------------------------
+    def _mid(self, a, b):
+        """A point strictly inside ``(a, b)`` for the bisection: the middle, or the geometric
+        middle where ``0 < a`` and ``b`` is far above it (``[0.5, 1e30]``: 50 halvings would
+        leave a bracket of 1e15; on a log scale they leave one of 1 + 1e-13 relative), or
+        where the bracket reaches infinity."""
+        mid = (a + b) / 2
+        far = (a > 0) & (b > 4 * a)
+        geo = torch.sqrt(a.clamp(min=1e-300)) * torch.sqrt(b)
+        mid = torch.where(far & torch.isfinite(geo), geo, mid)
+        nfar = (b < 0) & (a < 4 * b)
+        ngeo = -torch.sqrt((-b).clamp(min=1e-300)) * torch.sqrt(-a)
+        mid = torch.where(nfar & torch.isfinite(ngeo), ngeo, mid)
+        return torch.where(torch.isfinite(mid), mid, torch.where(a > 0, 2 * a + 1, 2 * b - 1))
+
     def _extreme(self, node, l, u, k, upper: bool):
         """As the generic bound, with a fallback where it is not finite (a root of ``f' = k``
         too close to a point where ``f'`` is infinite, e.g. sqrt at 0): ``f`` is monotone on

@@ -123,18 +123,9 @@ class SmoothElementwise(ElementwiseRelaxation):
         return s * best
 
     def _mid(self, a, b):
-        """A point strictly inside ``(a, b)`` for the bisection: the middle, or the geometric
-        middle where ``0 < a`` and ``b`` is far above it (``[0.5, 1e30]``: 50 halvings would
-        leave a bracket of 1e15; on a log scale they leave one of 1 + 1e-13 relative), or
-        where the bracket reaches infinity."""
-        mid = (a + b) / 2
-        far = (a > 0) & (b > 4 * a)
-        geo = torch.sqrt(a.clamp(min=1e-300)) * torch.sqrt(b)
-        mid = torch.where(far & torch.isfinite(geo), geo, mid)
-        nfar = (b < 0) & (a < 4 * b)
-        ngeo = -torch.sqrt((-b).clamp(min=1e-300)) * torch.sqrt(-a)
-        mid = torch.where(nfar & torch.isfinite(ngeo), ngeo, mid)
-        return torch.where(torch.isfinite(mid), mid, torch.where(a > 0, 2 * a + 1, 2 * b - 1))
+        """A point strictly inside ``(a, b)`` for the bisection (a rule with a domain halves on a
+        log scale, ``verifier.ops.domain``)."""
+        return (a + b) / 2
 
     def _round(self, v, up: bool, dtype, scale=None):
         """``v`` (float64) moved outwards by ``slack(dtype) (1 + |v| + scale)``, cast."""
