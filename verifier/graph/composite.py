@@ -165,8 +165,8 @@ def _softmax(b, n, x, dim, log: bool):
     e = b.add_inner(n, "exp", "exp", [diff], pairs)
     s = b.add_inner(n, "sum", "reduce_sum", [e], shape, kind="sum", dims=(d + 1,), keepdim=False,
                     in_shape=pairs)
-    if not log:
-        return b.add(n, "reciprocal", [s])
+    if not log:  # softmax_dim: read by a product with these weights (attention)
+        return b.add(n, "reciprocal", [s], softmax_dim=d)
     lg = b.add_inner(n, "log", "log", [s], shape)
     b.add(n, "affine", [lg], w=torch.tensor(-1.0, dtype=torch.float64), b=None, in_shape=shape)
 

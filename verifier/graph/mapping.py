@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.bilinear import check_equation
 from . import composite
 from .nodes import Ref
 
@@ -155,11 +156,10 @@ def binary(kind):
 
 
 def _add_einsum(b, n, x, y, equation):
-    from ..ops.bilinear import check_equation
     why = check_equation(equation, x.shape, y.shape)
     if why is not None:
         return b.problem(n, why)
-    b.add(n, "einsum", [x, y], equation=equation, in_shapes=(tuple(x.shape), tuple(y.shape)))
+    return b.add(n, "einsum", [x, y], equation=equation, in_shapes=(tuple(x.shape), tuple(y.shape)))
 
 
 def _matmul_two(b, n, x, y):
@@ -176,7 +176,13 @@ def _matmul_two(b, n, x, y):
     lead = "abcdefgh"[:k] if k <= 8 else None
     if lead is None:
         return b.problem(n, "matmul with more than 8 batch dimensions")
-    return _add_einsum(b, n, x, y, f"{lead}ij,{lead}jk->{lead}ik")
+    src = b.by_name.get(x.name)
+    simplex = (src is not None and src.params.get("softmax_dim") == len(x.shape) - 1
+               and tuple(x.shape[-1:]) == tuple(y.shape[-2:-1]))
+    node = _add_einsum(b, n, x, y, f"{lead}ij,{lead}jk->{lead}ik")
+    if simplex and node is not None:  # attention: weights (a softmax over j) @ values
+        node.params["simplex"] = True
+    return node
 
 
 def _einsum_letters(eq: str, ndims: list[int]):

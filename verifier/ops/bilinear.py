@@ -185,11 +185,51 @@ def _align(t: torch.Tensor, letters_t: str, letters: str) -> torch.Tensor:
     return t.reshape(shape)
 
 
+def _knapsack(la: torch.Tensor, ua: torch.Tensor, c: torch.Tensor, largest: bool) -> torch.Tensor:
+    """``max`` (``largest``) or ``min`` of ``sum_j a_j c_j`` over ``la <= a <= ua``,
+    ``sum_j a = 1`` (last dim): from ``a = la``, the rest of the mass goes to the largest (or
+    least) ``c_j`` first, each up to ``ua_j`` (a fractional knapsack: exact). NaN where the
+    constraints are infeasible."""
+    order = torch.sort(c, dim=-1, descending=largest).indices
+    cs = torch.gather(c, -1, order)
+    w = torch.gather((ua - la).clamp(min=0), -1, order)
+    rest = 1 - la.sum(-1, keepdim=True)
+    before = torch.cumsum(w, -1) - w
+    add = torch.minimum((rest - before).clamp(min=0), w)
+    val = (la * c).sum(-1) + (add * cs).sum(-1)
+    ok = (rest.squeeze(-1) >= 0) & (w.sum(-1) >= rest.squeeze(-1))
+    return torch.where(ok, val, torch.full_like(val, math.nan))
+
+
+def simplex_interval(a: Interval, v: Interval) -> Interval:
+    """The range of ``out[..., i, k] = sum_j a[..., i, j] v[..., j, k]`` where each row of ``a``
+    is a probability vector (``a >= 0``, ``sum_j a = 1``: softmax weights) within its bounds and
+    ``v`` within its box: for ``a >= 0`` the extremes take ``v`` at its ends, then a knapsack
+    over ``a`` (exact for the box and the simplex). The sum may miss 1 by rounding: the bounds
+    are widened by ``|c|`` times a few ulps. Where the bounds are inconsistent, +-inf (no
+    information)."""
+    la = a.lower.clamp(min=0).double().unsqueeze(-2)          # [..., i, 1, j]
+    ua = a.upper.clamp(max=1).double().unsqueeze(-2)
+    lv = v.lower.double().transpose(-1, -2).unsqueeze(-3)     # [..., 1, k, j]
+    uv = v.upper.double().transpose(-1, -2).unsqueeze(-3)
+    shape = torch.broadcast_shapes(la.shape, lv.shape)
+    la, ua = la.expand(shape), ua.expand(shape)
+    hi = _knapsack(la, ua, uv.expand(shape), True)
+    lo = _knapsack(la, ua, lv.expand(shape), False)
+    dt = a.lower.dtype
+    tol = 64 * torch.finfo(dt).eps * (1 + torch.maximum(lv.abs(), uv.abs()).amax(-1))
+    lo = torch.nan_to_num(lo - tol, nan=-math.inf)
+    hi = torch.nan_to_num(hi + tol, nan=math.inf)
+    return Interval(lo.to(dt), hi.to(dt))
+
+
 @register("einsum")
 class Einsum(BoundRule):
     """``z = einsum(equation, X, Y)`` per sample (params ``equation``, e.g. ``"hij,hkj->hik"``,
     over the per-sample dims; ``in_shapes``: the operands' shapes, whose dims of size 1 broadcast
-    as in torch.einsum), relaxed by McCormick planes (see the module doc)."""
+    as in torch.einsum), relaxed by McCormick planes (see the module doc). ``simplex``: X is a
+    softmax over its last dim and the product is ``X @ Y`` (attention's ``weights @ values``):
+    the interval is also intersected with ``simplex_interval``."""
 
     needs_bounds = True
 
@@ -212,8 +252,12 @@ class Einsum(BoundRule):
             for c, n in zip(letters, t.shape):
                 sizes[c] = max(sizes.get(c, 1), n)
         if math.prod(sizes.values()) <= EXACT_TERMS:
-            return self._exact_interval(p, x, y)
-        return self._factored_interval(p, x, y)
+            iv = self._exact_interval(p, x, y)
+        else:
+            iv = self._factored_interval(p, x, y)
+        if node.params.get("simplex"):
+            iv = iv.intersect(simplex_interval(x, y))
+        return iv
 
     def _exact_interval(self, p: Plan, x: Interval, y: Interval) -> Interval:
         """Each term's exact range (the least and the greatest corner product), summed."""
