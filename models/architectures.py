@@ -152,26 +152,27 @@ def cnn_cert(in_ch: int = 1, n_classes: int = 10, input_size: int = 28, width: i
 class _Attention(nn.Module):
     """Multi-head self-attention written out: ``softmax(q k^T / sqrt(d)) v``, then a projection."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, tokens: int):
         super().__init__()
-        self.heads, self.d = heads, dim // heads
+        self.heads, self.d, self.tokens = heads, dim // heads, tokens
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, dim = x.shape
+        # sizes from the module, not from x.shape: the ONNX export then has no Shape ops
+        t, dim = self.tokens, self.heads * self.d
         qkv = self.qkv(x)
-        q, k, v = (qkv[..., i * dim:(i + 1) * dim].reshape(n, t, self.heads, self.d).transpose(1, 2)
+        q, k, v = (qkv[..., i * dim:(i + 1) * dim].reshape(-1, t, self.heads, self.d).transpose(1, 2)
                    for i in range(3))
         att = torch.softmax(q @ k.transpose(-1, -2) / self.d ** 0.5, dim=-1)
-        return self.proj((att @ v).transpose(1, 2).reshape(n, t, dim))
+        return self.proj((att @ v).transpose(1, 2).reshape(-1, t, dim))
 
 
 class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp: int, activation: str):
+    def __init__(self, dim: int, heads: int, tokens: int, mlp: int, activation: str):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.att = _Attention(dim, heads)
+        self.att = _Attention(dim, heads, tokens)
         act = nn.GELU() if activation == "gelu" else _activation(activation)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp), act, nn.Linear(mlp, dim))
 
@@ -186,7 +187,9 @@ class ViT(nn.Module):
         super().__init__()
         self.embed = nn.Conv2d(in_ch, dim, patch, stride=patch)
         self.pos = nn.Parameter(torch.randn(1, (input_size // patch) ** 2, dim) * 0.02)
-        self.blocks = nn.Sequential(*[_Block(dim, heads, mlp, activation) for _ in range(depth)])
+        tokens = (input_size // patch) ** 2
+        self.blocks = nn.Sequential(*[_Block(dim, heads, tokens, mlp, activation)
+                                      for _ in range(depth)])
         self.ln = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_classes)
 

@@ -162,7 +162,8 @@ def export_onnx(net: nn.Module, input_shape, path) -> None:
         warnings.simplefilter("ignore")
         torch.onnx.export(net, torch.zeros(1, *input_shape), str(path), input_names=["input"],
                           output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+                          opset_version=17)  # what onnx2torch converts (LayerNormalization, Erf...)
 
 
 def write_report(report: dict, history: list, out_dir) -> dict:
