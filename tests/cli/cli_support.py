@@ -33,13 +33,13 @@ def make_mlp(path: Path, seed: int = 0) -> Path:
 
 
 def make_unsupported(path: Path) -> Path:
-    """MatMul -> Floor -> Softmax: two nodes without a bound rule."""
+    """MatMul -> Floor -> Selu: two nodes without a bound rule."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     W = numpy_helper.from_array(np.ones((4, 3), np.float32), "W")
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"),
              helper.make_node("Floor", ["h"], ["e"], name="the_floor"),
-             helper.make_node("Softmax", ["e"], ["y"], name="the_softmax", axis=-1)]
+             helper.make_node("Selu", ["e"], ["y"], name="the_selu")]
     g = helper.make_graph(nodes, "unsup", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
                                                                         [1, 4])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [W])

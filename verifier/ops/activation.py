@@ -122,6 +122,16 @@ class ElementwiseRelaxation(BoundRule):
             both = A_lower.new_empty(A_lower.shape[0], 2 * S, *A_lower.shape[2:])
             scratch = torch.empty_like(A_lower)
 
+        # a line may be a constant at +-inf (no finite line bounds the function there, e.g. exp
+        # over an interval whose end overflows): 0 * inf must count as 0 in the biases
+        infinite = not all(bool(torch.isfinite(b).all()) for b in (bl, bu) if b is not None)
+
+        def dot(Ah, b):
+            if not infinite:
+                return torch.bmm(Ah.flatten(2), b).squeeze(-1)
+            Af = Ah.flatten(2)
+            return torch.where(Af == 0, 0.0, Af * b.transpose(1, 2)).sum(-1)
+
         def one(A, k_pos, k_neg, b_pos, b_neg, half):
             """Entries of A >= 0 take the (k_pos, b_pos) line, the others (k_neg, b_neg):
             A+ k_pos + A- k_neg, exact since one of the two products is 0 (torch.where is much
@@ -131,11 +141,11 @@ class ElementwiseRelaxation(BoundRule):
             bias = 0.0
             # skip the product with a line's bias where it is known to be 0 (ReLU's lower line)
             if b_neg is not None:
-                bias = torch.bmm(An.flatten(2), b_neg).squeeze(-1)
+                bias = dot(An, b_neg)
             A_new = An.mul_(k_neg) if out is not None else An * k_neg
             Ap = torch.clamp(A, min=0, out=scratch)
             if b_pos is not None:
-                bias = bias + torch.bmm(Ap.flatten(2), b_pos).squeeze(-1)
+                bias = bias + dot(Ap, b_pos)
             return A_new.addcmul_(Ap, k_pos), bias
 
         bl = bl if self.has_lower_bias else None

@@ -174,7 +174,20 @@ class SmoothElementwise(ElementwiseRelaxation):
         k = self._chord(node, l, u)
         kl, bl = self._line(node, l, u, k, False, dtype)
         ku, bu = self._line(node, l, u, k, True, dtype)
-        return kl, bl, ku, bu
+        return self._finite_or_flat(node, l, u, kl, bl, ku, bu)
+
+    def _finite_or_flat(self, node, l, u, kl, bl, ku, bu):
+        """Lines whose slope or offset overflow the dtype (exp over [0, 100] in float32) become
+        the flat lines at the interval's ends (the upper one may be +inf: no finite line is
+        above f there; backward counts 0 * inf as 0)."""
+        bad_l = ~(torch.isfinite(kl) & torch.isfinite(bl))
+        bad_u = ~(torch.isfinite(ku) & torch.isfinite(bu))
+        if not bool(bad_l.any() or bad_u.any()):
+            return kl, bl, ku, bu
+        iv = SmoothElementwise.interval(self, node, [Interval(l.to(kl.dtype), u.to(kl.dtype))])
+        zero = torch.zeros_like(kl)
+        return (torch.where(bad_l, zero, kl), torch.where(bad_l, iv.lower, bl),
+                torch.where(bad_u, zero, ku), torch.where(bad_u, iv.upper, bu))
 
     # --- alpha-CROWN, for the subclasses whose lines have free parameters ----------------------
     def _lines(self, node, x: Interval, alpha):
