@@ -153,3 +153,23 @@ def test_two_perturbed_operands_of_different_ranks_are_reported(fn):
 
     with pytest.raises(UnsupportedOpsError, match="different ranks"):
         BoundedModel(M(), input_shape=(6,))
+
+
+def test_decomposed_layer_norm_export_becomes_the_layer_norm_chain(tmp_path):
+    """Before opset 17, torch.onnx.export writes LayerNorm as ReduceMean, Sub, Pow, ReduceMean,
+    Add, Sqrt, Div: fused back, it bounds exactly as the LayerNormalization form does."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), _ln(), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 6)
+    got = {}
+    for opset in (13, 17):
+        path = tmp_path / f"m{opset}.onnx"
+        path.write_bytes(_onnx(net, (6,), opset))
+        bm = BoundedModel.from_onnx(path)
+        ops = [n.op for n in bm.graph]
+        assert "variance" in ops and "normalize" in ops and "sqrt" not in ops, ops
+        assert torch.allclose(_value(bm, x), net(x), atol=1e-5)
+        got[opset] = [bm.bounds(linf(x, 0.1), m) for m in ("ibp", "crown")]
+    for a, b in zip(got[13], got[17]):
+        assert torch.allclose(a.lower, b.lower, atol=1e-5) and torch.allclose(a.upper, b.upper, atol=1e-5)
+    check_sound(BoundedModel.from_onnx(tmp_path / "m13.onnx"), linf(x, 0.1), methods=("ibp", "crown"))

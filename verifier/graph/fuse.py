@@ -18,6 +18,13 @@ times constants (``c = sqrt(2 / pi)``, ``k = 0.044715``, the cube as ``x * (x * 
 ``fuse_silu``: SiLU as exporters write it, ``x * sigmoid(x)`` (ONNX ``Sigmoid`` then ``Mul``),
 becomes one ``silu`` node, for the same reason.
 
+``fuse_layernorm``: LayerNorm as exporters write it before opset 17, ``c = x - mean(x)``,
+``(c ^ 2)``'s mean plus ``eps``, ``sqrt``, then ``c / sqrt(...)`` (a ``mul`` by a ``reciprocal``),
+becomes the chain that ``nn.LayerNorm`` maps to (``verifier.graph.composite``): the mean of
+squares becomes one ``variance`` node of ``x``, ``1 / sqrt`` one ``rsqrt``, and the product a
+``normalize`` node (the product that knows ``r``'s definition). Same value; the interval
+bounds no longer blow up (IBP on a two-LayerNorm MLP: mean width 1860 -> 16).
+
 ``fuse`` applies them all (squares first).
 """
 from __future__ import annotations
@@ -204,9 +211,74 @@ def fuse_silu(graph: Graph) -> Graph:
     return Graph(nodes, output=graph.output, leaves=graph.leaves)
 
 
+def _only_consumer(graph: Graph, name: str, op: str) -> Node | None:
+    """The one consumer of ``name`` if it has that op, else None."""
+    cs = graph.consumers(name)
+    return cs[0] if len(cs) == 1 and cs[0].op == op else None
+
+
+def _mean_over(node: Node):
+    p = node.params
+    if node.op != "reduce_sum" or p.get("kind") != "mean" or not p.get("keepdim"):
+        return None
+    return tuple(p["dims"])
+
+
+def fuse_layernorm(graph: Graph) -> Graph:
+    """``graph`` with every exported (decomposed) LayerNorm as the LayerNorm chain (see the
+    module doc); ``graph`` itself when there is none."""
+    new: dict[str, Node] = {}
+    dead: set[str] = set()
+    for mul in graph:
+        if mul.op != "mul" or len(mul.inputs) != 2:
+            continue
+        c_name, r_name = mul.inputs
+        rec, c = graph[r_name], graph[c_name]
+        if rec.op != "reciprocal" or len(graph.consumers(r_name)) != 1:
+            continue
+        sq = graph[rec.inputs[0]]
+        if sq.op != "sqrt" or len(graph.consumers(sq.name)) != 1:
+            continue
+        ve = graph[sq.inputs[0]]
+        eps = _scalar(ve.params.get("b")) if ve.op == "affine" and ve.params.get("w") is None else None
+        if eps is None or not eps > 0 or len(graph.consumers(ve.name)) != 1:
+            continue
+        var = graph[ve.inputs[0]]
+        dims = _mean_over(var)
+        if dims is None or len(graph.consumers(var.name)) != 1:
+            continue
+        pw = graph[var.inputs[0]]
+        if (pw.op != "pow" or pw.params.get("exponent") != 2.0 or pw.inputs != [c_name]
+                or len(graph.consumers(pw.name)) != 1):
+            continue
+        if c.op != "add" or tuple(c.params.get("signs", ())) != (1, -1):
+            continue
+        x_name, m_name = c.inputs
+        m = graph[m_name]
+        if _mean_over(m) != dims or m.inputs != [x_name] or len(graph.consumers(c_name)) != 2:
+            continue
+        x = graph[x_name]
+        if tuple(c.shape) != tuple(x.shape) or tuple(mul.shape) != tuple(x.shape):
+            continue
+        new[var.name] = Node(var.name, "variance", [x_name], var.shape,
+                             {"dims": dims, "keepdim": True, "in_shape": tuple(x.shape)},
+                             f"{var.source} (a LayerNorm's variance)")
+        new[rec.name] = Node(rec.name, "rsqrt", [ve.name], rec.shape, {},
+                             f"{rec.source} (1 / sqrt)")
+        new[mul.name] = replace(mul, op="normalize",
+                                params={"in_shapes": (tuple(c.shape), tuple(rec.shape)),
+                                        "dims": dims, "eps": eps},
+                                source=f"{mul.source} (a LayerNorm's normalization)")
+        dead.update((pw.name, sq.name))
+    if not new:
+        return graph
+    nodes = [new.get(n.name, n) for n in graph if n.name not in dead]
+    return Graph(nodes, output=graph.output, leaves=graph.leaves)
+
+
 def fuse(graph: Graph) -> Graph:
     """Every fusion of this module."""
-    return fuse_silu(fuse_gelu(fuse_square(graph)))
+    return fuse_layernorm(fuse_silu(fuse_gelu(fuse_square(graph))))
 
 
 def _dtype(graph: Graph) -> torch.dtype:
