@@ -8,7 +8,9 @@ each model is also a small end-to-end test of the graph builder and the bound ru
 * :func:`small_cnn`: two strided convolutions, then two dense layers (optionally with pooling);
 * :func:`cnn_cert`: a CNN sized for certified training on a CPU (optionally with BatchNorm);
 * :func:`resnet_block_net`: a stem convolution, residual blocks (conv, BatchNorm, skip
-  connection), global average pooling and a dense head.
+  connection), global average pooling and a dense head;
+* :func:`vit_tiny`: a small vision transformer (patch embedding, pre-LayerNorm encoder blocks
+  with softmax self-attention written out and a ReLU or GELU MLP, mean over tokens, a linear head).
 
 Initialize the weights yourself (``torch.manual_seed`` before the call) when you need
 reproducible numbers.
@@ -147,6 +149,62 @@ def cnn_cert(in_ch: int = 1, n_classes: int = 10, input_size: int = 28, width: i
 
 
 # name -> (builder, keyword arguments of a small instance, per-sample input shape)
+class _Attention(nn.Module):
+    """Multi-head self-attention written out: ``softmax(q k^T / sqrt(d)) v``, then a projection."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.d = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, dim = x.shape
+        qkv = self.qkv(x)
+        q, k, v = (qkv[..., i * dim:(i + 1) * dim].reshape(n, t, self.heads, self.d).transpose(1, 2)
+                   for i in range(3))
+        att = torch.softmax(q @ k.transpose(-1, -2) / self.d ** 0.5, dim=-1)
+        return self.proj((att @ v).transpose(1, 2).reshape(n, t, dim))
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp: int, activation: str):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.att = _Attention(dim, heads)
+        act = nn.GELU() if activation == "gelu" else _activation(activation)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), act, nn.Linear(mlp, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.att(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class ViT(nn.Module):
+    def __init__(self, in_ch: int, n_classes: int, input_size: int, patch: int, dim: int,
+                 depth: int, heads: int, mlp: int, activation: str):
+        super().__init__()
+        self.embed = nn.Conv2d(in_ch, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.randn(1, (input_size // patch) ** 2, dim) * 0.02)
+        self.blocks = nn.Sequential(*[_Block(dim, heads, mlp, activation) for _ in range(depth)])
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        x = self.ln(self.blocks(x))
+        return self.head(x.mean(1))
+
+
+def vit_tiny(in_ch: int = 1, n_classes: int = 10, input_size: int = 28, patch: int = 7,
+             dim: int = 32, depth: int = 2, heads: int = 2, mlp: int = 64,
+             activation: str = "relu") -> nn.Module:
+    """A vision transformer small enough to bound on a CPU: ``(input_size / patch)^2`` tokens of
+    width ``dim``, ``depth`` pre-LayerNorm blocks of ``heads``-head softmax attention and an MLP
+    (``activation``: relu, gelu, ...), LayerNorm, the mean over tokens, a linear head."""
+    return ViT(in_ch, n_classes, input_size, patch, dim, depth, heads, mlp, activation).eval()
+
+
 ZOO = {
     "mlp": (mlp, dict(in_dim=784, hidden=[64, 32], out=10), (1, 28, 28)),
     "mlp_tanh": (mlp, dict(in_dim=20, hidden=[16, 16], out=4, activation="tanh"), (20,)),
@@ -156,6 +214,7 @@ ZOO = {
     "cnn_cert": (cnn_cert, dict(in_ch=1, n_classes=10, input_size=28), (1, 28, 28)),
     "resnet_block_net": (resnet_block_net, dict(in_ch=3, n_classes=10, width=8, n_blocks=2),
                          (3, 16, 16)),
+    "vit_tiny": (vit_tiny, dict(in_ch=1, n_classes=10, input_size=28), (1, 28, 28)),
 }
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .errors import (ModelLoadError, PerturbationError, ShapeError, UnsupportedOpsError,
-                     VerifierError)
+from .errors import (DomainError, ModelLoadError, PerturbationError, ShapeError,
+                     UnsupportedOpsError, VerifierError)
 
 _LAZY = {
     "BoundedModel": ".api", "BoundResult": ".api", "margin_spec": ".api",
@@ -17,7 +17,7 @@ _LAZY = {
     "Box": ".perturbation", "LpBall": ".perturbation",
 }
 
-__all__ = ["BoundedModel", "BoundResult", "Box", "Interval", "LpBall", "ModelLoadError",
+__all__ = ["BoundedModel", "BoundResult", "Box", "DomainError", "Interval", "LpBall", "ModelLoadError",
            "PerturbationError", "ShapeError", "UnsupportedOpsError", "VerifierError", "margin_spec"]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only

@@ -28,3 +28,20 @@ class ShapeError(VerifierError):
 
 class PerturbationError(VerifierError):
     """An invalid perturbation set (eps < 0, lower > upper, NaN, bad norm)."""
+
+
+class DomainError(VerifierError):
+    """The input interval of an element-wise function leaves the function's domain (e.g. ``log``
+    or ``rsqrt`` over an interval that reaches 0 or below), or its bounds overflow the dtype:
+    no finite sound bound exists there. ``node``, ``op``: where; ``lower``, ``upper``: the
+    worst element's input interval; ``domain``: what the function needs (e.g. "x > 0")."""
+
+    def __init__(self, node: str, op: str, domain: str, lower: float, upper: float,
+                 count: int = 1, total: int = 1, why: str = ""):
+        self.node, self.op, self.domain = node, op, domain
+        self.lower, self.upper, self.count, self.total = lower, upper, count, total
+        what = why or f"its input interval leaves the domain {domain}"
+        super().__init__(
+            f"node {node!r} ({op}): {what}: input range [{lower:.6g}, {upper:.6g}] "
+            f"({count} of {total} element(s) affected); tighter input bounds (a smaller "
+            "perturbation, or CROWN's intermediate bounds instead of IBP) may avoid it")

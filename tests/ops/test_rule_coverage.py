@@ -76,6 +76,59 @@ class _Hard(nn.Module):
         return F.hardswish(self.fc2(h)) + F.hardsigmoid(h) + torch.sin(3 * h) + torch.cos(h)
 
 
+class _Attention(nn.Module):
+    """Q K^T and (scores) V of two perturbed tensors: the einsum rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):                       # x: [B, 3, 4]
+        s = self.q(x) @ self.k(x).transpose(-1, -2)
+        return torch.relu(s) @ self.v(x)
+
+
+class _Domain(nn.Module):
+    """pow (2, 3, -1.5), sqrt, rsqrt, reciprocal (through a division) and log."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        p = F.softplus(h) + 0.5
+        q = h ** 2 + torch.pow(h, 3) + p ** -1.5 + torch.sqrt(p) + torch.rsqrt(p) + torch.log(p)
+        return self.fc2(q) / p
+
+
+class _Norms(nn.Module):
+    """LayerNorm (variance, normalize), RMSNorm, softmax (pairdiff) and log_softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 6)
+        self.ln, self.rms = nn.LayerNorm(6), nn.RMSNorm(6, eps=1e-5)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(self.ln(h) + self.rms(h)) + torch.softmax(h, -1) + F.log_softmax(h, -1)
+def _prelu_net():
+    net = nn.Sequential(nn.Linear(5, 6), nn.PReLU(6), nn.Linear(6, 6), nn.GELU(approximate="tanh"))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([-0.5, 0.0, 0.25, 1.0, 1.5, 3.0]))
+    return net
+class _Reduce(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 12)
+
+    def forward(self, x):
+        h = self.fc(x).view(-1, 3, 4)
+        return torch.cat([h.amin(dim=1), h.amax(dim=(1, 2), keepdim=True).flatten(1),
+                          h.mean(-1), torch.maximum(h[:, 0], h[:, 1])], 1)
+
+
 def _conv_net():
     return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3).eval(), nn.ReLU(),
                          nn.MaxPool2d(2), nn.ConvTranspose2d(3, 2, 2, stride=2),
@@ -86,6 +139,7 @@ def _conv_net():
 MODELS = [
     (lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)), (5,), None),
     (_Mul, (5,), None),
+    (_Attention, (3, 4), None),
     (_Residual, (5,), None),
     (_MatLeft, (8,), None),
     (_conv_net, (2, 6, 6), None),
@@ -98,6 +152,10 @@ MODELS = [
     (lambda: nn.Sequential(nn.Linear(5, 8), nn.SiLU(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8),
                            nn.Softplus(beta=2.0), nn.Linear(8, 8), nn.ELU(alpha=1.5)), (5,), None),
     (_Hard, (5,), None),
+    (_Domain, (5,), None),
+    (_Norms, (5,), None),
+    (_prelu_net, (5,), None),
+    (_Reduce, (5,), None),
 ]
 
 
@@ -141,6 +199,18 @@ def _points(rule, node, ins, n=64, seed=0):
     """Sampled inputs (per input ``[n, B_i, ...]``) and the node's values ``[n, B, *shape]``."""
     gen = torch.Generator().manual_seed(seed)
     xs = [_sample(i, n, gen) for i in ins]
+    xs = [torch.stack(t) for t in zip(*(rule.inputs_at(node, [x[k] for x in xs])
+                                        for k in range(n)))]
+    # a rule whose inputs are related keeps the points where the recomputed ones stay in their
+    # boxes (the others are not points of the graph)
+    inside = torch.ones(n, dtype=torch.bool)
+    for x, iv in zip(xs, ins):
+        tol = 1e-9 * (1 + x.abs())
+        ok = (x >= iv.lower - tol) & (x <= iv.upper + tol)
+        inside &= ok.reshape(n, -1).all(1)
+    assert int(inside.sum()) >= n // 8, f"{node.op}: too few consistent points"
+    xs = [x[inside] for x in xs]
+    n = int(inside.sum())
     ys = torch.stack([rule.point(node, [x[k] for x in xs]) for k in range(n)])
     return xs, ys
 

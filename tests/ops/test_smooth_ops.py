@@ -149,17 +149,50 @@ def test_unsupported_attributes_are_reported():
             self.fc = nn.Linear(3, 4)
 
         def forward(self, x):
-            h = nn.functional.gelu(self.fc(x), approximate="tanh") + nn.functional.elu(x, -1.0).sum()
+            h = self.fc(x) + nn.functional.elu(x, -1.0).sum()
             return torch.clamp(h, 1.0, 0.5) + torch.clamp(h, min=x.mean())
 
     with pytest.raises(UnsupportedOpsError) as e:
         BoundedModel(Net(), input_shape=(3,))
     text = str(e.value)
-    assert "approximate='tanh'" in text and "alpha -1.0" in text and "min 1.0 >= max 0.5" in text
+    assert "alpha -1.0" in text and "min 1.0 >= max 0.5" in text
 
 
 # --- alpha-CROWN: the optimized lines ---------------------------------------------------------
-SMOOTH = [(op, p) for op, p in CASES if op != "erf"]   # erf is an SShaped rule (activation.py)
+# the rules with the generic free slopes (erf is an SShaped rule, activation.py; PReLU and the
+# rules with a domain, verifier.ops.domain, have their own parameters: tested in test_domain_ops)
+SMOOTH = [(op, p) for op, p in CASES if op != "erf"] + [("gelu", {"approximate": "tanh"})]
+
+
+def test_rules_with_their_own_alpha_keep_it():
+    """PReLU and the domain rules keep their own parameters (one per neuron and bound
+    direction, ``_lines``) and the full learning rate; the other smooth rules take the slopes."""
+    from verifier.ops.smooth import SmoothElementwise
+    own = {op for op, r in RULES.items() if isinstance(r, SmoothElementwise) and r._own_lines()}
+    assert own == {"prelu", "pow", "sqrt", "rsqrt", "reciprocal", "log"}
+    assert all(RULES[op].alpha_lr == 1.0 for op in own)
+    assert all(not RULES[op]._own_lines() and RULES[op].alpha_lr < 1 for op, _ in SMOOTH)
+
+
+@pytest.mark.parametrize("op,params", SMOOTH + [
+    ("pow", {"exponent": 3.0}), ("pow", {"exponent": 2.0}), ("sqrt", {}), ("reciprocal", {}),
+    ("log", {}), ("rsqrt", {}), ("pow", {"exponent": -2.0}), ("pow", {"exponent": 1.5})])
+def test_extreme_takes_a_bool_per_element(op, params):
+    """``_extreme`` with ``upper`` a bool tensor (and fewer bisection steps) is, element by
+    element, the bound of the matching direction; for the domain rules, Periodic too."""
+    rule = RULES[op]
+    node = Node("a", op, ["x"], (600,), dict(params))
+    l, u = (t.unsqueeze(0) for t in _intervals(torch.float64))
+    if getattr(rule, "domain", lambda n: None)(node) is not None:   # inside it: x > 0
+        l, u = l.abs() + 1e-3, u.abs() + 1e-3
+        l, u = torch.minimum(l, u), torch.maximum(l, u)
+    k = rule._chord(node, l, u)
+    upper = torch.rand(l.shape, generator=torch.Generator().manual_seed(3)) < 0.5
+    for iters in (None, 20):
+        got = rule._extreme(node, l, u, k, upper, iters)
+        ref = torch.where(upper, rule._extreme(node, l, u, k, True, iters),
+                          rule._extreme(node, l, u, k, False, iters))
+        assert torch.equal(got, ref), op
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -17,9 +17,12 @@ point ``t0 + tau (t1 - t0)`` with ``tau`` in [0, 1] is optimized in the same way
 CROWN's lines. The smooth rules (``SmoothElementwise``: GELU, SiLU, Softplus, ...) take the
 slope of each line (any slope gives a sound line; ``SmoothElementwise.optimized_lines``), as a
 position in [0, 1] along a table of slopes, with a smaller learning rate (``alpha_lr``: their
-best slopes lie inside the range). A max pool's lower line is a convex combination of each window's elements with
+best slopes lie inside the range); PReLU and the rules with a domain (``verifier.ops.domain``)
+keep their own parameter (a line through the kink, a tangent point). A max pool's lower line is a convex combination of each window's elements with
 optimized non-negative weights (normalized over the window; ``MaxPool.backward``), starting
-from CROWN's one element.
+from CROWN's one element. A product of two perturbed tensors (``mul``, ``einsum``) mixes its two
+lower McCormick planes, and its two upper ones, with a weight in [0, 1] per spec row and output
+element, starting from CROWN's planes (``verifier.ops.bilinear``).
 
 Intermediate bounds are optimized first, layer by layer: in topological order, every
 pre-activation node with neurons that an activation relaxes loosely (``rule.loose``: a ReLU's
@@ -137,8 +140,9 @@ def _downstream(graph, name, cur):
     """IBP of the nodes between a refined node and the next refined one that a rule reads
     (e.g. a ReLU's output read by a layer with perturbed weights)."""
     for c in graph.consumers(name):
-        if c.name in cur and RULES[c.op].optimizable:
-            cur[c.name] = cur[c.name].intersect(RULES[c.op].interval(c, [cur[name]]))
+        if c.name in cur and RULES[c.op].optimizable and all(i in cur for i in c.inputs):
+            # every input's current bounds (a product reads two, possibly the same node twice)
+            cur[c.name] = cur[c.name].intersect(RULES[c.op].interval(c, [cur[i] for i in c.inputs]))
 
 
 def alpha_crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor | None,

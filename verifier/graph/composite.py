@@ -1,11 +1,12 @@
 """Part of the graph mapping: source ops written as a chain of rules (``Builder.add_inner``
 nodes named ``<node>/<part>``, the last one under the source op's own name).
 
-* LayerNorm over the last ``k`` dims: ``m = mean(x)``, ``c = x - m``, ``v = mean(c^2)``,
-  ``r = rsqrt(v + eps)``, ``y = c * r``, then ``gamma y + beta``. The variance is a mean of
-  squares of ``c``, an affine map of ``x``: CROWN bounds it below by tangent planes of a convex
-  function of ``x`` (through the centring, not by intervals of the ``x_i``), so its lower bound
-  stays well above 0 where ``x`` varies little, and ``1 / sqrt`` does not blow up.
+* LayerNorm over the last ``k`` dims: ``m = mean(x)``, ``c = x - m``, ``v = var(x)`` (one
+  rule, ``verifier.ops.layernorm``), ``r = rsqrt(v + eps)``, ``y = c * r`` (a product that knows ``r``'s
+  definition, ``verifier.ops.layernorm``), then ``gamma y + beta``. The variance is a convex function of ``x``: its lower bound is the exact least
+  variance over ``x``'s box (IBP) and a tangent plane of ``x`` (CROWN), not a sum of
+  intervals of the squared centred values (0 as soon as each may change sign), so it stays
+  above 0 where ``x`` varies little and ``1 / sqrt`` does not blow up.
 * RMSNorm: the same without the centring; GroupNorm: LayerNorm over each group of channels
   (a reshape to ``[G, rest]``, the chain, a reshape back, the per-channel affine).
 * softmax / log_softmax over a dim: ``1 / sum_j exp(x_j - x_i)`` and ``-log sum_j exp(x_j -
@@ -47,20 +48,23 @@ def _norm_chain(b, n, x: Ref, k: int, eps: float, center: bool, prefix: str = ""
     kept = tuple(1 if i in dims else s for i, s in enumerate(shape))
 
     def mean(src: Ref, part: str) -> Ref:
-        return b.add_inner(n, prefix + part, "reduce", [src], kept, kind="mean", dims=dims,
+        return b.add_inner(n, prefix + part, "reduce_sum", [src], kept, kind="mean", dims=dims,
                            keepdim=True, in_shape=src.shape)
 
-    c = x
     if center:
         m = mean(x, "mean")
         c = b.add_inner(n, prefix + "center", "add", [x, m], shape, signs=(1, -1),
                         in_shapes=(shape, kept))
-    sq = b.add_inner(n, prefix + "square", "pow", [c], shape, exponent=2.0)
-    v = mean(sq, "var" if center else "meansquare")
+        v = b.add_inner(n, prefix + "var", "variance", [x], kept, dims=dims, keepdim=True,
+                        in_shape=shape)
+    else:
+        c = x
+        sq = b.add_inner(n, prefix + "square", "pow", [x], shape, exponent=2.0)
+        v = mean(sq, "meansquare")
     ve = b.add_inner(n, prefix + "var_eps", "affine", [v], kept, w=None,
                      b=torch.tensor(float(eps), dtype=torch.float64), in_shape=kept)
     r = b.add_inner(n, prefix + "rstd", "rsqrt", [ve], kept)
-    return "mul", [c, r], {"in_shapes": (shape, kept)}
+    return "normalize", [c, r], {"in_shapes": (shape, kept), "dims": dims, "eps": float(eps)}
 
 
 def _finish(b, n, x: Ref, last: tuple, weight, bias, names: dict, view=None):
@@ -159,7 +163,7 @@ def _softmax(b, n, x, dim, log: bool):
     pairs = shape[:d + 1] + (shape[d],) + shape[d + 1:]
     diff = b.add_inner(n, "diff", "pairdiff", [x], pairs, dim=d, in_shape=shape)
     e = b.add_inner(n, "exp", "exp", [diff], pairs)
-    s = b.add_inner(n, "sum", "reduce", [e], shape, kind="sum", dims=(d + 1,), keepdim=False,
+    s = b.add_inner(n, "sum", "reduce_sum", [e], shape, kind="sum", dims=(d + 1,), keepdim=False,
                     in_shape=pairs)
     if not log:
         return b.add(n, "reciprocal", [s])

@@ -9,10 +9,16 @@ is -32.9 that way). It becomes ``(2 p)·gelu(x)``: a ``gelu`` node and a scaling
 that keeps the product's name. ``s`` must be 1/sqrt(2) within 1e-6 (relative): the model then
 computes GELU up to that rounding of the constant, which the smooth rule's slack covers.
 
+GELU's tanh form as ``torch.onnx.export`` writes it (opset 17), ``x * (1 + tanh(c (x + k x^3)))``
+times constants (``c = sqrt(2 / pi)``, ``k = 0.044715``, the cube as ``x * (x * x)`` or
+``pow(x, 3)``), becomes ``(2 p)·gelu(x)`` with ``approximate="tanh"`` in the same way.
+
+``fuse_square``: ``x * x`` (``Mul`` of one tensor with itself) becomes ``pow(x, 2)``.
+
 ``fuse_silu``: SiLU as exporters write it, ``x * sigmoid(x)`` (ONNX ``Sigmoid`` then ``Mul``),
 becomes one ``silu`` node, for the same reason.
 
-``fuse`` applies both.
+``fuse`` applies them all (squares first).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import torch
 from .nodes import Graph, Node
 
 _INV_SQRT2 = 1 / math.sqrt(2.0)
+_TANH_C, _TANH_K = math.sqrt(2 / math.pi), 0.044715
 
 
 def _scalar(t) -> float | None:
@@ -60,19 +67,86 @@ def _one_plus_erf_of(graph: Graph, node: Node):
     return div.inputs[0], (div.name, erf.name, node.name)
 
 
+def _only_consumer(graph: Graph, name: str) -> bool:
+    return len(graph.consumers(name)) == 1
+
+
+def _cube_of(graph: Graph, node: Node):
+    """-> (x, chain) where ``node = x^3``: ``pow(x, 3)``, or ``x * x^2`` (either order) with
+    ``x^2`` a ``pow(x, 2)`` (``fuse_square`` turns ``x * x`` into one), else None."""
+    if node.op == "pow" and node.params.get("exponent") == 3.0:
+        return node.inputs[0], ()
+    if node.op != "mul" or len(node.inputs) != 2:
+        return None
+    for a, b in (node.inputs, node.inputs[::-1]):
+        sq = graph[b]
+        if sq.op == "pow" and sq.params.get("exponent") == 2.0 and sq.inputs == [a] \
+                and _only_consumer(graph, b):
+            return a, (b,)
+    return None
+
+
+def _one_plus_tanh_of(graph: Graph, node: Node):
+    """-> (x, chain) where ``node = 1 + tanh(c (x + k x^3))`` (GELU's tanh form as exporters
+    write it: c = sqrt(2 / pi), k = 0.044715, each within 1e-6, relative), else None."""
+    p = node.params
+    if node.op != "affine" or p.get("w") is not None or _scalar(p.get("b")) != 1.0:
+        return None
+    th = graph[node.inputs[0]]
+    if th.op != "tanh" or not _only_consumer(graph, th.name):
+        return None
+    scaled = graph[th.inputs[0]]
+    c = _scale_of(scaled)
+    if c is None or abs(c / _TANH_C - 1) > 1e-6 or not _only_consumer(graph, scaled.name):
+        return None
+    add = graph[scaled.inputs[0]]
+    if add.op != "add" or tuple(add.params["signs"]) != (1, 1) or not _only_consumer(graph, add.name):
+        return None
+    for x, kc in (add.inputs, add.inputs[::-1]):
+        kn = graph[kc]
+        k = _scale_of(kn)
+        if k is None or abs(k / _TANH_K - 1) > 1e-6 or not _only_consumer(graph, kc):
+            continue
+        cube = graph[kn.inputs[0]]
+        got = _cube_of(graph, cube)
+        if got is None or got[0] != x or not _only_consumer(graph, cube.name):
+            continue
+        return x, (cube.name, *got[1], kc, add.name, scaled.name, th.name)
+    return None
+
+
+def fuse_square(graph: Graph) -> Graph:
+    """``graph`` with every ``x * x`` (one perturbed tensor times itself) as ``pow(x, 2)``: the
+    same value (one rounding), bounded as a convex function of one input rather than by
+    McCormick planes over two independent copies."""
+    if not any(n.op == "mul" and len(n.inputs) == 2 and n.inputs[0] == n.inputs[1] for n in graph):
+        return graph
+    nodes = [replace(n, op="pow", inputs=[n.inputs[0]], params={"exponent": 2.0},
+                     source=f"{n.source} (x * x)")
+             if n.op == "mul" and len(n.inputs) == 2 and n.inputs[0] == n.inputs[1]
+             and tuple(graph[n.inputs[0]].shape) == tuple(n.shape) else n
+             for n in graph]
+    return Graph(nodes, output=graph.output, leaves=graph.leaves)
+
+
 def fuse_gelu(graph: Graph) -> Graph:
-    """``graph`` with every exported exact GELU as a ``gelu`` node (see the module doc);
-    ``graph`` itself when there is none."""
-    plan = {}       # mul node -> (x, 2 p)
+    """``graph`` with every exported GELU (exact or tanh form) as a ``gelu`` node (see the
+    module doc); ``graph`` itself when there is none."""
+    plan = {}       # mul node -> (x, 2 p, approximate)
     dead = set()
     for node in graph:
         if node.op != "mul" or len(node.inputs) != 2:
             continue
         for a, b in (node.inputs, node.inputs[::-1]):
+            form = "none"
             got = _one_plus_erf_of(graph, graph[b])
+            if got is None:
+                form = "tanh"
+                got = _one_plus_tanh_of(graph, graph[b])
             if got is None or len(graph.consumers(b)) != 1:
                 continue
             x, chain = got
+            chain = chain + (b,) if form == "tanh" else chain
             pnode = graph[a]
             if a == x:
                 p = 1.0
@@ -83,7 +157,7 @@ def fuse_gelu(graph: Graph) -> Graph:
                 continue
             if tuple(graph[x].shape) != tuple(node.shape):
                 continue
-            plan[node.name] = (x, 2 * p)
+            plan[node.name] = (x, 2 * p, form)
             dead.update(chain)
             break
     if not plan:
@@ -93,13 +167,17 @@ def fuse_gelu(graph: Graph) -> Graph:
         if node.name in dead:
             continue
         if node.name in plan:
-            x, scale = plan[node.name]
-            g = Node(f"{node.name}/gelu", "gelu", [x], node.shape, {}, "GELU (fused erf form)")
+            x, scale, form = plan[node.name]
+            params = {} if form == "none" else {"approximate": form}
+            g = Node(f"{node.name}/gelu", "gelu", [x], node.shape, params,
+                     f"GELU (fused {'erf' if form == 'none' else form} form)")
             nodes.append(g)
             w = torch.tensor(scale, dtype=_dtype(graph))
+            what = ("x * (1 + erf(x / sqrt(2)))" if form == "none"
+                    else "x * (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))")
             nodes.append(replace(node, op="affine", inputs=[g.name],
                                  params={"w": w, "b": None, "in_shape": tuple(node.shape)},
-                                 source=f"{node.source} (x * (1 + erf(x / sqrt(2))))"))
+                                 source=f"{node.source} ({what})"))
         else:
             nodes.append(node)
     return Graph(nodes, output=graph.output, leaves=graph.leaves)
@@ -128,7 +206,7 @@ def fuse_silu(graph: Graph) -> Graph:
 
 def fuse(graph: Graph) -> Graph:
     """Every fusion of this module."""
-    return fuse_silu(fuse_gelu(graph))
+    return fuse_silu(fuse_gelu(fuse_square(graph)))
 
 
 def _dtype(graph: Graph) -> torch.dtype:

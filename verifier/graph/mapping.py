@@ -111,11 +111,20 @@ def binary(kind):
             return b.problem(n, f"{kind} with alpha/rounding_mode")
         xr, yr = isinstance(x, Ref), isinstance(y, Ref)
         if xr and yr:
+            if kind != "matmul" and len(x.shape) != len(y.shape):
+                return b.problem(n, f"{kind} of two perturbed tensors of different ranks per "
+                                    f"sample ({list(x.shape)}, {list(y.shape)}): the batch "
+                                    "dimension would not line up (unsqueeze the smaller one)")
             if kind in ("add", "sub"):
                 return b.add(n, "add", [x, y], signs=(1, 1 if kind == "add" else -1),
                              in_shapes=(x.shape, y.shape))
             if kind == "mul":
                 return b.add(n, "mul", [x, y], in_shapes=(x.shape, y.shape))
+            if kind == "matmul":
+                return _matmul_two(b, n, x, y)
+            if kind == "div":   # x * (1 / y)
+                r = b.add_inner(n, "reciprocal", "reciprocal", [y], y.shape)
+                return b.add(n, "mul", [x, r], in_shapes=(x.shape, y.shape))
             return b.problem(n, f"{kind} of two perturbed tensors is not supported")
         if kind == "matmul":
             if xr:
@@ -137,11 +146,81 @@ def binary(kind):
         if kind == "mul":
             return _affine(b, n, ref, c, None)
         if kind == "div":
-            if not xr:
-                return b.problem(n, "division by a perturbed tensor is not supported")
+            if not xr:   # c / y = c * (1 / y)
+                r = b.add_inner(n, "reciprocal", "reciprocal", [ref], ref.shape)
+                return _affine(b, n, r, c, None)
             return _affine(b, n, ref, 1.0 / c.double(), None)  # exact in a float64 graph
         return b.problem(n, f"unknown arithmetic {kind}")
     return handler
+
+
+def _add_einsum(b, n, x, y, equation):
+    from ..ops.bilinear import check_equation
+    why = check_equation(equation, x.shape, y.shape)
+    if why is not None:
+        return b.problem(n, why)
+    b.add(n, "einsum", [x, y], equation=equation, in_shapes=(tuple(x.shape), tuple(y.shape)))
+
+
+def _matmul_two(b, n, x, y):
+    """torch.matmul of two perturbed tensors as a per-sample einsum: both of the same rank >= 2
+    per sample (then the batch dims, the sample's included, line up and broadcast)."""
+    if len(x.shape) < 2 or len(y.shape) < 2:
+        return b.problem(n, "matmul of two perturbed tensors with a 1-D operand per sample (the "
+                            "sample's batch dimension would be multiplied; unsqueeze it to 2-D)")
+    if len(x.shape) != len(y.shape):
+        return b.problem(n, f"matmul of two perturbed tensors of different ranks per sample "
+                            f"({list(x.shape)}, {list(y.shape)}): the batch dimension would not "
+                            "line up (unsqueeze the smaller one)")
+    k = len(x.shape) - 2
+    lead = "abcdefgh"[:k] if k <= 8 else None
+    if lead is None:
+        return b.problem(n, "matmul with more than 8 batch dimensions")
+    return _add_einsum(b, n, x, y, f"{lead}ij,{lead}jk->{lead}ik")
+
+
+def _einsum_letters(eq: str, ndims: list[int]):
+    """A full torch.einsum equation (with the batch dim) as explicit letters, ``...`` expanded
+    and an implicit output made explicit: -> (operand strings, output string) or a reason."""
+    eq = eq.replace(" ", "")
+    ins, arrow, out = eq.partition("->")
+    ops = ins.split(",")
+    if len(ops) != len(ndims):
+        return f"einsum equation {eq!r} for {len(ndims)} operands"
+    used = set(eq) - set(",->.")
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in used]
+    widths = [nd - len(o.replace("...", "")) if "..." in o else 0 for o, nd in zip(ops, ndims)]
+    w = max(widths + [0])
+    ell = "".join(free[:w])
+    ops = [o.replace("...", ell[w - k:]) for o, k in zip(ops, widths)]
+    if arrow:
+        out = out.replace("...", ell)
+    else:
+        counts = {c: "".join(ops).count(c) for c in "".join(ops)}
+        out = ell + "".join(sorted(c for c, k in counts.items() if k == 1 and c not in ell))
+    return ops, out
+
+
+def einsum_fn(b, n, target, equation, *operands, **kwargs):
+    """torch.einsum of two perturbed operands, each keeping the batch dim first (as does the
+    output): the ``einsum`` rule over the per-sample dims."""
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    if not isinstance(equation, str):
+        return b.problem(n, "einsum in the sublist format (give an equation string)")
+    if len(operands) != 2 or not all(isinstance(o, Ref) for o in operands):
+        return b.problem(n, "einsum with other than two perturbed operands (a constant operand "
+                            "or a third operand has no rule)")
+    x, y = operands
+    got = _einsum_letters(equation, [len(x.shape) + 1, len(y.shape) + 1])
+    if isinstance(got, str):
+        return b.problem(n, got)
+    (xs, ys), out = got
+    bl = xs[:1]
+    if not (bl and ys[:1] == bl and out[:1] == bl and bl not in xs[1:] + ys[1:] + out[1:]):
+        return b.problem(n, f"einsum {equation!r} does not keep the batch dimension as the first "
+                            "dimension of both operands and of the output")
+    return _add_einsum(b, n, x, y, f"{xs[1:]},{ys[1:]}->{out[1:]}")
 
 
 def neg(b, n, target, x, *a, **k):
@@ -352,6 +431,193 @@ def maxpool_fn(b, n, target, x, kernel_size, stride=None, padding=0, dilation=1,
     _maxpool(b, n, x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
 
 
+# --- reductions and element-wise max / min ----------------------------------------------------
+_REDUCERS = {"sum": torch.sum, "mean": torch.mean, "max": torch.amax, "min": torch.amin}
+
+
+def _reduce(b, n, x, kind, dim, keepdim, probe=None):
+    """``kind`` (sum, mean, max, min) of ``x`` over ``dim`` (dims of the batched tensor, as the
+    source op takes them): the ``reduce_sum`` / ``reduce_max`` rule over per-sample dims.
+    ``probe``: the fx node whose op is run again to confirm the reading (default ``n``; the
+    (values, indices) node of ``torch.max(x, dim)``, whose values ``n`` reads)."""
+    if not isinstance(x, Ref):
+        return b.problem(n, f"{kind} of a constant with a perturbed argument")
+    full = len(x.shape) + 1
+    if isinstance(dim, torch.Tensor):
+        dim = dim.flatten().tolist()
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        return b.problem(n, f"{kind} over every dimension, the batch included (name the "
+                            "per-sample dims, e.g. dim=(1, ..., n))")
+    dims = sorted({int(d) + full if int(d) < 0 else int(d)
+                   for d in (dim if isinstance(dim, (list, tuple)) else (dim,))})
+    if any(not 0 <= d < full for d in dims):
+        return b.problem(n, f"{kind} over dim {dim} of a {full}-D tensor")
+    if 0 in dims:
+        return b.problem(n, f"{kind} over the batch dimension")
+    dims = tuple(d - 1 for d in dims)
+    keepdim = bool(keepdim)
+    # the source op on a random batch of two must compute exactly this reduction (a reading of
+    # its arguments that is wrong, or an op that mixes the batch, is reported, never bounded)
+    probe = n if probe is None else probe
+    src = [a for a in probe.all_input_nodes if a.name in b.perturbed]
+    t = torch.randn((2, *x.shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = _REDUCERS[kind](t, dim=tuple(d + 1 for d in dims), keepdim=keepdim)
+    try:
+        with torch.no_grad():
+            got = b.rerun(probe, {src[0].name: t}) if len(src) == 1 else None
+    except Exception:
+        got = None
+    if isinstance(got, (tuple, list)):
+        got = got[0]
+    if not (isinstance(got, torch.Tensor) and got.shape == want.shape
+            and torch.allclose(got.double(), want, rtol=1e-6, atol=1e-9)):
+        return b.problem(n, f"{kind}: the op does not compute the reduction over per-sample dims "
+                            f"{[d + 1 for d in dims]} read from its arguments")
+    op = "reduce_sum" if kind in ("sum", "mean") else "reduce_max"
+    b.add(n, op, [x], kind=kind, dims=dims, keepdim=keepdim, in_shape=x.shape)
+
+
+def reduction(kind):
+    """``torch.sum / mean / amax / amin`` and their tensor methods: ``(x, dim, keepdim)``."""
+    def handler(b, n, target, x, *args, **kwargs):
+        dim = kwargs.get("dim", kwargs.get("axis", args[0] if args else None))
+        keepdim = kwargs.get("keepdim", args[1] if len(args) > 1 else False)
+        dtype = kwargs.get("dtype")
+        if dtype is not None and not dtype.is_floating_point:
+            return b.problem(n, f"{kind} with dtype={dtype}")
+        return _reduce(b, n, x, kind, dim, keepdim)
+    return handler
+
+
+def _lift(b, n, ref: Ref, ndim: int, tag: str) -> Ref:
+    """``ref`` viewed with leading dims of size 1 up to ``ndim`` per-sample dims (a batched
+    tensor broadcasts against the others only once the ranks agree)."""
+    if len(ref.shape) >= ndim:
+        return ref
+    numel = math.prod(ref.shape)
+    return b.add_inner(n, tag, "select", [ref], (1,) * (ndim - len(ref.shape)) + tuple(ref.shape),
+                       index=torch.arange(numel), fill=None, identity=True, permutation=True,
+                       in_shape=ref.shape)
+
+
+def _max_pair(b, n, kind, x, y, shape, tag, last):
+    """``max(x, y)`` (or min) of a Ref ``x`` and a Ref or per-sample constant ``y``, written
+    exactly with one ReLU: ``max(x, y) = y + relu(x - y)``, ``min(x, y) = x - relu(x - y)``;
+    with a constant c: ``max(x, c) = c + relu(x - c)``, ``min(x, c) = c - relu(c - x)``. The
+    last node is the fx node's own (``last``), the others inner nodes ``<tag>/...``."""
+    pre = f"{tag}/" if tag else ""
+    x = _lift(b, n, x, len(shape), f"{pre}x_view")
+    if isinstance(y, Ref):
+        y = _lift(b, n, y, len(shape), f"{pre}y_view")
+        d = b.add_inner(n, f"{pre}diff", "add", [x, y], shape, signs=(1, -1),
+                        in_shapes=(x.shape, y.shape))
+        r = b.add_inner(n, f"{pre}relu", "relu", [d], shape)
+        inputs, params = [y if kind == "max" else x, r], dict(
+            signs=(1, 1 if kind == "max" else -1),
+            in_shapes=((y if kind == "max" else x).shape, shape))
+        op = "add"
+    else:
+        sign = 1.0 if kind == "max" else -1.0
+        w = None if kind == "max" else -torch.ones(())
+        d = b.add_inner(n, f"{pre}diff", "affine", [x], shape, w=w, b=-sign * y, in_shape=x.shape)
+        r = b.add_inner(n, f"{pre}relu", "relu", [d], shape)
+        inputs, params, op = [r], dict(w=w, b=y, in_shape=shape), "affine"
+    if last:
+        b.add(n, op, inputs, **params)
+        return None
+    return b.add_inner(n, tag, op, inputs, shape, **params)
+
+
+def _per_sample_const(b, n, c, full: int):
+    """A constant operand as a per-sample tensor (no batch dim), or None where it varies
+    along the batch or has more dims than the output."""
+    c = _float_const(b, c)
+    if c.ndim == full:
+        if c.shape[0] != 1:
+            return None
+        c = c[0]
+    return None if c.ndim > full else c
+
+
+def _elementwise_extremum(b, n, kind, operands):
+    """max / min of several operands (Refs and constants), folded pairwise; the constants are
+    combined into one first."""
+    out = b.out_shape(n)
+    refs = [a for a in operands if isinstance(a, Ref)]
+    consts = []
+    for a in operands:
+        if not isinstance(a, Ref):
+            c = _per_sample_const(b, n, a, len(out) + 1)
+            if c is None:
+                return b.problem(n, f"element-wise {kind} with a constant that varies along the "
+                                    "batch or has more dims than the output")
+            consts.append(c)
+    if not refs:
+        return b.problem(n, f"element-wise {kind} without a perturbed operand")
+    f = torch.maximum if kind == "max" else torch.minimum
+    items = list(refs)
+    if consts:
+        c = consts[0]
+        for other in consts[1:]:
+            c = f(c, other)
+        items.append(c)
+    if len(items) == 1:
+        return b.make_alias(n, items[0])
+    acc = items[0]
+    for k, other in enumerate(items[1:], 1):
+        last = k == len(items) - 1
+        oshape = other.shape if isinstance(other, Ref) else tuple(other.shape)
+        shape = out if last else tuple(torch.broadcast_shapes(tuple(acc.shape), tuple(oshape)))
+        acc = _max_pair(b, n, kind, acc, other, shape, "" if len(items) == 2 else f"m{k}", last)
+
+
+def extremum(kind):
+    """``torch.maximum / minimum (x, y)``; ``torch.max / min`` and the methods ``.max / .min``
+    with a second tensor (element-wise). With a dim they return (values, indices): see
+    ``values_only``; without one they reduce the batch too (reported as the batch changes)."""
+    def handler(b, n, target, x, *args, **kwargs):
+        other = kwargs.get("other", args[0] if args else None)
+        if other is None or "dim" in kwargs or len(args) > 1:
+            return b.problem(n, f"{kind} with these arguments")
+        return _elementwise_extremum(b, n, kind, [x, other])
+    return handler
+
+
+# torch.max / torch.min (function, method) with a dim return (values, indices)
+_TUPLE_EXTREMA = {("call_function", torch.max): "max", ("call_function", torch.min): "min",
+                  ("call_method", "max"): "max", ("call_method", "min"): "min"}
+
+
+def reads_values(u) -> bool:
+    """Whether fx node ``u`` reads the values of a (values, indices) result."""
+    if u.op != "call_function" or len(u.args) != 2:
+        return False
+    return (u.target is operator.getitem and u.args[1] == 0) or \
+        (u.target is getattr and u.args[1] == "values")
+
+
+def values_only(n) -> bool:
+    """``n`` is ``torch.max / min(x, dim, keepdim)`` (or the method) and every use of it reads
+    its values (a use of the indices that is dead, e.g. ``v, _ = x.max(1)``, is allowed)."""
+    if (n.op, n.target) not in _TUPLE_EXTREMA:
+        return False
+    return all(reads_values(u) or (u.op == "call_function" and u.target is operator.getitem
+                                     and not u.users) for u in n.users)
+
+
+def map_values(b, u, n):
+    """Map ``u``, which reads the values of ``n = torch.max / min(x, dim, keepdim)``, as the
+    reduction (the graph node gets ``u``'s name and value)."""
+    kind = _TUPLE_EXTREMA[(n.op, n.target)]
+    args, kwargs = b.resolve(n.args), b.resolve(n.kwargs)
+    x, rest = args[0], args[1:]
+    dim = kwargs.get("dim", rest[0] if rest else None)
+    keepdim = kwargs.get("keepdim", rest[1] if len(rest) > 1 else False)
+    if not isinstance(dim, int):
+        return b.problem(u, f"{kind} with dim {dim!r}")
+    return _reduce(b, u, x, kind, dim, keepdim, probe=n)
+
+
 # --- onnx2torch modules --------------------------------------------------------------------
 def onnx_binary(b, n, mod, x, y):
     if getattr(mod, "broadcast", None) == 1 and getattr(mod, "axis", None) is not None:
@@ -397,8 +663,10 @@ def smooth(op):
         params = {}
         if op == "gelu":
             form = _arg(target, args, kwargs, "approximate", None, "none")
-            if form != "none":
-                return b.problem(n, f"GELU with approximate={form!r} (only the exact, erf form)")
+            if form not in ("none", "tanh"):
+                return b.problem(n, f"GELU with approximate={form!r} (the erf form 'none', or 'tanh')")
+            if form == "tanh":
+                params["approximate"] = "tanh"
         elif op == "softplus":
             params["beta"] = float(_arg(target, args, kwargs, "beta", 0, 1.0))
             params["threshold"] = float(_arg(target, args, kwargs, "threshold", 1, 20.0))
@@ -439,11 +707,79 @@ def hardsigmoid(b, n, target, x, *args, **kwargs):
     b.add(n, "hardsigmoid", [x], alpha=alpha, beta=beta)
 
 
+def _prelu(b, n, x, weight, name=None):
+    """PReLU with slope ``weight``: one value, one per channel (dim 1 of the input), or (ONNX)
+    a tensor broadcastable to a sample; ``name``: the parameter it is (certified training)."""
+    if isinstance(weight, Ref):
+        return b.problem(n, "PReLU with a perturbed slope")
+    w = _float_const(b, weight).detach()
+    shape = tuple(x.shape)
+    if w.numel() == 1:
+        w = w.reshape(1)
+    elif w.ndim == 1 and len(shape) >= 1 and w.shape[0] == shape[0]:
+        pass   # one per channel (the rule views it along dim 0 of a sample)
+    else:
+        full = len(shape) + 1
+        if w.ndim == full:   # an ONNX slope with a batch dim of 1
+            if w.shape[0] != 1:
+                return b.problem(n, "PReLU with a slope that varies along the batch")
+            w = w[0]
+        try:
+            w = w.expand(*shape).contiguous()
+        except RuntimeError:
+            return b.problem(n, f"PReLU with a slope of shape {list(weight.shape)} for inputs "
+                                f"of shape {list(shape)}")
+        if len(shape) == 1:
+            name = name if tuple(weight.shape) == shape else None
+        else:
+            name = None   # stored broadcast: not the parameter's own shape
+    b.add(n, "prelu", [x], weight=w, param_names=_param_names(weight=(name, None)))
+
+
+def prelu_module(b, n, mod, x):
+    _prelu(b, n, x, mod.weight, f"{n.target}.weight")
+
+
+def prelu_fn(b, n, target, x, weight):
+    _prelu(b, n, x, weight, _stored(n, 1, "weight"))
+
+
+def onnx_prelu(b, n, mod, x, slope):
+    _prelu(b, n, x, slope, _stored(n, 1))
+
+
 def plain(op):
     """An element-wise op without attributes (exp, abs, erf, hardswish)."""
     def handler(b, n, target, x, *args, **kwargs):
         b.add(n, op, [x])
     return handler
+
+
+def power(b, n, target, x, exponent=None, *args, **kwargs):
+    """``x ** p``, ``torch.pow(x, p)``, ``.pow(p)`` for a constant number ``p``: the ``pow`` rule
+    (``verifier.ops.domain``); ``torch.square`` / ``.square()`` (no exponent): p = 2."""
+    exponent = kwargs.get("exponent", exponent)
+    if target in (torch.square, "square"):
+        exponent = 2.0
+    if not isinstance(x, Ref):
+        return b.problem(n, "a power with a perturbed exponent (only constant exponents)")
+    if isinstance(exponent, Ref):
+        return b.problem(n, "a power with a perturbed exponent (x ** y of two perturbed "
+                                "tensors; only constant exponents)")
+    if isinstance(exponent, torch.Tensor):
+        if exponent.numel() != 1:
+            return b.problem(n, f"a power with an exponent tensor of shape {list(exponent.shape)} "
+                                "(one number only)")
+        exponent = exponent.item()
+    if not isinstance(exponent, (int, float)) or not math.isfinite(exponent):
+        return b.problem(n, f"a power with exponent {exponent!r} (a finite number only)")
+    b.add(n, "pow", [x], exponent=float(exponent))
+
+
+def onnx_pow(b, n, mod, x, exponent):
+    if getattr(mod, "broadcast", None) == 1 and getattr(mod, "axis", None) is not None:
+        return b.problem(n, "old-style broadcast with axis")
+    return power(b, n, mod, x, exponent)
 
 
 def onnx_batchnorm(b, n, mod, x, weight, bias, mean, var):
@@ -460,12 +796,47 @@ def onnx_function(b, n, mod, x, *args, **kwargs):
     op = {torch.tanh: "tanh", torch.sigmoid: "sigmoid", torch.relu: "relu"}.get(fn)
     if op is None:
         op = {torch.exp: "exp", torch.abs: "abs", torch.erf: "erf", torch.sin: "sin",
-              torch.cos: "cos"}.get(fn)
+              torch.cos: "cos", torch.log: "log", torch.sqrt: "sqrt",
+              torch.reciprocal: "reciprocal"}.get(fn)
         if op is None:
             return b.problem(n, f"no bound rule for the element-wise function "
                                 f"{getattr(fn, '__name__', fn)}")
         return plain(op)(b, n, mod, x)
     return activation(op)(b, n, mod, x)
+
+
+_ONNX_REDUCE = {"ReduceSum": "sum", "ReduceMean": "mean", "ReduceMax": "max", "ReduceMin": "min"}
+
+
+def onnx_reduce(b, n, mod, x, axes=None):
+    """onnx2torch's ReduceSum / ReduceMean / ReduceMax / ReduceMin (static or dynamic axes)."""
+    if hasattr(mod, "operation_type"):            # OnnxReduceStaticAxes
+        kind = _ONNX_REDUCE.get(mod.operation_type)
+        if kind is None:
+            return b.problem(n, f"no bound rule for {mod.operation_type}")
+        axes, keep, noop = mod.axes, mod.keepdims, False
+    else:                                         # OnnxReduceSum{Static,Dynamic}Axes
+        kind = "sum"
+        keep, noop = bool(mod._keepdims), bool(mod._noop_with_empty_axes)
+        if hasattr(mod, "_axes"):
+            axes = mod._axes
+    if isinstance(axes, Ref):
+        return b.problem(n, f"{kind} with perturbed axes")
+    if isinstance(axes, torch.Tensor):
+        axes = axes.flatten().tolist()
+    if not axes:
+        if noop:
+            return alias(b, n, mod, x)
+        return b.problem(n, f"{kind} over every axis, the batch included")
+    return _reduce(b, n, x, kind, list(axes), keep)
+
+
+def onnx_min_max(b, n, mod, *tensors):
+    """onnx2torch's element-wise, variadic Max / Min."""
+    kind = {torch.amax: "max", torch.amin: "min"}.get(getattr(mod, "_operator", None))
+    if kind is None:
+        return b.problem(n, "an element-wise Max / Min of unknown kind")
+    return _elementwise_extremum(b, n, kind, list(tensors))
 
 
 def _onnx_classes():
@@ -483,8 +854,11 @@ def _onnx_classes():
         "gemm": ["OnnxGemm"], "batch_norm": ["OnnxBatchNorm"], "concat": ["OnnxConcat"],
         "neg": ["OnnxNeg"], "functions": ["OnnxFunction"], "global_average_pool": ["OnnxGlobalAveragePool",
                                                     "OnnxGlobalAveragePoolWithKnownInputShape"],
-        "activations": ["OnnxErf", "OnnxHardSigmoid", "OnnxSoftmaxV1V11"],
+        "activations": ["OnnxErf", "OnnxHardSigmoid", "OnnxSoftmaxV1V11", "OnnxPReLU"],
         "layer_norm": ["OnnxLayerNorm"],
+        "pow": ["OnnxPow", "OnnxSqrt"], "reciprocal": ["OnnxReciprocal"],
+        "reduce": ["OnnxReduceStaticAxes", "OnnxReduceSumStaticAxes", "OnnxReduceSumDynamicAxes"],
+        "min_max": ["OnnxMinMax"],
     }
     found = {}
     for mod_name, classes in names.items():
@@ -507,7 +881,7 @@ def _build_module_table():
         nn.Sigmoid: activation("sigmoid"), nn.Tanh: activation("tanh"),
         nn.SiLU: smooth("silu"), nn.GELU: smooth("gelu"), nn.Softplus: smooth("softplus"),
         nn.ELU: smooth("elu"), nn.Hardtanh: clamp(-1.0, 1.0), nn.ReLU6: clamp(0.0, 6.0),
-        nn.Hardsigmoid: hardsigmoid, nn.Hardswish: plain("hardswish"),
+        nn.Hardsigmoid: hardsigmoid, nn.Hardswish: plain("hardswish"), nn.PReLU: prelu_module,
         nn.Flatten: select, nn.Unflatten: select, nn.ZeroPad2d: select, nn.ConstantPad1d: select,
         nn.ConstantPad2d: select, nn.ReflectionPad1d: select, nn.ReflectionPad2d: select,
         nn.ReplicationPad1d: select, nn.ReplicationPad2d: select,
@@ -532,8 +906,12 @@ def _build_module_table():
                  ("OnnxNeg", neg), ("OnnxFunction", onnx_function), ("OnnxErf", plain("erf")),
                  ("OnnxHardSigmoid", hardsigmoid), ("OnnxLayerNorm", composite.onnx_layer_norm),
                  ("OnnxSoftmaxV1V11", composite.onnx_softmax_v1),
+                 ("OnnxPow", onnx_pow), ("OnnxPReLU", onnx_prelu),
+                 ("OnnxSqrt", plain("sqrt")), ("OnnxReciprocal", plain("reciprocal")),
                  ("OnnxGlobalAveragePool", global_avgpool),
-                 ("OnnxGlobalAveragePoolWithKnownInputShape", global_avgpool)):
+                 ("OnnxGlobalAveragePoolWithKnownInputShape", global_avgpool),
+                 ("OnnxReduceStaticAxes", onnx_reduce), ("OnnxReduceSumStaticAxes", onnx_reduce),
+                 ("OnnxReduceSumDynamicAxes", onnx_reduce), ("OnnxMinMax", onnx_min_max)):
         if c in onnx:
             t[onnx[c]] = h
     return t
@@ -543,7 +921,8 @@ FUNCTIONS = {
     operator.add: binary("add"), torch.add: binary("add"), operator.sub: binary("sub"),
     torch.sub: binary("sub"), operator.mul: binary("mul"), torch.mul: binary("mul"),
     operator.truediv: binary("div"), torch.div: binary("div"), operator.matmul: binary("matmul"),
-    torch.matmul: binary("matmul"), torch.mm: binary("matmul"), operator.neg: neg, torch.neg: neg,
+    torch.matmul: binary("matmul"), torch.mm: binary("matmul"), torch.bmm: binary("matmul"),
+    torch.einsum: einsum_fn, operator.neg: neg, torch.neg: neg,
     torch.relu: activation("relu"), F.relu: activation("relu"), F.leaky_relu: activation("leaky_relu"),
     torch.sigmoid: activation("sigmoid"), F.sigmoid: activation("sigmoid"),
     torch.tanh: activation("tanh"), F.tanh: activation("tanh"),
@@ -551,7 +930,9 @@ FUNCTIONS = {
     F.elu: smooth("elu"), torch.exp: plain("exp"), torch.abs: plain("abs"),
     torch.erf: plain("erf"), torch.special.erf: plain("erf"), F.hardswish: plain("hardswish"),
     torch.sin: plain("sin"), torch.cos: plain("cos"),
-    F.hardsigmoid: hardsigmoid, F.hardtanh: clamp(-1.0, 1.0), F.relu6: clamp(0.0, 6.0),
+    torch.pow: power, operator.pow: power, torch.square: power, torch.sqrt: plain("sqrt"),
+    torch.rsqrt: plain("rsqrt"), torch.reciprocal: plain("reciprocal"), torch.log: plain("log"),
+    F.prelu: prelu_fn, F.hardsigmoid: hardsigmoid, F.hardtanh: clamp(-1.0, 1.0), F.relu6: clamp(0.0, 6.0),
     torch.clamp: clamp(), torch.clip: clamp(),
     torch.flatten: select, torch.reshape: select, torch.permute: select, torch.transpose: select,
     torch.squeeze: select, torch.unsqueeze: select, operator.getitem: select, F.pad: select,
@@ -564,6 +945,9 @@ FUNCTIONS = {
     F.group_norm: composite.group_norm_fn, F.softmax: composite.softmax(False),
     torch.softmax: composite.softmax(False), F.log_softmax: composite.softmax(True),
     torch.log_softmax: composite.softmax(True),
+    torch.sum: reduction("sum"), torch.mean: reduction("mean"), torch.amax: reduction("max"),
+    torch.amin: reduction("min"), torch.max: extremum("max"), torch.min: extremum("min"),
+    torch.maximum: extremum("max"), torch.minimum: extremum("min"),
 }
 
 METHODS = {
@@ -571,12 +955,17 @@ METHODS = {
                            "expand", "repeat", "narrow", "t", "unflatten", "select", "index_select",
                            "__getitem__", "movedim")},
     "contiguous": alias, "clone": alias, "add": binary("add"), "sub": binary("sub"), "mul": binary("mul"),
-    "div": binary("div"), "matmul": binary("matmul"), "neg": neg, "relu": activation("relu"),
+    "div": binary("div"), "matmul": binary("matmul"), "bmm": binary("matmul"), "neg": neg, "relu": activation("relu"),
     "sigmoid": activation("sigmoid"), "tanh": activation("tanh"), "exp": plain("exp"),
     "abs": plain("abs"), "erf": plain("erf"), "clamp": clamp(), "clip": clamp(),
     "sin": plain("sin"), "cos": plain("cos"), "softmax": composite.softmax(False),
-    "log_softmax": composite.softmax(True),
+    "log_softmax": composite.softmax(True), "pow": power, "__pow__": power, "square": power,
+    "sqrt": plain("sqrt"), "rsqrt": plain("rsqrt"), "reciprocal": plain("reciprocal"),
+    "log": plain("log"), "__truediv__": binary("div"),
     "__add__": binary("add"), "__sub__": binary("sub"), "__mul__": binary("mul"),
+    "sum": reduction("sum"), "mean": reduction("mean"), "amax": reduction("max"),
+    "amin": reduction("min"), "max": extremum("max"), "min": extremum("min"),
+    "maximum": extremum("max"), "minimum": extremum("min"),
 }
 
 _MODULES = None
@@ -602,7 +991,8 @@ def map_node(b, n):
         return b.problem(n, "no bound rule")
     if n.op == "call_method" and not isinstance(args[0], Ref):
         # a method on a constant with a perturbed argument, e.g. W.matmul(x)
-        if n.target in ("add", "sub", "mul", "div", "matmul", "__add__", "__sub__", "__mul__"):
+        if n.target in ("add", "sub", "mul", "div", "matmul", "bmm", "__add__", "__sub__", "__mul__",
+                        "maximum", "minimum", "max", "min"):
             return h(b, n, n.target, *args, **kwargs)
         return b.problem(n, "method on a constant with a perturbed argument")
     return h(b, n, n.target, *args, **kwargs)

@@ -90,6 +90,7 @@ def load_onnx(path) -> OnnxModel:
         # checked against onnxruntime on the original file below
         model = _with_batch_dim(model, inputs[0].name)
         shapes = [(1,) + shapes[0]]
+    model = _nonnegative_reduce_axes(model)
     try:
         import onnx2torch
         gm = onnx2torch.convert(model)
@@ -150,6 +151,40 @@ def onnx_parameter_names(gm, model) -> dict[str, str]:
                 out[n.target] = found
                 break
     return out
+
+
+def _nonnegative_reduce_axes(model):
+    """``model`` with the negative axes of ReduceMax / ReduceMin written as non-negative where the
+    input's rank is known. onnx2torch reduces those one axis at a time over the sorted axes,
+    shifting each by the axes already removed: right only for non-negative axes (axes [-2, -1]
+    with keepdims=0 would reduce the wrong dim). Where the rank is unknown the node stays as it
+    is, and the mapping reports it (it checks the module against the attributes' meaning)."""
+    def negative(node):
+        return node.op_type in ("ReduceMax", "ReduceMin") and any(
+            a.name == "axes" and any(v < 0 for v in a.ints) for a in node.attribute)
+
+    if not any(negative(n) for n in model.graph.node):
+        return model
+    import onnx
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:
+        return model
+    ranks = {v.name: len(v.type.tensor_type.shape.dim)
+             for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output)
+             if v.type.tensor_type.HasField("shape")}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for node in m.graph.node:
+        rank = ranks.get(node.input[0]) if negative(node) else None
+        if not rank:
+            continue
+        for a in node.attribute:
+            if a.name == "axes":
+                fixed = [v + rank if v < 0 else v for v in a.ints]
+                del a.ints[:]
+                a.ints.extend(fixed)
+    return m
 
 
 def _declared_shape(model, name):

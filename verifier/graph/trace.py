@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import ModelLoadError, ShapeError, UnsupportedOpsError
-from .mapping import map_node
+from .mapping import map_node, map_values, reads_values, values_only
 from .nodes import Graph, Node, Ref
 
 class _Recorder(fx.Interpreter):
@@ -62,6 +62,8 @@ class Builder:
             return type(a)(self.resolve(x) for x in a)
         if isinstance(a, dict):
             return {k: self.resolve(v) for k, v in a.items()}
+        if isinstance(a, slice):
+            return slice(self.resolve(a.start), self.resolve(a.stop), self.resolve(a.step))
         return a
 
     def out_shape(self, n: fx.Node) -> tuple:
@@ -105,6 +107,8 @@ class Builder:
                 return type(a)(sub(x) for x in a)
             if isinstance(a, dict):
                 return {k: sub(v) for k, v in a.items()}
+            if isinstance(a, slice):  # x[..., a:b] with traced sizes as bounds
+                return slice(sub(a.start), sub(a.stop), sub(a.step))
             return a
         args, kwargs = sub(n.args), sub(n.kwargs)
         if n.op == "call_module":
@@ -205,6 +209,7 @@ def build_graph(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...
                 nonfloat.add(n.name)
 
     b = Builder(gm, values, perturbed)
+    values_read: set[str] = set()   # (values, indices) results whose uses read the values only
     leaves = []
     output_ref = None
     for i, n in enumerate(gm.graph.nodes):
@@ -231,8 +236,21 @@ def build_graph(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...
             output_ref = b.alias.get(out.name, out.name)
         elif n.name in perturbed:
             v = values[n.name]
+            src = next((a for a in n.all_input_nodes if a.name in values_read), None)
+            if src is not None:
+                # a use of torch.max(x, dim)'s (values, indices): reading the values is the
+                # reduction; the other uses are dead reads of the indices (see values_only)
+                if reads_values(n):
+                    try:
+                        map_values(b, n, src)
+                    except Exception as e:  # as map_node below
+                        b.problem(n, f"cannot be converted ({type(e).__name__}: {e})")
+                continue
             if any(a.name in nonfloat for a in n.all_input_nodes):
                 nonfloat.add(n.name)  # downstream of a reported node: reported there
+                continue
+            if n.name in nonfloat and values_only(n):
+                values_read.add(n.name)   # mapped at its uses
                 continue
             if n.name in nonfloat:
                 what = (f"a {v.dtype} tensor" if isinstance(v, torch.Tensor) else "several tensors")

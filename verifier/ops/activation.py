@@ -89,7 +89,9 @@ class ElementwiseRelaxation(BoundRule):
         tighter bounds on ``x`` could tighten it (alpha-CROWN optimizes those rows of the input
         first): where the two lines are more than ``LOOSE_GAP`` apart somewhere on [l, u]."""
         kl, bl, ku, bu = self.relaxation(node, x)
-        gap = torch.maximum((ku - kl) * x.lower, (ku - kl) * x.upper) + (bu - bl)
+        dk = ku - kl   # parallel lines: no 0 * inf at an infinite end (1 / x over [1, inf])
+        spread = torch.maximum(dk * x.lower, dk * x.upper)
+        gap = torch.where(dk == 0, torch.zeros_like(spread), spread) + (bu - bl)
         return gap > LOOSE_GAP
 
     def seed_relaxation(self, node, x: Interval, lines) -> None:

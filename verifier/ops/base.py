@@ -100,6 +100,13 @@ class BoundRule:
         interval rule on degenerate intervals, unless a rule has a cheaper exact form."""
         return self.interval(node, [Interval(x, x) for x in inputs]).lower
 
+    def inputs_at(self, node, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Points of the inputs that the graph can produce, from points of their boxes: ``xs``
+        itself, unless the rule's inputs are related by construction (the normalized product's
+        ``r`` is a function of ``c``), where the dependent input is recomputed. A rule's
+        bounds hold at such points (tests sample through it)."""
+        return xs
+
     def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
         """-> ([(A_lower_i, A_upper_i) per input], bias_lower, bias_upper)."""
         raise NotSupported(self.op, "backward")

@@ -10,8 +10,9 @@ import torch
 
 from ..bound_types import Interval
 from ..errors import VerifierError
-from .base import (AffineRule, BoundRule, NotSupported, dot, live_from_module, pos_neg, register,
+from .base import (AffineRule, BoundRule, NotSupported, dot, live_from_module, register,
                    unbroadcast)
+from .bilinear import free_corners, mccormick_step
 
 
 def _full(t, shape):
@@ -49,6 +50,10 @@ class ElementwiseAffine(AffineRule):
     def interval(self, node, inputs):
         (x,) = inputs
         w, b = node.params.get("w"), node.params.get("b")
+        if w is None:  # a shift: exact ends (the centre-radius form loses a small b next to a
+            #            wide interval: [0, 1e9] + 1e-5 would start at 0 in float32)
+            lo, up = x.lower + b, x.upper + b
+            return Interval(lo.expand(torch.broadcast_shapes(lo.shape, up.shape)), up)
         mid, rad = x.center, x.radius
         if w is not None:
             mid, rad = mid * w, rad * w.abs()
@@ -165,8 +170,10 @@ class Add(AffineRule):
 
 @register("mul")
 class Mul(BoundRule):
-    """``z = x * y`` for two perturbed tensors, relaxed by McCormick planes over the box
-    ``[lx, ux] x [ly, uy]``:  z >= ly x + lx y - lx ly,  z <= uy x + lx y - lx uy."""
+    """``z = x * y`` for two perturbed tensors (broadcasting; params ``in_shapes``), relaxed by
+    McCormick planes over the box ``[lx, ux] x [ly, uy]`` (``verifier.ops.bilinear``): CROWN's
+    lines are ``z >= ly x + lx y - lx ly`` and ``z <= uy x + lx y - lx uy``; alpha-CROWN mixes
+    each with the other plane of its pair, ``ux uy`` resp. ``ux ly``, per spec row and element."""
 
     needs_bounds = True
 
@@ -174,28 +181,48 @@ class Mul(BoundRule):
         raise NotSupported(self.op, "lipschitz",
                            "a product of two perturbed tensors has no global Lipschitz constant")
 
+    @staticmethod
+    def _per_sample(node, t):
+        """``t: [B, *s]`` with size-1 dims after the batch dim up to the node's rank, so that
+        broadcasting follows the per-sample shapes (not the batch dim against a sample's)."""
+        extra = len(node.shape) + 1 - t.ndim
+        return t.view(t.shape[0], *[1] * extra, *t.shape[1:]) if extra > 0 else t
+
     def interval(self, node, inputs):
-        x, y = inputs
-        c = torch.stack([x.lower * y.lower, x.lower * y.upper, x.upper * y.lower, x.upper * y.upper])
+        x, y = ([self._per_sample(node, t) for t in (i.lower, i.upper)] for i in inputs)
+        c = torch.stack([x[0] * y[0], x[0] * y[1], x[1] * y[0], x[1] * y[1]])
         return Interval(c.min(0).values, c.max(0).values)
 
+    def point(self, node, inputs):
+        x, y = (self._per_sample(node, t) for t in inputs)
+        return x * y
+
+    def alpha_init(self, node, inputs, B, S, dtype):
+        """The mix of the two lower planes and of the two upper planes (``[2, B, S, *shape]`` in
+        [0, 1]) per spec row and element; 0 is CROWN's choice."""
+        if not free_corners(*inputs):
+            return None
+        return torch.zeros((), dtype=dtype).expand(2, B, S, *node.shape), 0.0, 1.0
+
     def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
+        """``alpha``: optional ``(for the lower bound, for the upper bound)``, each ``[2, B, S,
+        *shape]`` in [0, 1]: the mix of the lower planes (index 0) and of the upper planes (1)."""
         x, y = inputs
         shape = node.shape
-        lx, uy, ly = (torch.broadcast_to(t, (t.shape[0], *shape)).unsqueeze(1)
-                      for t in (x.lower, y.upper, y.lower))
         sx, sy = node.params["in_shapes"]
+        x, y = (Interval(*(torch.broadcast_to(self._per_sample(node, t), (t.shape[0], *shape))
+                           for t in (i.lower, i.upper))) for i in (x, y))
 
-        def one(A, upper):
-            Ap, An = pos_neg(A)
-            if upper:  # A+ takes the upper plane, A- the lower
-                Ap, An = An, Ap
-            # lower plane (ly, lx, -lx ly) for An...; written once for both directions:
-            ax = An * uy + Ap * ly
-            ay = A * lx
-            b = (An * (-lx * uy) + Ap * (-lx * ly)).flatten(2).sum(-1)
-            return unbroadcast(ax, sx), unbroadcast(ay, sy), b
+        def prod(a, b):
+            return a * b
 
-        axl, ayl, bl = one(A_lower, False)
-        axu, ayu, bu = one(A_upper, True)
+        def adj(w, t):
+            return w * t.unsqueeze(1)
+
+        out = []
+        for A, upper, k in ((A_lower, False, 0), (A_upper, True, 1)):
+            a_x, a_y, b = mccormick_step(A, upper, None if alpha is None else alpha[k], x, y,
+                                         prod, adj, adj)
+            out.append((unbroadcast(a_x, sx), unbroadcast(a_y, sy), b))
+        (axl, ayl, bl), (axu, ayu, bu) = out
         return [(axl, axu), (ayl, ayu)], bl, bu

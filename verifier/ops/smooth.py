@@ -54,6 +54,11 @@ def _sign(upper):
     return 1.0 if upper else -1.0
 
 
+def _times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a * b`` with ``0 * inf = 0`` (a flat line over an interval with an infinite end)."""
+    return torch.where((a == 0) | (b == 0), torch.zeros_like(a * b), a * b)
+
+
 class SmoothElementwise(ElementwiseRelaxation):
     """``y = f(x)`` for a smooth ``f``; subclasses give ``f``, ``df``, ``breakpoints(node)`` and
     ``slope_limits`` (``f'`` at -inf and +inf)."""
@@ -131,7 +136,7 @@ class SmoothElementwise(ElementwiseRelaxation):
                 a = torch.where(live, a, l)
                 b = torch.where(live, b, l)
                 for _ in range(iters):
-                    m = (a + b) / 2
+                    m = self._mid(a, b)
                     up = dh(m) >= 0
                     a = torch.where(up, m, a)
                     b = torch.where(up, b, m)
@@ -139,6 +144,11 @@ class SmoothElementwise(ElementwiseRelaxation):
             bound = h(a) + dh(a).clamp(min=0) * (b - a)
             best = torch.where(live, torch.maximum(best, bound), best)
         return s * best
+
+    def _mid(self, a, b):
+        """A point strictly inside ``(a, b)`` for the bisection (a rule with a domain halves on a
+        log scale, ``verifier.ops.domain``)."""
+        return (a + b) / 2
 
     def _round(self, v, up, dtype, scale=None):
         """``v`` (float64) moved outwards (up where ``up``: a bool or a bool tensor) by
@@ -148,20 +158,24 @@ class SmoothElementwise(ElementwiseRelaxation):
 
     def _line(self, node, l, u, k, upper, dtype, iters: int | None = None):
         """The line ``k x + b`` above (``upper``: a bool or a bool tensor) or below f on
-        ``[l, u]`` for the slope ``k`` (float64): ``b`` from ``_extreme``, widened for the
-        rounding of k to ``dtype`` (the line is evaluated with the rounded k) and by the slack;
-        -> (k, b) in ``dtype``."""
-        return self._cast_line(node, l, u, k, self._extreme(node, l, u, k, upper, iters), upper, dtype)
+        ``[l, u]`` for the slope ``k`` (float64): ``b`` from ``_extreme`` (``iters`` bisection
+        steps), widened for the rounding of k to ``dtype`` (the line is evaluated with the
+        rounded k) and by the slack; -> (k, b) in ``dtype``."""
+        b = self._extreme(node, l, u, k, upper, iters)
+        return self._widen(node, l, u, k, b, _sign(upper), dtype)
 
-    def _cast_line(self, node, l, u, k, b, upper, dtype):
-        """The line ``k x + b`` (float64, ``b`` a rigorous intercept for the slope ``k``) in
-        ``dtype``: widened for the rounding of k (the line is evaluated with the rounded k),
-        ``margin`` and the slack; -> (k, b)."""
+    def _widen(self, node, l, u, k, b, s, dtype):
+        """The line ``k x + b`` (float64, ``b`` a bound of ``f - k x`` over ``[l, u]`` from above
+        where ``s`` = 1, from below where ``s`` = -1: a number or a tensor of signs) moved
+        outwards for the rounding of k to ``dtype``, by ``margin`` and by the slack; -> (k, b)
+        in ``dtype``."""
         kd = k.to(dtype)
         far = torch.maximum(l.abs(), u.abs())
-        reach = (far * (kd.double() - k).abs()).detach() + self.margin(node)
-        kx = kd.double().abs().detach() * far   # the line's values reach |b| + |k| max|x|
-        return kd, self._round(b + _sign(upper) * reach, upper, dtype, kx)
+        reach = _times(far, (kd.double() - k).abs()).detach() + self.margin(node)
+        kx = _times(kd.double().abs().detach(), far)   # the line's values reach |b| + |k| max|x|
+        v = b + s * reach
+        d = slack(dtype) * (1 + v.abs() + kx)
+        return kd, (v + s * d).to(dtype)
 
     def _chord(self, node, l, u):
         width = u - l
@@ -188,7 +202,12 @@ class SmoothElementwise(ElementwiseRelaxation):
         ku, bu = self._line(node, l, u, k, True, dtype)
         return kl, bl, ku, bu
 
-    # --- alpha-CROWN: the slopes of both lines are free ------------------------------------
+    # --- alpha-CROWN ----------------------------------------------------------------------------
+    # Two forms of free parameters. The generic one (here): the slopes of both lines, each any
+    # value in [min f', max f'] over [l, u] (``slope_table``). A subclass may instead give its
+    # own, one per neuron and bound direction, by overriding ``alpha_init`` and ``_lines`` (a
+    # tangent point on a convex or concave piece, ``verifier.ops.domain``; PReLU's line through
+    # its kink); ``backward`` takes that form where ``_lines`` is overridden.
     def slope_table(self, node, x: Interval):
         """-> (free ``[B, n]``, ks ``[B, n, G]``, bs ``[B, n, 2G]``), float64, cached on ``x``
         like ``relaxation``: the lines alpha-CROWN chooses from (see ``optimized_lines``).
@@ -289,21 +308,48 @@ class SmoothElementwise(ElementwiseRelaxation):
         # the float64 rounding of the two interpolations, moved outwards
         err = 4 * torch.finfo(torch.float64).eps * (
             bb.abs().sum(-1) + kk.abs().sum(-1) * torch.maximum(l.abs(), u.abs()))
-        kd, bd = self._cast_line(node, l, u, k, b + _sign(up) * err, up, dtype)
+        kd, bd = self._widen(node, l, u, k, b + _sign(up) * err, _sign(up), dtype)
         sel = free.unsqueeze(1)
         k_out = torch.where(sel, kd, torch.where(up, ku, kl))
         b_out = torch.where(sel, bd, torch.where(up, bu, bl))
         return k_out.reshape(upper.shape), b_out.reshape(upper.shape)
 
+    def _lines(self, node, x: Interval, alpha):
+        """A subclass's own free parameters ``alpha: [B, S, *shape]`` (as its ``alpha_init``
+        gives them) -> their lines kl, bl, ku, bu, each ``[B, S, *shape]`` in the graph's dtype;
+        sound for every value in range."""
+        raise NotSupported(self.op, "backward", "no free parameters of its own")
+
+    def _own_lines(self) -> bool:
+        """Whether the subclass gives its own free parameters (``_lines``)."""
+        return type(self)._lines is not SmoothElementwise._lines
+
     def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
-        """With ``alpha`` (alpha-CROWN): ``(tau for the lower bound, tau for the upper bound)``,
+        """With ``alpha`` (alpha-CROWN): ``(for the lower bound, for the upper bound)``, in the
+        generic form (``_backward_slopes``) or the subclass's own (``_lines``: ``[B, S, *shape]``
+        each, one pair of lines per spec row)."""
+        if alpha is None:
+            return super().backward(node, A_lower, A_upper, inputs, beta=beta)
+        (x,) = inputs
+        if not self._own_lines():
+            return self._backward_slopes(node, A_lower, A_upper, x, alpha)
+
+        def one(A, k_pos, b_pos, k_neg, b_neg):
+            Ap, An = A.clamp(min=0), A.clamp(max=0)
+            return Ap * k_pos + An * k_neg, (Ap * b_pos + An * b_neg).flatten(2).sum(2)
+
+        kl, bl, ku, bu = self._lines(node, x, alpha[0])
+        A_l, b_l = one(A_lower, kl, bl, ku, bu)
+        kl, bl, ku, bu = self._lines(node, x, alpha[1])
+        A_u, b_u = one(A_upper, ku, bu, kl, bl)
+        return [(A_l, A_u)], b_l, b_u
+
+    def _backward_slopes(self, node, A_lower, A_upper, x: Interval, alpha):
+        """The generic form: ``alpha`` is ``(tau for the lower bound, tau for the upper bound)``,
         each ``[2, B, S, *shape]`` (the slope positions of the lower and the upper line, see
         ``alpha_init``). Each entry of A takes one line (for the lower bound: the lower line
         where A >= 0, else the upper one; the reverse for the upper bound), so one line per
         entry is looked up, for both bounds in one pass."""
-        if alpha is None:
-            return super().backward(node, A_lower, A_upper, inputs, beta=beta)
-        (x,) = inputs
         S = A_lower.shape[1]
         A = torch.cat([A_lower, A_upper], 1)
         upper = torch.cat([A_lower < 0, A_upper >= 0], 1)
@@ -336,20 +382,40 @@ class SiLU(SmoothElementwise):
 _SQRT2 = math.sqrt(2.0)
 
 
+_TANH_C, _TANH_K = math.sqrt(2 / math.pi), 0.044715
+# the inflection point of the tanh form: the root of u' + x (u'' - 2 tanh(u) u'^2) / 2 on x > 0
+# (f'' = (1 - tanh(u)^2) times that, u = c (x + k x^3)), by bisection in float64 to the last ulp
+_TANH_INFLECTION = 1.418504008790828
+
+
 @register("gelu")
 class GELU(SmoothElementwise):
-    """``x Phi(x)`` (the exact, erf form): ``f'' = phi(x) (2 - x^2)`` changes sign at +-sqrt(2);
-    f' from -0.1289 to 1.1289."""
+    """``x Phi(x)`` (param ``approximate`` "none", the default: the exact, erf form): ``f'' =
+    phi(x) (2 - x^2)`` changes sign at +-sqrt(2); f' from -0.1289 to 1.1289.
+
+    ``approximate`` "tanh": ``0.5 x (1 + tanh(u))``, ``u = sqrt(2 / pi) (x + 0.044715 x^3)``:
+    ``f'' = (1 - tanh(u)^2) (u' + x (u'' - 2 tanh(u) u'^2) / 2)``; the second factor is even,
+    ``sqrt(2 / pi)`` at 0 and falls to -inf, with one root on x > 0 (1.4185040087908280: a float64
+    bisection; an error of an ulp moves the region's ends where f'' is 0 to first order, far
+    inside the slack); f' from -0.1290 to 1.1290."""
 
     slope_limits = (0.0, 1.0)
 
+    def _tanh(self, node) -> bool:
+        return node.params.get("approximate", "none") == "tanh"
+
     def f(self, node, x):
-        return F.gelu(x)
+        return F.gelu(x, approximate="tanh") if self._tanh(node) else F.gelu(x)
 
     def df(self, node, x):
+        if self._tanh(node):
+            t = torch.tanh(_TANH_C * (x + _TANH_K * x * x * x))
+            return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _TANH_C * (1 + 3 * _TANH_K * x * x)
         return 0.5 * (1 + torch.erf(x / _SQRT2)) + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
 
     def breakpoints(self, node):
+        if self._tanh(node):
+            return (-_TANH_INFLECTION, _TANH_INFLECTION)
         return (-_SQRT2, _SQRT2)
 
 
@@ -392,6 +458,80 @@ class ELU(SmoothElementwise):
 
     def slope_bound(self, node) -> float:
         return max(1.0, node.params.get("alpha", 1.0)) * (1 + SLACK)
+
+
+@register("prelu")
+class PReLU(SmoothElementwise):
+    """``x`` for x >= 0, ``a x`` below, with a learned slope ``a`` (param ``weight``: one value,
+    or one per channel (dim 0 of a sample, torch's ``nn.PReLU``), or a tensor broadcastable to a
+    sample; ``param_names`` gives the module's parameter, read live in certified training). Any
+    real ``a``: convex where a <= 1, concave where a > 1 (not monotone where a < 0).
+
+    Where the input crosses 0 the chord bounds one side (above if convex, below if concave) and a
+    line through 0 of slope ``s`` between ``a`` and 1 bounds the other: ``f(x) - s x`` keeps one
+    sign, 0 at x = 0. CROWN takes s = 1 where u > -l, else a (as for ReLU); alpha-CROWN optimizes
+    ``s = a + tau (1 - a)``, ``tau`` in [0, 1]. The slope as a weight perturbation is not
+    supported."""
+
+    alpha_lr = 1.0   # its own parameter (``_lines``), best at an end of its range as ReLU's
+
+    def slope(self, node, like: torch.Tensor) -> torch.Tensor:
+        """``a`` broadcastable to ``like`` (``[B, *shape]`` or ``[B, S, *shape]``)."""
+        w = node.params["weight"].to(like.dtype)
+        nd = len(node.shape)
+        if w.numel() > 1 and w.ndim == 1 and nd > 1:
+            w = w.view(-1, *[1] * (nd - 1))   # one per channel
+        return w
+
+    def f(self, node, x):
+        return torch.where(x >= 0, x, x * self.slope(node, x))
+
+    def df(self, node, x):
+        return torch.where(x > 0, torch.ones_like(x), self.slope(node, x).expand_as(x))
+
+    def breakpoints(self, node):
+        return (0.0,)
+
+    def slope_bound(self, node) -> float:
+        return max(1.0, float(node.params["weight"].detach().abs().max()))
+
+    def relax(self, node, l, u):
+        dtype = l.dtype
+        l, u = l.double(), u.double()
+        a = self.slope(node, l).expand_as(l)
+        chord = self._chord(node, l, u)
+        through_0 = torch.where(u > -l, torch.ones_like(a), a)
+        cross = (l < 0) & (u > 0)
+        convex = a <= 1
+        k_lo = torch.where(cross & convex, through_0, chord)
+        k_up = torch.where(cross & ~convex, through_0, chord)
+        kl, bl = self._line(node, l, u, k_lo, False, dtype)
+        ku, bu = self._line(node, l, u, k_up, True, dtype)
+        return kl, bl, ku, bu
+
+    def alpha_init(self, node, inputs, B, S, dtype):
+        """The slope position ``tau`` ``[B, S, *shape]`` of the line through 0 where the input
+        crosses 0 (and ``a`` != 1), starting at CROWN's (1 where u > -l, else 0)."""
+        x = inputs[0]
+        a = self.slope(node, x.lower).expand_as(x.lower)
+        if not bool(((x.lower < 0) & (x.upper > 0) & (a != 1)).any()):
+            return None
+        init = (x.upper > -x.lower).to(dtype).unsqueeze(1)
+        return init.expand(B, S, *node.shape), 0.0, 1.0
+
+    def _lines(self, node, x, tau):
+        dtype = x.lower.dtype
+        kl, bl, ku, bu = (v.unsqueeze(1) for v in self.relaxation(node, x))
+        l, u = x.lower.double().unsqueeze(1), x.upper.double().unsqueeze(1)
+        a = self.slope(node, l).expand_as(l)
+        cross = (l < 0) & (u > 0) & (a != 1)
+        s = a + tau.double() * (1 - a)
+        convex = a <= 1
+        # the least (convex) or largest (concave) value of f - s x over [l, u] is 0, at 0
+        ks, bs = self._widen(node, l, u, s, torch.zeros_like(s), torch.where(convex, -1.0, 1.0), dtype)
+        lower, upper = cross & convex, cross & ~convex
+        return (torch.where(lower, ks, kl), torch.where(lower, bs, bl),
+                torch.where(upper, ks, ku), torch.where(upper, bs, bu))
 
 
 @register("exp")

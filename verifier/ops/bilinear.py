@@ -1,0 +1,284 @@
+"""Products of two perturbed tensors ``z = einsum(equation, X, Y)``: ``torch.matmul`` / ``@`` /
+``bmm`` / ``einsum`` of two perturbed operands (attention's ``Q K^T`` and ``attn V``), relaxed
+term by term with McCormick planes. The element-wise product (``mul``) shares the planes.
+
+Each output element is a sum of terms ``x·y``, one element of X times one of Y, over the box
+``[lx, ux] x [ly, uy]``. The plane through a corner ``(cx, cy)`` of the box,
+``P(cx, cy) = cy x + cx y - cx cy``, satisfies ``x y - P = (x - cx)(y - cy)``, so on the box
+
+    x y >= P(lx, ly), P(ux, uy)        (the two lower planes)
+    x y <= P(lx, uy), P(ux, ly)        (the two upper planes)
+
+and so does every convex combination of the two lower (two upper) planes: ``(1 - m) P(lx, ly)
++ m P(ux, uy)`` with ``m`` in [0, 1]. When every term of one output element takes the same
+planes, with the same weights, the relaxation of z is itself made of einsums: with weights
+``w_c`` on the corners ``c`` (per spec row and output element), the x-coefficient of a term is
+``sum_c w_c cy``, its y-coefficient ``sum_c w_c cx`` and its constant ``-sum_c w_c cx cy``, so
+the A of X is the adjoint of ``X -> einsum(X, LY)`` applied to ``w_ll + w_ul`` plus that of
+``X -> einsum(X, UY)`` applied to ``w_uu + w_lu``, and so on: no tensor of all the terms of all
+the spec rows is ever formed.
+
+In the backward pass, positive entries of A take the lower planes for the lower bound and the
+upper planes for the upper bound (negative entries the other ones). The mix ``m`` of the lower
+planes and that of the upper planes are free per spec row and output element (alpha-CROWN:
+``alpha_init`` gives ``[2, B, S, *out]`` in [0, 1]); CROWN's choice, and alpha's start, is
+``m = 0``: ``P(lx, ly)`` below and ``P(lx, uy)`` above.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import string
+from dataclasses import dataclass
+
+import torch
+
+from ..bound_types import Interval
+from .base import BoundRule, NotSupported, register, unbroadcast
+
+# the interval of an einsum is exact term by term (its terms formed) up to this many elements of
+# all the terms of the batch; past it, two cheaper bounds of einsums are intersected
+EXACT_TERMS = 2 ** 21
+
+
+def mccormick_step(A: torch.Tensor, upper: bool, mix, x: Interval, y: Interval, prod, adj_x,
+                   adj_y):
+    """One bound direction of the McCormick relaxation of a bilinear map ``z = prod(X, Y)``:
+    -> (A of X, A of Y, bias ``[B, S]``) with ``A·z >= A_x·X + A_y·Y + bias`` (the upper bound:
+    ``<=``) on the box. ``prod(a, b)``: the map on two operands' tensors ``[B, *in] -> [B,
+    *out]``; ``adj_x(w, t)``: the A of X for the linear map ``X -> prod(X, t)`` and the A ``w``
+    of z (``adj_y`` likewise). ``mix``: None (CROWN's planes) or ``(m_lower, m_upper)``, each
+    broadcastable to A and in [0, 1].
+
+    For the lower bound the positive part of A takes the lower planes, ``(1 - m) P(lx, ly) +
+    m P(ux, uy)``, and the negative part the upper ones, ``(1 - m') P(lx, uy) + m' P(ux, ly)``
+    (the reverse for the upper bound). Writing ``WL`` for the part on the lower planes, ``a1 =
+    WL m``, ``a2 = (A - WL) m'``, the corner weights are ``w_ll = WL - a1``, ``w_uu = a1``,
+    ``w_lu = A - WL - a2``, ``w_ul = a2``, and with ``wx = ux - lx``, ``wy = uy - ly`` the sums
+    ``sum_c w_c cy``, ``sum_c w_c cx``, ``sum_c w_c cx cy`` become
+
+        A_x = adj_x(A, uy) - adj_x(WL - a1 + a2, wy)
+        A_y = adj_y(A, lx) + adj_y(a1 + a2, wx)
+        bias = -[A·prod(lx, uy) - WL·prod(lx, wy) + a1·(prod(ux, uy) - prod(lx, ly))
+                 + a2·(prod(ux, ly) - prod(lx, uy))]
+
+    (two adjoints and two dot products of A's size for CROWN's planes, four of each with a mix)."""
+    lx, ux, ly, uy = x.lower, x.upper, y.lower, y.upper
+    wx, wy = ux - lx, uy - ly
+    WL = A.clamp(max=0) if upper else A.clamp(min=0)
+    bias = _dot(WL, prod(lx, wy)) - _dot(A, prod(lx, uy))
+    # in place where autograd tracks none of the tensors (those written are A's size)
+    inplace = not (torch.is_grad_enabled() and any(
+        t.requires_grad for t in (A, lx, ux, ly, uy, *(() if mix is None else mix))))
+    if mix is None:
+        u, t = WL, None
+    else:
+        a1 = WL * mix[0]
+        a2 = (A - WL).mul_(mix[1]) if inplace else (A - WL) * mix[1]
+        bias = bias - _dot(a1, prod(ux, uy) - prod(lx, ly)) - _dot(a2, prod(ux, ly) - prod(lx, uy))
+        if inplace:
+            u = WL.sub_(a1).add_(a2)
+            t = a1.add_(a2)
+        else:
+            u, t = WL - a1 + a2, a1 + a2
+        del a1, a2
+    del WL
+    a_x, d = adj_x(A, uy), adj_x(u, wy)
+    del u
+    a_x = a_x.sub_(d) if inplace else a_x - d
+    del d
+    a_y = adj_y(A, lx)
+    if t is not None:
+        d = adj_y(t, wx)
+        a_y = a_y.add_(d) if inplace else a_y + d
+    return a_x, a_y, bias
+
+
+def _dot(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``sum_o w[b, s, o] t[b?, o]`` -> ``[B, S]`` (``t``'s batch may be 1)."""
+    return torch.einsum("bso,bo->bs", w.flatten(2), t.flatten(1))
+
+
+def free_corners(x: Interval, y: Interval) -> bool:
+    """Whether the planes of a pair of corners can differ somewhere: some x and some y with a
+    non-degenerate interval (else every mix gives the same relaxation)."""
+    return bool((x.upper > x.lower).any()) and bool((y.upper > y.lower).any())
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The einsums of one per-sample equation ``xs,ys->out`` with a batch letter ``b`` (and a
+    spec-row letter ``s`` for the A tensors)."""
+
+    xs: str
+    ys: str
+    out: str
+    forward: str      # "bxs,bys->bout"
+    adj_x: str        # "bsout,bys->bsxk": the A of X (xk: X's letters also in out or Y)
+    adj_y: str
+    dot: str          # "bsout,bout->bs"
+    x_only: tuple     # positions in xs of the letters neither in out nor in Y
+    y_only: tuple
+    letters: str      # batch letter, then every letter once (the terms' dims)
+
+
+@functools.lru_cache(maxsize=256)
+def plan(equation: str) -> Plan:
+    ins, out = equation.replace(" ", "").split("->")
+    xs, ys = ins.split(",")
+    used = set(xs + ys + out)
+    b, s = [c for c in string.ascii_letters if c not in used][:2]
+    xk = "".join(c for c in xs if c in out or c in ys)
+    yk = "".join(c for c in ys if c in out or c in xs)
+    x_only = tuple(i for i, c in enumerate(xs) if c not in xk)
+    y_only = tuple(i for i, c in enumerate(ys) if c not in yk)
+    letters = b + xs + "".join(c for c in ys if c not in xs)
+    return Plan(xs, ys, out, f"{b}{xs},{b}{ys}->{b}{out}", f"{b}{s}{out},{b}{ys}->{b}{s}{xk}",
+                f"{b}{s}{out},{b}{xs}->{b}{s}{yk}", f"{b}{s}{out},{b}{out}->{b}{s}", x_only, y_only,
+                letters)
+
+
+def check_equation(equation: str, x_shape, y_shape) -> str | None:
+    """Why a per-sample equation cannot be a node of the ``einsum`` rule (None: it can)."""
+    try:
+        ins, out = equation.split("->")
+        xs, ys = ins.split(",")
+    except ValueError:
+        return f"einsum equation {equation!r}: need two operands and an explicit output"
+    if not all(c in string.ascii_letters for c in xs + ys + out):
+        return f"einsum equation {equation!r}: letters only"
+    if len(xs) != len(x_shape) or len(ys) != len(y_shape):
+        return f"einsum equation {equation!r} does not match the shapes {list(x_shape)}, {list(y_shape)}"
+    for t in (xs, ys, out):
+        if len(set(t)) != len(t):
+            return f"einsum equation {equation!r} repeats an index within one operand (a diagonal)"
+    if any(c not in xs + ys for c in out):
+        return f"einsum equation {equation!r}: an output index in no operand"
+    if len(set(xs + ys + out)) > len(string.ascii_letters) - 2:
+        return f"einsum equation {equation!r} uses too many indices"
+    return None
+
+
+def _with_only(t: torch.Tensor, only: tuple, shape) -> torch.Tensor:
+    """The A of an operand from the adjoint einsum, which lacks the operand's own summed-out
+    letters (``only``: their positions): the same coefficient along them."""
+    for p in only:
+        t = t.unsqueeze(2 + p)
+    if only:
+        t = t.expand(*t.shape[:2], *[shape[i] if i in only else t.shape[2 + i]
+                                     for i in range(len(shape))]).contiguous()
+    return t
+
+
+def _align(t: torch.Tensor, letters_t: str, letters: str) -> torch.Tensor:
+    """``t`` (dims named by ``letters_t``) permuted into the order of ``letters``, with a dim of
+    size 1 for each letter it lacks."""
+    order = sorted(range(len(letters_t)), key=lambda i: letters.index(letters_t[i]))
+    t = t.permute(order)
+    shape, k = [], 0
+    for c in letters:
+        if c in letters_t:
+            shape.append(t.shape[k])
+            k += 1
+        else:
+            shape.append(1)
+    return t.reshape(shape)
+
+
+@register("einsum")
+class Einsum(BoundRule):
+    """``z = einsum(equation, X, Y)`` per sample (params ``equation``, e.g. ``"hij,hkj->hik"``,
+    over the per-sample dims; ``in_shapes``: the operands' shapes, whose dims of size 1 broadcast
+    as in torch.einsum), relaxed by McCormick planes (see the module doc)."""
+
+    needs_bounds = True
+
+    def lipschitz(self, node, Ls):
+        raise NotSupported(self.op, "lipschitz",
+                           "a product of two perturbed tensors has no global Lipschitz constant")
+
+    def deviation(self, node, centers, devs):
+        raise NotSupported(self.op, "deviation", "a product of two perturbed tensors")
+
+    def point(self, node, inputs):
+        x, y = inputs
+        return torch.einsum(plan(node.params["equation"]).forward, x, y)
+
+    def interval(self, node, inputs):
+        x, y = inputs
+        p = plan(node.params["equation"])
+        sizes = {}
+        for t, letters in ((x.lower, p.letters[0] + p.xs), (y.lower, p.letters[0] + p.ys)):
+            for c, n in zip(letters, t.shape):
+                sizes[c] = max(sizes.get(c, 1), n)
+        if math.prod(sizes.values()) <= EXACT_TERMS:
+            return self._exact_interval(p, x, y)
+        return self._factored_interval(p, x, y)
+
+    def _exact_interval(self, p: Plan, x: Interval, y: Interval) -> Interval:
+        """Each term's exact range (the least and the greatest corner product), summed."""
+        b = p.letters[0]
+        lx, ux = (_align(t, b + p.xs, p.letters) for t in (x.lower, x.upper))
+        ly, uy = (_align(t, b + p.ys, p.letters) for t in (y.lower, y.upper))
+        c = (lx * ly, lx * uy, ux * ly, ux * uy)
+        lo = torch.minimum(torch.minimum(c[0], c[1]), torch.minimum(c[2], c[3]))
+        up = torch.maximum(torch.maximum(c[0], c[1]), torch.maximum(c[2], c[3]))
+        summed = tuple(i for i, ch in enumerate(p.letters) if ch != b and ch not in p.out)
+        kept = "".join(ch for ch in p.letters if ch == b or ch in p.out)
+        order = [kept.index(ch) for ch in b + p.out]
+
+        def fold(t):
+            if summed:
+                t = t.sum(dim=summed)
+            return t.permute(order).contiguous()
+        return Interval(fold(lo), fold(up))
+
+    def _factored_interval(self, p: Plan, x: Interval, y: Interval) -> Interval:
+        """Without forming the terms: the intersection of (1) x = x+ + x- (x+ = max(x, 0) in
+        [lx+, ux+], x- = min(x, 0) in [lx-, ux-], the same for y), whose four products each
+        have a known sign, so their ranges are corner products (exact where x or y keeps one
+        sign); (2) centre and radius, x y = cx cy + cx dy + dx cy + dx dy with |dx| <= rx,
+        |dy| <= ry: within ``|cx| ry + rx |cy| + rx ry`` of ``cx cy`` (exact on boxes centred
+        at 0)."""
+        e = lambda a, b: torch.einsum(p.forward, a, b)  # noqa: E731
+        lxp, uxp, lxn, uxn = (x.lower.clamp(min=0), x.upper.clamp(min=0), x.lower.clamp(max=0),
+                              x.upper.clamp(max=0))
+        lyp, uyp, lyn, uyn = (y.lower.clamp(min=0), y.upper.clamp(min=0), y.lower.clamp(max=0),
+                              y.upper.clamp(max=0))
+        lo = e(lxp, lyp) + e(uxp, lyn) + e(lxn, uyp) + e(uxn, uyn)
+        up = e(uxp, uyp) + e(lxp, uyn) + e(uxn, lyp) + e(lxn, lyn)
+        cx, rx, cy, ry = x.center, x.radius, y.center, y.radius
+        mid = e(cx, cy)
+        rad = e(cx.abs(), ry) + e(rx, cy.abs()) + e(rx, ry)
+        return Interval(torch.maximum(lo, mid - rad), torch.minimum(up, mid + rad))
+
+    def alpha_init(self, node, inputs, B, S, dtype):
+        """The mix of the two lower planes and of the two upper planes (``[2, B, S, *out]``, in
+        [0, 1]) per spec row and output element; 0 is CROWN's choice."""
+        if not free_corners(*inputs):
+            return None
+        return torch.zeros((), dtype=dtype).expand(2, B, S, *node.shape), 0.0, 1.0
+
+    def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
+        """``alpha``: optional ``(for the lower bound, for the upper bound)``, each ``[2, B, S,
+        *out]`` in [0, 1]: the mix of the lower planes (index 0) and of the upper planes (1)."""
+        x, y = inputs
+        p = plan(node.params["equation"])
+        sx, sy = node.params["in_shapes"]
+
+        def prod(a, b):
+            return torch.einsum(p.forward, a, b)
+
+        def adj_x(w, t):
+            return _with_only(torch.einsum(p.adj_x, w, t), p.x_only, sx)
+
+        def adj_y(w, t):
+            return _with_only(torch.einsum(p.adj_y, w, t), p.y_only, sy)
+
+        out = []
+        for A, upper, k in ((A_lower, False, 0), (A_upper, True, 1)):
+            a_x, a_y, b = mccormick_step(A, upper, None if alpha is None else alpha[k], x, y,
+                                         prod, adj_x, adj_y)
+            out.append((unbroadcast(a_x, sx), unbroadcast(a_y, sy), b))
+        (axl, ayl, bl), (axu, ayu, bu) = out
+        return [(axl, axu), (ayl, ayu)], bl, bu
