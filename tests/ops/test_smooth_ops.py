@@ -156,3 +156,139 @@ def test_unsupported_attributes_are_reported():
         BoundedModel(Net(), input_shape=(3,))
     text = str(e.value)
     assert "alpha -1.0" in text and "min 1.0 >= max 0.5" in text
+
+
+# --- alpha-CROWN: the optimized lines ---------------------------------------------------------
+# the rules with the generic free slopes (erf is an SShaped rule, activation.py; PReLU and the
+# rules with a domain, verifier.ops.domain, have their own parameters: tested in test_domain_ops)
+SMOOTH = [(op, p) for op, p in CASES if op != "erf"] + [("gelu", {"approximate": "tanh"})]
+
+
+def test_rules_with_their_own_alpha_keep_it():
+    """PReLU and the domain rules keep their own parameters (one per neuron and bound
+    direction, ``_lines``) and the full learning rate; the other smooth rules take the slopes."""
+    from verifier.ops.smooth import SmoothElementwise
+    own = {op for op, r in RULES.items() if isinstance(r, SmoothElementwise) and r._own_lines()}
+    assert own == {"prelu", "pow", "sqrt", "rsqrt", "reciprocal", "log"}
+    assert all(RULES[op].alpha_lr == 1.0 for op in own)
+    assert all(not RULES[op]._own_lines() and RULES[op].alpha_lr < 1 for op, _ in SMOOTH)
+
+
+@pytest.mark.parametrize("op,params", SMOOTH + [
+    ("pow", {"exponent": 3.0}), ("pow", {"exponent": 2.0}), ("sqrt", {}), ("reciprocal", {}),
+    ("log", {}), ("rsqrt", {}), ("pow", {"exponent": -2.0}), ("pow", {"exponent": 1.5})])
+def test_extreme_takes_a_bool_per_element(op, params):
+    """``_extreme`` with ``upper`` a bool tensor (and fewer bisection steps) is, element by
+    element, the bound of the matching direction; for the domain rules, Periodic too."""
+    rule = RULES[op]
+    node = Node("a", op, ["x"], (600,), dict(params))
+    l, u = (t.unsqueeze(0) for t in _intervals(torch.float64))
+    if getattr(rule, "domain", lambda n: None)(node) is not None:   # inside it: x > 0
+        l, u = l.abs() + 1e-3, u.abs() + 1e-3
+        l, u = torch.minimum(l, u), torch.maximum(l, u)
+    k = rule._chord(node, l, u)
+    upper = torch.rand(l.shape, generator=torch.Generator().manual_seed(3)) < 0.5
+    for iters in (None, 20):
+        got = rule._extreme(node, l, u, k, upper, iters)
+        ref = torch.where(upper, rule._extreme(node, l, u, k, True, iters),
+                          rule._extreme(node, l, u, k, False, iters))
+        assert torch.equal(got, ref), op
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("op,params", SMOOTH)
+def test_optimized_lines_hold_on_dense_grids_for_any_slope_position(op, params, dtype):
+    """alpha-CROWN's lines (``optimized_lines``) at random slope positions in [0, 1], both ends,
+    CROWN's start and positions just off the tabled slopes, each drawn above or below f: on a
+    dense grid of each of the 600 intervals they must stay on their side of f (evaluated in the
+    graph's dtype, as the line test above)."""
+    rule = RULES[op]
+    node = Node("a", op, ["x"], (600,), dict(params))
+    l, u = _intervals(dtype)
+    x = Interval(l.unsqueeze(0), u.unsqueeze(0))
+    free = rule.slope_table(node, x)[0]
+    assert bool(free.any()), f"{op}: no neuron has free slopes"
+    g = torch.Generator().manual_seed(1)
+    G = rule.slope_table(node, x)[1].shape[-1]
+    init = rule.alpha_init(node, [x], 1, 1, dtype)[0]                 # [2, 1, 1, 600]
+    off = (torch.randint(0, G - 1, (1, 2, 600), generator=g) + 0.5) / (G - 1)
+    taus = torch.cat([torch.rand(1, 3, 600, generator=g, dtype=torch.float64),
+                      torch.zeros(1, 1, 600, dtype=torch.float64), torch.ones(1, 1, 600, dtype=torch.float64),
+                      off.double(), init[0].double(), init[1].double()], 1).to(dtype)   # [1, 9, 600]
+    t = torch.linspace(0, 1, 2001, dtype=torch.float64).unsqueeze(1)
+    pts = torch.minimum(torch.maximum(l.double() + t * (u.double() - l.double()), l.double()),
+                       u.double()).to(dtype)                         # [2001, 600], inside [l, u]
+    y = rule.f(node, pts).double()
+    for up in (False, True):
+        upper = torch.full(taus.shape, up)
+        upper[:, ::2] = not up   # both sides in one call
+        k, b = rule.optimized_lines(node, x, taus, upper)
+        assert k.dtype == dtype and b.dtype == dtype and k.shape == taus.shape
+        for s in range(taus.shape[1]):
+            line = k[0, s].double() * pts.double() + b[0, s].double()
+            side = upper[0, s]
+            assert bool((line[:, side] >= y[:, side]).all()), f"{op}: an upper line cut f (row {s})"
+            assert bool((line[:, ~side] <= y[:, ~side]).all()), f"{op}: a lower line cut f (row {s})"
+
+
+@pytest.mark.parametrize("op,params", SMOOTH)
+def test_optimized_lines_start_at_crowns_and_match_the_exact_intercept_at_tabled_slopes(op, params):
+    """At ``alpha_init``'s positions the lines are CROWN's (``relax``'s); at a tabled slope the
+    intercept is ``_extreme``'s for that slope (no interpolation loss); between two tabled
+    slopes it is never tighter than the exact one (the interpolation only loosens)."""
+    rule = RULES[op]
+    node = Node("a", op, ["x"], (600,), dict(params))
+    l, u = _intervals(torch.float64)
+    x = Interval(l.unsqueeze(0), u.unsqueeze(0))
+    free, ks, _ = rule.slope_table(node, x)
+    G = ks.shape[-1]
+    kl, bl, ku, bu = rule.relax(node, x.lower, x.upper)
+    init = rule.alpha_init(node, [x], 1, 1, torch.float64)[0]
+    lo = rule.optimized_lines(node, x, init[0], torch.zeros(1, 1, 600, dtype=torch.bool))
+    hi = rule.optimized_lines(node, x, init[1], torch.ones(1, 1, 600, dtype=torch.bool))
+    for (k, b), (k0, b0) in ((lo, (kl, bl)), (hi, (ku, bu))):
+        assert torch.allclose(k[0, 0], k0[0], rtol=1e-9, atol=1e-12)
+        # relax bisects 50 times, the table 30 (a kink leaves the bracket's width / 2^30)
+        assert torch.allclose(b[0, 0], b0[0], rtol=1e-7, atol=1e-7)
+    g = torch.Generator().manual_seed(2)
+    j = torch.randint(0, G, (1, 1, 600), generator=g)
+    for up in (False, True):
+        upper = torch.full((1, 2, 600), up)
+        taus = torch.cat([j / (G - 1), (j.clamp(max=G - 2) + 0.37) / (G - 1)], 1).double()
+        k, b = rule.optimized_lines(node, x, taus, upper)
+        k_ex, b_ex = rule._line(node, x.lower.double().unsqueeze(1), x.upper.double().unsqueeze(1),
+                                k.double(), up, torch.float64)
+        f = free.unsqueeze(1).expand_as(k)
+        scale = 1e-7 * (1 + b_ex.abs() + k.abs() * torch.maximum(l.abs(), u.abs()))
+        at_grid = (b - b_ex).abs()[:, 0][f[:, 0]]
+        assert bool((at_grid <= scale[:, 0][f[:, 0]]).all()), f"{op}: a tabled slope lost tightness"
+        looser = (b - b_ex) if up else (b_ex - b)
+        assert bool((looser[f] >= -scale[f]).all()), f"{op}: an interpolated line is tighter than exact"
+
+
+def _smooth_net(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 16), nn.SiLU(), nn.Linear(16, 12),
+                         nn.Softplus(), nn.Linear(12, 12), nn.ELU(1.5), nn.Linear(12, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_alpha_crown_on_smooth_nets_is_sound_never_looser_and_tighter(dtype):
+    """GELU / SiLU / Softplus / ELU: alpha-CROWN's output and intermediate bounds contain every
+    sampled and PGD value, are inside CROWN's and tighter on average (CROWN's chord lines are a
+    start, not the optimum)."""
+    from verifier import margin_spec
+    bm = BoundedModel(_smooth_net(5), input_shape=(6,), dtype=dtype)
+    ball = linf(torch.rand(2, 6), 0.4)
+    rep = check_sound(bm, ball, spec=margin_spec([0, 2], 4, dtype=dtype),
+                      methods=("crown", "alpha-crown"), node_neurons=8)
+    a, c = rep.results["alpha-crown"], rep.results["crown"]
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    assert (a.lower >= c.lower - tol).all() and (a.upper <= c.upper + tol).all()
+    assert float((a.lower - c.lower).mean()) > 1e-3
+    tighter = 0
+    for name, iv in a.nodes.items():
+        ref = c.nodes[name]
+        assert (iv.lower >= ref.lower - tol).all() and (iv.upper <= ref.upper + tol).all(), name
+        tighter += int(((iv.lower > ref.lower + 1e-4) | (iv.upper < ref.upper - 1e-4)).sum())
+    assert tighter > 10, "the intermediate bounds were not tightened"

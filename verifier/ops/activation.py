@@ -14,6 +14,11 @@ from ..bound_types import Interval
 from .base import BoundRule, NotSupported, register
 
 
+# a relaxation whose lines are at most this far apart on [l, u] is not worth tightening its
+# input's bounds for (``ElementwiseRelaxation.loose``)
+LOOSE_GAP = 1e-4
+
+
 class ElementwiseRelaxation(BoundRule):
     needs_bounds = True
     elementwise = True
@@ -78,6 +83,16 @@ class ElementwiseRelaxation(BoundRule):
 
     def _key(self, node, x: Interval):
         return (node.name, self.op, x.lower._version, x.upper._version)
+
+    def loose(self, node, x: Interval) -> torch.Tensor:
+        """``[B, *shape]`` bool: the neurons whose relaxation over ``x`` is loose, so that
+        tighter bounds on ``x`` could tighten it (alpha-CROWN optimizes those rows of the input
+        first): where the two lines are more than ``LOOSE_GAP`` apart somewhere on [l, u]."""
+        kl, bl, ku, bu = self.relaxation(node, x)
+        dk = ku - kl   # parallel lines: no 0 * inf at an infinite end (1 / x over [1, inf])
+        spread = torch.maximum(dk * x.lower, dk * x.upper)
+        gap = torch.where(dk == 0, torch.zeros_like(spread), spread) + (bu - bl)
+        return gap > LOOSE_GAP
 
     def seed_relaxation(self, node, x: Interval, lines) -> None:
         """Store ``lines`` as the relaxation over ``x`` (e.g. rows gathered from the relaxation
@@ -177,6 +192,10 @@ class ReLU(ElementwiseRelaxation):
 
     def slope_bound(self, node) -> float:
         return max(1.0, abs(node.params.get("negative_slope", self.slope)))
+
+    def loose(self, node, x: Interval) -> torch.Tensor:
+        """The unstable neurons (l < 0 < u): the lines are exact elsewhere."""
+        return (x.lower < 0) & (x.upper > 0)
 
     def alpha_init(self, node, inputs, B, S, dtype):
         """The lower line's slope of each unstable neuron: any value in [a, 1] (a the negative

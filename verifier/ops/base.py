@@ -90,6 +90,7 @@ class BoundRule:
     data_movement = False  # each output element is a copy of an input element or a constant
     weight_op: str | None = None  # the op of this node with perturbed parameters
     fuses_weight_ball = False     # concretizes the ball of a weight it reads itself
+    alpha_lr = 1.0  # alpha-CROWN's learning rate for this rule's parameters, as a factor
 
     def interval(self, node, inputs: list[Interval]) -> Interval:
         raise NotSupported(self.op, "interval")

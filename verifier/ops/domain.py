@@ -24,6 +24,13 @@ generic rule's line); alpha-CROWN optimizes the point's position ``tau`` in [0, 
 row and bound direction (``alpha_init``), starting at CROWN's point. The tangent's
 bias ``f(t) - f'(t) t`` is exact in float64 (the least of ``f - f'(t) x`` over the piece is at
 ``t``), then widened as every generic line.
+
+These tangent points replace the generic smooth rule's free slopes (``SmoothElementwise.
+slope_table``: slopes spread evenly over ``[min f', max f']``): on a convex (concave) piece the
+tangents are the best lower (upper) lines of every slope, the chord the best line on the other
+side, and the positions are exact (no table) and geometric, where 1/x or log have slopes over
+orders of magnitude and sqrt's f' is unbounded at 0. Where no piece is convex or concave (odd
+``p >= 3`` across 0) CROWN's lines are kept.
 """
 from __future__ import annotations
 
@@ -51,6 +58,9 @@ class DomainElementwise(SmoothElementwise):
     e.g. 0 for even powers, so that ``var + eps`` stays positive after a square)."""
 
     bisect_iters = 60
+    # alpha-CROWN: the rule's own parameters (tangent points, ``alpha_init`` and ``_lines``), not
+    # the generic slopes of ``SmoothElementwise`` (see the module doc), at the full learning rate
+    alpha_lr = 1.0
 
     def domain(self, node) -> str | None:
         return None
@@ -116,12 +126,13 @@ class DomainElementwise(SmoothElementwise):
         mid = torch.where(nfar & torch.isfinite(ngeo), ngeo, mid)
         return torch.where(torch.isfinite(mid), mid, torch.where(a > 0, 2 * a + 1, 2 * b - 1))
 
-    def _extreme(self, node, l, u, k, upper: bool):
-        """As the generic bound, with a fallback where it is not finite (a root of ``f' = k``
-        too close to a point where ``f'`` is infinite, e.g. sqrt at 0): ``f`` is monotone on
-        ``[l, u]`` there, so ``max f(x) - k x <= max(f(l), f(u)) - min(k l, k u)`` (and the
-        mirror bound for the least value)."""
-        got = super()._extreme(node, l, u, k, upper)
+    def _extreme(self, node, l, u, k, upper, iters: int | None = None):
+        """As the generic bound (``upper``: a bool or a bool tensor; ``iters`` bisection steps),
+        with a fallback where it is not finite (a root of ``f' = k`` too close to a point where
+        ``f'`` is infinite, e.g. sqrt at 0): ``f`` is monotone on ``[l, u]`` there, so
+        ``max f(x) - k x <= max(f(l), f(u)) - min(k l, k u)`` (and the mirror bound for the least
+        value)."""
+        got = super()._extreme(node, l, u, k, upper, iters)
         bad = ~torch.isfinite(got) & self.monotone(node, l, u)   # the rest: an overflow error
         if not bool(bad.any()):
             return got
@@ -129,10 +140,8 @@ class DomainElementwise(SmoothElementwise):
         # k x with k = 0 is 0 even at an infinite end (reciprocal over [1, inf]: 1/inf = 0)
         kl = torch.where(k == 0, torch.zeros_like(l), k * l)
         ku = torch.where(k == 0, torch.zeros_like(u), k * u)
-        if upper:
-            alt = torch.maximum(fl, fu) - torch.minimum(kl, ku)
-        else:
-            alt = torch.minimum(fl, fu) - torch.maximum(kl, ku)
+        alt = torch.where(torch.as_tensor(upper), torch.maximum(fl, fu) - torch.minimum(kl, ku),
+                          torch.minimum(fl, fu) - torch.maximum(kl, ku))
         return torch.where(bad, alt, got)
 
     def _chord(self, node, l, u):

@@ -21,6 +21,11 @@ that covers the error of evaluating ``f`` in the graph's dtype (torch's float32 
 to 1.3e-6 (1 + |f|) on [-30, 30]; ``slack`` is 32 ulps of the dtype: 3.8e-6 in float32). A new smooth activation is ``f``, ``df``, its
 breakpoints and its slope limits at -inf and +inf (for the Lipschitz bound ``sup |f'|``, reached
 at a breakpoint or at infinity).
+
+alpha-CROWN frees both slopes: each line may take any slope in ``[min f', max f']`` over [l, u]
+(``slope_table``, ``optimized_lines``), with intercepts tabled per neuron at evenly spread
+slopes and interpolated between them (rigorous: ``min (f - kx)`` is concave in ``k``, ``max``
+convex), so that an optimizer step costs a lookup rather than a bisection per spec row.
 """
 from __future__ import annotations
 
@@ -34,11 +39,19 @@ from .activation import ElementwiseRelaxation
 from .base import NotSupported, register
 
 SLACK = 1e-6   # relative margin of the slope bound
+TABLE_ELEMENTS = 2 ** 22   # entries of one alpha-CROWN line table (``slope_table``), at most
 
 
 def slack(dtype) -> float:
     """The relative margin of the bounds in ``dtype``: 32 ulps (3.8e-6 in float32)."""
     return 32 * torch.finfo(dtype).eps
+
+
+def _sign(upper):
+    """+1 where ``upper`` (a bool or a bool tensor), else -1 (float64 where a tensor)."""
+    if isinstance(upper, torch.Tensor):
+        return upper.to(torch.float64) * 2 - 1
+    return 1.0 if upper else -1.0
 
 
 def _times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -51,6 +64,13 @@ class SmoothElementwise(ElementwiseRelaxation):
     ``slope_limits`` (``f'`` at -inf and +inf)."""
 
     iters = 50
+    # alpha-CROWN (``slope_table``): slopes tabled per neuron, bisection steps for their
+    # intercepts (loose by at most sup|f''| (width / 2^30)^2, or the slope's jump times
+    # width / 2^30 at a kink), and the learning-rate factor (the best slopes lie inside their
+    # range, where ReLU's are at its ends)
+    alpha_grid = 257
+    alpha_iters = 30
+    alpha_lr = 0.025
     slope_limits: tuple[float, float] = (0.0, 1.0)
 
     def f(self, node, x):
@@ -82,11 +102,14 @@ class SmoothElementwise(ElementwiseRelaxation):
         """An absolute widening of every bound (torch's departure from the formula, if any)."""
         return 0.0
 
-    def _extreme(self, node, l, u, k, upper: bool):
+    def _extreme(self, node, l, u, k, upper, iters: int | None = None):
         """A rigorous bound on ``max`` (``upper``) or ``min`` of ``f(x) - k x`` over ``[l, u]``
-        (float64, broadcastable). Differentiable in ``k`` (the envelope: the candidates are found
-        without gradients, then evaluated with them)."""
-        s = 1.0 if upper else -1.0
+        (float64, broadcastable; ``upper``: a bool, or a bool tensor choosing per element).
+        Differentiable in ``k`` (the envelope: the candidates are found without gradients, then
+        evaluated with them). ``iters``: bisection steps (default ``self.iters``); fewer steps
+        leave a wider bracket and a looser, still rigorous, bound."""
+        s = _sign(upper)
+        iters = self.iters if iters is None else iters
 
         def h(x):
             return s * (self.f(node, x) - k * x)
@@ -112,7 +135,7 @@ class SmoothElementwise(ElementwiseRelaxation):
                     continue
                 a = torch.where(live, a, l)
                 b = torch.where(live, b, l)
-                for _ in range(self.iters):
+                for _ in range(iters):
                     m = self._mid(a, b)
                     up = dh(m) >= 0
                     a = torch.where(up, m, a)
@@ -127,22 +150,25 @@ class SmoothElementwise(ElementwiseRelaxation):
         log scale, ``verifier.ops.domain``)."""
         return (a + b) / 2
 
-    def _round(self, v, up: bool, dtype, scale=None):
-        """``v`` (float64) moved outwards by ``slack(dtype) (1 + |v| + scale)``, cast."""
+    def _round(self, v, up, dtype, scale=None):
+        """``v`` (float64) moved outwards (up where ``up``: a bool or a bool tensor) by
+        ``slack(dtype) (1 + |v| + scale)``, cast."""
         d = slack(dtype) * (1 + v.abs() + (0.0 if scale is None else scale))
-        return (v + d if up else v - d).to(dtype)
+        return (v + _sign(up) * d).to(dtype)
 
-    def _line(self, node, l, u, k, upper: bool, dtype):
-        """The line ``k x + b`` above (``upper``) or below f on ``[l, u]`` for the slope ``k``
-        (float64): ``b`` from ``_extreme``, widened for the rounding of k to ``dtype`` (the line
-        is evaluated with the rounded k) and by the slack; -> (k, b) in ``dtype``."""
-        b = self._extreme(node, l, u, k, upper)
-        return self._widen(node, l, u, k, b, 1.0 if upper else -1.0, dtype)
+    def _line(self, node, l, u, k, upper, dtype, iters: int | None = None):
+        """The line ``k x + b`` above (``upper``: a bool or a bool tensor) or below f on
+        ``[l, u]`` for the slope ``k`` (float64): ``b`` from ``_extreme`` (``iters`` bisection
+        steps), widened for the rounding of k to ``dtype`` (the line is evaluated with the
+        rounded k) and by the slack; -> (k, b) in ``dtype``."""
+        b = self._extreme(node, l, u, k, upper, iters)
+        return self._widen(node, l, u, k, b, _sign(upper), dtype)
 
     def _widen(self, node, l, u, k, b, s, dtype):
         """The line ``k x + b`` (float64, ``b`` a bound of ``f - k x`` over ``[l, u]`` from above
         where ``s`` = 1, from below where ``s`` = -1: a number or a tensor of signs) moved
-        outwards for the rounding of k to ``dtype`` and by the slack; -> (k, b) in ``dtype``."""
+        outwards for the rounding of k to ``dtype``, by ``margin`` and by the slack; -> (k, b)
+        in ``dtype``."""
         kd = k.to(dtype)
         far = torch.maximum(l.abs(), u.abs())
         reach = _times(far, (kd.double() - k).abs()).detach() + self.margin(node)
@@ -189,19 +215,137 @@ class SmoothElementwise(ElementwiseRelaxation):
         return (torch.where(bad_l, zero, kl), torch.where(bad_l, iv.lower, bl),
                 torch.where(bad_u, zero, ku), torch.where(bad_u, iv.upper, bu))
 
-    # --- alpha-CROWN, for the subclasses whose lines have free parameters ----------------------
+    # --- alpha-CROWN ----------------------------------------------------------------------------
+    # Two forms of free parameters. The generic one (here): the slopes of both lines, each any
+    # value in [min f', max f'] over [l, u] (``slope_table``). A subclass may instead give its
+    # own, one per neuron and bound direction, by overriding ``alpha_init`` and ``_lines`` (a
+    # tangent point on a convex or concave piece, ``verifier.ops.domain``; PReLU's line through
+    # its kink); ``backward`` takes that form where ``_lines`` is overridden.
+    def slope_table(self, node, x: Interval):
+        """-> (free ``[B, n]``, ks ``[B, n, G]``, bs ``[B, n, 2G]``), float64, cached on ``x``
+        like ``relaxation``: the lines alpha-CROWN chooses from (see ``optimized_lines``).
+
+        For each neuron, the slopes ``ks`` (sorted) spread evenly over ``[k0, k1] = [min f',
+        max f']`` on [l, u] (f' is monotone between breakpoints: its extremes are at l, u and
+        beside the breakpoints inside), plus the chord's slope (``relax``'s lines), and in ``bs``
+        rigorous bounds on ``min`` (the first G) and on ``max`` (the last G) of ``f(x) - k x``
+        over [l, u] at each slope (``_extreme``). ``free``: where [k0, k1] is not a point and everything is finite (the
+        other neurons keep ``relax``'s lines, and zeros in the tables). ``G`` is ``alpha_grid``,
+        fewer where ``B n G`` would pass ``TABLE_ELEMENTS``."""
+        cache = x.cache
+        key = ("slope_table",) + self._key(node, x)
+        if key in cache:
+            return cache[key]
+        B = x.lower.shape[0]
+        l, u = x.lower.double().reshape(B, -1), x.upper.double().reshape(B, -1)
+        kl, bl, ku, bu = (t.reshape(B, -1) for t in self.relaxation(node, x))
+        dl, du = self.df(node, l), self.df(node, u)
+        k0, k1 = torch.minimum(dl, du), torch.maximum(dl, du)
+        pts = self.breakpoints_in(node, float(l.min()), float(u.max())) if l.numel() else ()
+        for p in pts or ():
+            inside = (l < p) & (p < u)
+            if bool(inside.any()):
+                step = 1e-9 * (1 + abs(p))   # both one-sided slopes at a kink
+                d = self.df(node, torch.tensor([p - step, p, p + step], dtype=torch.float64))
+                k0 = torch.where(inside, torch.minimum(k0, d.min()), k0)
+                k1 = torch.where(inside, torch.maximum(k1, d.max()), k1)
+        # the chord's slope is in [min f', max f'] (mean value), up to torch's departures from
+        # the formula (Softplus's threshold): kept in range, so the start is relax's lines
+        k0, k1 = torch.minimum(k0, kl.double()), torch.maximum(k1, kl.double())
+        free = (u > l) & torch.isfinite(l) & torch.isfinite(u) & torch.isfinite(k0) & \
+            torch.isfinite(k1) & (k1 - k0 > 1e-9 * (1 + k0.abs() + k1.abs()))
+        for t in (kl, bl, ku, bu):
+            free &= torch.isfinite(t)
+        if pts is None:   # too many breakpoints in the inputs' range (Periodic): no freedom
+            free = torch.zeros_like(free)
+        G = max(9, min(self.alpha_grid, TABLE_ELEMENTS // max(1, l.numel())))
+        ks = torch.zeros(*l.shape, G, dtype=torch.float64)
+        bs = torch.zeros(*l.shape, 2 * G, dtype=torch.float64)
+        if bool(free.any()):
+            a, c = k0[free].unsqueeze(-1), k1[free].unsqueeze(-1)
+            chord = kl[free].double().unsqueeze(-1)
+            kf = torch.cat([a + torch.linspace(0, 1, G - 1, dtype=torch.float64) * (c - a), chord],
+                           -1).sort(-1).values
+            lf, uf = l[free].unsqueeze(-1), u[free].unsqueeze(-1)
+            with torch.no_grad():
+                lof = self._extreme(node, lf, uf, kf, False, self.alpha_iters)
+                hif = self._extreme(node, lf, uf, kf, True, self.alpha_iters)
+            ok = torch.isfinite(lof).all(-1) & torch.isfinite(hif).all(-1)
+            ks[free] = torch.where(ok.unsqueeze(-1), kf, 0.0)
+            bs[free] = torch.where(ok.unsqueeze(-1), torch.cat([lof, hif], -1), 0.0)
+            free[free.clone()] = ok
+        cache[key] = (free, ks, bs)
+        return cache[key]
+
+    def alpha_init(self, node, inputs, B, S, dtype):
+        """The slope of each free neuron's lower and upper line as a position ``tau`` in
+        [0, 1] along its tabled slopes (``slope_table``): ``[2, B, S, *shape]`` (lower line,
+        upper line), starting at the chord's slope (``relax``'s lines)."""
+        x = inputs[0]
+        free, ks, _ = self.slope_table(node, x)
+        if not bool(free.any()):
+            return None
+        G = ks.shape[-1]
+        chord = self.relaxation(node, x)[0].double().reshape(*free.shape, 1)
+        j = (torch.searchsorted(ks, chord) - 1).clamp(0, G - 2)
+        k_j, k_j1 = ks.gather(-1, j), ks.gather(-1, j + 1)
+        th = ((chord - k_j) / torch.where(k_j1 > k_j, k_j1 - k_j, 1.0)).clamp(0, 1)
+        tau = torch.where(free, ((j + th) / (G - 1)).squeeze(-1), 0.0)
+        return tau.to(dtype).reshape(1, B, 1, *node.shape).expand(2, B, S, *node.shape), 0.0, 1.0
+
+    def optimized_lines(self, node, x: Interval, tau, upper):
+        """The line at slope position ``tau`` (``[B, T, *shape]``, in [0, 1]) above f where
+        ``upper`` (a bool tensor of that shape), else below, for every free neuron; ``relax``'s
+        line elsewhere: -> (k, b) in the graph's dtype.
+
+        Position ``tau`` falls between two tabled slopes (``slope_table``); the line takes the
+        slope and the intercept interpolated between theirs. That intercept is rigorous:
+        ``min (f - k x)`` over [l, u] is a minimum of functions affine in ``k``, so concave in
+        ``k`` and at least its chord between two tabled slopes (``max (f - k x)`` is convex, at
+        most its chord). The bound is piecewise linear in ``tau``, one lookup per entry."""
+        dtype = x.lower.dtype
+        free, ks, bs = self.slope_table(node, x)
+        B, T, n, G = tau.shape[0], tau.shape[1], free.shape[1], ks.shape[-1]
+        kl, bl, ku, bu = (v.reshape(B, 1, n) for v in self.relaxation(node, x))
+        up = upper.reshape(B, T, n)
+        pos = tau.reshape(B, T, n).double().clamp(0, 1) * (G - 1)
+        j = pos.detach().floor().clamp(max=G - 2)
+        th = pos - j                                    # in [0, 1], carries the gradient
+        idx = j.long().unsqueeze(-1) + torch.tensor([0, 1])                  # [B, T, n, 2]
+        kk = torch.gather(ks.unsqueeze(1).expand(B, T, n, G), 3, idx)
+        bb = torch.gather(bs.unsqueeze(1).expand(B, T, n, 2 * G), 3, idx + G * up.unsqueeze(-1))
+        k = kk[..., 0] + th * (kk[..., 1] - kk[..., 0])
+        b = bb[..., 0] + th * (bb[..., 1] - bb[..., 0])
+        l = torch.where(free, x.lower.reshape(B, n), 0).double().unsqueeze(1)
+        u = torch.where(free, x.upper.reshape(B, n), 0).double().unsqueeze(1)
+        # the float64 rounding of the two interpolations, moved outwards
+        err = 4 * torch.finfo(torch.float64).eps * (
+            bb.abs().sum(-1) + kk.abs().sum(-1) * torch.maximum(l.abs(), u.abs()))
+        kd, bd = self._widen(node, l, u, k, b + _sign(up) * err, _sign(up), dtype)
+        sel = free.unsqueeze(1)
+        k_out = torch.where(sel, kd, torch.where(up, ku, kl))
+        b_out = torch.where(sel, bd, torch.where(up, bu, bl))
+        return k_out.reshape(upper.shape), b_out.reshape(upper.shape)
+
     def _lines(self, node, x: Interval, alpha):
-        """The lines of the free parameters ``alpha: [B, S, *shape]`` (as ``alpha_init`` gives
-        them): -> kl, bl, ku, bu, each ``[B, S, *shape]`` in the graph's dtype."""
-        raise NotSupported(self.op, "backward", "no free parameters")
+        """A subclass's own free parameters ``alpha: [B, S, *shape]`` (as its ``alpha_init``
+        gives them) -> their lines kl, bl, ku, bu, each ``[B, S, *shape]`` in the graph's dtype;
+        sound for every value in range."""
+        raise NotSupported(self.op, "backward", "no free parameters of its own")
+
+    def _own_lines(self) -> bool:
+        """Whether the subclass gives its own free parameters (``_lines``)."""
+        return type(self)._lines is not SmoothElementwise._lines
 
     def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
-        """With ``alpha`` (alpha-CROWN, where the subclass has ``alpha_init``): ``(for the lower
-        bound, for the upper bound)``, each ``[B, S, *shape]``; every value in range gives sound
-        lines (``_lines``), one pair per spec row."""
+        """With ``alpha`` (alpha-CROWN): ``(for the lower bound, for the upper bound)``, in the
+        generic form (``_backward_slopes``) or the subclass's own (``_lines``: ``[B, S, *shape]``
+        each, one pair of lines per spec row)."""
         if alpha is None:
             return super().backward(node, A_lower, A_upper, inputs, beta=beta)
         (x,) = inputs
+        if not self._own_lines():
+            return self._backward_slopes(node, A_lower, A_upper, x, alpha)
 
         def one(A, k_pos, b_pos, k_neg, b_neg):
             Ap, An = A.clamp(min=0), A.clamp(max=0)
@@ -212,6 +356,22 @@ class SmoothElementwise(ElementwiseRelaxation):
         kl, bl, ku, bu = self._lines(node, x, alpha[1])
         A_u, b_u = one(A_upper, ku, bu, kl, bl)
         return [(A_l, A_u)], b_l, b_u
+
+    def _backward_slopes(self, node, A_lower, A_upper, x: Interval, alpha):
+        """The generic form: ``alpha`` is ``(tau for the lower bound, tau for the upper bound)``,
+        each ``[2, B, S, *shape]`` (the slope positions of the lower and the upper line, see
+        ``alpha_init``). Each entry of A takes one line (for the lower bound: the lower line
+        where A >= 0, else the upper one; the reverse for the upper bound), so one line per
+        entry is looked up, for both bounds in one pass."""
+        S = A_lower.shape[1]
+        A = torch.cat([A_lower, A_upper], 1)
+        upper = torch.cat([A_lower < 0, A_upper >= 0], 1)
+        tau = torch.cat([torch.where(upper[:, :S], alpha[0][1], alpha[0][0]),
+                         torch.where(upper[:, S:], alpha[1][1], alpha[1][0])], 1)
+        k, b = self.optimized_lines(node, x, tau, upper)
+        A_new = A * k
+        bias = (A * b).flatten(2).sum(-1)
+        return [(A_new[:, :S], A_new[:, S:])], bias[:, :S], bias[:, S:]
 
 
 @register("silu")
@@ -325,6 +485,8 @@ class PReLU(SmoothElementwise):
     sign, 0 at x = 0. CROWN takes s = 1 where u > -l, else a (as for ReLU); alpha-CROWN optimizes
     ``s = a + tau (1 - a)``, ``tau`` in [0, 1]. The slope as a weight perturbation is not
     supported."""
+
+    alpha_lr = 1.0   # its own parameter (``_lines``), best at an end of its range as ReLU's
 
     def slope(self, node, like: torch.Tensor) -> torch.Tensor:
         """``a`` broadcastable to ``like`` (``[B, *shape]`` or ``[B, S, *shape]``)."""
@@ -503,14 +665,14 @@ class Periodic(SmoothElementwise):
     def slope_bound(self, node) -> float:
         return 1.0
 
-    def _extreme(self, node, l, u, k, upper: bool):
+    def _extreme(self, node, l, u, k, upper, iters=None):
         if not (l.numel() and math.isfinite(float(l.min())) and math.isfinite(float(u.max()))) \
                 or self.breakpoints_in(node, float(l.min()), float(u.max())) is None:
             # too wide a range (or none): |sin| <= 1, so f - kx lies within -1 - kx and 1 - kx
             # max of 1 - kx is at l for k >= 0 (else u); min of -1 - kx at u for k >= 0 (else l)
-            far = torch.where(k.detach() >= 0, l, u) if upper else torch.where(k.detach() >= 0, u, l)
-            return (1.0 if upper else -1.0) - k * far
-        return super()._extreme(node, l, u, k, upper)
+            far = torch.where((k.detach() >= 0) == torch.as_tensor(upper), l, u)
+            return _sign(upper) - k * far
+        return super()._extreme(node, l, u, k, upper, iters)
 
 
 @register("sin")
