@@ -211,12 +211,6 @@ def fuse_silu(graph: Graph) -> Graph:
     return Graph(nodes, output=graph.output, leaves=graph.leaves)
 
 
-def _only_consumer(graph: Graph, name: str, op: str) -> Node | None:
-    """The one consumer of ``name`` if it has that op, else None."""
-    cs = graph.consumers(name)
-    return cs[0] if len(cs) == 1 and cs[0].op == op else None
-
-
 def _mean_over(node: Node):
     p = node.params
     if node.op != "reduce_sum" or p.get("kind") != "mean" or not p.get("keepdim"):

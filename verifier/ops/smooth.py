@@ -54,6 +54,15 @@ def _sign(upper):
     return 1.0 if upper else -1.0
 
 
+def _products(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``A * b`` with ``0 * inf = 0``: a line's offset may be +-inf (a flat line where no finite
+    line bounds f, ``SmoothElementwise._finite_or_flat``)."""
+    prod = A * b
+    if bool(torch.isfinite(b).all()):
+        return prod
+    return torch.where(A == 0, torch.zeros_like(prod), prod)
+
+
 def _times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a * b`` with ``0 * inf = 0`` (a flat line over an interval with an infinite end)."""
     return torch.where((a == 0) | (b == 0), torch.zeros_like(a * b), a * b)
@@ -349,7 +358,8 @@ class SmoothElementwise(ElementwiseRelaxation):
 
         def one(A, k_pos, b_pos, k_neg, b_neg):
             Ap, An = A.clamp(min=0), A.clamp(max=0)
-            return Ap * k_pos + An * k_neg, (Ap * b_pos + An * b_neg).flatten(2).sum(2)
+            bias = (_products(Ap, b_pos) + _products(An, b_neg)).flatten(2).sum(2)
+            return Ap * k_pos + An * k_neg, bias
 
         kl, bl, ku, bu = self._lines(node, x, alpha[0])
         A_l, b_l = one(A_lower, kl, bl, ku, bu)
@@ -370,7 +380,7 @@ class SmoothElementwise(ElementwiseRelaxation):
                          torch.where(upper[:, S:], alpha[1][1], alpha[1][0])], 1)
         k, b = self.optimized_lines(node, x, tau, upper)
         A_new = A * k
-        bias = (A * b).flatten(2).sum(-1)
+        bias = _products(A, b).flatten(2).sum(-1)
         return [(A_new[:, :S], A_new[:, S:])], bias[:, :S], bias[:, S:]
 
 
