@@ -35,6 +35,15 @@ from verifier.runtime import tune_allocator  # noqa: E402
 METHODS = [("IBP", "ibp"), ("CROWN-IBP", "crown-ibp"), ("CROWN", "crown"), ("alpha-CROWN", "alpha-crown")]
 
 
+def _reference(args, suite: str):
+    """-> (the suite's folder, its reference.json), or (folder, None) with a message."""
+    D = Path(args.shared) / "benchmarks" / suite
+    if not (D / "reference.json").exists():
+        print(f"no reference data at {D}", file=sys.stderr)
+        return D, None
+    return D, json.loads((D / "reference.json").read_text())
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"), help="the shared/ folder")
@@ -52,11 +61,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.suite == "modern":
         return modern(args)
-    D = Path(args.shared) / "benchmarks" / "classifiers"
-    if not (D / "reference.json").exists():
-        print(f"no reference data at {D}", file=sys.stderr)
+    D, ref = _reference(args, "classifiers")
+    if ref is None:
         return 1
-    ref = json.loads((D / "reference.json").read_text())
     names = args.models or list(ref["models"])
     print(f"{'model':24s} {'build_s':>7s} {'method':>11s} {'ms/sample':>9s} {'ref_ms':>8s} "
           f"{'speedup':>7s} {'mean_lb':>11s} {'ref_lb':>11s} {'worst':>9s} {'peak_MB':>8s}")
@@ -113,11 +120,9 @@ MODERN = [("IBP", "ibp", "IBP"), ("CROWN", "crown", "CROWN"),
 
 
 def modern(args) -> int:
-    D = Path(args.shared) / "benchmarks" / "modern"
-    if not (D / "reference.json").exists():
-        print(f"no reference data at {D}", file=sys.stderr)
+    D, ref = _reference(args, "modern")
+    if ref is None:
         return 1
-    ref = json.loads((D / "reference.json").read_text())
     names = args.models or list(ref["models"])
     print(f"{'model':14s} {'build_s':>7s} {'method':>11s} {'s/sample':>8s} {'ref_s':>7s} "
           f"{'mean_lb':>11s} {'ref_lb':>11s} {'proved':>7s} {'ref':>4s} {'sound':>5s} {'peak_MB':>8s}")
