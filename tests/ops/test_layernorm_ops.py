@@ -5,7 +5,6 @@ least variance over the box (checked against a brute-force minimum on small grou
 normalized product's interval is within sqrt(n) however wide the box."""
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest

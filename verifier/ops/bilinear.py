@@ -94,6 +94,20 @@ def mccormick_step(A: torch.Tensor, upper: bool, mix, x: Interval, y: Interval, 
     return a_x, a_y, bias
 
 
+def mccormick_backward(A_lower, A_upper, alpha, x: Interval, y: Interval, prod, adj_x, adj_y,
+                       sx, sy):
+    """A rule's whole backward step from ``mccormick_step`` for both bounds (``alpha``: the
+    plane mixes for the lower and the upper bound, or None), each input's A summed down to its
+    shape (``sx``, ``sy``): -> ([(A_l, A_u) of x, of y], bias_l, bias_u)."""
+    out = []
+    for A, upper, k in ((A_lower, False, 0), (A_upper, True, 1)):
+        a_x, a_y, b = mccormick_step(A, upper, None if alpha is None else alpha[k], x, y, prod,
+                                     adj_x, adj_y)
+        out.append((unbroadcast(a_x, sx), unbroadcast(a_y, sy), b))
+    (axl, ayl, bl), (axu, ayu, bu) = out
+    return [(axl, axu), (ayl, ayu)], bl, bu
+
+
 def _dot(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``sum_o w[b, s, o] t[b?, o]`` -> ``[B, S]`` (``t``'s batch may be 1)."""
     return torch.einsum("bso,bo->bs", w.flatten(2), t.flatten(1))
@@ -319,10 +333,4 @@ class Einsum(BoundRule):
         def adj_y(w, t):
             return _with_only(torch.einsum(p.adj_y, w, t), p.y_only, sy)
 
-        out = []
-        for A, upper, k in ((A_lower, False, 0), (A_upper, True, 1)):
-            a_x, a_y, b = mccormick_step(A, upper, None if alpha is None else alpha[k], x, y,
-                                         prod, adj_x, adj_y)
-            out.append((unbroadcast(a_x, sx), unbroadcast(a_y, sy), b))
-        (axl, ayl, bl), (axu, ayu, bu) = out
-        return [(axl, axu), (ayl, ayu)], bl, bu
+        return mccormick_backward(A_lower, A_upper, alpha, x, y, prod, adj_x, adj_y, sx, sy)

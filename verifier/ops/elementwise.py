@@ -12,7 +12,7 @@ from ..bound_types import Interval
 from ..errors import VerifierError
 from .base import (AffineRule, BoundRule, NotSupported, dot, live_from_module, register,
                    unbroadcast)
-from .bilinear import free_corners, mccormick_step
+from .bilinear import free_corners, mccormick_backward
 
 
 def _full(t, shape):
@@ -219,10 +219,4 @@ class Mul(BoundRule):
         def adj(w, t):
             return w * t.unsqueeze(1)
 
-        out = []
-        for A, upper, k in ((A_lower, False, 0), (A_upper, True, 1)):
-            a_x, a_y, b = mccormick_step(A, upper, None if alpha is None else alpha[k], x, y,
-                                         prod, adj, adj)
-            out.append((unbroadcast(a_x, sx), unbroadcast(a_y, sy), b))
-        (axl, ayl, bl), (axu, ayu, bu) = out
-        return [(axl, axu), (ayl, ayu)], bl, bu
+        return mccormick_backward(A_lower, A_upper, alpha, x, y, prod, adj, adj, sx, sy)
