@@ -10,9 +10,12 @@ Each input file is recognised by its content:
 * the JSON of ``verifier verify --json``: a results table of one instance;
 * the JSON of ``verifier bounds --json``: the bounds per sample; with ``--per-layer`` also the
   mean bound width of every node for IBP, CROWN and alpha-CROWN, in a table and a plot;
-* the ``report.json`` of ``verifier train``: clean, PGD and certified accuracy, and certified
-  accuracy against eps (plot); of ``verifier train --lipschitz``: the certified Lipschitz
-  constant per layer and certified accuracy against the L2 radius (plot).
+* the ``report.json`` of ``verifier train``: clean, PGD and certified accuracy, certified
+  accuracy against eps (plot, when the run measured a grid) and the training curves (plot, from
+  the file's history); of ``verifier train --lipschitz``: the certified Lipschitz constant per
+  layer, certified accuracy against the L2 radius (plot) and the training curves (plot).
+
+A plot is drawn only of what the file holds: no empty panels.
 
 Plots are PNGs drawn by matplotlib and embedded in the page as base64 ``data:`` URLs, so the page
 is one file. Without matplotlib the page keeps its tables and says why the plots are missing.
@@ -244,8 +247,26 @@ def plot_layer_widths(per_layer: dict, plt) -> bytes:
     return _png(fig, plt)
 
 
-def plot_train(d: dict, plt) -> bytes:
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+def has_eps_grid(d: dict) -> bool:
+    """Whether a training report measured certified accuracy at a grid of radii."""
+    return bool((d.get("certified_vs_eps") or {}).get("eps"))
+
+
+# per-epoch values of a training history drawn as curves: key -> label (``acc``: verifier train,
+# ``train_acc``: verifier train --lipschitz; ``cert``: samples of the batch certified by the
+# training bounds, absent in natural training)
+CURVES = {"acc": "train clean accuracy", "train_acc": "train clean accuracy",
+          "cert": "train certified (batch bounds)"}
+
+
+def has_curves(history) -> bool:
+    """Whether a training history holds a curve to draw (``CURVES``)."""
+    return any(k in h for h in history or [] for k in CURVES)
+
+
+def draw_certified_vs_eps(ax, d: dict) -> None:
+    """Certified accuracy against eps (the grid), the final certified accuracies at eps (stars)
+    and the clean accuracy (dashed) of a training report ``d``."""
     grid = d["certified_vs_eps"]
     for m, acc in grid.items():
         if m != "eps":
@@ -260,6 +281,73 @@ def plot_train(d: dict, plt) -> bytes:
     ax.set_title("certified accuracy against eps")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def draw_training_curves(ax, history: list) -> None:
+    """The history's accuracy curves (``CURVES``) per epoch, and the training eps on a second
+    y axis when it was ever above 0."""
+    ep = [h["epoch"] for h in history]
+    seen = set()
+    for key, label in CURVES.items():
+        if label not in seen and any(key in h for h in history):
+            seen.add(label)
+            ax.plot(ep, [h.get(key, float("nan")) for h in history], marker=".", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy (mean over the epoch's batches)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("training curves")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    eps = [h.get("eps", 0.0) for h in history]
+    if any(e > 0 for e in eps):
+        twin = ax.twinx()
+        twin.plot(ep, eps, color="grey", ls=":", label="training eps (end of epoch)")
+        twin.set_ylabel("eps")
+        twin.set_ylim(0, 1.05 * max(eps))
+        h2, l2 = twin.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, fontsize=8, loc="lower right")
+
+
+def draw_accuracies(ax, d: dict) -> None:
+    """Bars of the final clean, PGD and certified accuracies (what every report measured)."""
+    names = ["clean", "PGD", *d["certified_acc"]]
+    vals = [d["clean_acc"], d.get("pgd_acc", float("nan")), *d["certified_acc"].values()]
+    ax.bar(range(len(names)), vals, color="tab:blue")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"accuracy at eps {d['eps']:g}")
+    ax.grid(alpha=0.3, axis="y")
+
+
+def train_figure(d: dict, history, plt):
+    """The figure of a training run (``report.png``): one panel per thing the run measured,
+    the certified accuracy against eps (with a grid) and the training curves (with a history);
+    bars of the final accuracies when it measured neither. -> the matplotlib figure."""
+    panels = []
+    if has_eps_grid(d):
+        panels.append(lambda ax: draw_certified_vs_eps(ax, d))
+    if has_curves(history):
+        panels.append(lambda ax: draw_training_curves(ax, history))
+    if not panels:
+        panels.append(lambda ax: draw_accuracies(ax, d))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4), squeeze=False)
+    for draw, ax in zip(panels, axes[0]):
+        draw(ax)
+    return fig
+
+
+def plot_train(d: dict, plt) -> bytes:
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    draw_certified_vs_eps(ax, d)
+    return _png(fig, plt)
+
+
+def plot_train_curves(history: list, plt) -> bytes:
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    draw_training_curves(ax, history)
     return _png(fig, plt)
 
 
@@ -384,12 +472,19 @@ def _train_html(s: Source, plt) -> str:
              if k in d]
     parts = [f"<p>{_e(d.get('dataset', ''))}, trained and evaluated at eps {d['eps']:g}.</p>",
              _table(["quantity", "value"], rows, "train", num_cols=[1])]
-    if d["certified_vs_eps"].get("eps"):
+    if has_eps_grid(d):
         parts.append(_img(None if plt is None else plot_train(d, plt), "certified accuracy vs eps"))
     else:
-        parts.append('<p class="note">No certified-accuracy-vs-eps grid in this run (set the '
-                     'config key eval_eps).</p>')
+        parts.append('<p class="note">No certified-accuracy-vs-eps grid in this run (verifier '
+                     'train --eval-eps, or the config key eval_eps).</p>')
+    parts.append(_curves_html(d.get("history"), plt))
     return "".join(parts)
+
+
+def _curves_html(history, plt) -> str:
+    if not has_curves(history):
+        return '<p class="note">No training history in this file.</p>'
+    return _img(None if plt is None else plot_train_curves(history, plt), "training curves")
 
 
 def _lipschitz_html(s: Source, plt) -> str:
@@ -404,6 +499,8 @@ def _lipschitz_html(s: Source, plt) -> str:
              _table(["L2 radius", "certified (margin > sqrt(2) L r)", "certified (CROWN L2)"],
                     rows, "radii", num_cols=[1, 2]),
              _img(None if plt is None else plot_lipschitz(d, plt), "certified accuracy vs radius")]
+    if has_curves(d.get("history")):
+        parts.append(_curves_html(d["history"], plt))
     if d.get("layers"):
         parts.append(_table(["layer", "op", "constant", "cumulative", "how"],
                             [[l.get("name"), l.get("op"), _num(l.get("constant")),

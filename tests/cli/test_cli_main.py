@@ -61,7 +61,8 @@ def test_python_m_verifier_runs_the_readme_command_and_fails_cleanly():
 
 
 def test_help_does_not_import_torch():
-    for argv in (["--help"], ["bounds", "--help"], ["bounds", "m.onnx", "--eps", "-1"]):
+    for argv in (["--help"], ["bounds", "--help"], ["bounds", "m.onnx", "--eps", "-1"],
+                 ["train", "--help"]):
         r = subprocess.run([sys.executable, "-X", "importtime", "-m", "verifier", *argv],
                            cwd=REPO, capture_output=True, text=True, timeout=60)
         imported = {ln.split("|")[-1].strip() for ln in r.stderr.splitlines() if "|" in ln}

@@ -205,3 +205,93 @@ def test_train_plot_holds_the_eps_grid_of_the_report(files):
     # certified accuracy at eps 0 by IBP can only count correctly classified samples
     assert d["certified_vs_eps"]["ibp"][0] <= d["clean_acc"] + 1e-12
     assert np.all(np.diff(d["certified_vs_eps"]["ibp"]) <= 1e-12)   # shrinks as eps grows
+
+
+# -- training runs: a panel for each thing the run measured ------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A two-epoch digits run of ``verifier train`` (run_training), default eps grid."""
+    from verifier.train import TrainConfig, run_training
+    out = tmp_path_factory.mktemp("tiny_run")
+    cfg = TrainConfig(dataset="digits", model="mlp", model_kwargs={"in_dim": 64, "hidden": [16]},
+                      epochs=2, warmup_epochs=1, ramp_epochs=1, test_subset=30,
+                      eval_methods=["ibp"], eval_pgd_steps=2, output=str(out))
+    run_training(cfg, progress=False)
+    return out
+
+
+def test_train_page_plots_the_eps_grid_and_the_training_curves_of_a_run(tiny_run, tmp_path,
+                                                                       capsys):
+    d = json.loads((tiny_run / "report.json").read_text())
+    assert len(d["certified_vs_eps"]["eps"]) == 5 and len(d["history"]) == 2
+    code, _, err = run_cli(capsys, "report", tiny_run / "report.json", "--html",
+                           tmp_path / "r.html")
+    assert code == 0, err
+    pngs = embedded_pngs((tmp_path / "r.html").read_text(encoding="utf-8"))
+    assert set(pngs) == {"certified accuracy vs eps", "training curves"}
+    for png in pngs.values():
+        assert png.startswith(PNG_MAGIC) and len(png) > 5000
+
+
+def _figure_of_plot_report(monkeypatch, report, history, tmp_path):
+    """The matplotlib figure that ``plot_report`` saves as report.png."""
+    from matplotlib.figure import Figure
+
+    from verifier.train.evaluate import plot_report
+    saved = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig",
+                        lambda fig, *a, **k: (saved.append(fig), real(fig, *a, **k)))
+    plot_report(report, history, tmp_path / "report.png")
+    assert len(saved) == 1 and (tmp_path / "report.png").read_bytes().startswith(PNG_MAGIC)
+    return saved[0]
+
+
+def _panels(fig):
+    """The figure's panels: its axes less the twins (a twin shares its panel's x axis)."""
+    out = []
+    for ax in fig.axes:
+        if not any(ax.get_shared_x_axes().joined(ax, p) for p in out):
+            out.append(ax)
+    return out
+
+
+def _plotted(ax) -> int:
+    """Data points of the axes' lines and bars (reference lines of 2 equal x or y excluded)."""
+    n = 0
+    for line in ax.get_lines():
+        x, y = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+        if len(x) == 2 and (x[0] == x[1] or y[0] == y[1]):
+            continue                                    # axhline / axvline
+        n += int(np.isfinite(y).sum())
+    return n + len(ax.patches)
+
+
+def test_report_png_has_a_panel_for_each_measured_thing_and_no_empty_one(tiny_run, monkeypatch,
+                                                                        tmp_path):
+    d = json.loads((tiny_run / "report.json").read_text())
+    history = d.pop("history")
+    fig = _figure_of_plot_report(monkeypatch, d, history, tmp_path)
+    assert [ax.get_title() for ax in _panels(fig)] == ["certified accuracy against eps",
+                                                       "training curves"]
+    assert all(_plotted(ax) > 0 for ax in fig.axes)
+    # no grid measured: the training curves alone (and the eps axis twinned with them)
+    no_grid = {**d, "certified_vs_eps": {"eps": [], "ibp": [], "crown-ibp": []}}
+    fig = _figure_of_plot_report(monkeypatch, no_grid, history, tmp_path)
+    assert [ax.get_title() for ax in _panels(fig)] == ["training curves"]
+    assert len(fig.axes) == 2 and all(_plotted(ax) > 0 for ax in fig.axes)
+    # neither: the final accuracies
+    fig = _figure_of_plot_report(monkeypatch, no_grid, [], tmp_path)
+    assert len(fig.axes) == 1 and _plotted(fig.axes[0]) == 2 + len(d["certified_acc"])
+
+
+def test_train_page_without_history_or_grid_says_so_and_draws_nothing(files, tmp_path):
+    d = json.loads(open(files["train"]).read())
+    d["certified_vs_eps"] = {"eps": [], "ibp": [], "crown-ibp": []}
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps(d))
+    page = render_html([load(p)])
+    assert embedded_pngs(page) == {}
+    assert "No certified-accuracy-vs-eps grid in this run" in page
+    assert "No training history in this file" in page

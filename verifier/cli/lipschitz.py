@@ -84,7 +84,7 @@ def cmd_lipschitz(a: argparse.Namespace) -> int:
 
 # flags of verifier train that mean nothing for a Lipschitz run
 _IBP_ONLY = ["config", "method", "eps", "train_eps", "schedule", "warmup_epochs", "ramp_epochs",
-             "pgd_weight", "reg_weight"]
+             "pgd_weight", "reg_weight", "eval_eps"]
 
 
 # verifier.lipschitz.constraints.CONSTRAINTS, spelled out so that --help needs no torch import

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from ..train.config import AUTO_GRID, default, load_config
 from .lipschitz import cmd_train_lipschitz, lipschitz_train_arguments
 from .util import EXIT_OK, CliError, finite_float, nonneg_float, positive_int
 
@@ -33,7 +34,16 @@ examples:
 # flag -> config key, for the flags that map one to one
 _FLAGS = ["dataset", "train_path", "test_path", "train_subset", "test_subset", "model", "method",
           "eps", "train_eps", "schedule", "epochs", "warmup_epochs", "ramp_epochs", "batch_size",
-          "lr", "seed", "output", "threads", "pgd_weight", "reg_weight"]
+          "lr", "seed", "output", "threads", "pgd_weight", "reg_weight", "eval_eps"]
+
+
+def _default(key: str) -> str:
+    """``(default X)``: the default of a TrainConfig key (the one source of defaults; a flag that
+    is not given leaves the config file's value, else that default)."""
+    v = default(key)
+    if isinstance(v, list):
+        v = " ".join(map(str, v)) or "none"
+    return f"(default {v})"
 
 
 def train_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,31 +51,46 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=["digits", "idx", "npz"],
                    help="digits (scikit-learn's 8x8 digits), idx (a folder of MNIST-format files), "
-                        "npz (files with arrays images and labels)")
+                        f"npz (files with arrays images and labels) {_default('dataset')}")
     g.add_argument("--train-path", metavar="PATH", help="idx: the folder; npz: the training file")
     g.add_argument("--test-path", metavar="PATH", help="npz: the test file (idx: the same folder)")
     g.add_argument("--train-subset", type=positive_int, metavar="N", help="the first N training samples")
     g.add_argument("--test-subset", type=positive_int, metavar="N", help="the first N test samples")
     g = p.add_argument_group("model and method")
     g.add_argument("--model", metavar="NAME", help="a zoo model (models/architectures.py: mlp, "
-                   "small_cnn, cnn_cert, ...) or package.module:function")
+                   f"small_cnn, cnn_cert, ...) or package.module:function {_default('model')}")
     g.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments of the model, a JSON object")
-    g.add_argument("--method", choices=["natural", "ibp", "crown-ibp"])
-    g.add_argument("--eps", type=nonneg_float, help="the target L-inf radius (evaluation)")
+    g.add_argument("--method", choices=["natural", "ibp", "crown-ibp"], help=_default("method"))
+    g.add_argument("--eps", type=nonneg_float,
+                   help=f"the target L-inf radius (evaluation) {_default('eps')}")
     g.add_argument("--train-eps", type=nonneg_float, help="the radius trained at (default --eps)")
-    g.add_argument("--schedule", choices=["smooth", "linear"], help="the eps ramp's shape")
-    g.add_argument("--warmup-epochs", type=int, metavar="N", help="epochs at eps 0")
-    g.add_argument("--ramp-epochs", type=int, metavar="N", help="epochs of the eps ramp")
-    g.add_argument("--pgd-weight", type=nonneg_float, help="weight of an adversarial (PGD) loss term")
-    g.add_argument("--reg-weight", type=nonneg_float, help="weight of the warm-up regularizers")
+    g.add_argument("--schedule", choices=["smooth", "linear"],
+                   help=f"the eps ramp's shape {_default('schedule')}")
+    g.add_argument("--warmup-epochs", type=int, metavar="N",
+                   help=f"epochs at eps 0 {_default('warmup_epochs')}")
+    g.add_argument("--ramp-epochs", type=int, metavar="N",
+                   help=f"epochs of the eps ramp {_default('ramp_epochs')}")
+    g.add_argument("--pgd-weight", type=nonneg_float,
+                   help=f"weight of an adversarial (PGD) loss term {_default('pgd_weight')}")
+    g.add_argument("--reg-weight", type=nonneg_float,
+                   help=f"weight of the warm-up regularizers {_default('reg_weight')}")
     g = p.add_argument_group("optimization and output")
-    g.add_argument("--epochs", type=positive_int)
-    g.add_argument("--batch-size", type=positive_int)
-    g.add_argument("--lr", type=finite_float)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--threads", type=positive_int, help="torch threads (default 1)")
-    g.add_argument("--output", metavar="DIR", help="the run folder (checkpoint, model, report)")
+    g.add_argument("--epochs", type=positive_int, metavar="N",
+                   help=f"training epochs {_default('epochs')}")
+    g.add_argument("--batch-size", type=positive_int, metavar="N",
+                   help=f"samples per optimizer step {_default('batch_size')}")
+    g.add_argument("--lr", type=finite_float, help=f"Adam's learning rate {_default('lr')}")
+    g.add_argument("--seed", type=int,
+                   help=f"the weights' and the shuffling's seed {_default('seed')}")
+    g.add_argument("--threads", type=positive_int, metavar="N",
+                   help=f"torch threads {_default('threads')}")
+    g.add_argument("--output", metavar="DIR",
+                   help=f"the run folder (checkpoint, model, report) {_default('output')}")
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
+    g.add_argument("--eval-eps", type=nonneg_float, nargs="*", metavar="E",
+                   help="the radii of the report's certified-accuracy-against-eps plot (IBP and "
+                        "CROWN-IBP on every test sample); given without values: no plot "
+                        f"(default --eps times {' '.join(f'{f:g}' for f in AUTO_GRID)})")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--json", action="store_true", help="print the report as one JSON object")
     lipschitz_train_arguments(p)
@@ -74,7 +99,6 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_train(a: argparse.Namespace) -> int:
     if getattr(a, "lipschitz", None) is not None:
         return cmd_train_lipschitz(a)
-    from ..train.config import load_config
     from ..train.run import run_training
     overrides = {k: getattr(a, k) for k in _FLAGS}
     if a.model_kwargs is not None:
@@ -89,6 +113,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     report = run_training(cfg, resume=a.resume, progress=not a.no_progress and sys.stderr.isatty())
     if a.json:
         print(json.dumps(report))
+        _print_warnings(report)
         return EXIT_OK
     cert = "  ".join(f"{m} {v:.4f}" for m, v in report["certified_acc"].items())
     print(f"{report['dataset']}: {report['n']} test samples, eps {report['eps']}")
@@ -97,4 +122,12 @@ def cmd_train(a: argparse.Namespace) -> int:
     print(f"certified accuracy {cert}")
     print(f"training {report['train_time_s']:.1f} s, evaluation {report['eval_time_s']:.1f} s; "
           f"files in {cfg.output}: model.pt model.onnx report.json report.png")
+    _print_warnings(report)
     return EXIT_OK
+
+
+def _print_warnings(report: dict) -> None:
+    """The report's warnings (a near-chance model), last, on stderr: one line each."""
+    sys.stdout.flush()
+    for w in report.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)

@@ -11,12 +11,14 @@ import torch
 
 from ..weights import WeightPerturbation
 from .config import TrainConfig, to_dict
-from .evaluate import certified_under_weights, evaluate, export_onnx, write_report
+from .evaluate import (certified_under_weights, chance_accuracy, evaluate, export_onnx,
+                       near_chance, write_report)
 from .trainer import load_data, train
 
 
 def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """-> the report (also written to ``cfg.output/report.json``)."""
+    """-> the report (also written to ``cfg.output/report.json``). Its ``warnings`` list says
+    when the model's clean accuracy is near chance (``near_chance``), with what to change."""
     torch.set_num_threads(cfg.threads)
     train_ds, test_ds = load_data(cfg)
     t0 = time.perf_counter()
@@ -27,8 +29,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
     torch.save(state.net.state_dict(), out / "model.pt")
     export_onnx(state.net, train_ds.input_shape, out / "model.onnx")
     t1 = time.perf_counter()
-    report = evaluate(state.net, test_ds, cfg.eps, methods=cfg.eval_methods, eps_grid=cfg.eval_eps,
-                      pgd_steps=cfg.eval_pgd_steps, batch=cfg.eval_batch, progress=progress,
+    report = evaluate(state.net, test_ds, cfg.eps, methods=cfg.eval_methods,
+                      eps_grid=cfg.eval_eps_grid(), pgd_steps=cfg.eval_pgd_steps,
+                      batch=cfg.eval_batch, progress=progress,
                       budget_s=cfg.eval_budget_s)
     report.update(train_time_s=round(sum(h["time_s"] for h in state.history), 1),
                   session_train_time_s=round(train_time, 1),
@@ -40,5 +43,13 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
                                          "relative": cfg.weight_relative}
         report["certified_acc_with_weights"] = certified_under_weights(
             state.net, test_ds, cfg.eps, w, batch=cfg.eval_batch)
+    report["chance_acc"] = chance_accuracy(test_ds.y, test_ds.n_classes)
+    report["warnings"] = []
+    if near_chance(report["clean_acc"], report["chance_acc"]):
+        report["warnings"].append(
+            f"clean accuracy {report['clean_acc']:.2f} is near chance ({report['chance_acc']:.2f}, "
+            "the largest class's share of the test set): the model learned little; try more "
+            "--epochs, a larger --lr or a smaller --batch-size, a longer --ramp-epochs or a "
+            "smaller --train-eps (config keys epochs, lr, batch_size, ramp_epochs, train_eps)")
     write_report(report, state.history, out)
     return report

@@ -175,20 +175,35 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbac
           data: tuple[Dataset, Dataset] | None = None) -> TrainState:
     """Train (or resume) per ``cfg``; the checkpoint lives in ``cfg.output``. ``callback(epoch,
     step)`` runs after every optimizer step (tests interrupt runs with it). -> the final state."""
-    from tqdm import tqdm
-
     torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.output)
     ckpt_path = out_dir / CHECKPOINT
     if ckpt_path.exists() and not resume:
         raise ConfigError(f"{ckpt_path} exists: pass --resume to continue that run, or choose "
                           "another output folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # everything the config can get wrong (data, model, checkpoint) fails before the folder
+    # exists; a folder this call made is removed again if the run fails before writing into it
     train_ds, _ = data if data is not None else load_data(cfg)
     state = _new_state(cfg, train_ds)
     if resume and ckpt_path.exists():
         _load(state, cfg, ckpt_path)
         log.info("resumed from %s after epoch %d", ckpt_path, state.epoch)
+    made = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        _epochs(cfg, state, train_ds, ckpt_path, progress, callback)
+    except BaseException:
+        if made and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    state.net.eval()
+    return state
+
+
+def _epochs(cfg: TrainConfig, state: TrainState, train_ds: Dataset, ckpt_path: Path, progress: bool,
+            callback) -> None:
+    """The epochs from ``state.epoch`` on, a checkpoint after each."""
+    from tqdm import tqdm
     N, bs = len(train_ds), cfg.batch_size
     steps = max(1, N // bs) if N >= bs else 1
     schedule = Schedule(cfg.eps_train, cfg.warmup_epochs, cfg.ramp_epochs, steps, cfg.schedule,
@@ -220,5 +235,3 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbac
         if progress:
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in rec.items()))
-    state.net.eval()
-    return state
