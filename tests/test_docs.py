@@ -10,10 +10,14 @@
 * a block identical to an earlier one (the README repeating a how-to's commands) runs once,
   under the first one's id; the later copy is listed as skipped, naming it.
 
-The set-up section of the README must hold exactly the two commands that CI runs.
+The set-up section of the README must hold exactly the two commands that CI runs, and the
+training section's snippet and command must reproduce the figures its text states (they run
+once, in that test).
 """
 from __future__ import annotations
 
+import ast
+import json
 import os
 import re
 import subprocess
@@ -42,15 +46,36 @@ def code_blocks(text: str):
         yield m.group(1).strip(), line, m.group(2)
 
 
+TRAIN_SECTION = "## Certified training: `verifier train`"
+
+
+def _section(title: str) -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    m = re.search(rf"^{re.escape(title)}\n(.*?)(?=^## )", text, re.M | re.S)
+    assert m, f"README.md has no {title!r} section"
+    return m.group(1)
+
+
+def _training_snippets() -> tuple[str, str]:
+    """The README training section's first python and first bash block."""
+    blocks = list(code_blocks(_section(TRAIN_SECTION)))
+    python = next(code for info, _, code in blocks if info == "python")
+    bash = next(code for info, _, code in blocks if info == "bash")
+    return python, bash
+
+
 def _blocks(lang: str):
     out, first = [], {}
+    figures = set(_training_snippets())
     for path in DOCS:
         for info, line, code in code_blocks(path.read_text(encoding="utf-8")):
             words = info.split()
             if words[:1] == [lang]:
                 where = f"{path.relative_to(ROOT)}:{line}"
                 marks = [] if "no-run" not in words[1:] else [pytest.mark.skip(reason="no-run")]
-                if not marks and code in first:
+                if not marks and code in figures:
+                    marks = [pytest.mark.skip(reason="run by test_readme_training_figures_hold")]
+                elif not marks and code in first:
                     marks = [pytest.mark.skip(reason=f"the same code runs as {first[code]}")]
                 elif not marks:
                     first[code] = where
@@ -90,6 +115,10 @@ def test_docs_have_runnable_snippets():
 
 @pytest.mark.parametrize("code", PYTHON_BLOCKS)
 def test_python_snippet_runs(code, monkeypatch, registries):
+    _exec_python(code, monkeypatch)
+
+
+def _exec_python(code: str, monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
     monkeypatch.syspath_prepend(str(ROOT))
     import torch
@@ -100,8 +129,8 @@ def test_python_snippet_runs(code, monkeypatch, registries):
         torch.random.set_rng_state(state)
 
 
-@pytest.mark.parametrize("code", BASH_BLOCKS)
-def test_bash_snippet_runs(code, tmp_path):
+def _run_bash(code: str, tmp_path) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run ``code`` as the module doc says; -> (the finished process, its working folder)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     shim = bin_dir / "verifier"
@@ -116,6 +145,56 @@ def test_bash_snippet_runs(code, tmp_path):
     r = subprocess.run(["bash", "-e", "-c", code], cwd=work, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    return r, work
+
+
+@pytest.mark.parametrize("code", BASH_BLOCKS)
+def test_bash_snippet_runs(code, tmp_path):
+    _run_bash(code, tmp_path)
+
+
+# "clean accuracy 0.83, PGD accuracy 0.58, certified accuracy 0.47 by IBP, 0.57 by IBP then
+# CROWN, 0.58 with alpha-CROWN" in the training section's prose
+_FIGURES = re.compile(r"clean accuracy ([0-9.]+), PGD accuracy ([0-9.]+), certified accuracy "
+                      r"([0-9.]+) by IBP, ([0-9.]+) by IBP then CROWN, ([0-9.]+) with alpha-CROWN")
+# one test sample of the 100 is 0.01: float rounding that differs between torch builds moves a
+# few samples, a wrong default or a stale figure moves dozens
+FIGURE_TOL = 0.05
+
+
+def test_readme_training_figures_hold_for_the_snippet_and_the_command(tmp_path, monkeypatch,
+                                                                        capsys):
+    """The figures the README states for its training snippet and command are what both print:
+    the same defaults reach the same model; the command's report plots what it measured."""
+    m = _FIGURES.search(" ".join(_section(TRAIN_SECTION).split()))
+    assert m, "the README's training section does not state its figures in the form read here"
+    clean, pgd, ibp, crown, alpha = map(float, m.groups())
+    python, bash = _training_snippets()
+
+    _exec_python(python, monkeypatch)
+    printed = capsys.readouterr().out.strip().splitlines()[-1]     # clean pgd {method: acc}
+    p_clean, p_pgd, p_cert = printed.split(" ", 2)
+    p_cert = ast.literal_eval(p_cert)
+    got = {"clean": float(p_clean), "pgd": float(p_pgd), "ibp": p_cert["ibp"],
+           "crown": p_cert["ibp+crown"]}
+    want = {"clean": clean, "pgd": pgd, "ibp": ibp, "crown": crown}
+    for k in want:
+        assert abs(got[k] - want[k]) <= FIGURE_TOL, ("python snippet", k, got, want)
+
+    r, work = _run_bash(bash, tmp_path)
+    rep = json.loads((work / "runs" / "digits" / "report.json").read_text())
+    cert = rep["certified_acc"]
+    got = {"clean": rep["clean_acc"], "pgd": rep["pgd_acc"], "ibp": cert["ibp"],
+           "crown": cert["ibp+crown"], "alpha": cert["ibp+crown+alpha-crown"]}
+    for k, v in {**want, "alpha": alpha}.items():
+        assert abs(got[k] - v) <= FIGURE_TOL, ("bash command", k, got, want)
+    # not from the README: the run learned the task and its certificates are consistent
+    assert got["ibp"] <= got["crown"] <= got["alpha"] <= got["pgd"] <= got["clean"]
+    assert rep["violations"] == 0 and rep["warnings"] == [] and "warning:" not in r.stderr
+    # its page plots certified accuracy against eps and the training curves
+    page = (work / "train.html").read_text(encoding="utf-8")
+    for alt in ("certified accuracy vs eps", "training curves"):
+        assert f'alt="{alt}" src="data:image/png;base64,' in page, alt
 
 
 def _setup_blocks():
