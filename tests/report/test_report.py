@@ -295,3 +295,15 @@ def test_train_page_without_history_or_grid_says_so_and_draws_nothing(files, tmp
     assert embedded_pngs(page) == {}
     assert "No certified-accuracy-vs-eps grid in this run" in page
     assert "No training history in this file" in page
+
+
+def test_lipschitz_page_plots_its_training_curves(files, tmp_path):
+    d = json.loads(open(files["lipschitz"]).read())
+    assert d["history"] == []
+    assert "training curves" not in embedded_pngs(render_html([load(files["lipschitz"])]))
+    d["history"] = [{"epoch": 1, "loss": 1.2, "train_acc": 0.6},
+                    {"epoch": 2, "loss": 0.8, "train_acc": 0.75}]
+    p = tmp_path / "lip.json"
+    p.write_text(json.dumps(d))
+    assert set(embedded_pngs(render_html([load(p)]))) == {"certified accuracy vs radius",
+                                                         "training curves"}

@@ -12,8 +12,9 @@ summary. Each FILE is recognised by its content: a results CSV (verifier batch -
 benchmarks/vnncomp.py --out: per-instance table, verdict counts, cactus plot over all the
 results files), the JSON of verifier verify --json, the JSON of verifier bounds --json (with
 --per-layer: per-node bound widths of IBP, CROWN and alpha-CROWN), or the report.json of
-verifier train (certified accuracy vs eps) or verifier train --lipschitz (vs L2 radius).
-Plots need matplotlib; without it the page has its tables only."""
+verifier train (certified accuracy vs eps, training curves) or verifier train --lipschitz
+(vs L2 radius, training curves); a plot is drawn only of what the file holds. Plots need
+matplotlib; without it the page has its tables only."""
 
 REPORT_EPILOG = """\
 examples:
