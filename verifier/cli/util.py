@@ -10,6 +10,9 @@ import argparse
 import math
 import os
 import re
+import tempfile
+
+from ..files import write_atomically
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 
@@ -74,6 +77,93 @@ _INT = re.compile(r"^[+-]?\d+$")
 def int_or_path(text: str) -> int | str:
     """``--label``: an integer, or else the path of a ``.npy`` file."""
     return int(text) if _INT.match(text.strip()) else text
+
+
+# -- output paths: checked when the flags are read, written atomically after the work -------------
+
+def _folder_problem(folder: str) -> str | None:
+    """Why files cannot be created in ``folder`` (None: they can)."""
+    shown = folder or "."
+    if not os.path.exists(folder or "."):
+        return f"folder {shown} does not exist (create it first)"
+    if not os.path.isdir(folder or "."):
+        return f"{shown} is not a folder"
+    if not os.access(folder or ".", os.W_OK | os.X_OK):
+        return f"folder {shown} is not writable"
+    return None
+
+
+def output_file(text: str) -> str:
+    """argparse ``type=`` of every flag that names a file to write: its folder must exist and be
+    writable, and the path must not be a folder. Checked while the flags are read, so a bad path
+    is an error before any work; nothing is created."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty file name")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    problem = _folder_problem(os.path.dirname(text))
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {problem}")
+    if os.path.exists(text) and not os.access(text, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: the file is not writable")
+    return text
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".eps", ".ps")
+
+
+def plot_file(text: str) -> str:
+    """``output_file`` for a plot: also a file type matplotlib writes, by its suffix."""
+    if not text.lower().endswith(PLOT_SUFFIXES):
+        raise argparse.ArgumentTypeError(f"{text}: a plot is written as {', '.join(PLOT_SUFFIXES)}"
+                                         "; give a file name with one of these suffixes")
+    return output_file(text)
+
+
+def output_dir(text: str) -> str:
+    """argparse ``type=`` of a flag that names a folder to write into (created by the command
+    when missing): not an existing file, and its nearest existing ancestor writable."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty folder name")
+    if os.path.exists(text):
+        if not os.path.isdir(text):
+            raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+        if not os.access(text, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"folder {text} is not writable")
+        return text
+    parent = os.path.dirname(os.path.abspath(text))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"cannot create {text}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot create {text}: folder {parent} is not writable")
+    return text
+
+
+def _error_text(e: OSError) -> str:
+    return e.strerror or str(e) or type(e).__name__
+
+
+def save_output(path: str, write, what: str) -> tuple[str, str | None]:
+    """Write an output file after the work (``write(tmp)`` as in ``files.write_atomically``);
+    when ``path`` cannot be written after all (the disk filled up, the folder went away), the
+    file is saved in the system's temporary folder instead, so the work is not lost.
+    -> (the path written, None) or (the fallback path or None, the error line to report)."""
+    try:
+        write_atomically(path, write)
+        return path, None
+    except OSError as e:
+        reason = f"cannot write {what} {path}: {_error_text(e)}"
+    base = os.path.basename(path) or "output"
+    stem, suffix = os.path.splitext(base)
+    try:
+        fd, fallback = tempfile.mkstemp(prefix=f"verifier-{stem}-", suffix=suffix)
+        os.close(fd)
+        write(fallback)
+    except OSError:
+        return None, reason
+    return fallback, f"{reason}; saved to {fallback} instead"
 
 
 # -- files ---------------------------------------------------------------------------------------

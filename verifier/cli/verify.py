@@ -14,9 +14,10 @@ import os
 import sys
 import time
 
+from ..files import write_atomically
 from ..schedule import ResultsFile, make_scheduler
 from ..schedule.results import key
-from .util import EXIT_OK, CliError, nonneg_int, positive_int
+from .util import EXIT_OK, CliError, nonneg_int, output_file, positive_int, save_output
 
 VERIFY_DESCRIPTION = """\
 Decide a VNN-LIB property on an ONNX model. The VNN-LIB file describes the counterexamples:
@@ -63,7 +64,7 @@ def verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action="store_true",
                    help="show a live branch-and-bound line on stderr (default: when stderr is a "
                         "terminal)")
-    p.add_argument("--cex-file", metavar="F",
+    p.add_argument("--cex-file", metavar="F", type=output_file,
                    help="on sat, write the counterexample there in the VNN-COMP format "
                         "((X_0 v) ... (Y_0 v) ...)")
     p.add_argument("--workers", type=positive_int, default=1, metavar="N",
@@ -110,23 +111,32 @@ def cmd_verify(a: argparse.Namespace) -> int:
         v = verify(a.model, a.spec, timeout=a.timeout, seed=a.seed, progress=progress)
     if progress is not None and _progress_line.shown:
         print(file=sys.stderr)
+    problem = None
     if a.cex_file and v.counterexample is not None:
-        with open(a.cex_file, "w") as f:
-            f.write(v.counterexample.vnncomp_text() + "\n")
+        text = v.counterexample.vnncomp_text() + "\n"
+        _, problem = save_output(a.cex_file, lambda tmp: _write_text(tmp, text),
+                                 "the counterexample")
     if a.json:
         print(json.dumps(v.to_json()))
     else:
         print(f"{v.status}  ({v.reason}; {v.time_s:.3f} s)")
-        if v.counterexample is not None and not a.cex_file:
+        if v.counterexample is not None and (not a.cex_file or problem is not None):
             print(v.counterexample.vnncomp_text())
+    if problem is not None:
+        raise CliError(problem)
     return EXIT_OK
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("instances", metavar="INSTANCES.csv", help="VNN-COMP instances file")
     p.add_argument("--timeout", type=float, metavar="S",
                    help="per-instance budget in seconds (default: the csv's third column)")
-    p.add_argument("--out", required=True, metavar="RESULTS.csv",
+    p.add_argument("--out", required=True, metavar="RESULTS.csv", type=output_file,
                    help="the results file: created, or resumed when it exists")
     p.add_argument("--workers", type=positive_int, default=1, metavar="N",
                    help="instances run at once (default 1: in this process; N > 1: Ray tasks, "
@@ -252,7 +262,8 @@ def vnncomp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("category")
     p.add_argument("model", metavar="MODEL.onnx")
     p.add_argument("spec", metavar="SPEC.vnnlib")
-    p.add_argument("results", metavar="RESULTS_FILE")
+    p.add_argument("results", metavar="RESULTS_FILE", type=output_file,
+                   help="the results file to write (the verdict word, then the counterexample)")
     p.add_argument("timeout", type=float)
     _common(p)
 
@@ -267,7 +278,6 @@ def cmd_vnncomp_run(a: argparse.Namespace) -> int:
     v = r["verdict"]
     if v is not None and v.status == "sat":
         text += v.counterexample.vnncomp_text() + "\n"
-    with open(a.results, "w") as f:
-        f.write(text)
+    write_atomically(a.results, lambda tmp: _write_text(tmp, text))
     print(f"{r['status']}  ({r['reason']}; {r['time_s']:.3f} s)", file=sys.stderr)
     return EXIT_OK

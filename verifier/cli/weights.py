@@ -10,7 +10,8 @@ import argparse
 import json
 import sys
 
-from .util import EXIT_OK, CliError, nonneg_float, positive_int
+from .util import (EXIT_OK, CliError, nonneg_float, output_file, plot_file, positive_int,
+                   save_output)
 
 FLATNESS_DESCRIPTION = """\
 Certified flatness of a classifier on a dataset: an upper bound on the mean cross-entropy loss
@@ -129,8 +130,9 @@ def data_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (default 1)")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the results as JSON")
-    o.add_argument("--csv", metavar="F.csv", help="also write the table as CSV")
-    o.add_argument("--plot", metavar="F.png", help="also draw it (PNG)")
+    o.add_argument("--csv", metavar="F.csv", type=output_file, help="also write the table as CSV")
+    o.add_argument("--plot", metavar="F.png", type=plot_file,
+                   help="also draw it (PNG; flatness and sensitivity)")
 
 
 def flatness_arguments(p: argparse.ArgumentParser) -> None:
@@ -216,6 +218,9 @@ def _load_delta(path):
 
 
 def cmd_delta(a: argparse.Namespace) -> int:
+    if a.plot:
+        raise CliError("--plot draws curves and module bars (flatness, sensitivity); delta has "
+                       "no plot: use --csv or --json")
     model, data = _load(a)
     from ..analysis.flatness import flatness
     weights, label = _models_set(a, model)
@@ -231,6 +236,9 @@ def cmd_delta(a: argparse.Namespace) -> int:
 
 def _load(a):
     import os
+    if a.plot:  # before the work: a plot needs matplotlib
+        from ..analysis.flatness import pyplot
+        pyplot()
     for f in (a.model, a.data):
         if not os.path.exists(f):
             raise CliError(f"{f}: no such file")
@@ -266,22 +274,29 @@ def _table(results, first: str) -> None:
 
 
 def _finish(a, results, plot, what: str) -> None:
+    """Write the --csv and --plot files, then print the table (or JSON). A file that cannot be
+    written after all is saved in the temporary folder instead and reported after the table, as
+    an error: the computed results are never lost."""
     from ..analysis.flatness import write_csv
-    if a.csv:
-        write_csv(results, a.csv)
-    if a.plot:
-        if plot is None:
-            raise CliError("--plot draws curves and module bars (flatness, sensitivity)")
-        plot(a.plot)
+    wrote, problems = [], []
+    for path, write, kind in ((a.csv, lambda tmp: write_csv(results, tmp), "the CSV"),
+                              (a.plot, plot, "the plot")):
+        if path:
+            done, problem = save_output(path, write, kind)
+            if done is not None and problem is None:
+                wrote.append(done)
+            if problem is not None:
+                problems.append(problem)
     if a.json:
         print(json.dumps({"model": a.model, "data": a.data, "method": a.method,
                           "weight_norm": a.weight_norm, "relative": a.relative,
                           what: [r.summary() for r in results]}))
     else:
         _table(results, {"radii": "eps", "modules": "module"}.get(what, "set"))
-        for path in (a.csv, a.plot):
-            if path:
-                print(f"wrote {path}")
+        for path in wrote:
+            print(f"wrote {path}")
+    if problems:
+        raise CliError("; ".join(problems))
 
 
 def cmd_flatness(a: argparse.Namespace) -> int:
