@@ -36,3 +36,32 @@ def write_atomically(path, write) -> None:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+# -- what a file holds, by its first bytes ---------------------------------------------------------
+
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
+_VNNLIB_STARTS = (";", "(declare-const", "(assert", "(define")
+
+
+def sniff_format(path) -> str:
+    """What the file at ``path`` holds, read from its first bytes (its name can lie): "torch"
+    (a ``torch.save`` file: a zip archive, or a pickle of the legacy format), "vnnlib" (VNN-LIB
+    text, plain or gzipped), else "onnx" (left to the ONNX reader to confirm). A file that
+    cannot be read is "onnx" too: the reader reports it."""
+    import gzip
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+        if head[:2] == b"\x1f\x8b":
+            with gzip.open(path, "rb") as f:
+                head = f.read(512)
+    except (OSError, EOFError):
+        return "onnx"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03",
+                                                                         b"\x04", b"\x05"):
+        return "torch"
+    text = head.decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n")
+    if text.startswith(_VNNLIB_STARTS):
+        return "vnnlib"
+    return "onnx"

@@ -32,7 +32,7 @@ def test_bounds_help_documents_every_flag_and_has_examples(cli):
     r = cli("bounds", "--help")
     assert r.code == 0
     for flag in ("--input", "--eps", "--norm", "--clip", "--lower", "--upper", "--method",
-                 "--label", "--json", "--threads", "--dtype", "--debug", "MODEL.onnx",
+                 "--label", "--json", "--threads", "--dtype", "--debug", "MODEL", "--arch",
                  "--weights", "--weight-eps", "--weight-norm", "--relative"):
         assert flag in r.out, flag
     for word in ("ibp", "crown-ibp", "float64", "busy machine", "f_Y - f_j"):

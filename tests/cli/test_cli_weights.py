@@ -184,7 +184,7 @@ def test_pytorch_checkpoint_with_zoo_arch(cli, ckpt):
 
 
 @pytest.mark.parametrize("file, extra, msg", [
-    ("m.pt", [], "needs --arch"),
+    ("m.pt", [], "is a PyTorch checkpoint: add --arch NAME"),
     ("m.pt", ["--arch", "small_cnn"], "does not fit --arch small_cnn"),
     ("m.pt", ["--arch", "nope"], "not a zoo model"),
     ("m.pt", ["--arch", "mlp_tanh", "--arch-kwargs", "{bad json"], "not a valid JSON"),

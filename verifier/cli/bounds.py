@@ -12,13 +12,14 @@ import time
 from . import weights as cw
 from ..report import per_layer_widths
 from .util import (EXIT_OK, CliError, check_box, check_finite, finite_float, int_or_path,
-                   labels_for, load_npy, nonneg_float, positive_int)
+                   labels_for, load_cli_model, load_npy, model_arguments, nonneg_float,
+                   positive_int)
 
 BOUNDS_DESCRIPTION = """\
-Bound the outputs of an ONNX classifier over a set of inputs: an Lp ball around --input
-(radius --eps, optionally clipped to [LO, HI]) or the box [--lower, --upper], and optionally
-over a set of parameter values (--weights, --weight-eps; then --input without --eps keeps the
-input fixed). With --label Y it bounds the margins f_Y(x) - f_j(x) for every j != Y in
+Bound the outputs of a classifier (an ONNX file, or a PyTorch state dict with --arch) over a
+set of inputs: an Lp ball around --input (radius --eps, optionally clipped to [LO, HI]) or the
+box [--lower, --upper], and optionally over a set of parameter values (--weights, --weight-eps;
+then --input without --eps keeps the input fixed). With --label Y it bounds the margins f_Y(x) - f_j(x) for every j != Y in
 ascending j; the sample is verified when every margin's lower bound is > 0.
 
 The .npy files hold one input (with or without a leading batch dimension of 1) or a batch of
@@ -39,8 +40,7 @@ examples:
 
 
 def bounds_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL.onnx",
-                   help="the network, an ONNX file (.onnx or .onnx.gz) with one input")
+    model_arguments(p)
     ball = p.add_argument_group(
         "input set, form 1: an Lp ball (exclusive with form 2)")
     ball.add_argument("--input", metavar="X.npy",
@@ -165,12 +165,12 @@ def cmd_bounds(a: argparse.Namespace) -> int:
 
     import torch
 
-    from ..api import BoundedModel, margin_spec
+    from ..api import margin_spec
     from ..perturbation import Box, LpBall
 
     torch.set_num_threads(a.threads)
     dtype = {"float32": torch.float32, "float64": torch.float64}[a.dtype]
-    model = BoundedModel.from_onnx(a.model, dtype=dtype)
+    model = load_cli_model(a, dtype=dtype)
 
     weights = cw.make_weights(a, a.weight_eps) if a.weights else None
     if a.input is not None:

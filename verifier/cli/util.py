@@ -79,6 +79,31 @@ def int_or_path(text: str) -> int | str:
     return int(text) if _INT.match(text.strip()) else text
 
 
+# -- the model: one positional argument and the same flags in every command that takes one --------
+
+def model_arguments(p: argparse.ArgumentParser, what: str = "the network") -> None:
+    """MODEL and the flags of a PyTorch checkpoint (--arch, --arch-kwargs, --input-shape)."""
+    p.add_argument("model", metavar="MODEL",
+                   help=f"{what}: an ONNX file (.onnx or .onnx.gz) with one input, or a PyTorch "
+                        "state dict (.pt, .pth, .ckpt; read with weights_only=True) with --arch")
+    g = p.add_argument_group("PyTorch checkpoints (MODEL a .pt state dict)")
+    g.add_argument("--arch", metavar="NAME",
+                   help="the architecture that holds the state dict: a zoo model (mlp, mlp_tanh, "
+                        "small_cnn, ... of models/architectures.py) or package.module:function")
+    g.add_argument("--arch-kwargs", metavar="JSON",
+                   help="keyword arguments of the architecture, a JSON object (e.g. "
+                        "'{\"hidden\": [128]}')")
+    g.add_argument("--input-shape", type=positive_int, nargs="+", metavar="D",
+                   help="the per-sample input shape (zoo models know theirs; needed with "
+                        "package.module:function)")
+
+
+def load_cli_model(a: argparse.Namespace, dtype=None):
+    """The ``BoundedModel`` of MODEL and its checkpoint flags (``verifier.model_io``)."""
+    from ..model_io import load_model
+    return load_model(a.model, a.arch, a.arch_kwargs, a.input_shape, dtype=dtype)
+
+
 # -- output paths: checked when the flags are read, written atomically after the work -------------
 
 def _folder_problem(folder: str) -> str | None:

@@ -17,11 +17,13 @@ import time
 from ..files import write_atomically
 from ..schedule import ResultsFile, make_scheduler
 from ..schedule.results import key
-from .util import EXIT_OK, CliError, nonneg_int, output_file, positive_int, save_output
+from .util import (EXIT_OK, CliError, load_cli_model, model_arguments, nonneg_int, output_file,
+                   positive_int, save_output)
 
 VERIFY_DESCRIPTION = """\
-Decide a VNN-LIB property on an ONNX model. The VNN-LIB file describes the counterexamples:
-"sat" means one exists (a counterexample is printed, replayed on the model with onnxruntime),
+Decide a VNN-LIB property on a model (an ONNX file, or a PyTorch state dict with --arch). The
+VNN-LIB file describes the counterexamples: "sat" means one exists (a counterexample is printed,
+replayed on the model with onnxruntime, or with torch for a state dict),
 "unsat" means none exists (proved by bound propagation), "unknown" that neither was shown,
 "timeout" that the budget ran out. Exit status 0 for every verdict."""
 
@@ -56,7 +58,7 @@ def _common(p):
 
 
 def verify_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL.onnx", help="the network (.onnx or .onnx.gz)")
+    model_arguments(p)
     p.add_argument("spec", metavar="SPEC.vnnlib", help="the property (.vnnlib or .vnnlib.gz)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="wall-clock budget in seconds (default 60)")
@@ -102,13 +104,17 @@ def cmd_verify(a: argparse.Namespace) -> int:
     from ..complete import verify
     from ..schedule.ray_bab import RayDomainPool
     torch.set_num_threads(a.threads)
+    model = load_cli_model(a)
     progress = _progress_line if (a.progress or sys.stderr.isatty()) else None
     if a.workers > 1 or a.ray_address:
+        if a.arch is not None:
+            raise CliError("--workers and --ray-address need an ONNX model (each Ray actor "
+                           "reads the file); export the PyTorch model to ONNX first")
         with RayDomainPool(a.model, a.workers, a.ray_address) as pool:
-            v = verify(a.model, a.spec, timeout=a.timeout, seed=a.seed, progress=progress,
+            v = verify(model, a.spec, timeout=a.timeout, seed=a.seed, progress=progress,
                        expander=pool)
     else:
-        v = verify(a.model, a.spec, timeout=a.timeout, seed=a.seed, progress=progress)
+        v = verify(model, a.spec, timeout=a.timeout, seed=a.seed, progress=progress)
     if progress is not None and _progress_line.shown:
         print(file=sys.stderr)
     problem = None

@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 
-from .util import (EXIT_OK, CliError, nonneg_float, output_file, plot_file, positive_int,
-                   save_output)
+from .util import (EXIT_OK, CliError, load_cli_model, model_arguments, nonneg_float, output_file,
+                   plot_file, positive_int, save_output)
 
 FLATNESS_DESCRIPTION = """\
 Certified flatness of a classifier on a dataset: an upper bound on the mean cross-entropy loss
@@ -102,19 +102,7 @@ def make_weights(a: argparse.Namespace, eps: float, patterns=None):
 
 
 def data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL",
-                   help="the classifier: an ONNX file (.onnx or .onnx.gz) with one input, or a "
-                        "PyTorch state dict (.pt, .pth, .ckpt; read with weights_only=True) "
-                        "with --arch")
-    a = p.add_argument_group("PyTorch checkpoints")
-    a.add_argument("--arch", metavar="NAME",
-                   help="the architecture of a .pt state dict: a zoo model (mlp, mlp_tanh, "
-                        "small_cnn, ... from models/architectures.py) or package.module:function")
-    a.add_argument("--arch-kwargs", metavar="JSON",
-                   help="keyword arguments of the architecture, a JSON object (e.g. "
-                        "'{\"hidden\": [128]}')")
-    a.add_argument("--input-shape", type=positive_int, nargs="+", metavar="D",
-                   help="the per-sample input shape (zoo models know theirs)")
+    model_arguments(p, "the classifier")
     p.add_argument("--data", required=True, metavar="DATA.npz",
                    help="inputs x [N, *input_shape] and integer labels y [N] (an .npz file)")
     q = p.add_argument_group("how")
@@ -189,8 +177,8 @@ def _models_set(a, model):
         radii = {k: d.abs() for k, d in parameter_delta(model, q).items()}
         return WeightPerturbation(None, radii), f"{a.quantize}-bit"
     if a.other is not None:
-        from ..model_io import load_model
-        other = load_model(a.other, a.arch if a.model.endswith((".pt", ".pth", ".ckpt")) else None,
+        from ..model_io import load_model, model_kind
+        other = load_model(a.other, a.arch if model_kind(a.model) == "torch" else None,
                            a.arch_kwargs, a.input_shape)
         delta = parameter_delta(model, other)
         if a.ball:
@@ -245,9 +233,8 @@ def _load(a):
     import torch
 
     from ..analysis.flatness import load_npz
-    from ..model_io import load_model
     torch.set_num_threads(a.threads)
-    model = load_model(a.model, a.arch, a.arch_kwargs, a.input_shape)
+    model = load_cli_model(a)
     x, y = load_npz(a.data)
     if a.max_samples:
         x, y = x[:a.max_samples], y[:a.max_samples]
