@@ -240,7 +240,8 @@ def cmd_batch(a: argparse.Namespace) -> int:
                 fn = instance_result if sched.workers > 1 or a.ray_address else \
                     functools.partial(instance_result, cache={})
                 counts: dict = {}
-                bar = tqdm(total=len(todo), unit="inst", file=sys.stderr, dynamic_ncols=True)
+                bar = tqdm(total=len(todo), unit="inst", file=sys.stderr, dynamic_ncols=True,
+                           disable=not sys.stderr.isatty())  # no bars in a log file
                 for i, o in sched.run(fn, todo):
                     onnx_path, vnnlib_path, t, _ = todo[i]
                     r = o.value if o.error is None else {

@@ -199,8 +199,14 @@ def _load_delta(path):
     if not os.path.exists(path):
         raise CliError(f"{path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if isinstance(z, np.ndarray):
+            raise CliError(f"--delta {path}: a single .npy array; a task vector is an .npz file "
+                           "with one array per parameter name: np.savez(PATH, **{name: delta})")
+        with z:
             return {k: torch.from_numpy(np.array(z[k], dtype=np.float32)) for k in z.files}
+    except CliError:
+        raise
     except Exception as e:
         raise CliError(f"{path}: not a readable .npz of arrays ({type(e).__name__}: {e})") from None
 
