@@ -35,8 +35,17 @@ examples:
   verifier bounds model.onnx --lower xl.npy --upper xu.npy --method ibp --json
 
   # margins when every weight of the model moves by at most 0.1% of its value (fixed input)
-  verifier bounds examples/data/lirpa_mnist_fc_3layer.onnx --input examples/data/mnist_sample.npy \
+  verifier bounds examples/data/lirpa_mnist_fc_3layer.onnx --input examples/data/mnist_sample.npy \\
       --label examples/data/mnist_label.npy --weights '*.weight' --weight-eps 0.001 --relative"""
+
+
+# the same text as docs/cli.md's table (tests/test_docs_facts.py compares them)
+METHOD_HELP = ("ibp: interval bounds (fast, loose); crown: backward linear bounds with CROWN "
+               "intermediate bounds; crown-ibp: CROWN on the output with IBP intermediate bounds; "
+               "alpha-crown: CROWN whose relaxations' free parameters (ReLU lower slopes, "
+               "sigmoid and tanh tangent points, ...) are optimized by gradient steps, for the "
+               "pre-activation bounds layer by layer and then for the output; never looser than "
+               "crown (tightest, slower) (default: crown)")
 
 
 def bounds_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,10 +69,7 @@ def bounds_arguments(p: argparse.ArgumentParser) -> None:
                      help="upper corner(s) of the box; needs --lower, and lower <= upper")
     q = p.add_argument_group("what to bound and how")
     q.add_argument("--method", choices=("ibp", "crown", "crown-ibp", "alpha-crown"), default="crown",
-                   help="ibp: interval bounds (fast, loose); crown: backward linear bounds with "
-                        "CROWN intermediate bounds; crown-ibp: CROWN on the output with IBP "
-                        "intermediate bounds; alpha-crown: CROWN with the output bound's ReLU "
-                        "lower slopes optimized (tightest, slower) (default: crown)")
+                   help=METHOD_HELP)
     q.add_argument("--label", type=int_or_path, metavar="Y",
                    help="the correct class: an integer, or a .npy file of integers (one per "
                         "sample, or one for all); bounds the margins f_Y - f_j for j != Y "

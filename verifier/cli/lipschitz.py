@@ -26,8 +26,8 @@ margin / (sqrt(2) L): no input within it changes the prediction."""
 
 LIPSCHITZ_EPILOG = """\
 examples:
-  verifier lipschitz models/lip_mnist_softcap.onnx
-  verifier lipschitz models/lip_mnist_softcap.onnx --json
+  verifier lipschitz models/lip_mnist_softcap_w1.onnx
+  verifier lipschitz models/lip_mnist_softcap_w1.onnx --json
   verifier lipschitz model.pt --arch mlp --arch-kwargs '{"in_dim": 64, "hidden": [64], "out": 10}'"""
 
 

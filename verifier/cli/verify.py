@@ -45,8 +45,8 @@ median time, over every row of --out) ends the run."""
 
 BATCH_EPILOG = """\
 examples:
-  verifier batch benchmarks/acasxu/instances.csv --timeout 60 --out results.csv
-  verifier batch benchmarks/acasxu/instances.csv --out results.csv --workers 2
+  verifier batch tests/data/acasxu_sample/instances.csv --timeout 60 --out results.csv
+  verifier batch tests/data/acasxu_sample/instances.csv --out results.csv --workers 2
   verifier batch instances.csv --out results.csv --workers 64 --ray-address HEAD_IP:6379"""
 
 
