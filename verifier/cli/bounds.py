@@ -11,9 +11,9 @@ import time
 
 from . import weights as cw
 from ..report import per_layer_widths
-from .util import (EXIT_OK, CliError, check_box, check_finite, finite_float, int_or_path,
-                   labels_for, load_cli_model, load_npy, model_arguments, nonneg_float,
-                   positive_int)
+from .util import (EXIT_OK, CliError, check_box, check_finite, check_input_scale, finite_float,
+                   int_or_path, labels_for, load_cli_model, load_npy, model_arguments,
+                   nonneg_float, positive_int)
 
 BOUNDS_DESCRIPTION = """\
 Bound the outputs of a classifier (an ONNX file, or a PyTorch state dict with --arch) over a
@@ -164,10 +164,13 @@ def cmd_bounds(a: argparse.Namespace) -> int:
     if a.input is not None:
         x = load_npy(a.input, "input file")
         check_finite(x, f"input file {a.input}")
+        check_input_scale(x, f"input file {a.input}", a.clip)
     else:
         xl, xu = load_npy(a.lower, "lower-bound file"), load_npy(a.upper, "upper-bound file")
         check_finite(xl, f"lower-bound file {a.lower}")
         check_finite(xu, f"upper-bound file {a.upper}")
+        check_input_scale(xl, f"lower-bound file {a.lower}")
+        check_input_scale(xu, f"upper-bound file {a.upper}")
 
     import torch
 

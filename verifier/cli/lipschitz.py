@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 
-from .util import (EXIT_OK, CliError, int_or_path, labels_for, load_cli_model, load_npy,
-                   model_arguments, positive_int)
+from .util import (EXIT_OK, CliError, check_input_scale, int_or_path, labels_for,
+                   load_cli_model, load_npy, model_arguments, positive_int)
 
 LIPSCHITZ_DESCRIPTION = """\
 Print a certified upper bound L on the L2 Lipschitz constant of a model,
@@ -45,6 +45,8 @@ def cmd_lipschitz(a: argparse.Namespace) -> int:
     if (a.input is None) != (a.label is None):
         raise CliError("--input and --label go together")
     x = load_npy(a.input, "input file") if a.input is not None else None
+    if x is not None:
+        check_input_scale(x, f"input file {a.input}")
 
     import torch
 

@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 import re
+import sys
 import tempfile
 
 from ..files import write_atomically
@@ -215,6 +216,22 @@ def load_npy(path: str, what: str):
     return arr
 
 
+def npz_member_dtype(path: str, name: str):
+    """The dtype array ``name`` of the .npz file ``path`` is stored with, read from its header
+    only; None when it cannot be read."""
+    import zipfile
+
+    import numpy as np
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(f"{name}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            return read(f)[2]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
 def check_finite(arr, what: str) -> None:
     import numpy as np
     bad = ~np.isfinite(arr)
@@ -222,6 +239,30 @@ def check_finite(arr, what: str) -> None:
         i = int(np.flatnonzero(bad)[0])
         raise CliError(f"{what} holds NaN or infinite values ({int(bad.sum())} of {arr.size} "
                        f"entries; the first at flat index {i}: {arr.reshape(-1)[i]})")
+
+
+def check_input_scale(arr, what: str, clip=None, dtype=None) -> None:
+    """Inputs on another scale than the model's, such as a uint8 image (0-255) for a model of
+    [0, 1] inputs. With ``clip`` (the valid range the user declared, ``--clip LO HI``) a value
+    outside it is an error: a ball whose center lies outside its own clipping range certifies
+    nothing about the input. Without a declared range, integers above 1 get a warning on stderr
+    (not an error: some models take raw 0-255 pixels, normalizing inside), saying how to scale.
+    ``dtype``: the dtype the values were stored with, when ``arr`` is a converted copy."""
+    if clip is not None:
+        lo, hi = clip
+        out = (arr < lo) | (arr > hi)
+        if out.any():
+            hint = ("; a 0-255 image? save it as x.astype('float32') / 255"
+                    if arr.max() > 1 and hi <= 1 else "")
+            raise CliError(f"{what}: {int(out.sum())} of {arr.size} values lie outside --clip "
+                           f"[{lo:g}, {hi:g}] (min {arr.min():g}, max {arr.max():g}): the center "
+                           f"of the ball must lie in the clipping range{hint}")
+    dtype = arr.dtype if dtype is None else dtype
+    if dtype.kind in "iu" and arr.max() > 1:
+        print(f"warning: {what} holds {dtype} integers ({arr.min():g} to {arr.max():g}), given "
+              "to the model unscaled; if the model expects inputs in [0, 1] (a 0-255 image), "
+              "save them as x.astype('float32') / 255 (and give --eps on that scale)",
+              file=sys.stderr)
 
 
 def check_box(lower, upper, what_lower: str, what_upper: str) -> None:

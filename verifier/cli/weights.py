@@ -10,8 +10,9 @@ import argparse
 import json
 import sys
 
-from .util import (EXIT_OK, CliError, load_cli_model, model_arguments, nonneg_float, output_file,
-                   plot_file, positive_int, save_output)
+from .util import (EXIT_OK, CliError, check_input_scale, load_cli_model, model_arguments,
+                   nonneg_float, npz_member_dtype, output_file, plot_file, positive_int,
+                   save_output)
 
 FLATNESS_DESCRIPTION = """\
 Certified flatness of a classifier on a dataset: an upper bound on the mean cross-entropy loss
@@ -242,6 +243,9 @@ def _load(a):
     torch.set_num_threads(a.threads)
     model = load_cli_model(a)
     x, y = load_npz(a.data)
+    stored = npz_member_dtype(a.data, "x")
+    if stored is not None:
+        check_input_scale(x.numpy(), f"data file {a.data} (x)", dtype=stored)
     if a.max_samples:
         x, y = x[:a.max_samples], y[:a.max_samples]
     return model, (x, y)
