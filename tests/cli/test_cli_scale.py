@@ -34,11 +34,20 @@ def test_the_same_image_scaled_to_0_1_gets_no_warning(cli, tiny, images):
     assert r.code == 0 and r.err == ""
 
 
-def test_a_center_outside_the_clip_range_is_an_error(cli, tiny, images):
+def test_a_center_farther_than_eps_outside_the_clip_range_is_an_error(cli, tiny, images):
     r = cli("bounds", tiny["model"], "--input", images / "u8.npy", "--eps", "0.03",
             "--clip", "0", "1")
     assert r.code == 2 and r.out == ""
-    assert "outside --clip [0, 1]" in r.err and "/ 255" in r.err
+    assert "outside --clip [0, 1]" in r.err and "empty" in r.err and "/ 255" in r.err
+
+
+def test_a_center_within_eps_of_the_clip_range_is_accepted(cli, tiny, images, tmp_path):
+    x = np.load(images / "f.npy")
+    x.reshape(-1)[0] = 1.02                  # outside [0, 1], but the ball reaches in
+    np.save(tmp_path / "near.npy", x)
+    r = cli("bounds", tiny["model"], "--input", tmp_path / "near.npy", "--eps", "0.03",
+            "--clip", "0", "1")
+    assert r.code == 0 and r.err == ""
 
 
 def test_a_uint8_box_gets_the_warning_too(cli, tiny, images):

@@ -164,7 +164,7 @@ def cmd_bounds(a: argparse.Namespace) -> int:
     if a.input is not None:
         x = load_npy(a.input, "input file")
         check_finite(x, f"input file {a.input}")
-        check_input_scale(x, f"input file {a.input}", a.clip)
+        check_input_scale(x, f"input file {a.input}", a.clip, a.eps or 0.0)
     else:
         xl, xu = load_npy(a.lower, "lower-bound file"), load_npy(a.upper, "upper-bound file")
         check_finite(xl, f"lower-bound file {a.lower}")

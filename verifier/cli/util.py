@@ -241,22 +241,22 @@ def check_finite(arr, what: str) -> None:
                        f"entries; the first at flat index {i}: {arr.reshape(-1)[i]})")
 
 
-def check_input_scale(arr, what: str, clip=None, dtype=None) -> None:
+def check_input_scale(arr, what: str, clip=None, eps: float = 0.0, dtype=None) -> None:
     """Inputs on another scale than the model's, such as a uint8 image (0-255) for a model of
-    [0, 1] inputs. With ``clip`` (the valid range the user declared, ``--clip LO HI``) a value
-    outside it is an error: a ball whose center lies outside its own clipping range certifies
-    nothing about the input. Without a declared range, integers above 1 get a warning on stderr
-    (not an error: some models take raw 0-255 pixels, normalizing inside), saying how to scale.
-    ``dtype``: the dtype the values were stored with, when ``arr`` is a converted copy."""
+    [0, 1] inputs. With ``clip`` (the valid range the user declared, ``--clip LO HI``) a center
+    farther than ``eps`` outside it is an error: the clipped ball is empty there. Integers above 1
+    get a warning on stderr (not an error: some models take raw 0-255 pixels, normalizing
+    inside) that says how to scale them. ``dtype``: the dtype the values were stored with, when
+    ``arr`` is a converted copy."""
     if clip is not None:
         lo, hi = clip
-        out = (arr < lo) | (arr > hi)
+        out = (arr - eps > hi) | (arr + eps < lo)
         if out.any():
             hint = ("; a 0-255 image? save it as x.astype('float32') / 255"
                     if arr.max() > 1 and hi <= 1 else "")
-            raise CliError(f"{what}: {int(out.sum())} of {arr.size} values lie outside --clip "
-                           f"[{lo:g}, {hi:g}] (min {arr.min():g}, max {arr.max():g}): the center "
-                           f"of the ball must lie in the clipping range{hint}")
+            raise CliError(f"{what}: {int(out.sum())} of {arr.size} values lie farther than eps "
+                           f"outside --clip [{lo:g}, {hi:g}] (min {arr.min():g}, max "
+                           f"{arr.max():g}), where the clipped ball is empty{hint}")
     dtype = arr.dtype if dtype is None else dtype
     if dtype.kind in "iu" and arr.max() > 1:
         print(f"warning: {what} holds {dtype} integers ({arr.min():g} to {arr.max():g}), given "
