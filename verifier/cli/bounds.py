@@ -19,8 +19,9 @@ BOUNDS_DESCRIPTION = """\
 Bound the outputs of a classifier (an ONNX file, or a PyTorch state dict with --arch) over a
 set of inputs: an Lp ball around --input (radius --eps, optionally clipped to [LO, HI]) or the
 box [--lower, --upper], and optionally over a set of parameter values (--weights, --weight-eps;
-then --input without --eps keeps the input fixed). With --label Y it bounds the margins f_Y(x) - f_j(x) for every j != Y in
-ascending j; the sample is verified when every margin's lower bound is > 0.
+then --input without --eps keeps the input fixed). With --label Y it bounds the margins
+f_Y(x) - f_j(x) for every j != Y in ascending j; the sample is verified when every margin's
+lower bound is > 0.
 
 The .npy files hold one input (with or without a leading batch dimension of 1) or a batch of
 N inputs [N, *input_shape]; every sample is bounded in one batched call."""

@@ -64,7 +64,8 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=finite_float)
     g.add_argument("--seed", type=int)
     g.add_argument("--threads", type=positive_int, help="torch threads (default 1)")
-    g.add_argument("--output", metavar="DIR", type=output_dir, help="the run folder (checkpoint, model, report)")
+    g.add_argument("--output", metavar="DIR", type=output_dir,
+                   help="the run folder (checkpoint, model, report)")
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--json", action="store_true", help="print the report as one JSON object")
