@@ -2,7 +2,7 @@
 
     from models import trained, zoo_entries
     net, entry = trained("cert_mnist_01")      # nn.Module in eval mode, and its zoo.json entry
-    entry["measured"]["certified_acc"]          # what was measured, and how (see models/README.md)
+    entry["measured"]["certified_acc"]          # what was measured, and how (see docs/models.md)
 """
 from __future__ import annotations
 

@@ -18,8 +18,7 @@ import torch
 
 from .api import BoundedModel
 from .errors import ModelLoadError
-
-TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
+from .files import TORCH_SUFFIXES, sniff_format
 
 
 def _zoo():
@@ -65,22 +64,71 @@ def build_architecture(arch: str, kwargs: str | None, input_shape):
     return fn(**kw), tuple(input_shape) if input_shape else shape
 
 
+def zoo_names() -> list[str]:
+    """The zoo's architecture names (``--arch NAME``), or [] without the zoo."""
+    zoo = _zoo()
+    return sorted(zoo.ZOO) if zoo is not None else []
+
+
+def zoo_flags(path: str) -> str | None:
+    """The --arch flags of a checkpoint shipped in the zoo (``models/zoo.json``), else None."""
+    zoo = _zoo()
+    if zoo is None:
+        return None
+    listing = Path(zoo.__file__).resolve().parent / "zoo.json"
+    try:
+        entries = json.loads(listing.read_text())["models"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    here = Path(path).resolve()
+    for e in entries:
+        if isinstance(e, dict) and e.get("state_dict") and \
+                (listing.parents[1] / e["state_dict"]).resolve() == here:
+            kw = json.dumps(e.get("arch_kwargs") or {})
+            return f"--arch {e['arch']}" + (f" --arch-kwargs '{kw}'" if kw != "{}" else "")
+    return None
+
+
+def model_kind(path: str) -> str:
+    """"onnx", "torch" or "vnnlib": the file's content where its first bytes say (a checkpoint
+    named .onnx, a VNN-LIB file given as the model), else its suffix."""
+    if path.endswith((".vnnlib", ".vnnlib.gz")):
+        return "vnnlib"
+    kind = sniff_format(path)
+    if kind == "onnx" and path.endswith(TORCH_SUFFIXES):
+        return "torch"  # unreadable as either: the checkpoint reader says why
+    return kind
+
+
 def load_model(path: str, arch: str | None = None, arch_kwargs: str | None = None,
                input_shape=None, dtype=None):
-    """A ``BoundedModel`` from an ONNX file or a PyTorch state dict (see the module doc)."""
+    """A ``BoundedModel`` from an ONNX file or a PyTorch state dict (see the module doc); the
+    format is read from the file's first bytes, the suffix deciding only when they do not."""
     dtype = dtype or torch.float32
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file")
-    if not path.endswith(TORCH_SUFFIXES):
+    if os.path.isdir(path):
+        raise ModelLoadError(f"{path}: is a folder, expected a model file")
+    kind = model_kind(path)
+    if kind == "vnnlib":
+        raise ModelLoadError(f"{path} is a VNN-LIB property, not a model (MODEL and SPEC "
+                             "swapped? the model comes first)")
+    if kind == "onnx":
         if arch is not None:
-            raise ModelLoadError(f"--arch is for PyTorch checkpoints ({', '.join(TORCH_SUFFIXES)}); "
-                                 f"{path} is read as ONNX")
+            raise ModelLoadError(f"--arch is for PyTorch checkpoints; {path} is an ONNX file "
+                                 "(it holds its architecture): drop --arch")
         model = BoundedModel.from_onnx(path, dtype=dtype)
     else:
         if arch is None:
-            raise ModelLoadError(f"{path}: a PyTorch checkpoint needs --arch (a zoo name such as "
-                                 "mlp, or package.module:function) to know the architecture")
+            flags = zoo_flags(path)
+            if flags is not None:
+                raise ModelLoadError(f"{path} is a PyTorch checkpoint: add {flags} (its entry "
+                                     "in models/zoo.json)")
+            names = ", ".join(zoo_names())
+            raise ModelLoadError(f"{path} is a PyTorch checkpoint: add --arch NAME to say which "
+                                 f"architecture holds it (a zoo model: {names or 'no zoo found'}; "
+                                 "or package.module:function)")
         module, shape = build_architecture(arch, arch_kwargs, input_shape)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -96,7 +144,9 @@ def load_model(path: str, arch: str | None = None, arch_kwargs: str | None = Non
             module.load_state_dict(state, strict=True)
         except RuntimeError as e:
             msg = " ".join(str(e).split())
-            raise ModelLoadError(f"{path} does not fit --arch {arch}: {msg[:400]}") from None
+            flags = zoo_flags(path)
+            hint = f" (its entry in models/zoo.json says: {flags})" if flags else ""
+            raise ModelLoadError(f"{path} does not fit --arch {arch}{hint}: {msg[:400]}") from None
         model = BoundedModel(module, input_shape=shape, dtype=dtype)
         model.source_path = path
     for name, v in model.parameters().items():

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from cli_support import EXAMPLES, REPO
 
 
@@ -32,7 +34,7 @@ def test_bounds_help_documents_every_flag_and_has_examples(cli):
     r = cli("bounds", "--help")
     assert r.code == 0
     for flag in ("--input", "--eps", "--norm", "--clip", "--lower", "--upper", "--method",
-                 "--label", "--json", "--threads", "--dtype", "--debug", "MODEL.onnx",
+                 "--label", "--json", "--threads", "--dtype", "--debug", "MODEL", "--arch",
                  "--weights", "--weight-eps", "--weight-norm", "--relative"):
         assert flag in r.out, flag
     for word in ("ibp", "crown-ibp", "float64", "busy machine", "f_Y - f_j"):
@@ -67,3 +69,13 @@ def test_help_does_not_import_torch():
                            cwd=REPO, capture_output=True, text=True, timeout=60)
         imported = {ln.split("|")[-1].strip() for ln in r.stderr.splitlines() if "|" in ln}
         assert "torch" not in imported and "numpy" not in imported, argv
+
+
+@pytest.mark.parametrize("argv", [["bounds", "m.onnx", "--input", "x.npy", "--eps", "0.1"],
+                                  ["verify", "m.onnx", "p.vnnlib"], ["report", "r.csv"],
+                                  ["flatness", "m.onnx", "--data", "d.npz"]])
+def test_an_unknown_flag_points_to_the_subcommands_help(cli, argv):
+    r = cli(*argv, "--frobnicate")
+    assert r.code == 2 and r.out == ""
+    assert r.err.strip() == (f"error: unrecognized arguments: --frobnicate "
+                             f"(see 'verifier {argv[0]} --help')")

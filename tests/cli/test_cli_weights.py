@@ -184,7 +184,7 @@ def test_pytorch_checkpoint_with_zoo_arch(cli, ckpt):
 
 
 @pytest.mark.parametrize("file, extra, msg", [
-    ("m.pt", [], "needs --arch"),
+    ("m.pt", [], "is a PyTorch checkpoint: add --arch NAME"),
     ("m.pt", ["--arch", "small_cnn"], "does not fit --arch small_cnn"),
     ("m.pt", ["--arch", "nope"], "not a zoo model"),
     ("m.pt", ["--arch", "mlp_tanh", "--arch-kwargs", "{bad json"], "not a valid JSON"),
@@ -196,3 +196,18 @@ def test_bad_checkpoints_are_clear_errors(cli, ckpt, file, extra, msg):
     r = cli("sensitivity", str(ckpt / file), *extra, "--data", str(ckpt / "data.npz"),
             "--weight-eps", "0.01")
     assert r.code == 2 and msg in r.err and "Traceback" not in r.err, r.err
+
+
+def test_flatness_data_given_as_a_npy_says_it_needs_an_npz(cli, wdata, tmp_path):
+    np.save(tmp_path / "x.npy", wdata["x"])
+    r = cli("flatness", wdata["model"], "--data", tmp_path / "x.npy", "--weights", "*",
+            "--weight-eps", "0.1")
+    assert r.code == 2 and r.out == ""
+    assert "x.npy: a single .npy array" in r.err and "np.savez" in r.err
+    assert "TypeError" not in r.err and "context manager" not in r.err
+
+
+def test_delta_task_vector_given_as_a_npy_says_it_needs_an_npz(cli, wdata, tmp_path):
+    np.save(tmp_path / "d.npy", np.zeros(3, np.float32))
+    r = cli("delta", wdata["model"], "--data", wdata["data"], "--delta", tmp_path / "d.npy")
+    assert r.code == 2 and "d.npy: a single .npy array" in r.err and "TypeError" not in r.err

@@ -88,3 +88,14 @@ def test_workers_without_ray_installed_says_how_to_get_it(tmp_path, monkeypatch,
     assert main(["batch", "i.csv", "--out", "r.csv", "--workers", "2"]) == 2
     err = capsys.readouterr().err
     assert "--workers 2 needs Ray" in err and "pip install '.[ray]'" in err
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_the_progress_bar_shows_only_on_a_terminal(tmp_path, monkeypatch, capsys, terminal):
+    """A log file (stderr not a terminal) gets no tqdm bar; a terminal does."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    inst = write_instances(tmp_path / "i.csv", bench_rows(TEST_BENCH, 30)[:1])
+    assert main(["batch", str(inst), "--out", "r.csv"]) == 0
+    err = capsys.readouterr().err
+    assert ("1/1" in err and "inst" in err) == terminal, err

@@ -90,7 +90,14 @@ def load_npz(path):
     if not os.path.exists(path):
         raise VerifierError(f"{path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise VerifierError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    if isinstance(z, np.ndarray):
+        raise VerifierError(f"{path}: a single .npy array; the data is an .npz file with arrays "
+                            "x (inputs) and y (integer labels): np.savez(PATH, x=x, y=y)")
+    try:
+        with z:
             missing = [k for k in ("x", "y") if k not in z.files]
             if missing:
                 raise VerifierError(f"{path}: the .npz needs arrays 'x' and 'y'; missing "

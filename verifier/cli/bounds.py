@@ -11,15 +11,17 @@ import time
 
 from . import weights as cw
 from ..report import per_layer_widths
-from .util import (EXIT_OK, CliError, check_box, check_finite, finite_float, int_or_path,
-                   labels_for, load_npy, nonneg_float, positive_int)
+from .util import (EXIT_OK, CliError, check_box, check_finite, check_input_scale, finite_float,
+                   int_or_path, labels_for, load_cli_model, load_npy, model_arguments,
+                   nonneg_float, positive_int)
 
 BOUNDS_DESCRIPTION = """\
-Bound the outputs of an ONNX classifier over a set of inputs: an Lp ball around --input
-(radius --eps, optionally clipped to [LO, HI]) or the box [--lower, --upper], and optionally
-over a set of parameter values (--weights, --weight-eps; then --input without --eps keeps the
-input fixed). With --label Y it bounds the margins f_Y(x) - f_j(x) for every j != Y in
-ascending j; the sample is verified when every margin's lower bound is > 0.
+Bound the outputs of a classifier (an ONNX file, or a PyTorch state dict with --arch) over a
+set of inputs: an Lp ball around --input (radius --eps, optionally clipped to [LO, HI]) or the
+box [--lower, --upper], and optionally over a set of parameter values (--weights, --weight-eps;
+then --input without --eps keeps the input fixed). With --label Y it bounds the margins
+f_Y(x) - f_j(x) for every j != Y in ascending j; the sample is verified when every margin's
+lower bound is > 0.
 
 The .npy files hold one input (with or without a leading batch dimension of 1) or a batch of
 N inputs [N, *input_shape]; every sample is bounded in one batched call."""
@@ -34,13 +36,21 @@ examples:
   verifier bounds model.onnx --lower xl.npy --upper xu.npy --method ibp --json
 
   # margins when every weight of the model moves by at most 0.1% of its value (fixed input)
-  verifier bounds examples/data/lirpa_mnist_fc_3layer.onnx --input examples/data/mnist_sample.npy \
+  verifier bounds examples/data/lirpa_mnist_fc_3layer.onnx --input examples/data/mnist_sample.npy \\
       --label examples/data/mnist_label.npy --weights '*.weight' --weight-eps 0.001 --relative"""
 
 
+# the same text as docs/cli.md's table (tests/test_docs_facts.py compares them)
+METHOD_HELP = ("ibp: interval bounds (fast, loose); crown: backward linear bounds with CROWN "
+               "intermediate bounds; crown-ibp: CROWN on the output with IBP intermediate bounds; "
+               "alpha-crown: CROWN whose relaxations' free parameters (ReLU lower slopes, "
+               "sigmoid and tanh tangent points, ...) are optimized by gradient steps, for the "
+               "pre-activation bounds layer by layer and then for the output; never looser than "
+               "crown (tightest, slower) (default: crown)")
+
+
 def bounds_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL.onnx",
-                   help="the network, an ONNX file (.onnx or .onnx.gz) with one input")
+    model_arguments(p)
     ball = p.add_argument_group(
         "input set, form 1: an Lp ball (exclusive with form 2)")
     ball.add_argument("--input", metavar="X.npy",
@@ -60,10 +70,7 @@ def bounds_arguments(p: argparse.ArgumentParser) -> None:
                      help="upper corner(s) of the box; needs --lower, and lower <= upper")
     q = p.add_argument_group("what to bound and how")
     q.add_argument("--method", choices=("ibp", "crown", "crown-ibp", "alpha-crown"), default="crown",
-                   help="ibp: interval bounds (fast, loose); crown: backward linear bounds with "
-                        "CROWN intermediate bounds; crown-ibp: CROWN on the output with IBP "
-                        "intermediate bounds; alpha-crown: CROWN with the output bound's ReLU "
-                        "lower slopes optimized (tightest, slower) (default: crown)")
+                   help=METHOD_HELP)
     q.add_argument("--label", type=int_or_path, metavar="Y",
                    help="the correct class: an integer, or a .npy file of integers (one per "
                         "sample, or one for all); bounds the margins f_Y - f_j for j != Y "
@@ -158,19 +165,22 @@ def cmd_bounds(a: argparse.Namespace) -> int:
     if a.input is not None:
         x = load_npy(a.input, "input file")
         check_finite(x, f"input file {a.input}")
+        check_input_scale(x, f"input file {a.input}", a.clip, a.eps or 0.0)
     else:
         xl, xu = load_npy(a.lower, "lower-bound file"), load_npy(a.upper, "upper-bound file")
         check_finite(xl, f"lower-bound file {a.lower}")
         check_finite(xu, f"upper-bound file {a.upper}")
+        check_input_scale(xl, f"lower-bound file {a.lower}")
+        check_input_scale(xu, f"upper-bound file {a.upper}")
 
     import torch
 
-    from ..api import BoundedModel, margin_spec
+    from ..api import margin_spec
     from ..perturbation import Box, LpBall
 
     torch.set_num_threads(a.threads)
     dtype = {"float32": torch.float32, "float64": torch.float64}[a.dtype]
-    model = BoundedModel.from_onnx(a.model, dtype=dtype)
+    model = load_cli_model(a, dtype=dtype)
 
     weights = cw.make_weights(a, a.weight_eps) if a.weights else None
     if a.input is not None:

@@ -10,7 +10,8 @@ import argparse
 import json
 import sys
 
-from .util import EXIT_OK, CliError, int_or_path, labels_for, load_npy, positive_int
+from .util import (EXIT_OK, CliError, check_input_scale, int_or_path, labels_for,
+                   load_cli_model, load_npy, model_arguments, positive_int)
 
 LIPSCHITZ_DESCRIPTION = """\
 Print a certified upper bound L on the L2 Lipschitz constant of a model,
@@ -25,19 +26,13 @@ margin / (sqrt(2) L): no input within it changes the prediction."""
 
 LIPSCHITZ_EPILOG = """\
 examples:
-  verifier lipschitz models/lip_mnist_softcap.onnx
-  verifier lipschitz models/lip_mnist_softcap.onnx --json
+  verifier lipschitz models/lip_mnist_softcap_w1.onnx
+  verifier lipschitz models/lip_mnist_softcap_w1.onnx --json
   verifier lipschitz model.pt --arch mlp --arch-kwargs '{"in_dim": 64, "hidden": [64], "out": 10}'"""
 
 
 def lipschitz_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL",
-                   help="an ONNX file (.onnx, .onnx.gz) or a PyTorch state dict (.pt) with --arch")
-    p.add_argument("--arch", help="for a .pt: a zoo architecture (mlp, small_cnn, ...) or "
-                                  "package.module:function")
-    p.add_argument("--arch-kwargs", metavar="JSON", help="keyword arguments of --arch")
-    p.add_argument("--input-shape", type=positive_int, nargs="+", metavar="N",
-                   help="per-sample input shape (for --arch module:function)")
+    model_arguments(p, "the model")
     p.add_argument("--input", metavar="X.npy", help="samples to certify (with --label)")
     p.add_argument("--label", metavar="Y", help="their labels: an integer or a .npy")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
@@ -50,13 +45,14 @@ def cmd_lipschitz(a: argparse.Namespace) -> int:
     if (a.input is None) != (a.label is None):
         raise CliError("--input and --label go together")
     x = load_npy(a.input, "input file") if a.input is not None else None
+    if x is not None:
+        check_input_scale(x, f"input file {a.input}")
 
     import torch
 
     from ..analysis.lipschitz import certified_radius, lipschitz_constant
-    from ..model_io import load_model
     torch.set_num_threads(a.threads)
-    model = load_model(a.model, a.arch, a.arch_kwargs, a.input_shape, dtype=torch.float64)
+    model = load_cli_model(a, dtype=torch.float64)
     rep = lipschitz_constant(model)
     out = rep.to_dict()
     if x is not None:

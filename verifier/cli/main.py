@@ -106,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # named here, so that the hint is the subcommand's --help
+            where = f"{PROG} {args.command}" if getattr(args, "command", None) else PROG
+            raise CliError(f"unrecognized arguments: {' '.join(unknown)} (see '{where} --help')")
     except CliError as e:
         _error(f"error: {e}")
         return EXIT_USAGE

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from ..report import NO_MATPLOTLIB, pyplot, write_report
+from ..report import NO_MATPLOTLIB, load, pyplot, render_html, summary
+from .util import CliError, output_file, save_output
 
 REPORT_DESCRIPTION = """\
 Summarize result files in one self-contained HTML page (plots embedded as PNG) and print a short
@@ -27,7 +28,7 @@ examples:
 def report_arguments(p) -> None:
     p.add_argument("files", nargs="+", metavar="FILE",
                    help="results .csv, or .json from verifier bounds/verify/train")
-    p.add_argument("--html", metavar="OUT.html", help="write the HTML page there")
+    p.add_argument("--html", metavar="OUT.html", type=output_file, help="write the HTML page there")
     p.add_argument("--title", default="verifier report", help="the page's title")
     p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
 
@@ -35,8 +36,16 @@ def report_arguments(p) -> None:
 def cmd_report(a) -> int:
     if a.html is not None and not a.no_plots and pyplot() is None:
         print(f"note: {NO_MATPLOTLIB}; the page has its tables only", file=sys.stderr)
-    _, text = write_report(a.files, a.html, a.title, plots=not a.no_plots)
-    print(text)
+    sources = [load(p) for p in a.files]
+    print(summary(sources))
     if a.html is not None:
+        page = render_html(sources, a.title, not a.no_plots)
+
+        def write(path):
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(page)
+        _, problem = save_output(a.html, write, "the page")
+        if problem is not None:
+            raise CliError(problem)
         print(f"report: {a.html}")
     return 0

@@ -11,7 +11,7 @@ import sys
 
 from ..train.config import AUTO_GRID, default, load_config
 from .lipschitz import cmd_train_lipschitz, lipschitz_train_arguments
-from .util import EXIT_OK, CliError, finite_float, nonneg_float, positive_int
+from .util import EXIT_OK, CliError, finite_float, nonneg_float, output_dir, positive_int
 
 TRAIN_DESCRIPTION = """\
 Train a classifier to be certifiably robust under an L-inf ball of radius --eps (pixel scale,
@@ -84,7 +84,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the weights' and the shuffling's seed {_default('seed')}")
     g.add_argument("--threads", type=positive_int, metavar="N",
                    help=f"torch threads {_default('threads')}")
-    g.add_argument("--output", metavar="DIR",
+    g.add_argument("--output", metavar="DIR", type=output_dir,
                    help=f"the run folder (checkpoint, model, report) {_default('output')}")
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
     g.add_argument("--eval-eps", type=nonneg_float, nargs="*", metavar="E",

@@ -14,13 +14,16 @@ import os
 import sys
 import time
 
+from ..files import write_atomically
 from ..schedule import ResultsFile, make_scheduler
 from ..schedule.results import key
-from .util import EXIT_OK, CliError, nonneg_int, positive_int
+from .util import (EXIT_OK, CliError, load_cli_model, model_arguments, nonneg_int, output_file,
+                   positive_int, save_output)
 
 VERIFY_DESCRIPTION = """\
-Decide a VNN-LIB property on an ONNX model. The VNN-LIB file describes the counterexamples:
-"sat" means one exists (a counterexample is printed, replayed on the model with onnxruntime),
+Decide a VNN-LIB property on a model (an ONNX file, or a PyTorch state dict with --arch). The
+VNN-LIB file describes the counterexamples: "sat" means one exists (a counterexample is printed,
+replayed on the model with onnxruntime, or with torch for a state dict),
 "unsat" means none exists (proved by bound propagation), "unknown" that neither was shown,
 "timeout" that the budget ran out. Exit status 0 for every verdict."""
 
@@ -42,8 +45,8 @@ median time, over every row of --out) ends the run."""
 
 BATCH_EPILOG = """\
 examples:
-  verifier batch benchmarks/acasxu/instances.csv --timeout 60 --out results.csv
-  verifier batch benchmarks/acasxu/instances.csv --out results.csv --workers 2
+  verifier batch tests/data/acasxu_sample/instances.csv --timeout 60 --out results.csv
+  verifier batch tests/data/acasxu_sample/instances.csv --out results.csv --workers 2
   verifier batch instances.csv --out results.csv --workers 64 --ray-address HEAD_IP:6379"""
 
 
@@ -55,7 +58,7 @@ def _common(p):
 
 
 def verify_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL.onnx", help="the network (.onnx or .onnx.gz)")
+    model_arguments(p)
     p.add_argument("spec", metavar="SPEC.vnnlib", help="the property (.vnnlib or .vnnlib.gz)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="wall-clock budget in seconds (default 60)")
@@ -63,7 +66,7 @@ def verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action="store_true",
                    help="show a live branch-and-bound line on stderr (default: when stderr is a "
                         "terminal)")
-    p.add_argument("--cex-file", metavar="F",
+    p.add_argument("--cex-file", metavar="F", type=output_file,
                    help="on sat, write the counterexample there in the VNN-COMP format "
                         "((X_0 v) ... (Y_0 v) ...)")
     p.add_argument("--workers", type=positive_int, default=1, metavar="N",
@@ -101,32 +104,45 @@ def cmd_verify(a: argparse.Namespace) -> int:
     from ..complete import verify
     from ..schedule.ray_bab import RayDomainPool
     torch.set_num_threads(a.threads)
+    model = load_cli_model(a)
     progress = _progress_line if (a.progress or sys.stderr.isatty()) else None
     if a.workers > 1 or a.ray_address:
+        if a.arch is not None:
+            raise CliError("--workers and --ray-address need an ONNX model (each Ray actor "
+                           "reads the file); export the PyTorch model to ONNX first")
         with RayDomainPool(a.model, a.workers, a.ray_address) as pool:
-            v = verify(a.model, a.spec, timeout=a.timeout, seed=a.seed, progress=progress,
+            v = verify(model, a.spec, timeout=a.timeout, seed=a.seed, progress=progress,
                        expander=pool)
     else:
-        v = verify(a.model, a.spec, timeout=a.timeout, seed=a.seed, progress=progress)
+        v = verify(model, a.spec, timeout=a.timeout, seed=a.seed, progress=progress)
     if progress is not None and _progress_line.shown:
         print(file=sys.stderr)
+    problem = None
     if a.cex_file and v.counterexample is not None:
-        with open(a.cex_file, "w") as f:
-            f.write(v.counterexample.vnncomp_text() + "\n")
+        text = v.counterexample.vnncomp_text() + "\n"
+        _, problem = save_output(a.cex_file, lambda tmp: _write_text(tmp, text),
+                                 "the counterexample")
     if a.json:
         print(json.dumps(v.to_json()))
     else:
         print(f"{v.status}  ({v.reason}; {v.time_s:.3f} s)")
-        if v.counterexample is not None and not a.cex_file:
+        if v.counterexample is not None and (not a.cex_file or problem is not None):
             print(v.counterexample.vnncomp_text())
+    if problem is not None:
+        raise CliError(problem)
     return EXIT_OK
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("instances", metavar="INSTANCES.csv", help="VNN-COMP instances file")
     p.add_argument("--timeout", type=float, metavar="S",
                    help="per-instance budget in seconds (default: the csv's third column)")
-    p.add_argument("--out", required=True, metavar="RESULTS.csv",
+    p.add_argument("--out", required=True, metavar="RESULTS.csv", type=output_file,
                    help="the results file: created, or resumed when it exists")
     p.add_argument("--workers", type=positive_int, default=1, metavar="N",
                    help="instances run at once (default 1: in this process; N > 1: Ray tasks, "
@@ -224,7 +240,8 @@ def cmd_batch(a: argparse.Namespace) -> int:
                 fn = instance_result if sched.workers > 1 or a.ray_address else \
                     functools.partial(instance_result, cache={})
                 counts: dict = {}
-                bar = tqdm(total=len(todo), unit="inst", file=sys.stderr, dynamic_ncols=True)
+                bar = tqdm(total=len(todo), unit="inst", file=sys.stderr, dynamic_ncols=True,
+                           disable=not sys.stderr.isatty())  # no bars in a log file
                 for i, o in sched.run(fn, todo):
                     onnx_path, vnnlib_path, t, _ = todo[i]
                     r = o.value if o.error is None else {
@@ -252,7 +269,8 @@ def vnncomp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("category")
     p.add_argument("model", metavar="MODEL.onnx")
     p.add_argument("spec", metavar="SPEC.vnnlib")
-    p.add_argument("results", metavar="RESULTS_FILE")
+    p.add_argument("results", metavar="RESULTS_FILE", type=output_file,
+                   help="the results file to write (the verdict word, then the counterexample)")
     p.add_argument("timeout", type=float)
     _common(p)
 
@@ -267,7 +285,6 @@ def cmd_vnncomp_run(a: argparse.Namespace) -> int:
     v = r["verdict"]
     if v is not None and v.status == "sat":
         text += v.counterexample.vnncomp_text() + "\n"
-    with open(a.results, "w") as f:
-        f.write(text)
+    write_atomically(a.results, lambda tmp: _write_text(tmp, text))
     print(f"{r['status']}  ({r['reason']}; {r['time_s']:.3f} s)", file=sys.stderr)
     return EXIT_OK

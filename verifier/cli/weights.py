@@ -10,7 +10,9 @@ import argparse
 import json
 import sys
 
-from .util import EXIT_OK, CliError, nonneg_float, positive_int
+from .util import (EXIT_OK, CliError, check_input_scale, load_cli_model, model_arguments,
+                   nonneg_float, npz_member_dtype, output_file, plot_file, positive_int,
+                   save_output)
 
 FLATNESS_DESCRIPTION = """\
 Certified flatness of a classifier on a dataset: an upper bound on the mean cross-entropy loss
@@ -101,19 +103,7 @@ def make_weights(a: argparse.Namespace, eps: float, patterns=None):
 
 
 def data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL",
-                   help="the classifier: an ONNX file (.onnx or .onnx.gz) with one input, or a "
-                        "PyTorch state dict (.pt, .pth, .ckpt; read with weights_only=True) "
-                        "with --arch")
-    a = p.add_argument_group("PyTorch checkpoints")
-    a.add_argument("--arch", metavar="NAME",
-                   help="the architecture of a .pt state dict: a zoo model (mlp, mlp_tanh, "
-                        "small_cnn, ... from models/architectures.py) or package.module:function")
-    a.add_argument("--arch-kwargs", metavar="JSON",
-                   help="keyword arguments of the architecture, a JSON object (e.g. "
-                        "'{\"hidden\": [128]}')")
-    a.add_argument("--input-shape", type=positive_int, nargs="+", metavar="D",
-                   help="the per-sample input shape (zoo models know theirs)")
+    model_arguments(p, "the classifier")
     p.add_argument("--data", required=True, metavar="DATA.npz",
                    help="inputs x [N, *input_shape] and integer labels y [N] (an .npz file)")
     q = p.add_argument_group("how")
@@ -129,8 +119,9 @@ def data_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (default 1)")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the results as JSON")
-    o.add_argument("--csv", metavar="F.csv", help="also write the table as CSV")
-    o.add_argument("--plot", metavar="F.png", help="also draw it (PNG)")
+    o.add_argument("--csv", metavar="F.csv", type=output_file, help="also write the table as CSV")
+    o.add_argument("--plot", metavar="F.png", type=plot_file,
+                   help="also draw it (PNG; flatness and sensitivity)")
 
 
 def flatness_arguments(p: argparse.ArgumentParser) -> None:
@@ -187,8 +178,8 @@ def _models_set(a, model):
         radii = {k: d.abs() for k, d in parameter_delta(model, q).items()}
         return WeightPerturbation(None, radii), f"{a.quantize}-bit"
     if a.other is not None:
-        from ..model_io import load_model
-        other = load_model(a.other, a.arch if a.model.endswith((".pt", ".pth", ".ckpt")) else None,
+        from ..model_io import load_model, model_kind
+        other = load_model(a.other, a.arch if model_kind(a.model) == "torch" else None,
                            a.arch_kwargs, a.input_shape)
         delta = parameter_delta(model, other)
         if a.ball:
@@ -209,13 +200,22 @@ def _load_delta(path):
     if not os.path.exists(path):
         raise CliError(f"{path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if isinstance(z, np.ndarray):
+            raise CliError(f"--delta {path}: a single .npy array; a task vector is an .npz file "
+                           "with one array per parameter name: np.savez(PATH, **{name: delta})")
+        with z:
             return {k: torch.from_numpy(np.array(z[k], dtype=np.float32)) for k in z.files}
+    except CliError:
+        raise
     except Exception as e:
         raise CliError(f"{path}: not a readable .npz of arrays ({type(e).__name__}: {e})") from None
 
 
 def cmd_delta(a: argparse.Namespace) -> int:
+    if a.plot:
+        raise CliError("--plot draws curves and module bars (flatness, sensitivity); delta has "
+                       "no plot: use --csv or --json")
     model, data = _load(a)
     from ..analysis.flatness import flatness
     weights, label = _models_set(a, model)
@@ -231,16 +231,21 @@ def cmd_delta(a: argparse.Namespace) -> int:
 
 def _load(a):
     import os
+    if a.plot:  # before the work: a plot needs matplotlib
+        from ..analysis.flatness import pyplot
+        pyplot()
     for f in (a.model, a.data):
         if not os.path.exists(f):
             raise CliError(f"{f}: no such file")
     import torch
 
     from ..analysis.flatness import load_npz
-    from ..model_io import load_model
     torch.set_num_threads(a.threads)
-    model = load_model(a.model, a.arch, a.arch_kwargs, a.input_shape)
+    model = load_cli_model(a)
     x, y = load_npz(a.data)
+    stored = npz_member_dtype(a.data, "x")
+    if stored is not None:
+        check_input_scale(x.numpy(), f"data file {a.data} (x)", dtype=stored)
     if a.max_samples:
         x, y = x[:a.max_samples], y[:a.max_samples]
     return model, (x, y)
@@ -266,22 +271,29 @@ def _table(results, first: str) -> None:
 
 
 def _finish(a, results, plot, what: str) -> None:
+    """Write the --csv and --plot files, then print the table (or JSON). A file that cannot be
+    written after all is saved in the temporary folder instead and reported after the table, as
+    an error: the computed results are never lost."""
     from ..analysis.flatness import write_csv
-    if a.csv:
-        write_csv(results, a.csv)
-    if a.plot:
-        if plot is None:
-            raise CliError("--plot draws curves and module bars (flatness, sensitivity)")
-        plot(a.plot)
+    wrote, problems = [], []
+    for path, write, kind in ((a.csv, lambda tmp: write_csv(results, tmp), "the CSV"),
+                              (a.plot, plot, "the plot")):
+        if path:
+            done, problem = save_output(path, write, kind)
+            if done is not None and problem is None:
+                wrote.append(done)
+            if problem is not None:
+                problems.append(problem)
     if a.json:
         print(json.dumps({"model": a.model, "data": a.data, "method": a.method,
                           "weight_norm": a.weight_norm, "relative": a.relative,
                           what: [r.summary() for r in results]}))
     else:
         _table(results, {"radii": "eps", "modules": "module"}.get(what, "set"))
-        for path in (a.csv, a.plot):
-            if path:
-                print(f"wrote {path}")
+        for path in wrote:
+            print(f"wrote {path}")
+    if problems:
+        raise CliError("; ".join(problems))
 
 
 def cmd_flatness(a: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import ModelLoadError, UnsupportedOpsError
+from ..files import sniff_format
 
 TARGET_OPSET = 13
 
@@ -44,6 +45,14 @@ def read_onnx_proto(path):
                 data = f.read()
         model = onnx.load_model_from_string(data)
     except Exception as e:
+        kind = sniff_format(path)
+        if kind == "torch":
+            raise ModelLoadError(f"{path} is a PyTorch checkpoint, not an ONNX file: load it with "
+                                 "its architecture (verifier.model_io.load_model(path, arch=...); "
+                                 "on the command line, add --arch NAME)") from None
+        if kind == "vnnlib":
+            raise ModelLoadError(f"{path} is a VNN-LIB property, not an ONNX model (MODEL and "
+                                 "SPEC swapped? the model comes first)") from None
         raise ModelLoadError(f"{path}: not a readable ONNX file ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else 'decode error'})") from None
     if len(model.graph.node) == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 
+from ..files import write_atomically
 from .base import SchedulerError
 
 HEADER = ["onnx", "vnnlib", "status", "time_s", "method", "reason"]
@@ -62,15 +63,15 @@ class ResultsFile:
 
     def _rewrite(self, rows: list[dict]) -> None:
         """The file replaced (atomically) by the header and ``rows``."""
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(HEADER)
-            for r in rows:
-                w.writerow([r[c] for c in HEADER])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(HEADER)
+                for r in rows:
+                    w.writerow([r[c] for c in HEADER])
+                f.flush()
+                os.fsync(f.fileno())
+        write_atomically(self.path, write)
 
     def done(self) -> set[tuple[str, str]]:
         return {key(r["onnx"], r["vnnlib"]) for r in self.rows}

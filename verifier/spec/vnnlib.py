@@ -164,6 +164,9 @@ def read_vnnlib(path: str | os.PathLike) -> VnnlibSpec:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, gzip.BadGzipFile) as e:
             raise VnnlibError(name, None, f"corrupt gzip file: {e}") from e
+    if name.endswith((".onnx", ".onnx.gz", ".pt", ".pth", ".ckpt")) or b"\x00" in raw[:4096]:
+        raise VnnlibError(name, None, "a binary file (a model?), not a VNN-LIB property: MODEL "
+                                      "and SPEC swapped? the model comes first")
     try:
         text = raw.decode("utf-8-sig")  # a leading byte-order mark is dropped
     except UnicodeDecodeError as e:
