@@ -49,7 +49,8 @@ def test_readme_first_command_sets_up_what_documented_commands_need(tmp_path):
 
     out = run(readme_first_command())
     assert "verified: 0 of 1 samples" in out       # as the README says: not at this radius
-    (tmp_path / "c.yaml").write_text("epochs: 1\neval_methods: [ibp]\n")
+    (tmp_path / "c.yaml").write_text("epochs: 1\nwarmup_epochs: 0\nramp_epochs: 1\n"
+                                     "eval_methods: [ibp]\n")
     report = json.loads(run(
         "verifier train --dataset digits --model mlp --model-kwargs '{\"in_dim\": 64, "
         "\"hidden\": [16]}' --eps 0.05 --config c.yaml --test-subset 20 --no-progress --json "
