@@ -55,7 +55,8 @@ def _env() -> dict:
 
 
 def measure(cmd: list[str], cwd=None) -> dict:
-    """Run ``cmd`` once: -> wall seconds, peak RSS in MB (this child alone), stdout, stderr."""
+    """Run ``cmd`` once: -> wall seconds, CPU seconds (user + system), peak RSS in MB (this
+    child alone), stdout, stderr."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=out, stderr=err)
@@ -64,7 +65,8 @@ def measure(cmd: list[str], cwd=None) -> dict:
         p.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        r = {"wall_s": wall, "rss_mb": usage.ru_maxrss / 1024, "stdout": out.read(),
+        r = {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+             "rss_mb": usage.ru_maxrss / 1024, "stdout": out.read(),
              "stderr": err.read()}
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {p.returncode}):\n{r['stderr'][-2000:]}")
@@ -89,6 +91,7 @@ def run_commands(python: str, runs: int) -> dict:
     out = {}
     for name, rs in samples.items():
         out[name] = {"wall_s": statistics.median(r["wall_s"] for r in rs),
+                     "cpu_s": statistics.median(r["cpu_s"] for r in rs),
                      "rss_mb": statistics.median(r["rss_mb"] for r in rs),
                      "walls_s": [round(r["wall_s"], 3) for r in rs]}
         if name == "verify":
@@ -167,9 +170,12 @@ def main(argv=None) -> int:
         return 0
     print(f"environment: {a.python}; load average (1 min) {load_before[0]:.2f} before, "
           f"{os.getloadavg()[0]:.2f} after; median of {a.runs} fresh processes")
-    print(f"{'command':14s} {'wall_s':>7s} {'over torch':>10s} {'peak_MB':>8s}  notes")
+    print(f"{'command':14s} {'wall_s':>7s} {'over torch':>10s} {'cpu_s':>6s} {'over torch':>10s} "
+          f"{'peak_MB':>8s}  notes")
+    torch_cpu = res["import torch"]["cpu_s"]
     for name, r in res.items():
         over = "" if name == "import torch" else f"{r['wall_s'] - torch_s:+10.2f}"
+        over_cpu = "" if name == "import torch" else f"{r['cpu_s'] - torch_cpu:+10.2f}"
         notes = ""
         if name != "import torch":
             notes = (f"target <= +{TARGET_OVER_TORCH_S:g} s: "
@@ -179,8 +185,10 @@ def main(argv=None) -> int:
             notes += f"; time_s {r['time_s']:.3f}"
             if "startup_s" in r:
                 notes += f", startup_s {r['startup_s']:.2f}"
-        print(f"{name:14s} {r['wall_s']:7.2f} {over:>10s} {r['rss_mb']:8.0f}  {notes}")
-    print(f"(import torch itself: {torch_mb:.0f} MB)")
+        print(f"{name:14s} {r['wall_s']:7.2f} {over:>10s} {r['cpu_s']:6.2f} {over_cpu:>10s} "
+              f"{r['rss_mb']:8.0f}  {notes}")
+    print(f"(import torch itself: {torch_mb:.0f} MB; the targets are on wall time, which a "
+          "loaded machine inflates: CPU time is the steadier figure there)")
     print(f"batch of {a.batch} copies of {INSTANCE[0].name}: time_s per row "
           + ", ".join(f"{t:.3f}" for t in batch["time_s"])
           + f"; first - median of the rest = {first - rest:+.3f} s (target <= "
