@@ -73,3 +73,28 @@ def test_warm_up_instances_are_what_the_warm_up_says():
     assert (unsat.status, unsat.method) == ("unsat", "bab-input")
     first = warm_up()
     assert startup_seconds() == first and warm_up() == first    # once per process
+
+
+def _python(code: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_a_pytorch_model_does_not_import_the_onnx_converter_and_onnx_still_maps_after_it():
+    """Wrapping a PyTorch model imports neither onnx2torch nor torchvision (seconds of start-up
+    for nothing); an ONNX file read afterwards in the same process still finds its rules."""
+    out = _python(f"""
+import sys, torch
+from verifier import BoundedModel
+from verifier.complete import verify
+net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+BoundedModel(net, input_shape=(4,)).bounds
+print(sorted(m for m in ("onnx2torch", "torchvision") if m in sys.modules))
+v = verify({str(BENCH / "onnx" / "test_unsat.onnx")!r}, {str(BENCH / "vnnlib" / "test_prop.vnnlib")!r},
+           timeout=60)
+print(v.status)
+""")
+    assert out.split("\n")[:2] == ["[]", "unsat"]
