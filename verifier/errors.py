@@ -45,3 +45,15 @@ class DomainError(VerifierError):
             f"node {node!r} ({op}): {what}: input range [{lower:.6g}, {upper:.6g}] "
             f"({count} of {total} element(s) affected); tighter input bounds (a smaller "
             "perturbation, or CROWN's intermediate bounds instead of IBP) may avoid it")
+
+
+class MissingDependencyError(VerifierError):
+    """A third-party package that a feature needs is not installed (``verifier.deps.require``).
+    ``module``: what failed to import; ``package``: its pip name; ``install``: the command that
+    installs it. The command line prints it as one ``error: ...`` line, exit status 2."""
+
+    def __init__(self, purpose: str, module: str, package: str, install: str, cause: str = ""):
+        self.purpose, self.module, self.package, self.install = purpose, module, package, install
+        why = f" ({cause})" if cause and cause != f"No module named '{module}'" else ""
+        super().__init__(f"{purpose} needs the Python package {package}, which is not "
+                         f"installed{why}; install it with: {install}")

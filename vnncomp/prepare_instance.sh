@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # VNN-COMP: prepare_instance.sh v1 CATEGORY ONNX VNNLIB — checks that both files exist and
-# starts (once) a warm verifier process that has imported torch, onnx2torch and onnxruntime.
+# starts (once) a warm verifier process that has imported torch, the ONNX reader and
+# onnxruntime and warmed them up on two tiny shipped instances.
 # No analysis of the instance happens here.
 set -u
 [ "${1:-}" = "v1" ] && [ $# -eq 4 ] || { echo "usage: $0 v1 CATEGORY ONNX VNNLIB" >&2; exit 1; }

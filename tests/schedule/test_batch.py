@@ -87,7 +87,7 @@ def test_workers_without_ray_installed_says_how_to_get_it(tmp_path, monkeypatch,
     write_instances(tmp_path / "i.csv", bench_rows(TEST_BENCH)[:1])
     assert main(["batch", "i.csv", "--out", "r.csv", "--workers", "2"]) == 2
     err = capsys.readouterr().err
-    assert "--workers 2 needs Ray" in err and "pip install '.[ray]'" in err
+    assert "--workers 2 needs the Python package ray" in err and 'pip install -e ".[ray]"' in err
 
 
 @pytest.mark.parametrize("terminal", [False, True])

@@ -4,6 +4,10 @@ VNN-COMP results-file format.
 
 The modules that import torch are imported inside the commands, so that ``verifier --help``
 and argument errors answer without torch (tests/cli/test_cli_main.py).
+
+Start-up (importing torch, the ONNX reader, onnxruntime, and what torch sets up on first use)
+is paid before any instance's clock starts (``complete.warmup.warm_up``) and reported on its
+own as ``startup_s``: an instance's ``time_s`` is the same whether it runs first or tenth.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import sys
 import time
 
 from ..files import write_atomically
+from ..runtime import since_start
 from ..schedule import ResultsFile, make_scheduler
 from ..schedule.results import key
 from .util import (EXIT_OK, CliError, load_cli_model, model_arguments, nonneg_int, output_file,
@@ -102,8 +107,11 @@ def cmd_verify(a: argparse.Namespace) -> int:
     import torch
 
     from ..complete import verify
+    from ..complete.warmup import warm_up
     from ..schedule.ray_bab import RayDomainPool
     torch.set_num_threads(a.threads)
+    warm_up()
+    startup_s = since_start()
     model = load_cli_model(a)
     progress = _progress_line if (a.progress or sys.stderr.isatty()) else None
     if a.workers > 1 or a.ray_address:
@@ -123,9 +131,9 @@ def cmd_verify(a: argparse.Namespace) -> int:
         _, problem = save_output(a.cex_file, lambda tmp: _write_text(tmp, text),
                                  "the counterexample")
     if a.json:
-        print(json.dumps(v.to_json()))
+        print(json.dumps({**v.to_json(), "startup_s": round(startup_s, 4)}))
     else:
-        print(f"{v.status}  ({v.reason}; {v.time_s:.3f} s)")
+        print(f"{v.status}  ({v.reason}; {v.time_s:.3f} s, start-up {startup_s:.2f} s)")
         if v.counterexample is not None and (not a.cex_file or problem is not None):
             print(v.counterexample.vnncomp_text())
     if problem is not None:
@@ -180,9 +188,17 @@ def read_instances(path: str) -> list[tuple[str, str, float]]:
 
 
 def run_instance(onnx_path, vnnlib_path, timeout, seed=0, cache=None):
-    """-> Verdict-like dict; an exception becomes status "error" with its reason."""
+    """-> Verdict-like dict; an exception becomes status "error" with its reason. ``time_s``
+    starts after this process's start-up (``warm_up``, once per process: in a Ray worker, at
+    its first instance), which is not counted."""
     from ..api import BoundedModel
     from ..complete import verify
+    from ..complete.warmup import warm_up
+    try:
+        warm_up()
+    except Exception as e:
+        return {"status": "error", "reason": f"start-up failed: {type(e).__name__}: {e}".replace(
+            "\n", " "), "method": "", "time_s": 0.0, "verdict": None}
     t0 = time.perf_counter()
     try:
         if cache is not None:
@@ -217,6 +233,8 @@ def cmd_batch(a: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from ..complete.warmup import warm_up
+
     torch.set_num_threads(a.threads)
     seen, unique = set(), []
     for r in rows:
@@ -235,6 +253,10 @@ def cmd_batch(a: argparse.Namespace) -> int:
                   + (f" ({out.dropped_errors} error rows to rerun)" if out.dropped_errors else ""),
                   file=sys.stderr)
         if todo:
+            if a.workers == 1 and not a.ray_address:
+                warm_up()          # here, so that a missing package is one error, not N rows
+                print(f"start-up: {since_start():.2f} s (imports and warm-up, counted in no "
+                      "instance's time_s)", file=sys.stderr)
             with make_scheduler(a.workers, a.ray_address, a.max_retries,
                                 hard_limit=lambda t: 2 * t[2] + 60) as sched:
                 fn = instance_result if sched.workers > 1 or a.ray_address else \

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..deps import require
+
 
 class OnnxRunner:
     """Evaluates the original ONNX file with onnxruntime (1 thread), on float32 inputs."""
 
     def __init__(self, proto, input_name: str, input_shape):
-        import onnxruntime as ort
+        ort = require("onnxruntime", "replaying counterexamples on an ONNX model")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
@@ -37,14 +39,13 @@ class OnnxRunner:
 
 
 def replay_runner(model):
-    """The original model's evaluator: onnxruntime for a model read from ONNX, else torch."""
+    """The original model's evaluator: onnxruntime for a model read from ONNX (a
+    MissingDependencyError when onnxruntime is not installed: a counterexample is never
+    replayed on the converted model in its place), else torch."""
     onnx_model = getattr(model, "onnx", None)
     if onnx_model is not None:
-        try:
-            return OnnxRunner(onnx_model.proto, onnx_model.input_names[0], onnx_model.input_shapes[0]), \
-                "onnxruntime"
-        except ImportError:
-            pass
+        return OnnxRunner(onnx_model.proto, onnx_model.input_names[0], onnx_model.input_shapes[0]), \
+            "onnxruntime"
     import torch
 
     def run(x):

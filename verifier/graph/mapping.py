@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 
 import torch
 import torch.nn as nn
@@ -846,8 +847,12 @@ def onnx_min_max(b, n, mod, *tensors):
 
 
 def _onnx_classes():
-    """onnx2torch's module classes, imported lazily and only where present."""
+    """onnx2torch's module classes, where onnx2torch is already imported (a module of its
+    classes can only exist then); importing it here would cost every PyTorch model the 1.5-2.5
+    s that onnx2torch and torchvision take to import."""
     import importlib
+    if "onnx2torch" not in sys.modules:
+        return {}
     names = {
         "reshape": ["OnnxReshape"], "transpose": ["OnnxTranspose"], "slice": ["OnnxSlice", "OnnxSliceV9"],
         "gather": ["OnnxGather", "OnnxGatherElements", "OnnxGatherND"],
@@ -975,14 +980,18 @@ METHODS = {
 }
 
 _MODULES = None
+_MODULES_WITH_ONNX2TORCH = False
 
 
 def map_node(b, n):
-    global _MODULES
+    global _MODULES, _MODULES_WITH_ONNX2TORCH
     args = b.resolve(n.args)
     kwargs = b.resolve(n.kwargs)
     if n.op == "call_module":
-        if _MODULES is None:
+        # built once, and again once onnx2torch has been imported (an ONNX file converted
+        # after a PyTorch model was mapped)
+        if _MODULES is None or ("onnx2torch" in sys.modules and not _MODULES_WITH_ONNX2TORCH):
+            _MODULES_WITH_ONNX2TORCH = "onnx2torch" in sys.modules
             _MODULES = _build_module_table()
         mod = b.gm.get_submodule(n.target)
         h = _MODULES.get(type(mod))

@@ -11,10 +11,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from ..deps import require
 from ..errors import VerifierError
-
-
-RAY_HINT = "install it with: pip install '.[ray]' (or pip install ray)"
 
 
 class SchedulerError(VerifierError):
@@ -64,10 +62,6 @@ class InProcessScheduler(Scheduler):
 
 
 def import_ray(why: str):
-    """``import ray``, or a SchedulerError that says how to install it."""
-    try:
-        import ray
-    except ImportError:
-        raise SchedulerError(f"{why} needs Ray, which is not installed; {RAY_HINT}") from None
-    return ray
+    """``import ray``, or a MissingDependencyError that names the extra to install."""
+    return require("ray", why)
 

@@ -29,15 +29,14 @@ import time
 from ..api import BoundedModel
 from ..complete.bab import Problem
 from ..runtime import tune_allocator
-from .base import SchedulerError
+from .base import SchedulerError, import_ray
 from .ray_batch import init_ray
 
 
 def _cancel_flag():
     """A callable that is true once Ray cancelled the running actor call (None on a Ray
     without ``RuntimeContext.is_canceled``)."""
-    import ray
-    ctx = ray.get_runtime_context()
+    ctx = import_ray("a branch and bound worker").get_runtime_context()
     return getattr(ctx, "is_canceled", None)
 
 
@@ -107,7 +106,7 @@ class RayDomainPool:
         self._pending[ref] = actor
 
     def collect(self, deadline: float):
-        from ray.exceptions import RayError
+        RayError = self._ray.exceptions.RayError
         wait = max(0.0, deadline - time.perf_counter())
         done, _ = self._ray.wait(list(self._pending), num_returns=1, timeout=wait)
         if not done:

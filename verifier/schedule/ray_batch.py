@@ -81,7 +81,8 @@ class RayScheduler(Scheduler):
 
     def run(self, fn, tasks):
         ray = self._ray
-        from ray.exceptions import RayError, RayTaskError, TaskCancelledError
+        RayError, RayTaskError = ray.exceptions.RayError, ray.exceptions.RayTaskError
+        TaskCancelledError = ray.exceptions.TaskCancelledError
         fn_ref = ray.put(fn)
         todo = deque(range(len(tasks)))
         attempts = [0] * len(tasks)

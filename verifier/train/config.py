@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..deps import require
 from ..errors import VerifierError
 
 
@@ -213,7 +214,7 @@ def read_config_file(path) -> dict:
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
     elif path.suffix in (".yaml", ".yml"):
-        import yaml
+        yaml = require("yaml", f"reading the YAML config {path}")
         try:
             d = yaml.safe_load(text)
         except yaml.YAMLError as e:

@@ -6,8 +6,15 @@ Every reader returns a ``Dataset``: ``x: [N, C, H, W]`` float32 pixels in [0, 1]
 * ``read_idx(path)``: one IDX file (the MNIST / Fashion-MNIST format), plain or ``.gz``;
 * ``load_idx_folder(folder, split)``: ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``;
 * ``load_npz(path)``: arrays ``images`` (uint8 0-255 or floats in [0, 1]) and ``labels``;
-* ``load_digits_split()``: scikit-learn's 8x8 digits (pixels 0-16 scaled to [0, 1]), split
-  into train and test parts with a fixed permutation.
+* ``load_digits_split()``: the 1,797 8x8 handwritten digits (pixels 0-16 scaled to [0, 1]),
+  split into train and test parts with a fixed permutation.
+
+The digits ship with the package (``digits.npz``, 45 KB: ``images`` uint8 [1797, 8, 8] with
+values 0-16, ``labels`` uint8 [1797]), so the default dataset of ``verifier train`` needs no
+scikit-learn. They are the test part of the UCI "Optical Recognition of Handwritten Digits"
+data set (E. Alpaydin, C. Kaynak, 1998; CC BY 4.0), in the order in which scikit-learn's
+``load_digits`` returns them (tests/test_dependencies.py compares the two where scikit-learn is
+installed).
 """
 from __future__ import annotations
 
@@ -147,12 +154,16 @@ def load_npz(path, name: str | None = None) -> Dataset:
     return Dataset(x, y, max(10, int(y.max()) + 1) if len(y) else 10, name or path.stem)
 
 
+DIGITS_FILE = Path(__file__).with_name("digits.npz")
+
+
 def load_digits_split(split: str = "train", test_fraction: float = 0.25, seed: int = 0) -> Dataset:
-    """scikit-learn's 1,797 8x8 digits, ``[N, 1, 8, 8]`` in [0, 1]; a fixed (seeded) split."""
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
-    y = torch.from_numpy(d.target.astype(np.int64))
+    """The shipped 1,797 8x8 digits (see the module doc), ``[N, 1, 8, 8]`` in [0, 1]; a fixed
+    (seeded) split."""
+    with np.load(DIGITS_FILE, allow_pickle=False) as d:
+        images, labels = d["images"], d["labels"]
+    x = torch.from_numpy(images.astype(np.float32) / 16.0).unsqueeze(1)
+    y = torch.from_numpy(labels.astype(np.int64))
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n_test = int(round(len(y) * test_fraction))
     idx = perm[:n_test] if split == "test" else perm[n_test:]
