@@ -98,3 +98,29 @@ v = verify({str(BENCH / "onnx" / "test_unsat.onnx")!r}, {str(BENCH / "vnnlib" / 
 print(v.status)
 """)
     assert out.split("\n")[:2] == ["[]", "unsat"]
+
+
+def test_vnncomp_run_takes_the_start_up_out_of_the_instance_budget(tmp_path, monkeypatch):
+    """The VNN-COMP harness times the whole process: a run whose process started 7 s ago and
+    was given 10 s leaves the instance 3 s, not 10 (else a cold process overruns the harness)."""
+    import verifier.cli.verify as cv
+    from verifier.cli import main
+
+    seen = {}
+
+    def fake_run_instance(onnx_path, vnnlib_path, timeout, seed=0, cache=None):
+        seen["timeout"] = timeout
+        return {"status": "unknown", "reason": "stub", "method": "", "time_s": 0.0,
+                "verdict": None}
+
+    monkeypatch.setattr(cv, "run_instance", fake_run_instance)
+    monkeypatch.setattr(cv, "since_start", lambda: 7.0)
+    out = tmp_path / "res.txt"
+    assert main(["vnncomp-run", "x", str(BENCH / "onnx" / "test_sat.onnx"),
+                 str(BENCH / "vnnlib" / "test_prop.vnnlib"), str(out), "10"]) == 0
+    assert abs(seen["timeout"] - 3.0) < 1e-9
+    assert out.read_text() == "unknown\n"
+    monkeypatch.setattr(cv, "since_start", lambda: 12.0)   # over budget: nothing left, not < 0
+    assert main(["vnncomp-run", "x", str(BENCH / "onnx" / "test_sat.onnx"),
+                 str(BENCH / "vnnlib" / "test_prop.vnnlib"), str(out), "10"]) == 0
+    assert seen["timeout"] == 0.0
