@@ -437,9 +437,11 @@ def _bounds_html(s: Source, plt) -> str:
     d = s.data
     n = len(d["lower"])
     ver = d["verified"] or [None] * n
+    by = d.get("proved_by") or [None] * n
     flat = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
-    rows = [[i, _num(min(flat(lo))), _num(max(flat(up))), "-" if v is None else ("yes" if v else "no")]
-            for i, (lo, up, v) in enumerate(zip(d["lower"], d["upper"], ver))]
+    word = lambda v, b: "-" if v is None else (("yes" + (f" ({b})" if b else "")) if v else "no")  # noqa: E731
+    rows = [[i, _num(min(flat(lo))), _num(max(flat(up))), word(v, b)]
+            for i, (lo, up, v, b) in enumerate(zip(d["lower"], d["upper"], ver, by))]
     what = "margin" if d["verified"] is not None else "output"
     parts = [f"<p>{n} sample(s); bounds of the {what}s"
              + (f" by {_e(d['method'])}" if d.get("method") else "")
