@@ -220,6 +220,10 @@ class BoundedModel:
         ``[S, *out_shape]`` shared by the batch), merged into the last affine layer;
         ``weights``: a ``WeightPerturbation`` or ``WeightSegment`` (or a list of them) on
         parameters, each sample's bounds holding for every parameter value in the sets.
+        With a spec, the bounds of "crown", "crown-ibp" and "alpha-crown" are intersected with
+        the interval bound of the spec rows (``parts``, ``proved_by``), so none is looser than
+        "ibp"; ``live`` (differentiable, for the training loss) "crown-ibp" bounds are not, so
+        that the loss's CROWN-IBP term keeps its own gradient (and may be looser than IBP).
         """
         method = method.lower()
         if method not in METHODS:
