@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .bound_types import Interval
-from .bounds.alpha import alpha_crown_bounds
-from .bounds.crown import crown_bounds, ibp_spec_bounds
+from .bounds.alpha import alpha_crown
+from .bounds.crown import crown, ibp_spec_bounds
 from .bounds.forward import evaluate
 from .bounds.ibp import ibp_bounds
 from .errors import ShapeError, VerifierError
@@ -37,7 +37,10 @@ class BoundResult:
     """Bounds of ``spec·f(x)`` (or of ``f(x)``) over the perturbation set.
 
     ``lower, upper: [batch, spec]`` (``[batch, *out_shape]`` without a spec); ``nodes`` maps node
-    names to the intervals the method computed on the way.
+    names to the intervals the method computed on the way. ``parts`` (with a spec, methods other
+    than "ibp"): the sound lower bounds ``[batch, spec]`` whose elementwise max is ``lower``, by
+    what computed them: the method's own backward bound, and "ibp", the interval bound of the
+    spec over the method's intermediate bounds (never below the IBP method's).
     """
 
     lower: torch.Tensor
@@ -46,6 +49,7 @@ class BoundResult:
     spec: torch.Tensor | None
     nodes: dict[str, Interval] = field(default_factory=dict)
     time_s: float = 0.0
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> Interval:
         if name not in self.nodes:
@@ -58,6 +62,28 @@ class BoundResult:
         if self.spec is None:
             return None
         return (self.lower > 0).all(dim=1)
+
+    @property
+    def proved_by(self) -> list[str | None] | None:
+        """Per sample, what proved it (None: not verified; None for all without a spec): the
+        method's name when its own bound proves every spec row, else "ibp" when the interval
+        bound alone does, else "<method>+ibp" (each row by one of them)."""
+        v = self.verified
+        if v is None:
+            return None
+        own = self.parts.get(self.method)
+        ibp = self.parts.get("ibp")
+        out = []
+        for i, ok in enumerate(v.tolist()):
+            if not ok:
+                out.append(None)
+            elif own is None or bool((own[i] > 0).all()):
+                out.append(self.method)
+            elif ibp is not None and bool((ibp[i] > 0).all()):
+                out.append("ibp")
+            else:
+                out.append(f"{self.method}+ibp")
+        return out
 
     def __repr__(self) -> str:
         v = self.verified
@@ -194,6 +220,10 @@ class BoundedModel:
         ``[S, *out_shape]`` shared by the batch), merged into the last affine layer;
         ``weights``: a ``WeightPerturbation`` or ``WeightSegment`` (or a list of them) on
         parameters, each sample's bounds holding for every parameter value in the sets.
+        With a spec, the bounds of "crown", "crown-ibp" and "alpha-crown" are intersected with
+        the interval bound of the spec rows (``parts``, ``proved_by``), so none is looser than
+        "ibp"; ``live`` (differentiable, for the training loss) "crown-ibp" bounds are not, so
+        that the loss's CROWN-IBP term keeps its own gradient (and may be looser than IBP).
         """
         method = method.lower()
         if method not in METHODS:
@@ -221,6 +251,7 @@ class BoundedModel:
                 raise ShapeError(f"spec of shape {list(C.shape)} does not fit batch {B} and output "
                                  f"shape {list(self.output_shape)}")
         t0 = time.perf_counter()
+        parts = {}
         with (torch.enable_grad() if live else torch.no_grad()):
             if method == "ibp":
                 nodes = ibp_bounds(graph, leaves)
@@ -229,13 +260,18 @@ class BoundedModel:
                     lo, up = out.lower, out.upper
                 else:
                     lo, up = ibp_spec_bounds(graph, nodes, C)
-            elif method == "alpha-crown":
-                lo, up, nodes = alpha_crown_bounds(graph, leaves, C)
             else:
-                lo, up, nodes = crown_bounds(graph, leaves, C, method=method)
+                # every method's bounds of C·f are intersected with the interval bound
+                # (ibp_spec_bounds) over its own intermediate bounds, which lie inside IBP's:
+                # never looser than method "ibp" (except the training loss, see crown())
+                res = (alpha_crown(graph, leaves, C) if method == "alpha-crown" else
+                       crown(graph, leaves, C, method=method, ibp_spec=not live))
+                lo, up, nodes = res.lower, res.upper, res.nodes
+                if C is not None:
+                    parts = {method: res.own_lower, "ibp": res.ibp_lower}
             # NaN (inf - inf after a float overflow) carries no information: widen it
             sane = Interval(lo, up).sanitized()
             lo, up = sane.lower, sane.upper
             nodes = {k: v.sanitized() for k, v in nodes.items()}
         dt = time.perf_counter() - t0
-        return BoundResult(lo, up, method, C, nodes, dt)
+        return BoundResult(lo, up, method, C, nodes, dt, parts)

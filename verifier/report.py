@@ -5,8 +5,9 @@ Each input file is recognised by its content:
 * a **results CSV** (``verifier batch --out``: ``onnx,vnnlib,status,time_s,method,reason``;
   ``benchmarks/vnncomp.py --out``: ``benchmark,onnx,vnnlib,status,expected,time_s,method``; any
   CSV whose header names ``status`` and ``time_s``): a per-instance table, the verdict counts
-  (and wrong verdicts where an ``expected`` column says sat/unsat), and a cactus plot: instances
-  solved (sat or unsat) within a time t, against t;
+  (and wrong verdicts where an ``expected`` column says sat/unsat), and a cactus plot over all
+  results files, one line each (the field's convention: instances solved, sat or unsat, on x;
+  the time of the k-th fastest on a log y axis);
 * the JSON of ``verifier verify --json``: a results table of one instance;
 * the JSON of ``verifier bounds --json``: the bounds per sample; with ``--per-layer`` also the
   mean bound width of every node for IBP, CROWN and alpha-CROWN, in a table and a plot;
@@ -143,18 +144,32 @@ def verdict_counts(rows) -> dict:
     return c
 
 
+def short_names(paths) -> list[str]:
+    """The file names of ``paths``, each with as many parent folders as it takes to tell it
+    apart from the others (``a/results.csv``, ``b/results.csv``: two runs of one tool)."""
+    parts = [Path(p).parts for p in paths]
+    out = []
+    for i, pi in enumerate(parts):
+        k = 1
+        while k < len(pi) and any(pj != pi and pj[-k:] == pi[-k:]
+                                  for j, pj in enumerate(parts) if j != i):
+            k += 1
+        out.append("/".join(pi[-k:]))
+    return out
+
+
 def cactus_series(sources) -> list[tuple[str, list[float]]]:
     """(label, sorted times of the solved instances) per results file, and per benchmark when a
-    file holds several benchmarks. Point k of a series: k + 1 instances solved within t_k."""
+    file holds several benchmarks; labels are the file names (with parent folders where two
+    files share a name). Point k of a series: k + 1 instances solved within t_k."""
     out = []
-    for s in sources:
-        if s.kind != "results":
-            continue
+    results = [s for s in sources if s.kind == "results"]
+    for s, name in zip(results, short_names([s.path for s in results])):
         groups: dict[str, list[dict]] = {}
         for r in s.data:
             groups.setdefault(r.get("benchmark", ""), []).append(r)
         for bench, rows in groups.items():
-            label = s.label if len(groups) == 1 else f"{s.label}: {bench}"
+            label = name if len(groups) == 1 else f"{name}: {bench}"
             out.append((f"{label} ({sum(r['status'] in SOLVED for r in rows)}/{len(rows)})",
                         sorted(r["time_s"] for r in rows if r["status"] in SOLVED)))
     return out
@@ -213,30 +228,62 @@ def _png(fig, plt) -> bytes:
     return buf.getvalue()
 
 
-def plot_cactus(series, plt) -> bytes:
+# one (marker, linestyle, markersize, linewidth) per line, in drawing order: each later line is
+# thinner with smaller markers and drawn on top, so a line that coincides with an earlier one
+# stays visible inside it (and the earlier one around it)
+LINE_STYLES = [("o", "-", 9, 2.6), ("s", "--", 6.5, 1.9), ("^", ":", 4.5, 1.5),
+               ("D", "-.", 3.5, 1.2), ("v", (0, (5, 1, 1, 1)), 3, 1.0),
+               ("x", (0, (1, 2)), 3, 0.9)]
+
+
+def _style(i: int) -> dict:
+    marker, ls, ms, lw = LINE_STYLES[i % len(LINE_STYLES)]
+    return {"marker": marker, "linestyle": ls, "markersize": ms, "linewidth": lw,
+            "zorder": 2 + i, "color": f"C{i % 10}"}
+
+
+def cactus_figure(series, plt):
+    """The cactus plot of ``cactus_series``, the field's convention: point k of a line is
+    (k, the k-th smallest solve time), instances solved on x and time per instance on a log y
+    axis, one line per series, so a line further right and lower solves more, faster. Times of
+    0 are drawn at the smallest time shown (log scale). -> the matplotlib Figure."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    tmax = max((t[-1] for _, t in series if t), default=1.0)
-    tmin = min((t[0] for _, t in series if t), default=1.0)
-    for label, times in series:
-        xs = [0.0, *times]
-        ax.step(xs, list(range(len(xs))), where="post", marker="." if times else None,
-                label=label)
-    if tmin > 0 and tmax / tmin > 100:
-        ax.set_xscale("log")
-    ax.set_xlabel("time per instance (s)")
-    ax.set_ylabel("instances solved (sat or unsat)")
-    ax.set_title("cactus plot: instances solved within a time")
-    ax.grid(alpha=0.3)
+    pos = [t for _, times in series for t in times if t > 0]
+    floor = min(pos) if pos else 1e-3
+    for i, (label, times) in enumerate(series):
+        ax.plot(list(range(1, len(times) + 1)), [max(t, floor) for t in times], label=label,
+                **_style(i))
+    ax.set_yscale("log")
+    n_max = max((len(t) for _, t in series), default=0)
+    ax.set_xlim(0, n_max + 1)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("instances solved (sat or unsat)")
+    ax.set_ylabel("time per instance (s, log)")
+    ax.set_title("cactus plot: k-th fastest solved instance")
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _png(fig, plt)
+    return fig
 
 
-def plot_layer_widths(per_layer: dict, plt) -> bytes:
+def plot_cactus(series, plt) -> bytes:
+    return _png(cactus_figure(series, plt), plt)
+
+
+# horizontal offset between the methods' lines of the per-node width plot, in nodes
+WIDTH_OFFSET = 0.08
+
+
+def layer_widths_figure(per_layer: dict, plt):
+    """Mean bound width per node (log y), one line per method with its own marker, line style,
+    size and a small horizontal offset, so that methods with equal widths (CROWN-IBP and IBP on
+    every intermediate node, say) all stay visible. -> the matplotlib Figure."""
     fig, ax = plt.subplots(figsize=(max(6.4, 0.45 * len(per_layer["nodes"])), 4))
     xs = list(range(len(per_layer["nodes"])))
-    for m, ws in per_layer["width"].items():
-        pts = [(x, w) for x, w in zip(xs, ws) if w is not None and w > 0]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    ms = list(per_layer["width"])
+    for i, m in enumerate(ms):
+        dx = (i - (len(ms) - 1) / 2) * WIDTH_OFFSET
+        pts = [(x + dx, w) for x, w in zip(xs, per_layer["width"][m]) if w is not None and w > 0]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=m, **_style(i))
     ax.set_yscale("log")
     ax.set_xticks(xs)
     ax.set_xticklabels(per_layer["nodes"], rotation=60, ha="right", fontsize=7)
@@ -244,7 +291,11 @@ def plot_layer_widths(per_layer: dict, plt) -> bytes:
     ax.set_title("bound width per node")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig, plt)
+    return fig
+
+
+def plot_layer_widths(per_layer: dict, plt) -> bytes:
+    return _png(layer_widths_figure(per_layer, plt), plt)
 
 
 def has_eps_grid(d: dict) -> bool:
@@ -437,9 +488,11 @@ def _bounds_html(s: Source, plt) -> str:
     d = s.data
     n = len(d["lower"])
     ver = d["verified"] or [None] * n
+    by = d.get("proved_by") or [None] * n
     flat = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
-    rows = [[i, _num(min(flat(lo))), _num(max(flat(up))), "-" if v is None else ("yes" if v else "no")]
-            for i, (lo, up, v) in enumerate(zip(d["lower"], d["upper"], ver))]
+    word = lambda v, b: "-" if v is None else (("yes" + (f" ({b})" if b else "")) if v else "no")  # noqa: E731
+    rows = [[i, _num(min(flat(lo))), _num(max(flat(up))), word(v, b)]
+            for i, (lo, up, v, b) in enumerate(zip(d["lower"], d["upper"], ver, by))]
     what = "margin" if d["verified"] is not None else "output"
     parts = [f"<p>{n} sample(s); bounds of the {what}s"
              + (f" by {_e(d['method'])}" if d.get("method") else "")

@@ -110,7 +110,7 @@ def test_json_schema_is_exact(cli, tiny):
         assert r.code == 0 and r.err == ""
         assert r.out.endswith("\n") and r.out.count("\n") == 1      # one JSON line, nothing else
         d = json.loads(r.out)
-        assert list(d) == ["lower", "upper", "verified", "time_s"]
+        assert list(d) == ["lower", "upper", "verified", "proved_by", "time_s"]
         for k in ("lower", "upper"):
             assert len(d[k]) == 4 and all(len(row) == n_rows for row in d[k])
             assert all(isinstance(v, float) for row in d[k] for v in row)
@@ -227,3 +227,29 @@ def test_example_batch_of_five_with_label_file(cli):
     assert r.code == 0, r.err
     assert np.array(r.json["lower"]).shape == (5, 9) and len(r.json["verified"]) == 5
     assert all(math.isfinite(v) for row in r.json["lower"] for v in row)
+
+
+def test_each_verified_sample_says_which_bound_proved_it(cli, tmp_path):
+    """The IBP-trained cert_mnist_03 at eps 0.3 on MNIST test digits 0, 8 and 59: CROWN's own
+    bound proves digit 0 only, IBP's proves all three (checked with --method ibp), and CROWN's
+    final bounds are intersected with IBP's, so all three are verified, 8 and 59 "(ibp)"."""
+    d = np.load(EXAMPLES / "mnist_test100.npz")
+    np.save(tmp_path / "x.npy", d["x"][[0, 8, 59]])
+    np.save(tmp_path / "y.npy", d["y"][[0, 8, 59]])
+    args = ("bounds", REPO / "models" / "cert_mnist_03.onnx", "--input", tmp_path / "x.npy",
+            "--eps", 0.3, "--clip", 0, 1, "--label", tmp_path / "y.npy")
+    ibp = cli(*args, "--method", "ibp", "--json")
+    assert ibp.code == 0, ibp.err
+    assert ibp.json["verified"] == [True] * 3 and ibp.json["proved_by"] == ["ibp"] * 3
+    r = cli(*args, "--method", "crown", "--json")
+    assert r.code == 0, r.err
+    assert r.json["verified"] == [True] * 3
+    assert r.json["proved_by"] == ["crown", "ibp", "ibp"]
+    assert (np.array(r.json["lower"]) >= np.array(ibp.json["lower"]) - 1e-4).all()
+    text = cli(*args, "--method", "crown")
+    assert text.code == 0, text.err
+    verdicts = re.findall(r"verified: (yes \(\S+\)|no)", text.out)
+    assert verdicts == ["yes (crown)", "yes (ibp)", "yes (ibp)"]
+    assert "verified: 3 of 3 samples" in text.out
+    unlabelled = cli(*args[:-2], "--json")
+    assert unlabelled.json["proved_by"] is None and unlabelled.json["verified"] is None

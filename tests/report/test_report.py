@@ -3,6 +3,7 @@ cactus series, per-node widths), the page itself, and the ``verifier report`` co
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -143,7 +144,7 @@ def test_bounds_json_without_per_layer_says_how_to_get_it(tmp_path, capsys):
                            ROOT / "examples" / "data" / "mnist_sample.npy", "--eps", "0.02",
                            "--json")
     assert code == 0
-    assert set(json.loads(out)) == {"lower", "upper", "verified", "time_s"}
+    assert set(json.loads(out)) == {"lower", "upper", "verified", "proved_by", "time_s"}
     p = tmp_path / "b.json"
     p.write_text(out)
     page = render_html([load(p)])
@@ -307,3 +308,13 @@ def test_lipschitz_page_plots_its_training_curves(files, tmp_path):
     p.write_text(json.dumps(d))
     assert set(embedded_pngs(render_html([load(p)]))) == {"certified accuracy vs radius",
                                                          "training curves"}
+
+
+def test_bounds_table_says_which_bound_proved_each_sample(tmp_path):
+    p = tmp_path / "b.json"
+    p.write_text(json.dumps({"lower": [[1.0], [0.5], [-1.0]], "upper": [[2.0], [1.0], [1.0]],
+                             "verified": [True, True, False],
+                             "proved_by": ["crown", "ibp", None], "time_s": 0.1}))
+    page = render_html([load(p)], plots=False)
+    cells = re.findall(r"<td>(yes[^<]*|no)</td>", page)
+    assert cells == ["yes (crown)", "yes (ibp)", "no"]

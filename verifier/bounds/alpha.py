@@ -50,7 +50,7 @@ from ..bound_types import Interval
 from ..graph.nodes import Graph
 from ..ops import RULES
 from ..perturbation import Perturbation
-from .crown import backward_bound, crown_bounds
+from .crown import CrownBounds, backward_bound, crown, ibp_spec_bounds
 from .optimize import projected_optimize
 
 # elements of the A tensors of one chunk of rows in the intermediate optimization
@@ -153,14 +153,24 @@ def _downstream(graph, name, cur):
 
 
 def alpha_crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor | None,
-                       iterations: int = 50, lr: float = 0.5, lr_decay: float = 0.98,
-                       patience: int = 10, deadline: float | None = None,
-                       intermediate: bool = True, intermediate_iterations: int = 20):
-    """-> (lower, upper, bounds) like ``crown_bounds``, tightened by optimized slopes
-    (``intermediate``: the pre-activation bounds first, ``intermediate_iterations`` steps per
-    node; see the module doc). ``deadline``: a ``time.perf_counter()`` value after which the
-    optimization stops with the best bounds found so far."""
-    lo0, up0, bounds = crown_bounds(graph, leaves, C, method="crown")
+                       **options):
+    """-> (lower, upper, bounds) of ``alpha_crown`` (same options)."""
+    res = alpha_crown(graph, leaves, C, **options)
+    return res.lower, res.upper, res.nodes
+
+
+def alpha_crown(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor | None,
+                iterations: int = 50, lr: float = 0.5, lr_decay: float = 0.98,
+                patience: int = 10, deadline: float | None = None,
+                intermediate: bool = True, intermediate_iterations: int = 20) -> CrownBounds:
+    """``CrownBounds`` like ``crown``'s, tightened by optimized slopes (``intermediate``: the
+    pre-activation bounds first, ``intermediate_iterations`` steps per node; see the module
+    doc). ``deadline``: a ``time.perf_counter()`` value after which the optimization stops with
+    the best bounds found so far. With C, ``own_lower`` is the optimized backward bound (never
+    below CROWN's own) and ``lower`` its max with the interval bound over the tightened
+    intermediate bounds and with CROWN's (``A`` and ``linear_lower`` are not kept)."""
+    res0 = crown(graph, leaves, C, method="crown")
+    lo0, up0, bounds = res0.lower, res0.upper, res0.nodes
     out = graph.output
     ref = bounds[out].lower
     B = ref.shape[0]
@@ -175,12 +185,19 @@ def alpha_crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.T
                                        lr_decay, patience, deadline)
     alphas, ranges = _slopes(graph, bounds, out, B, S, ref.dtype)
     if not alphas:
-        return lo0, up0, bounds
+        return CrownBounds(lo0, up0, bounds, own_lower=res0.own_lower, ibp_lower=res0.ibp_lower)
+    # the optimization starts from CROWN's own rows, so that ``own_lower`` is a backward bound
+    own0 = lo0 if C is None else res0.own_lower
     best_l, best_u = _optimize(lambda: backward_bound(graph, out, spec, bounds, leaves, alpha=alphas),
-                               alphas, ranges, lo0.reshape(B, S), up0.reshape(B, S), iterations,
+                               alphas, ranges, own0.reshape(B, S), up0.reshape(B, S), iterations,
                                lr, lr_decay, patience, deadline)
     bounds = {k: Interval(v.lower.detach(), v.upper.detach()) for k, v in bounds.items()}
     if C is None:
         best_l, best_u = best_l.view_as(ref), best_u.view_as(ref)
         bounds[out] = bounds[out].intersect(Interval(best_l, best_u))
-    return best_l, best_u, bounds
+        return CrownBounds(bounds[out].lower, bounds[out].upper, bounds)
+    ilo, iup = ibp_spec_bounds(graph, bounds, C)
+    ilo = torch.maximum(ilo, res0.ibp_lower)
+    lo = torch.maximum(torch.maximum(best_l, ilo), lo0)
+    up = torch.minimum(torch.minimum(best_u, iup), up0)
+    return CrownBounds(lo, up, bounds, own_lower=best_l, ibp_lower=ilo)

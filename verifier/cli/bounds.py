@@ -133,7 +133,7 @@ def _describe_set(a: argparse.Namespace, n: int) -> str:
     return f"box [{a.lower}, {a.upper}] ({n} sample{s})"
 
 
-def _print_table(a, lower, upper, labels, verified, n_out, time_s) -> None:
+def _print_table(a, lower, upper, labels, verified, n_out, time_s, proved_by=None) -> None:
     print(f"{a.method} bounds of {a.model}")
     print(f"input set: {_describe_set(a, len(lower))}")
     for i, (lo, up) in enumerate(zip(lower, upper)):
@@ -150,7 +150,7 @@ def _print_table(a, lower, upper, labels, verified, n_out, time_s) -> None:
             print(f"  {r:>6} {l_:>14.6g} {u_:>14.6g}")
         if verified is not None:
             k = min(range(len(lo)), key=lambda t: lo[t])
-            word = "yes" if verified[i] else "no"
+            word = f"yes ({proved_by[i]})" if verified[i] else "no"
             print(f"  verified: {word} (smallest margin lower bound {lo[k]:.6g} at j={rows[k]})")
     if verified is not None:
         print(f"\nverified: {sum(verified)} of {len(verified)} samples")
@@ -216,13 +216,16 @@ def cmd_bounds(a: argparse.Namespace) -> int:
         raise RuntimeError("the engine returned NaN bounds (a floating-point overflow? try "
                            "--dtype float64 or a smaller --eps)")
     verified = None if labels is None else [bool(v) for v in (lower > 0).all(dim=1)]
+    proved_by = None if labels is None else [
+        (p or a.method) if v else None for v, p in zip(verified, res.proved_by)]
     lower, upper = lower.tolist(), upper.tolist()
     if a.json:
-        d = {"lower": lower, "upper": upper, "verified": verified, "time_s": time_s}
+        d = {"lower": lower, "upper": upper, "verified": verified, "proved_by": proved_by,
+             "time_s": time_s}
         if a.per_layer:
             d["method"] = a.method
             d["per_layer"] = per_layer_widths(model, pert, spec)
         print(json.dumps(d))
     else:
-        _print_table(a, lower, upper, labels, verified, n_out, time_s)
+        _print_table(a, lower, upper, labels, verified, n_out, time_s, proved_by)
     return EXIT_OK
