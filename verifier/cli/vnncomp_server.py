@@ -1,5 +1,5 @@
 """A warm verifier process for the VNN-COMP scripts, so that each instance does not pay for
-importing torch, onnx2torch and onnxruntime (about 3 s of CPU on a 2-core machine).
+importing torch, onnx and onnxruntime (a few seconds of CPU on a 2-core machine).
 
 ``prepare_instance.sh`` starts ``python -m verifier.cli.vnncomp_server serve SOCKET`` once (it
 only imports; no analysis of the instance happens before ``run_instance.sh``), and
@@ -23,10 +23,11 @@ def serve(path: str) -> int:
     # the imports are the point: warm them here, not at the top, so that the client (``run``)
     # starts without torch
     import torch
-    import onnx2torch  # noqa: F401
+    import onnx  # noqa: F401
     import onnxruntime  # noqa: F401
 
     from ..complete import verify  # noqa: F401
+    from ..graph import onnx_ops  # noqa: F401  (the ONNX reader's op table)
     torch.set_num_threads(1)
     if os.path.exists(path):
         os.unlink(path)
