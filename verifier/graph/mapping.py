@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 
 import torch
 import torch.nn as nn
@@ -846,8 +847,12 @@ def onnx_min_max(b, n, mod, *tensors):
 
 
 def _onnx_classes():
-    """onnx2torch's module classes, imported lazily and only where present."""
+    """onnx2torch's module classes, only once onnx2torch is imported (by the ONNX loader's
+    fallback): importing it here would cost start-up time (it imports torchvision)."""
     import importlib
+    import sys
+    if "onnx2torch" not in sys.modules:
+        return {}
     names = {
         "reshape": ["OnnxReshape"], "transpose": ["OnnxTranspose"], "slice": ["OnnxSlice", "OnnxSliceV9"],
         "gather": ["OnnxGather", "OnnxGatherElements", "OnnxGatherND"],
@@ -943,7 +948,7 @@ FUNCTIONS = {
     torch.flatten: select, torch.reshape: select, torch.permute: select, torch.transpose: select,
     torch.squeeze: select, torch.unsqueeze: select, operator.getitem: select, F.pad: select,
     torch.narrow: select, torch.t: select, torch.movedim: select, torch.index_select: select,
-    torch.select: select,
+    torch.select: select, torch.gather: select,
     torch.cat: cat, torch.concat: cat, F.linear: linear_fn, F.conv1d: conv_fn, F.conv2d: conv_fn,
     F.avg_pool1d: avgpool_fn, F.avg_pool2d: avgpool_fn, F.max_pool2d: maxpool_fn, F.dropout: alias,
     F.batch_norm: batchnorm_fn,
@@ -975,14 +980,16 @@ METHODS = {
 }
 
 _MODULES = None
+_MODULES_ONNX2TORCH = False   # whether the table holds onnx2torch's classes
 
 
 def map_node(b, n):
-    global _MODULES
+    global _MODULES, _MODULES_ONNX2TORCH
     args = b.resolve(n.args)
     kwargs = b.resolve(n.kwargs)
     if n.op == "call_module":
-        if _MODULES is None:
+        if _MODULES is None or (not _MODULES_ONNX2TORCH and "onnx2torch" in sys.modules):
+            _MODULES_ONNX2TORCH = "onnx2torch" in sys.modules
             _MODULES = _build_module_table()
         mod = b.gm.get_submodule(n.target)
         h = _MODULES.get(type(mod))

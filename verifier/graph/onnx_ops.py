@@ -157,12 +157,11 @@ def _prelu(r, node, ins, attrs):
 
 
 def _old_broadcast(r, attrs, a: V, b: V) -> V:
-    """Before opset 7, ``broadcast=1, axis=k`` aligns b's dims with a's from dim k on."""
-    if r.opset >= 7 or not attrs.get("broadcast") or "axis" not in attrs:
-        return b
-    k = _axis(int(attrs["axis"]), _rank(a))
-    t = _const(b, "second operand (old-style broadcast)")
-    return r.const(t.reshape(tuple(t.shape) + (1,) * (_rank(a) - k - t.ndim)))
+    """Before opset 7, ``broadcast=1, axis=k`` aligned b's dims with a's from dim k on: not read
+    (onnxruntime runs none of these ops either)."""
+    if r.opset < 7 and attrs.get("broadcast") and "axis" in attrs:
+        raise ReadProblem("old-style broadcast (broadcast=1 with axis, before opset 7)")
+    return b
 
 
 def _int_div(a, b):

@@ -13,9 +13,9 @@ functions read are buffers of the ``initializers`` submodule; ``aliases`` maps b
 the ONNX initializer names. fx node names are the ONNX node names in fx's style
 (``/fc1/Gemm`` -> ``fc1_gemm``).
 
-Ops without a reader (``verifier.graph.onnx_ops.OPS``) are reported all at once before
-anything is built; an op whose attributes the reader cannot express is reported with its node
-name, and reading goes on past it so that every such node is listed at once.
+Every node whose op has no reader (``verifier.graph.onnx_ops.OPS``), or whose attributes the
+reader cannot express, is reported at once in one ``UnsupportedOpsError`` with its node name:
+reading goes on past it (the nodes that read its outputs are skipped, not reported).
 """
 from __future__ import annotations
 
@@ -218,18 +218,16 @@ class ReadModel:
     aliases: dict[str, str] = field(default_factory=dict)
 
 
-def unknown_ops(model) -> list[tuple[str, str]]:
-    """Every node whose op the reader does not know: [(node name, what)]."""
+def _unknown(node, opsets) -> str | None:
+    """Why the reader cannot read ``node``'s op (None where it can)."""
     from .onnx_ops import OPS
-    opsets = {o.domain or "": o.version for o in model.opset_import}
-    out = []
-    for i, node in enumerate(model.graph.node):
-        domain = node.domain or ""
-        version = opsets.get(domain, opsets.get("ai.onnx", opsets.get("", 1)))
-        if domain not in ("", "ai.onnx") or node.op_type not in OPS:
-            out.append((node.name or f"node{i}", f"ONNX op {node.op_type} (opset {version})"
-                        + (f", domain {domain}" if domain not in ("", "ai.onnx") else "")))
-    return out
+    domain = node.domain or ""
+    version = opsets.get(domain, opsets.get("ai.onnx", opsets.get("", 1)))
+    if domain not in ("", "ai.onnx"):
+        return f"ONNX op {node.op_type} (domain {domain}, opset {version}): unknown op"
+    if node.op_type not in OPS:
+        return f"ONNX op {node.op_type} (opset {version}): unknown op"
+    return None
 
 
 def read_model(model, input_shapes: list[tuple]) -> ReadModel:
@@ -239,9 +237,6 @@ def read_model(model, input_shapes: list[tuple]) -> ReadModel:
     from onnx import numpy_helper
 
     from .onnx_ops import OPS
-    missing = unknown_ops(model)
-    if missing:
-        raise UnsupportedOpsError(missing)
     opsets = {o.domain or "": o.version for o in model.opset_import}
     r = Reader(opsets.get("", opsets.get("ai.onnx", 1)))
     env: dict[str, V | None] = {}
@@ -270,6 +265,12 @@ def read_model(model, input_shapes: list[tuple]) -> ReadModel:
                 env[o] = poisoned
             continue
         missing_in = [n for n, v in zip(node.input, ins) if n and v is None]
+        unknown = _unknown(node, opsets)
+        if unknown:
+            problems.append((node.name or f"node{idx}", unknown))
+            for o in node.output:
+                env[o] = poisoned
+            continue
         try:
             if missing_in:
                 raise ReadProblem(f"reads {missing_in}, which no node computes")
