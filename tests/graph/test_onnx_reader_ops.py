@@ -280,9 +280,10 @@ def test_reader_bounds_contain_onnxruntime_outputs(m, bounded, tmp_path):
 
 def test_unknown_and_unreadable_nodes_are_all_listed(tmp_path):
     """Unknown ops (any domain) and nodes whose attributes the reader cannot express are
-    reported together, by node name; nodes that read a reported node's output are not."""
+    reported together, by node name; known ops that read a reported node's output are not,
+    unknown ones are."""
     nodes = [N("FancyA", ["x"], "a", name="fancy_a", domain="my.domain"),
-             N("Relu", ["a"], "ra", name="after_fancy"),
+             N("Relu", ["a"], "ra0", name="after_fancy"), N("FancyB", ["ra0"], "ra", name="fancy_b"),
              N("MaxPool", ["x"], "p", name="asym_pool", kernel_shape=[2, 2], pads=[0, 0, 1, 1]),
              N("Hardmax", ["x"], "h", name="hard"),
              N("Add", ["ra", "p"], "s", name="sum1"), N("Add", ["s", "h"], "y", name="sum2")]
@@ -295,7 +296,7 @@ def test_unknown_and_unreadable_nodes_are_all_listed(tmp_path):
     with pytest.raises(UnsupportedOpsError) as info:
         load_onnx(path, converter="reader")
     names = [n for n, _ in info.value.problems]
-    assert names == ["fancy_a", "asym_pool", "hard"]
+    assert names == ["fancy_a", "fancy_b", "asym_pool", "hard"]
     msg = str(info.value)
     assert "FancyA" in msg and "my.domain" in msg and "asymmetric pads" in msg and "Hardmax" in msg
 

@@ -15,7 +15,7 @@ the ONNX initializer names. fx node names are the ONNX node names in fx's style
 
 Every node whose op has no reader (``verifier.graph.onnx_ops.OPS``), or whose attributes the
 reader cannot express, is reported at once in one ``UnsupportedOpsError`` with its node name:
-reading goes on past it (the nodes that read its outputs are skipped, not reported).
+reading goes on past it (the known ops that read its outputs are skipped, not reported).
 """
 from __future__ import annotations
 
@@ -111,13 +111,14 @@ class Reader:
         self.root.add_module("initializers", nn.Module())
         self.aliases: dict[str, str] = {}       # parameter / buffer path -> ONNX initializer
         self._attr_nodes: dict[int, fx.Node] = {}
-        self._names: set[str] = set()
         self.onnx_node = None                    # the ONNX node being read
         self._index = 0
 
     # -- naming ----------------------------------------------------------------------------
     def _node_name(self, tag: str | None) -> str:
-        base = fx_name(self.onnx_node.name or f"{self.onnx_node.op_type}_{self._index}")
+        """The ONNX node's name in fx's style (its op type where it has none; fx adds ``_1``,
+        ``_2``... to names taken), plus ``_tag`` for an inner node."""
+        base = fx_name(self.onnx_node.name or self.onnx_node.op_type)
         return base if tag is None else f"{base}_{tag}"
 
     def _unique(self, name: str, taken) -> str:
@@ -206,9 +207,8 @@ class Reader:
                     r2 = call(_subst(args, 2), _subst(kwargs, 2))
             except Exception:
                 r2 = None
-        node = self.graph.create_node(kind, target, fa, fk,
-                                      name=self._unique(self._node_name(tag), self._names))
-        self._names.add(node.name)   # fx may add a suffix (names of Python builtins)
+        # fx adds a suffix to names taken and to the names of Python builtins
+        node = self.graph.create_node(kind, target, fa, fk, name=self._node_name(tag))
         return V(node, r1, r2)
 
 
@@ -249,8 +249,7 @@ def read_model(model, input_shapes: list[tuple]) -> ReadModel:
     for i, shape in zip(inputs, input_shapes):
         dtype = _DTYPES.get(i.type.tensor_type.elem_type, torch.float32)
         shape = tuple(max(1, int(d)) for d in shape)
-        node = r.graph.placeholder(r._unique(fx_name(i.name) if i.name else "input", r._names))
-        r._names.add(node.name)
+        node = r.graph.placeholder(fx_name(i.name) if i.name else "input")
         x1 = torch.zeros((1, *shape[1:]) if shape else (), dtype=dtype)
         x2 = torch.zeros((2, *shape[1:]), dtype=dtype) if shape else None
         env[i.name] = V(node, x1, x2)
@@ -260,17 +259,14 @@ def read_model(model, input_shapes: list[tuple]) -> ReadModel:
     for idx, node in enumerate(model.graph.node):
         r.onnx_node, r._index = node, idx
         ins = [env.get(n) if n else None for n in node.input]
-        if any(v is poisoned for v in ins):
+        unknown = _unknown(node, opsets)
+        if unknown:   # listed even after another problem: every unknown op at once
+            problems.append((node.name or f"node{idx}", unknown))
+        if unknown or any(v is poisoned for v in ins):
             for o in node.output:
                 env[o] = poisoned
             continue
         missing_in = [n for n, v in zip(node.input, ins) if n and v is None]
-        unknown = _unknown(node, opsets)
-        if unknown:
-            problems.append((node.name or f"node{idx}", unknown))
-            for o in node.output:
-                env[o] = poisoned
-            continue
         try:
             if missing_in:
                 raise ReadProblem(f"reads {missing_in}, which no node computes")
