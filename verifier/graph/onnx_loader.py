@@ -38,7 +38,7 @@ class OnnxModel:
 
 
 def read_onnx_proto(path):
-    import onnx
+    from .onnx_proto import model_class
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file")
@@ -49,7 +49,7 @@ def read_onnx_proto(path):
         else:
             with open(path, "rb") as f:
                 data = f.read()
-        model = onnx.load_model_from_string(data)
+        model = model_class().FromString(data)
     except Exception as e:
         raise ModelLoadError(f"{path}: not a readable ONNX file ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else 'decode error'})") from None

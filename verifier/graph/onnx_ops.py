@@ -719,17 +719,29 @@ def _pad(r, node, ins, attrs):
     return r.call(F.pad, x, tuple(torch_pad), tmode)
 
 
+def _broadcast(a: tuple, b: tuple) -> list:
+    """numpy's broadcast of two shapes (torch.broadcast_shapes imports sympy on first use)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
+    out = []
+    for x, y in zip(a, b):
+        if x != y and 1 not in (x, y):
+            raise ReadProblem(f"shapes {list(a)} and {list(b)} do not broadcast")
+        out.append(x if y == 1 else y)
+    return out
+
+
 @op("Expand")
 def _expand(r, node, ins, attrs):
     x, shape = ins[0], ins[1]
     if not shape.const:
         raise ReadProblem("its shape is computed from the input's values")
-    s1 = list(torch.broadcast_shapes(tuple(x.v1.shape), tuple(shape.v1.tolist())))
+    s1 = _broadcast(tuple(x.v1.shape), tuple(shape.v1.tolist()))
     s2 = None
     if x.v2 is not None and shape.v2 is not None:
         try:
-            s2 = list(torch.broadcast_shapes(tuple(x.v2.shape), tuple(shape.v2.tolist())))
-        except RuntimeError:
+            s2 = _broadcast(tuple(x.v2.shape), tuple(shape.v2.tolist()))
+        except ReadProblem:
             s2 = None
     target = _batch_shape(x, s1, s2)
     if target[0] == -1 and len(target) != _rank(x):

@@ -234,14 +234,16 @@ def read_model(model, input_shapes: list[tuple]) -> ReadModel:
     """``model`` (an onnx.ModelProto) as an fx.GraphModule; ``input_shapes``: each input's shape
     with its batch dim (a symbolic dim given as 0 is read as 1). Raises UnsupportedOpsError
     listing every node it cannot read."""
-    from onnx import numpy_helper
-
     from .onnx_ops import OPS
+    from .onnx_proto import TensorDecodeError, to_tensor
     opsets = {o.domain or "": o.version for o in model.opset_import}
     r = Reader(opsets.get("", opsets.get("ai.onnx", 1)))
     env: dict[str, V | None] = {}
     for t in model.graph.initializer:
-        env[t.name] = r.const(torch.from_numpy(numpy_helper.to_array(t).copy()), init=t.name)
+        try:
+            env[t.name] = r.const(to_tensor(t), init=t.name)
+        except TensorDecodeError as e:
+            raise UnsupportedOpsError([(t.name, f"initializer: {e}")]) from None
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != len(input_shapes):
@@ -298,15 +300,8 @@ def read_model(model, input_shapes: list[tuple]) -> ReadModel:
 
 
 def _attr_value(a):
-    from onnx import helper, numpy_helper
-    v = helper.get_attribute_value(a)
-    if a.type == a.TENSOR:
-        return torch.from_numpy(numpy_helper.to_array(v).copy())
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, list) and v and isinstance(v[0], bytes):
-        return [s.decode() for s in v]
-    return v
+    from .onnx_proto import attribute_value
+    return attribute_value(a)
 
 
 def _onnx_dtypes() -> dict:
