@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # VNN-COMP: prepare_instance.sh v1 CATEGORY ONNX VNNLIB — checks that both files exist and
-# starts (once) a warm verifier process that has imported torch, onnx2torch and onnxruntime.
+# starts (once) a warm verifier process that has imported torch, onnx and onnxruntime.
 # No analysis of the instance happens here.
 set -u
 [ "${1:-}" = "v1" ] && [ $# -eq 4 ] || { echo "usage: $0 v1 CATEGORY ONNX VNNLIB" >&2; exit 1; }
