@@ -357,3 +357,17 @@ def test_reading_imports_neither_onnx2torch_nor_torchvision(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_each_constant_gets_its_own_buffer():
+    """Constants made while reading one op and then dropped (e.g. normalized indices) each get
+    their own buffer: a cache keyed by a freed object's id would hand out another's."""
+    from types import SimpleNamespace
+
+    from verifier.graph.onnx_reader import Reader
+    r = Reader(13)
+    r.onnx_node = SimpleNamespace(name="n", op_type="Gather", output=["out"])
+    nodes = [r.attr(r.const(torch.tensor([float(k)]))) for k in range(4)]
+    assert len({n.target for n in nodes}) == 4
+    for k, n in enumerate(nodes):
+        assert float(r.root.get_submodule("initializers").get_buffer(n.target.split(".")[1])) == k

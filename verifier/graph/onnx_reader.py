@@ -110,7 +110,7 @@ class Reader:
         self.root = nn.Module()
         self.root.add_module("initializers", nn.Module())
         self.aliases: dict[str, str] = {}       # parameter / buffer path -> ONNX initializer
-        self._attr_nodes: dict[int, fx.Node] = {}
+        self._attr_nodes: dict[int, tuple[V, fx.Node]] = {}   # id(V) -> (V kept alive, node)
         self.onnx_node = None                    # the ONNX node being read
         self._index = 0
 
@@ -147,8 +147,9 @@ class Reader:
             holder.register_buffer(name, v.v1)
             if v.init:
                 self.aliases[f"initializers.{name}"] = v.init
-            self._attr_nodes[key] = self.graph.get_attr(f"initializers.{name}")
-        return self._attr_nodes[key]
+            # the V is kept with its node: a freed V's id could be another V's
+            self._attr_nodes[key] = (v, self.graph.get_attr(f"initializers.{name}"))
+        return self._attr_nodes[key][1]
 
     # -- emitting --------------------------------------------------------------------------
     def call(self, target, *args, tag: str | None = None, kind: str = "call_function",
