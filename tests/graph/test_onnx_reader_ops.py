@@ -371,3 +371,21 @@ def test_each_constant_gets_its_own_buffer():
     assert len({n.target for n in nodes}) == 4
     for k, n in enumerate(nodes):
         assert float(r.root.get_submodule("initializers").get_buffer(n.target.split(".")[1])) == k
+
+
+def test_onnx2torch_is_the_fallback_for_ops_the_reader_lacks(tmp_path):
+    """GatherND has no reader: with onnx2torch installed the model is converted by it (and
+    still computes what onnxruntime computes); the reader alone lists the op."""
+    m = model([N("Relu", ["x"], "r"), N("GatherND", ["r", "i"], name="gnd")], [3, 2],
+              {"i": np.array([[[0, 2], [0, 0]]], dtype=np.int64)})
+    path = tmp_path / "m.onnx"
+    onnx.save(m, str(path))
+    with pytest.raises(UnsupportedOpsError, match="GatherND"):
+        load_onnx(path, converter="reader")
+    pytest.importorskip("onnx2torch")
+    om = load_onnx(path)
+    assert om.converter == "onnx2torch"
+    x = np.random.default_rng(0).standard_normal((1, 3, 2)).astype(np.float32)
+    with torch.no_grad():
+        got = om.module.eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, _ort(m, x)[0], rtol=1e-6)
