@@ -39,7 +39,7 @@ def main() -> None:
                for m in ("ibp", "crown-ibp", "crown")]
         print(f"{eps:7.3f} " + " ".join(f"{v:10.4f}" for v in row))
 
-    # Intermediate bounds, by node name (onnx2torch's names, as listed in the graph above)
+    # Intermediate bounds, by node name (the ONNX node names in fx's style, as listed above)
     res = model.bounds(LpBall(x, eps=0.01, clip=(0.0, 1.0)), method="crown", spec=spec)
     for node in ("_1_gemm", "_3_gemm"):
         iv = res[node]

@@ -23,7 +23,7 @@ from verifier.errors import MissingDependencyError
 ROOT = Path(__file__).resolve().parents[1]
 TEST_BENCH = ROOT / "tests" / "data" / "vnncomp_test"
 # import name -> pip name, where they differ
-PIP_NAMES = {"yaml": "pyyaml", "sklearn": "scikit-learn"}
+PIP_NAMES = {"yaml": "pyyaml", "sklearn": "scikit-learn", "google": "protobuf"}
 # the repository's model zoo (models/), not an installed package
 NOT_PACKAGES = {"models"}
 

@@ -1,4 +1,4 @@
-"""The ONNX path (BoundedModel.from_onnx through onnx2torch): our forward equals onnxruntime's
+"""The ONNX path (BoundedModel.from_onnx through the ONNX reader): our forward equals onnxruntime's
 within 1e-5, and IBP / CROWN / CROWN-IBP bounds are sound (outputs and every intermediate node),
 for (1) a torch model exported with torch.onnx.export (Sub/Div normalization, Conv, Relu, Pad,
 Slice, Transpose, Gather, Concat, Reshape through a Shape chain, Gemm) and (2) a graph written

@@ -90,7 +90,7 @@ def test_supported_parts_are_not_reported():
 
 
 def test_unsupported_ops_in_onnx_graph_all_listed(tmp_path):
-    """Ops onnx2torch converts but we cannot bound (Floor, Selu, Sign) are all reported."""
+    """Ops the ONNX reader reads but we cannot bound (Floor, Selu, Sign) are all reported."""
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3])
     y = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3])
     nodes = [

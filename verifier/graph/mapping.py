@@ -847,10 +847,10 @@ def onnx_min_max(b, n, mod, *tensors):
 
 
 def _onnx_classes():
-    """onnx2torch's module classes, where onnx2torch is already imported (a module of its
-    classes can only exist then); importing it here would cost every PyTorch model the 1.5-2.5
-    s that onnx2torch and torchvision take to import."""
+    """onnx2torch's module classes, only once onnx2torch is imported (by the ONNX loader's
+    fallback): importing it here would cost start-up time (it imports torchvision)."""
     import importlib
+    import sys
     if "onnx2torch" not in sys.modules:
         return {}
     names = {
@@ -948,7 +948,7 @@ FUNCTIONS = {
     torch.flatten: select, torch.reshape: select, torch.permute: select, torch.transpose: select,
     torch.squeeze: select, torch.unsqueeze: select, operator.getitem: select, F.pad: select,
     torch.narrow: select, torch.t: select, torch.movedim: select, torch.index_select: select,
-    torch.select: select,
+    torch.select: select, torch.gather: select,
     torch.cat: cat, torch.concat: cat, F.linear: linear_fn, F.conv1d: conv_fn, F.conv2d: conv_fn,
     F.avg_pool1d: avgpool_fn, F.avg_pool2d: avgpool_fn, F.max_pool2d: maxpool_fn, F.dropout: alias,
     F.batch_norm: batchnorm_fn,
@@ -980,18 +980,16 @@ METHODS = {
 }
 
 _MODULES = None
-_MODULES_WITH_ONNX2TORCH = False
+_MODULES_ONNX2TORCH = False   # whether the table holds onnx2torch's classes
 
 
 def map_node(b, n):
-    global _MODULES, _MODULES_WITH_ONNX2TORCH
+    global _MODULES, _MODULES_ONNX2TORCH
     args = b.resolve(n.args)
     kwargs = b.resolve(n.kwargs)
     if n.op == "call_module":
-        # built once, and again once onnx2torch has been imported (an ONNX file converted
-        # after a PyTorch model was mapped)
-        if _MODULES is None or ("onnx2torch" in sys.modules and not _MODULES_WITH_ONNX2TORCH):
-            _MODULES_WITH_ONNX2TORCH = "onnx2torch" in sys.modules
+        if _MODULES is None or (not _MODULES_ONNX2TORCH and "onnx2torch" in sys.modules):
+            _MODULES_ONNX2TORCH = "onnx2torch" in sys.modules
             _MODULES = _build_module_table()
         mod = b.gm.get_submodule(n.target)
         h = _MODULES.get(type(mod))

@@ -1,7 +1,10 @@
-"""Read an ONNX file (plain or .gz) into a torch fx.GraphModule through onnx2torch.
+"""Read an ONNX file (plain or .gz) into a torch fx.GraphModule.
 
-Old opsets that onnx2torch refuses (e.g. Flatten-1, Dropout-7 in VNN-COMP files) are up-converted
-with ``onnx.version_converter`` first. Every operator without a converter is reported at once.
+The reader (``verifier.graph.onnx_reader``) writes the graph with plain torch modules and
+functions; it needs neither onnx2torch nor torchvision. Only where it lacks an op and onnx2torch
+is installed is the model converted through onnx2torch instead (imported then, never at
+start-up): old opsets that onnx2torch refuses (e.g. Flatten-1, Dropout-7) are up-converted with
+``onnx.version_converter`` first. Every operator that neither knows is reported at once.
 """
 from __future__ import annotations
 
@@ -23,16 +26,20 @@ class OnnxModel:
     input_shapes: list[tuple]  # as declared (0 or -1 for a symbolic dim)
     output_names: list[str]
     path: str
-    converted: object = None  # the onnx.ModelProto onnx2torch converted (after up-conversion)
+    converted: object = None  # the onnx.ModelProto converted (after a batch dim or up-conversion)
+    aliases: dict | None = None   # from the reader: parameter / buffer name -> ONNX initializer
+    converter: str = "reader"     # "reader" or "onnx2torch" (the fallback)
 
     def parameter_names(self) -> dict[str, str]:
         """Map the converted module's parameter and buffer names (``fc1/Gemm.weight``,
-        ``initializers.onnx_initializer_3``) to the ONNX initializer names (``fc1.weight``)."""
+        ``initializers.Operation_1_MatMul_W``) to the ONNX initializer names (``fc1.weight``)."""
+        if self.aliases is not None:
+            return dict(self.aliases)
         return onnx_parameter_names(self.module, self.converted or self.proto)
 
 
 def read_onnx_proto(path):
-    import onnx
+    from .onnx_proto import model_class
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file")
@@ -43,7 +50,7 @@ def read_onnx_proto(path):
         else:
             with open(path, "rb") as f:
                 data = f.read()
-        model = onnx.load_model_from_string(data)
+        model = model_class().FromString(data)
     except Exception as e:
         kind = sniff_format(path)
         if kind == "torch":
@@ -73,21 +80,11 @@ def _missing_converters(model) -> list[tuple[str, str]]:
     return missing
 
 
-def load_onnx(path) -> OnnxModel:
-    import onnx
-    from onnx import version_converter
+def load_onnx(path, converter: str = "auto") -> OnnxModel:
+    """``converter``: "auto" (the reader, onnx2torch where the reader lacks an op and onnx2torch
+    is installed), "reader" or "onnx2torch"."""
+    from .onnx_reader import read_model
     model = original = read_onnx_proto(path)
-    missing = _missing_converters(model)
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=1)
-    if missing and opset < TARGET_OPSET:
-        try:
-            upgraded = version_converter.convert_version(model, TARGET_OPSET)
-            if not _missing_converters(upgraded):
-                model, missing = upgraded, []
-        except Exception:
-            pass
-    if missing:
-        raise UnsupportedOpsError(missing)
     init = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in init]
     names = [i.name for i in inputs]
@@ -99,17 +96,56 @@ def load_onnx(path) -> OnnxModel:
         # checked against onnxruntime on the original file below
         model = _with_batch_dim(model, inputs[0].name)
         shapes = [(1,) + shapes[0]]
+    aliases, used = None, "reader"
+    if converter == "onnx2torch":
+        gm, model = _onnx2torch(model, path)
+        used = "onnx2torch"
+    else:
+        try:
+            read = read_model(model, shapes)
+            gm, aliases = read.module, read.aliases
+        except UnsupportedOpsError as e:
+            if converter == "reader" or not _onnx2torch_installed():
+                raise
+            try:
+                gm, model = _onnx2torch(model, path)
+                used = "onnx2torch"
+            except (UnsupportedOpsError, ModelLoadError):
+                raise e from None
+    if len(shapes[0]) >= 1 and model is not original and len(original.graph.input) and \
+            len(shapes[0]) != len(_declared_shape(original, names[0])):
+        _check_batchless(gm, original, names[0], shapes[0], path)
+    return OnnxModel(gm, original, names, shapes, [o.name for o in model.graph.output], os.fspath(path),
+                     model, aliases, used)
+
+
+def _onnx2torch_installed() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("onnx2torch") is not None
+
+
+def _onnx2torch(model, path):
+    """The fallback: ``model`` through onnx2torch (up-converted to opset 13 where that gives it a
+    converter for every op) -> (fx.GraphModule, the ModelProto converted)."""
+    from onnx import version_converter
+    missing = _missing_converters(model)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=1)
+    if missing and opset < TARGET_OPSET:
+        try:
+            upgraded = version_converter.convert_version(model, TARGET_OPSET)
+            if not _missing_converters(upgraded):
+                model, missing = upgraded, []
+        except Exception:
+            pass
+    if missing:
+        raise UnsupportedOpsError(missing)
     model = _nonnegative_reduce_axes(model)
     try:
         import onnx2torch
         gm = onnx2torch.convert(model)
     except Exception as e:
         raise ModelLoadError(f"{path}: onnx2torch cannot convert the model ({type(e).__name__}: {e})") from None
-    if len(shapes[0]) >= 1 and model is not original and len(original.graph.input) and \
-            len(shapes[0]) != len(_declared_shape(original, names[0])):
-        _check_batchless(gm, original, names[0], shapes[0], path)
-    return OnnxModel(gm, original, names, shapes, [o.name for o in model.graph.output], os.fspath(path),
-                     model)
+    return gm, model
 
 
 def onnx_parameter_names(gm, model) -> dict[str, str]:
