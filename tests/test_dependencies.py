@@ -159,3 +159,12 @@ def test_verify_api_without_onnxruntime_raises_the_typed_error(monkeypatch):
     with pytest.raises(MissingDependencyError, match="onnxruntime"):
         verify(str(TEST_BENCH / "onnx" / "test_sat.onnx"),
                str(TEST_BENCH / "vnnlib" / "test_prop.vnnlib"), timeout=30)
+
+
+def test_onnx2torch_and_torchvision_are_not_in_the_base_install():
+    """The CPU build of torch cannot import PyPI's torchvision, which onnx2torch imports."""
+    project = _pyproject()
+    assert not {"onnx2torch", "torchvision"} & _names(project["dependencies"])
+    assert "onnx2torch" in _names(project["optional-dependencies"]["onnx2torch"])
+    pins = (ROOT / "requirements.txt").read_text().split("\n")
+    assert not [p for p in pins if p.strip().startswith("torchvision")]

@@ -2,7 +2,7 @@
 packages but pip's): it installs what the documented commands need. Then, in that environment,
 the commands that used to need packages of the test extra: ``verifier train`` on its default
 dataset with a YAML config, and ``verifier verify`` on a sat instance, whose counterexample is
-replayed with onnxruntime.
+replayed with onnxruntime. The install is CPU-only: no nvidia-* packages, torch's CPU build.
 
 Slow (minutes: it installs torch), so marked ``slow``: ``python -m pytest -m slow
 tests/test_readme_setup.py``.
@@ -49,6 +49,10 @@ def test_readme_first_command_sets_up_what_documented_commands_need(tmp_path):
 
     out = run(readme_first_command())
     assert "verified: 0 of 1 samples" in out       # as the README says: not at this radius
+    # a CPU-only install: torch's CPU build, no nvidia-* (CUDA) packages
+    packages = run("pip list --format=freeze").lower().split()
+    assert not [p for p in packages if p.startswith(("nvidia-", "triton"))], packages
+    assert run("python -c 'import torch; print(torch.version.cuda)'").strip() == "None"
     (tmp_path / "c.yaml").write_text("epochs: 1\nwarmup_epochs: 0\nramp_epochs: 1\n"
                                      "eval_methods: [ibp]\n")
     report = json.loads(run(

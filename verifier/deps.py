@@ -17,6 +17,7 @@ BASE_INSTALL = "pip install -r requirements.txt -e ."
 # import name -> (pip package, extra of pyproject.toml; None: part of the base install)
 PACKAGES: dict[str, tuple[str, str | None]] = {
     "ray": ("ray", "ray"),
+    "onnx2torch": ("onnx2torch", "onnx2torch"),
     "onnxruntime": ("onnxruntime", None),
     "yaml": ("pyyaml", None),
 }
