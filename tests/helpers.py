@@ -336,3 +336,15 @@ def check_all_specs(bm: BoundedModel, perturbation, seed: int = 0, **kw):
 
 def linf(x: torch.Tensor, eps, clip=None) -> LpBall:
     return LpBall(x, eps, "inf", clip)
+
+
+def onnx2torch_or_skip():
+    """onnx2torch (the ONNX loader's optional fallback), or skip: it is not in the base install,
+    and where an older install left it beside a torch its torchvision was not built for, its
+    import fails with a RuntimeError rather than an ImportError."""
+    import pytest
+    try:
+        import onnx2torch
+    except Exception as e:
+        pytest.skip(f"onnx2torch not usable here ({type(e).__name__})")
+    return onnx2torch

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import onnx2torch_or_skip
 import torch
 
 ort = pytest.importorskip("onnxruntime")
@@ -83,7 +84,7 @@ def _classifiers() -> list:
 
 @pytest.mark.parametrize("path", _classifiers())
 def test_reader_bounds_equal_onnx2torch_bounds(path):
-    pytest.importorskip("onnx2torch")
+    onnx2torch_or_skip()
     reader = BoundedModel.from_onnx(path)
     assert reader.onnx.converter == "reader"
     old = load_onnx(path, converter="onnx2torch")

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from helpers import onnx2torch_or_skip
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
@@ -382,7 +383,7 @@ def test_onnx2torch_is_the_fallback_for_ops_the_reader_lacks(tmp_path):
     onnx.save(m, str(path))
     with pytest.raises(UnsupportedOpsError, match="GatherND"):
         load_onnx(path, converter="reader")
-    pytest.importorskip("onnx2torch")
+    onnx2torch_or_skip()
     om = load_onnx(path)
     assert om.converter == "onnx2torch"
     x = np.random.default_rng(0).standard_normal((1, 3, 2)).astype(np.float32)

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import check_sound, linf
+from helpers import check_sound, linf, onnx2torch_or_skip
 from verifier import BoundedModel, Box, LpBall, UnsupportedOpsError
 from verifier.bound_types import Interval
 from verifier.graph.nodes import Node
@@ -523,7 +523,7 @@ def test_a_module_that_computes_another_reduction_is_reported(tmp_path, monkeypa
     the mapping's check (the module against the attributes' meaning) reports the node rather
     than bounding either reading. (The ONNX reader, the default, writes torch.amax with the
     axes as given; onnx2torch is the fallback for ops the reader lacks: forced here.)"""
-    pytest.importorskip("onnx2torch")
+    onnx2torch_or_skip()
     import functools
 
     import verifier.api as api

@@ -110,8 +110,8 @@ def load_onnx(path, converter: str = "auto") -> OnnxModel:
             try:
                 gm, model = _onnx2torch(model, path)
                 used = "onnx2torch"
-            except (UnsupportedOpsError, ModelLoadError):
-                raise e from None
+            except Exception:      # also an onnx2torch that fails to import (a torchvision
+                raise e from None  # built for another torch): the reader's list stands
     if len(shapes[0]) >= 1 and model is not original and len(original.graph.input) and \
             len(shapes[0]) != len(_declared_shape(original, names[0])):
         _check_batchless(gm, original, names[0], shapes[0], path)
