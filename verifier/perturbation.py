@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .shapes import broadcast_shapes
 from .bound_types import Interval, concretize_interval
 from .errors import PerturbationError
 
@@ -152,7 +153,7 @@ class LpBall(Perturbation):
             self._eps_t = eps
         elif self.norm == math.inf:
             try:
-                torch.broadcast_shapes(eps.shape, self.center.shape)
+                broadcast_shapes(eps.shape, self.center.shape)
             except RuntimeError:
                 raise PerturbationError(
                     f"eps of shape {tuple(eps.shape)} does not broadcast to the input's shape "

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..shapes import broadcast_shapes
 from ..ops.bilinear import check_equation
 from . import composite
 from .nodes import Ref
@@ -574,7 +575,7 @@ def _elementwise_extremum(b, n, kind, operands):
     for k, other in enumerate(items[1:], 1):
         last = k == len(items) - 1
         oshape = other.shape if isinstance(other, Ref) else tuple(other.shape)
-        shape = out if last else tuple(torch.broadcast_shapes(tuple(acc.shape), tuple(oshape)))
+        shape = out if last else tuple(broadcast_shapes(tuple(acc.shape), tuple(oshape)))
         acc = _max_pair(b, n, kind, acc, other, shape, "" if len(items) == 2 else f"m{k}", last)
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..shapes import broadcast_shapes
 from ..bound_types import Interval
 from .base import BoundRule, NotSupported, register, unbroadcast
 
@@ -226,7 +227,7 @@ def simplex_interval(a: Interval, v: Interval) -> Interval:
     ua = a.upper.clamp(max=1).double().unsqueeze(-2)
     lv = v.lower.double().transpose(-1, -2).unsqueeze(-3)     # [..., 1, k, j]
     uv = v.upper.double().transpose(-1, -2).unsqueeze(-3)
-    shape = torch.broadcast_shapes(la.shape, lv.shape)
+    shape = broadcast_shapes(la.shape, lv.shape)
     la, ua = la.expand(shape), ua.expand(shape)
     hi = _knapsack(la, ua, uv.expand(shape), True)
     lo = _knapsack(la, ua, lv.expand(shape), False)

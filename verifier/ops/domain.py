@@ -38,6 +38,7 @@ import math
 
 import torch
 
+from ..shapes import broadcast_shapes
 from ..bound_types import Interval
 from ..errors import DomainError
 from .base import NotSupported, register
@@ -101,7 +102,7 @@ class DomainElementwise(SmoothElementwise):
 
     def finite(self, node, l, u, *vals) -> None:
         """Raise ``DomainError`` where a bound overflows (not finite in the dtype)."""
-        bad = torch.zeros(torch.broadcast_shapes(*(v.shape for v in vals)), dtype=torch.bool)
+        bad = torch.zeros(broadcast_shapes(*(v.shape for v in vals)), dtype=torch.bool)
         for v in vals:
             bad = bad | ~torch.isfinite(v)
         if bool(bad.any()):

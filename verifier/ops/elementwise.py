@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from ..shapes import broadcast_shapes
 from ..bound_types import Interval
 from ..errors import VerifierError
 from .base import (AffineRule, BoundRule, NotSupported, dot, live_from_module, register,
@@ -53,7 +54,7 @@ class ElementwiseAffine(AffineRule):
         if w is None:  # a shift: exact ends (the centre-radius form loses a small b next to a
             #            wide interval: [0, 1e9] + 1e-5 would start at 0 in float32)
             lo, up = x.lower + b, x.upper + b
-            return Interval(lo.expand(torch.broadcast_shapes(lo.shape, up.shape)), up)
+            return Interval(lo.expand(broadcast_shapes(lo.shape, up.shape)), up)
         mid, rad = x.center, x.radius
         if w is not None:
             mid, rad = mid * w, rad * w.abs()
