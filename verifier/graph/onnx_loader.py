@@ -12,8 +12,11 @@ import gzip
 import os
 from dataclasses import dataclass
 
+from ..deps import require
 from ..errors import ModelLoadError, UnsupportedOpsError
 from ..files import sniff_format
+from .onnx_proto import model_class
+from .onnx_reader import read_model
 
 TARGET_OPSET = 13
 
@@ -39,7 +42,6 @@ class OnnxModel:
 
 
 def read_onnx_proto(path):
-    from .onnx_proto import model_class
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file")
@@ -68,7 +70,8 @@ def read_onnx_proto(path):
 
 
 def _missing_converters(model) -> list[tuple[str, str]]:
-    from onnx2torch.node_converters import get_converter
+    get_converter = require("onnx2torch.node_converters",
+                            "converting ONNX ops the reader lacks").get_converter
     opsets = {o.domain: o.version for o in model.opset_import}
     missing = []
     for i, node in enumerate(model.graph.node):
@@ -83,7 +86,6 @@ def _missing_converters(model) -> list[tuple[str, str]]:
 def load_onnx(path, converter: str = "auto") -> OnnxModel:
     """``converter``: "auto" (the reader, onnx2torch where the reader lacks an op and onnx2torch
     is installed), "reader" or "onnx2torch"."""
-    from .onnx_reader import read_model
     model = original = read_onnx_proto(path)
     init = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in init]
@@ -141,8 +143,7 @@ def _onnx2torch(model, path):
         raise UnsupportedOpsError(missing)
     model = _nonnegative_reduce_axes(model)
     try:
-        import onnx2torch
-        gm = onnx2torch.convert(model)
+        gm = require("onnx2torch", "converting ONNX ops the reader lacks").convert(model)
     except Exception as e:
         raise ModelLoadError(f"{path}: onnx2torch cannot convert the model ({type(e).__name__}: {e})") from None
     return gm, model
@@ -155,7 +156,7 @@ def onnx_parameter_names(gm, model) -> dict[str, str]:
     import numpy as np
     import torch
     from onnx import numpy_helper
-    from onnx2torch.onnx_graph import OnnxGraph
+    OnnxGraph = require("onnx2torch.onnx_graph", "converting ONNX ops the reader lacks").OnnxGraph
     nodes = OnnxGraph(model.graph).nodes          # keys: the module names onnx2torch gives
     inits = {t.name: t for t in model.graph.initializer}
     arrays: dict[str, np.ndarray] = {}
@@ -259,7 +260,7 @@ def _with_batch_dim(model, name):
                 continue
             t = numpy_helper.from_array(W.T.copy(), name=node.input[0] + "__T")
             m.graph.initializer.append(t)
-            a, b = node.input[0], node.input[1]
+            b = node.input[1]
             node.input[0], node.input[1] = b, t.name
     del m.graph.value_info[:]
     for o in m.graph.output:  # let the converter infer output shapes

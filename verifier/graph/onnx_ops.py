@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .onnx_reader import V, ReadProblem
+from .onnx_base import V, ReadProblem
 
 OPS: dict = {}
 
@@ -543,4 +543,3 @@ def _argmax(r, node, ins, attrs):
     return r.call(fn, x, axis, keepdim=bool(attrs.get("keepdims", 1)))
 
 
-from . import onnx_shape_ops  # noqa: E402,F401  (registers the shape and data-movement ops)

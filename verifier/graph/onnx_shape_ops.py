@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .onnx_ops import _axis, _const, _in, _ints, _rank, _scalar, op
-from .onnx_reader import _DTYPES, V, ReadProblem
+from .onnx_base import _DTYPES, V, ReadProblem
 
 
 # --- shapes and data movement ----------------------------------------------------------------
