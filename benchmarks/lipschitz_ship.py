@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     from verifier import BoundedModel, LpBall, margin_spec
     from verifier.lipschitz.train import evaluate_lipschitz
     from verifier.train.data import load_npz
-    from verifier.train.evaluate import export_onnx
+    from verifier.train.evaluation import export_onnx
     torch.set_num_threads(1)
     net = mlp(**ARCH_KWARGS).eval()
     net.load_state_dict(torch.load(a.state_dict, weights_only=True))

@@ -162,7 +162,7 @@ def test_unsupported_nodes_are_all_named_in_one_error():
 
 def test_onnx_model_gives_the_same_constant(tmp_path):
     from verifier.api import BoundedModel
-    from verifier.train.evaluate import export_onnx
+    from verifier.train.evaluation import export_onnx
     net, shape = MODELS["cnn_bn_pool"]
     net = nn.Sequential(*[m for m in net if not isinstance(m, nn.BatchNorm2d)]).eval()
     export_onnx(net, shape, tmp_path / "m.onnx")
@@ -175,7 +175,7 @@ def test_onnx_with_batchnorm_folded_into_the_conv_is_still_an_upper_bound(tmp_pa
     """torch's ONNX export folds eval-mode BatchNorm into the convolution: a different (often
     tighter) product, still above the empirical ratios."""
     from verifier.api import BoundedModel
-    from verifier.train.evaluate import export_onnx
+    from verifier.train.evaluation import export_onnx
     net, shape = MODELS["cnn_bn_pool"]
     export_onnx(net, shape, tmp_path / "m.onnx")
     b = lipschitz_constant(BoundedModel.from_onnx(tmp_path / "m.onnx", dtype=torch.float64)).lipschitz

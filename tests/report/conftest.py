@@ -26,7 +26,7 @@ def files(tmp_path_factory):
     out["verify"] = str(d / "verify.json")
 
     # verifier train's report.json, by its own evaluate()
-    from verifier.train.evaluate import evaluate
+    from verifier.train.evaluation import evaluate
     ds = digits_like()
     rep = evaluate(small_net(), ds, 0.02, methods=("ibp", "crown"), eps_grid=[0.0, 0.01, 0.05],
                    pgd_steps=3)

@@ -239,7 +239,7 @@ def _figure_of_plot_report(monkeypatch, report, history, tmp_path):
     """The matplotlib figure that ``plot_report`` saves as report.png."""
     from matplotlib.figure import Figure
 
-    from verifier.train.evaluate import plot_report
+    from verifier.train.evaluation import plot_report
     saved = []
     real = Figure.savefig
     monkeypatch.setattr(Figure, "savefig",

@@ -136,12 +136,12 @@ def test_eval_eps_values_are_checked(tmp_path, capsys):
     (0.90, 0.90, True),     # one class makes 90% of the test set: always answering it
 ])
 def test_near_chance_is_kappa_under_a_fifth(acc, chance, near):
-    from verifier.train.evaluate import near_chance
+    from verifier.train.evaluation import near_chance
     assert near_chance(acc, chance) is near
 
 
 def test_chance_accuracy_is_the_largest_class_share():
-    from verifier.train.evaluate import chance_accuracy
+    from verifier.train.evaluation import chance_accuracy
     assert chance_accuracy(torch.tensor([0, 1, 1, 2, 1, 0, 3, 1]), 5) == 0.5
     assert chance_accuracy(torch.arange(10), 10) == 0.1
 

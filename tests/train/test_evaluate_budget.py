@@ -9,7 +9,7 @@ import torch.nn as nn
 from verifier import BoundedModel, LpBall, margin_spec
 from verifier.train import from_dict, load_digits_split
 from verifier.train.config import ConfigError
-from verifier.train.evaluate import evaluate
+from verifier.train.evaluation import evaluate
 
 
 @pytest.fixture(scope="module")

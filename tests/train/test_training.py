@@ -116,7 +116,7 @@ def test_schedule_warmup_then_smooth_ramp_then_hold():
 def test_flatness_training_certifies_more_models_than_plain_training(tmp_path, digits):
     """Training under a relative weight perturbation (fixed inputs) certifies more test samples
     for every model in the set than natural training does."""
-    from verifier.train.evaluate import certified_under_weights
+    from verifier.train.evaluation import certified_under_weights
     from verifier.weights import WeightPerturbation
     d = {**BASE, "eps": 0.0, "epochs": 10, "ramp_epochs": 5}
     nat = train(from_dict({**d, "method": "natural", "output": str(tmp_path / "n")}),

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..train.config import ConfigError
-from ..train.evaluate import export_onnx
+from ..train.evaluation import export_onnx
 from ..train.trainer import build_model, load_data
 from ..analysis.lipschitz import crown_l2, lipschitz_certify, lipschitz_constant
 from .constraints import CONSTRAINTS, MUON_UPDATE_NORM, apply_constraint

@@ -19,7 +19,7 @@ from .config import ConfigError, TrainConfig, from_dict, load_config
 _LAZY = {
     "Dataset": ".data", "load_dataset": ".data", "load_digits_split": ".data",
     "load_idx_folder": ".data", "load_npz": ".data", "read_idx": ".data",
-    "evaluate": ".evaluate", "run_training": ".run", "train": ".trainer",
+    "evaluate": ".evaluation", "run_training": ".run", "train": ".trainer",
 }
 
 __all__ = ["ConfigError", "Dataset", "TrainConfig", "evaluate", "from_dict", "load_config",
@@ -28,7 +28,7 @@ __all__ = ["ConfigError", "Dataset", "TrainConfig", "evaluate", "from_dict", "lo
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .data import Dataset, load_dataset, load_digits_split, load_idx_folder, load_npz, read_idx
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .run import run_training
     from .trainer import train
 

@@ -11,7 +11,7 @@ import torch
 
 from ..weights import WeightPerturbation
 from .config import TrainConfig, to_dict
-from .evaluate import (certified_under_weights, chance_accuracy, evaluate, export_onnx,
+from .evaluation import (certified_under_weights, chance_accuracy, evaluate, export_onnx,
                        near_chance, write_report)
 from .trainer import load_data, train
 
