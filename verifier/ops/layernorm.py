@@ -12,6 +12,10 @@ quadratic function of ``x`` whose value is the least mean square deviation from 
   the centred values alone would give 0 as soon as each of them may change sign. The upper
   bound is ``mean_k max((l_k - m)^2, (u_k - m)^2)`` at ``m`` = the mean of the boxes' centres
   (``v <= mean (x - m)^2`` for any ``m``);
+* with CROWN (``linear_refine``): ``v = |c|^2 / n >= (e·x)^2 / n`` for a unit ``e`` with ``sum
+  e = 0``, along the box centre's centred values, from CROWN's bounds of ``e·x``: where the
+  box is loose enough to hold a constant vector (least variance 0), one linear function of
+  the network's input still sees that the elements move together;
 * lines: below, the tangent plane at the box's centre ``p`` (``v(x) >= v(p) + g (x - p)``,
   ``g = 2 (p - mean p) / n``: a convex function lies above its tangent planes everywhere);
   above, ``mean_k (x_k - m)^2`` with each square replaced by its chord over ``[l_k, u_k]``.
