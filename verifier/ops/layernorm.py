@@ -141,7 +141,11 @@ class Variance(BoundRule):
         C = _ungroup(node, rows.reshape(B, G, *e.shape[1:]), 2)
         lo, up = bound_linear(0, C)
         lo, up = lo.double(), up.double()
+        # e in the graph's dtype sums to 0 only up to rounding: e·x = e·c + (sum e) mean(x)
+        drift = e.double().sum(-1).abs() * torch.maximum(l.mean(-1).abs(), u.mean(-1).abs())
+        drift = drift.reshape(B, G)
         d = torch.where(lo > 0, lo, torch.where(up < 0, -up, torch.zeros_like(lo)))
+        d = (d - drift).clamp(min=0)
         e2 = (e.double() ** 2).sum(-1).reshape(B, G)       # 1 up to the rounding of e
         tol = 64 * torch.finfo(dt).eps
         v = (d * d / (n * e2) * (1 - tol)).clamp(min=0)
