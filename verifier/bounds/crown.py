@@ -222,8 +222,9 @@ def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: s
     """Intervals of every node that a nonlinear rule reads (and IBP ones for the rest).
 
     Walking in topological order, each node first gets IBP bounds from its inputs' current
-    (possibly refined) bounds; with method "crown", nodes read by a nonlinear rule are then
-    tightened by a CROWN pass and intersected with IBP.
+    (possibly refined) bounds; with method "crown", a rule that can use CROWN bounds of linear
+    functions of its inputs (``linear_refine``, e.g. the variance) intersects them in, and nodes
+    read by a nonlinear rule are then tightened by a CROWN pass and intersected with IBP.
 
     Where IBP tightens CROWN's bounds, the intersection keeps CROWN's own as ``relax``: ReLU
     draws the lines of neurons that stay unstable over it, and uses the tighter interval only
@@ -245,6 +246,12 @@ def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: s
         iv = rule.interval(node, ins)
         if prior is not None and name in prior:
             iv = iv.intersect(prior[name])
+        if method == "crown" and name != upto and rule.refines_linear:
+            def bound_linear(i, C):
+                return chunked_backward(graph, node.inputs[i], C, bounds, leaves)
+            new = rule.linear_refine(node, ins, bound_linear)
+            if new is not None:
+                iv = iv.intersect(new)
         if (method == "crown" and name != upto and not _ibp_exact(graph, node, leaves)
                 and any(RULES[c.op].needs_bounds for c in graph.consumers(name))):
             bounds[name] = iv  # refine_node reads the node's current bounds

@@ -4,7 +4,7 @@ nodes named ``<node>/<part>``, the last one under the source op's own name).
 * LayerNorm over the last ``k`` dims: ``m = mean(x)``, ``c = x - m``, ``v = var(x)`` (one
   rule, ``verifier.ops.layernorm``), ``r = rsqrt(v + eps)``, ``y = c * r`` (a product that knows ``r``'s
   definition, ``verifier.ops.layernorm``), then ``gamma y + beta``. The variance is a convex function of ``x``: its lower bound is the exact least
-  variance over ``x``'s box (IBP) and a tangent plane of ``x`` (CROWN), not a sum of
+  variance over ``x``'s box (IBP), a tangent plane of ``x`` and the square of CROWN's bound of one centred direction of ``x`` (CROWN), not a sum of
   intervals of the squared centred values (0 as soon as each may change sign), so it stays
   above 0 where ``x`` varies little and ``1 / sqrt`` does not blow up.
 * RMSNorm: the same without the centring; GroupNorm: LayerNorm over each group of channels

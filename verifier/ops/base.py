@@ -141,6 +141,18 @@ class BoundRule:
         in ``[low, high]`` sound, or None where the relaxation has no freedom here."""
         return None
 
+    def linear_refine(self, node, inputs: list[Interval], bound_linear) -> Interval | None:
+        """A sound interval of the node from bounds of linear functions of its inputs (CROWN's
+        intermediate bounds ask it after IBP; the two are intersected): ``bound_linear(i, C)``
+        -> (lower, upper) ``[B, S]`` of ``C·x_i`` over the leaves' sets (``C: [B, S,
+        *shape_i]``). None (the default): nothing beyond the interval rule."""
+        return None
+
+    @property
+    def refines_linear(self) -> bool:
+        """Whether the rule defines ``linear_refine``."""
+        return type(self).linear_refine is not BoundRule.linear_refine
+
     def patchable(self, node) -> bool:
         """Whether ``patch_step`` applies to this node."""
         return False

@@ -238,6 +238,23 @@ def simplex_interval(a: Interval, v: Interval) -> Interval:
     return Interval(lo.to(dt), hi.to(dt))
 
 
+def simplex_shift(A: torch.Tensor, a: Interval) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A·a = (A - lam)·a + sum lam`` for weights ``a`` whose rows (last dim) sum to 1, any
+    ``lam`` per row: -> (``A - lam``, ``sum lam: [B, S]``). ``A: [B, S, *a_shape]``. The lines
+    of ``a`` that bound ``(A - lam)·a`` are each off by up to ``|A_j - lam|`` times their gap,
+    so ``lam`` is the median of the row's ``A_j`` weighted by the widths of ``a_j`` (the least
+    ``sum_j |A_j - lam| (ua_j - la_j)``): a row's coefficients shared by every ``a_j`` (e.g. a
+    value ``v`` common to all tokens of ``softmax @ V``) then meet no relaxation at all."""
+    w = (a.upper - a.lower).clamp(min=0).to(A.dtype)
+    w = w + 1e-6 * w.amax(-1, keepdim=True) + torch.finfo(A.dtype).tiny   # no all-zero rows
+    w = w.unsqueeze(1).expand_as(A)
+    vals, order = torch.sort(A, dim=-1)
+    cw = torch.cumsum(torch.gather(w, -1, order), -1)
+    k = torch.searchsorted(cw.contiguous(), cw[..., -1:].contiguous() / 2).clamp(max=A.shape[-1] - 1)
+    lam = torch.gather(vals, -1, k)
+    return A - lam, lam.flatten(2).sum(-1)
+
+
 @register("einsum")
 class Einsum(BoundRule):
     """``z = einsum(equation, X, Y)`` per sample (params ``equation``, e.g. ``"hij,hkj->hik"``,
@@ -334,4 +351,11 @@ class Einsum(BoundRule):
         def adj_y(w, t):
             return _with_only(torch.einsum(p.adj_y, w, t), p.y_only, sy)
 
-        return mccormick_backward(A_lower, A_upper, alpha, x, y, prod, adj_x, adj_y, sx, sy)
+        parts, b_l, b_u = mccormick_backward(A_lower, A_upper, alpha, x, y, prod, adj_x, adj_y,
+                                             sx, sy)
+        if node.params.get("simplex"):
+            (axl, axu), ay = parts
+            axl, sl = simplex_shift(axl, x)
+            axu, su = simplex_shift(axu, x)
+            parts, b_l, b_u = [(axl, axu), ay], b_l + sl, b_u + su
+        return parts, b_l, b_u

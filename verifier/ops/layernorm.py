@@ -12,6 +12,10 @@ quadratic function of ``x`` whose value is the least mean square deviation from 
   the centred values alone would give 0 as soon as each of them may change sign. The upper
   bound is ``mean_k max((l_k - m)^2, (u_k - m)^2)`` at ``m`` = the mean of the boxes' centres
   (``v <= mean (x - m)^2`` for any ``m``);
+* with CROWN (``linear_refine``): ``v = |c|^2 / n >= (e·x)^2 / n`` for a unit ``e`` with ``sum
+  e = 0``, along the box centre's centred values, from CROWN's bounds of ``e·x``: where the
+  box is loose enough to hold a constant vector (least variance 0), one linear function of
+  the network's input still sees that the elements move together;
 * lines: below, the tangent plane at the box's centre ``p`` (``v(x) >= v(p) + g (x - p)``,
   ``g = 2 (p - mean p) / n``: a convex function lies above its tangent planes everywhere);
   above, ``mean_k (x_k - m)^2`` with each square replaced by its chord over ``[l_k, u_k]``.
@@ -115,6 +119,39 @@ class Variance(BoundRule):
         lo = (lo * (1 - tol)).to(dt)
         hi = (hi * (1 + tol) + tol * (m.squeeze(-1) ** 2)).to(dt)
         return Interval(_out(node, lo), _out(node, hi))
+
+    def linear_refine(self, node, inputs, bound_linear):
+        """``v = ||c||^2 / n >= (e·c)^2 / n = (e·x)^2 / n`` for a unit ``e`` with ``sum e = 0``
+        (Cauchy-Schwarz; ``c = x - mean x``): with ``e`` along the centred centre of ``x``'s box,
+        CROWN's bounds ``[L, U]`` of ``e·x`` (one row per group) give ``v >= dist(0, [L, U])^2 /
+        n``. Where ``x``'s box is much wider than its true range (deep in a transformer) and its
+        least variance is 0, ``e·x`` keeps the dependence between the elements and can stay away
+        from 0."""
+        (x,) = inputs
+        dt = x.lower.dtype
+        l, u = _groups(node, x.lower).double(), _groups(node, x.upper).double()
+        n = l.shape[-1]
+        p = (l + u) / 2
+        c = p - p.mean(-1, keepdim=True)
+        e = (c / c.norm(dim=-1, keepdim=True).clamp(min=1e-30)).to(dt)   # [B, *kept, n]
+        B, G = e.shape[0], math.prod(e.shape[1:-1])
+        rows = torch.zeros(B, G, G, n, dtype=dt, device=e.device)
+        idx = torch.arange(G, device=e.device)
+        rows[:, idx, idx] = e.reshape(B, G, n)
+        C = _ungroup(node, rows.reshape(B, G, *e.shape[1:]), 2)
+        lo, up = bound_linear(0, C)
+        lo, up = lo.double(), up.double()
+        # e in the graph's dtype sums to 0 only up to rounding: e·x = e·c + (sum e) mean(x)
+        drift = e.double().sum(-1).abs() * torch.maximum(l.mean(-1).abs(), u.mean(-1).abs())
+        drift = drift.reshape(B, G)
+        d = torch.where(lo > 0, lo, torch.where(up < 0, -up, torch.zeros_like(lo)))
+        d = (d - drift).clamp(min=0)
+        e2 = (e.double() ** 2).sum(-1).reshape(B, G)       # 1 up to the rounding of e
+        tol = 64 * torch.finfo(dt).eps
+        v = (d * d / (n * e2) * (1 - tol)).clamp(min=0)
+        v = torch.where(e2 > 0.5, v, torch.zeros_like(v))   # c = 0: no direction
+        v = v.to(dt).reshape(B, *node.shape)
+        return Interval(v, torch.full_like(v, math.inf))
 
     def _lines(self, node, x: Interval):
         """Lower plane ``v >= gl·x + bl`` and upper ``v <= gu·x + bu`` per group: ``g: [B, *kept,
