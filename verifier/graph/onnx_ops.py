@@ -319,15 +319,21 @@ def _conv(r, node, ins, attrs):
         conv = cls(W.shape[1] * groups, W.shape[0], tuple(W.shape[2:]), stride=tuple(strides),
                    padding=tuple(begin), dilation=tuple(dil), groups=groups, bias=b is not None,
                    device="meta")
-        conv.weight = _param(W)
-        aliases = {"weight": w.init} if w.init else {}
-        if b is not None:
-            conv.bias = _param(b.v1)
-            if b.init:
-                aliases["bias"] = b.init
-        return r.module(conv, x, aliases=aliases)
+        return r.module(conv, x, aliases=_weights(conv, w, b))
     fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
     return r.call(fn, x, w, b, tuple(strides), tuple(begin), tuple(dil), groups)
+
+
+def _weights(mod, w: V, b: V | None) -> dict:
+    """Set a (meta-device) convolution's weight and bias from the constants ``w`` and ``b``;
+    -> the aliases of its parameters to the ONNX initializers they came from."""
+    mod.weight = _param(w.v1)
+    aliases = {"weight": w.init} if w.init else {}
+    if b is not None:
+        mod.bias = _param(b.v1)
+        if b.init:
+            aliases["bias"] = b.init
+    return aliases
 
 
 @op("ConvTranspose")
@@ -355,14 +361,8 @@ def _conv_transpose(r, node, ins, attrs):
     conv = cls(W.shape[0], W.shape[1] * groups, tuple(W.shape[2:]), stride=tuple(strides),
                padding=tuple(common), output_padding=tuple(out_pad), groups=groups,
                bias=b is not None, dilation=tuple(dil), device="meta")
-    conv.weight = _param(W)
-    aliases = {"weight": w.init} if w.init else {}
-    if b is not None:
-        conv.bias = _param(b.v1)
-        if b.init:
-            aliases["bias"] = b.init
     crop = begin != common or end != common
-    y = r.module(conv, x, aliases=aliases, tag="conv" if crop else None)
+    y = r.module(conv, x, aliases=_weights(conv, w, b), tag="conv" if crop else None)
     if crop:
         idx = (slice(None), slice(None)) + tuple(
             slice(bb - c, (-(ee - c)) or None) for bb, ee, c in zip(begin, end, common))
