@@ -325,8 +325,8 @@ def _conv(r, node, ins, attrs):
 
 
 def _weights(mod, w: V, b: V | None) -> dict:
-    """Set a (meta-device) convolution's weight and bias from the constants ``w`` and ``b``;
-    -> the aliases of its parameters to the ONNX initializers they came from."""
+    """Set a module's weight and bias (a convolution's, a LayerNorm's) from the constants ``w``
+    and ``b``; -> the aliases of its parameters to the ONNX initializers they came from."""
     mod.weight = _param(w.v1)
     aliases = {"weight": w.init} if w.init else {}
     if b is not None:
@@ -483,13 +483,7 @@ def _layer_norm(r, node, ins, attrs):
     consts = scale.const and not scale.batch_dependent and (bias is None or bias.const)
     if consts and tuple(scale.v1.shape) == shape and (bias is None or tuple(bias.v1.shape) == shape):
         ln = nn.LayerNorm(shape, eps=eps, bias=bias is not None)
-        ln.weight = _param(scale.v1)
-        aliases = {"weight": scale.init} if scale.init else {}
-        if bias is not None:
-            ln.bias = _param(bias.v1)
-            if bias.init:
-                aliases["bias"] = bias.init
-        return r.module(ln, x, aliases=aliases)
+        return r.module(ln, x, aliases=_weights(ln, scale, bias))
     if consts:
         w = r.const(torch.broadcast_to(scale.v1, shape).contiguous())
         b = None if bias is None else r.const(torch.broadcast_to(bias.v1, shape).contiguous())
