@@ -177,3 +177,49 @@ def test_counterexample_of_the_subspace_replays_on_onnxruntime(instance, tmp_pat
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     y = sess.run(None, {"x": x.reshape(1, -1)})[0].reshape(-1)
     assert y[0] <= d
+
+
+def test_relu_splits_that_run_out_hand_their_domains_to_input_splits(instance):
+    """Forced onto ReLU splits (max_split_inputs=0), the run no longer ends "no unstable
+    neuron left": the stuck domains, with their split constraints as prior intervals, are
+    split over the varying inputs until closed."""
+    net, lo, hi, m, _ = instance
+    bm = BoundedModel(net, input_shape=(N_IN,))
+    d = m - 0.005
+    v = verify(bm, parse_vnnlib(_spec_text(lo, hi, d)), timeout=40, max_split_inputs=0)
+    assert v.status == "unsat" and v.method == "bab-relu", v
+    assert "closed by input splits" in v.reason
+
+
+def test_stuck_domains_give_one_domain_whose_intervals_hold_on_their_points(instance):
+    """The input-split domain made of the stuck ReLU-split domains: the box, with intervals
+    that hold at every sampled point of the box satisfying one stuck domain's splits."""
+    from verifier.bounds.forward import evaluate
+    from verifier.complete.fallback import stuck_domains
+    from verifier.complete.relu_bab import ReluFrontier
+    net, lo, hi, m, _ = instance
+    bm = BoundedModel(net, input_shape=(N_IN,))
+    r = relu_split_bab(bm, lo, hi, [torch.tensor([[1.0]])], [torch.tensor([m - 0.005])],
+                       deadline=time.perf_counter() + 30)
+    assert r.status == "unknown" and isinstance(r.left, ReluFrontier), r
+    start = stuck_domains(r.left)
+    q, P = r.left.q, r.left.P
+    stuck = (q["which"] < 0).nonzero().flatten()
+    assert stuck.numel() > 0 and start["lo"].shape[0] == 1
+    assert torch.equal(start["lo"][0], lo) and torch.equal(start["hi"][0], hi)
+    g = torch.Generator().manual_seed(5)
+    x = lo + torch.rand(20000, N_IN, generator=g) * (hi - lo)
+    with torch.no_grad():
+        _, vals = evaluate(bm.graph, {bm.input: x})
+    seen = torch.zeros(x.shape[0], dtype=torch.bool)
+    for j in stuck.tolist():
+        ok = torch.ones(x.shape[0], dtype=torch.bool)
+        for rl in P.relus:
+            s = q["sg"][rl][j].flatten()
+            z = vals[P.pre[rl]].flatten(1)
+            ok &= ((s == 0) | ((s > 0) & (z >= 0)) | ((s < 0) & (z <= 0))).all(1)
+        seen |= ok
+    assert seen.any()
+    for k in [k[2:] for k in start if k.startswith("l:")]:
+        z = vals[k][seen]
+        assert bool((z >= start["l:" + k][0] - 1e-5).all() and (z <= start["u:" + k][0] + 1e-5).all())

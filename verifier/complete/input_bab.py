@@ -188,12 +188,14 @@ def _corner_candidate(model, A, open_, margin, owner, K, olo, ohi, C_all, d_all)
     return _holding(model, torch.cat(pts).reshape(-1, *olo.shape[1:]), C_all, d_all, owner, K)
 
 
-def _prior_nodes(graph) -> list[str]:
+def prior_nodes(graph) -> list[str]:
     """Nodes whose bounds a relaxation reads: a domain's children start from its bounds."""
     return [n.name for n in graph if n.op != "input"
             and any(RULES[c.op].needs_bounds for c in graph.consumers(n.name))]
 
 
+# crossing intermediate bounds close a domain only beyond this float slack (relative)
+INFEASIBLE_TOL = 1e-5
 # the most of branch and bound's time spent on PGD attacks from open domains
 ATTACK_SHARE = 0.05
 
@@ -231,7 +233,7 @@ class InputPrepared(Prepared):
         self.d_all = torch.cat([d.to(dt) for d in p.ds])                 # [R]
         self.owner = torch.cat([torch.full((c.shape[0],), k) for k, c in enumerate(p.Cs)])
         self.K = len(p.Cs)
-        self.keep = _prior_nodes(model.graph) if p.method == "crown" else []
+        self.keep = prior_nodes(model.graph) if p.method == "crown" else []
         self.relus = [n.name for n in model.graph if n.op != "input" and RULES[n.op].sign_only]
         self.clip = p.clip
         vary = p.vary if p.vary is not None else (p.scale > 1e-12).nonzero().flatten()
@@ -275,6 +277,15 @@ def expand_input_domains(model, pr: InputPrepared, cur: DomainBatch, seed: int, 
                         box_rows=False, clipped_pass=False, relax_lines=False)
         low, nodes, record, A = res.lower, res.nodes, res.A, res.A[model.input]
         low = torch.nan_to_num(low, nan=-torch.inf)
+        if prior is not None:
+            # intervals that cross (beyond float slack) leave the domain no point: with the
+            # priors of ReLU-split domains (``fallback``) a domain may be empty
+            empty = torch.zeros(n, dtype=torch.bool)
+            for k in keep:
+                b = nodes[k]
+                gap = b.lower - b.upper - INFEASIBLE_TOL * (1 + b.lower.abs() + b.upper.abs())
+                empty |= (gap > 0).flatten(1).any(1)
+            low = torch.where(empty.unsqueeze(1), torch.inf, low)
     elif pr.method in ("crown", "crown-ibp"):   # no node a relaxation reads (a linear net)
         with torch.no_grad():
             res = crown(model.graph, leaves, spec.to(dt), method=pr.method, keep=(model.input,))

@@ -35,6 +35,7 @@ from ..errors import ShapeError
 from ..ops import RULES
 from ..perturbation import Box, round_down, round_up
 from ..spec.vnnlib import VnnlibSpec, read_vnnlib
+from .fallback import stuck_domains
 from .input_bab import input_split_bab
 from .relu_bab import relu_split_bab
 from .replay import replay_runner
@@ -331,6 +332,7 @@ def _branch_and_bound(run: _Run, split: _Split, left: _Left, progress, expander)
                        method, cex, details={"domains": total})
 
     r = None
+    fallbacks = 0     # regions closed by input splits after ReLU splits ran out
     for ri, (region, (lo, hi)) in enumerate(zip(run.spec.regions, run.boxes)):
         if split.late is not None and run.late():
             return verdict("timeout", split.late)
@@ -342,6 +344,18 @@ def _branch_and_bound(run: _Run, split: _Split, left: _Left, progress, expander)
         vary = torch.as_tensor(np.asarray(region.lower) < np.asarray(region.upper))
         r = split.run(run.model, lo, hi, Cs, ds, run.deadline, left.roots.get(ri), progress,
                       expander, vary)
+        start = stuck_domains(r.left) if r.status == "unknown" and r.left is not None else None
+        if start is not None:
+            # ReLU splits ran out of neurons on some open domains: split their inputs
+            stuck = start["key"].numel()
+            r = input_split_bab(run.model, lo, hi, Cs, ds, run.deadline, progress=progress,
+                                expander=expander, vary=vary,
+                                base=torch.as_tensor(region.lower, dtype=torch.float64),
+                                start=start, domains=r.domains)
+            r.reason = (f"{r.reason}; input splits took over {stuck} ReLU-split domains with "
+                        "no neuron left to split")
+            if r.status == "unsat":
+                fallbacks += 1
         total += r.domains
         if r.status == "candidate":
             cex = _replay(r.x, todo[r.disjunct], region, ri, replay, replayer)
@@ -353,6 +367,10 @@ def _branch_and_bound(run: _Run, split: _Split, left: _Left, progress, expander)
             return verdict("timeout", split.timeout)
         if r.status != "unsat":
             return verdict("unknown", split.unknown)
+    if fallbacks:
+        return verdict("unsat", split.unsat + "; in {n} region(s) the domains ReLU splits could "
+                       "not close were closed by input splits (CROWN bounds)".replace(
+                           "{n}", str(fallbacks)), split.method)
     return verdict("unsat", split.unsat, split.method)
 
 
