@@ -323,13 +323,14 @@ def _branch_and_bound(run: _Run, split: _Split, left: _Left, progress, expander)
     """Step 3: branch and bound on each region in turn until every domain is refuted
     (``unsat``), a candidate replays on the original model (``sat``) or the budget ends."""
     replay, replayer = replay_runner(run.model)
-    total = 0
+    total, t_bab = 0, time.perf_counter()
 
     def verdict(status, reason, method=None, cex=None):
         why = r.reason if r is not None else ""
         return Verdict(status, reason.format(timeout=run.timeout, total=total, reason=why,
                                              replayer=replayer),
-                       method, cex, details={"domains": total})
+                       method, cex, details={"domains": total,
+                                             "bab_s": time.perf_counter() - t_bab})
 
     r = None
     fallbacks = 0     # regions closed by input splits after ReLU splits ran out
