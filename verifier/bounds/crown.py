@@ -16,7 +16,7 @@ import torch
 from ..bound_types import Interval, concretize_interval
 from ..graph.nodes import Graph
 from ..ops import RULES
-from ..perturbation import Box, Perturbation
+from ..perturbation import Box, LpBall, Perturbation
 from .backward import backward, backward_bound
 from .forward import forward
 from .patches import patchable, start_patches
@@ -201,13 +201,17 @@ def _patch_bounds(graph, name, rows, bounds, leaves):
 
 def _ibp_exact(graph, node, leaves) -> bool:
     """One affine op applied (through pure data movements such as Flatten) to one box-shaped
-    leaf: its interval is already the exact range."""
+    leaf (a Box or an L-inf ball, not a zonotope, whose bounding box is looser than the set):
+    its interval is already the exact range."""
     if not RULES[node.op].affine or len(set(node.inputs)) != 1:
         return False
     src = graph[node.inputs[0]]
     while src.op != "input" and RULES[src.op].data_movement:
         src = graph[src.inputs[0]]
-    return src.op == "input" and getattr(leaves[src.name], "norm", math.inf) == math.inf
+    if src.op != "input":
+        return False
+    leaf = leaves[src.name]
+    return isinstance(leaf, Box) or (isinstance(leaf, LpBall) and leaf.norm == math.inf)
 
 
 def _tightens(a: Interval, b: Interval) -> bool:
