@@ -23,11 +23,11 @@ def _linear_net(seed=0):
     return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(48, 5))
 
 
-def _relu_net(seed=0):
+def _relu_net(seed=0, side=4):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(),
                          nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+                         nn.Linear(4 * (side // 2) ** 2, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
 def _zonotope(B=2, k=3, shape=(2, 4, 4), seed=0, norm=math.inf, dtype=torch.float64):
@@ -260,3 +260,24 @@ def test_a_set_on_a_node_that_a_skip_connection_bypasses_is_an_error():
     node = _first_relu(bm)
     with pytest.raises(ShapeError, match="bypass"):
         bm.bounds({node: Zonotope(torch.zeros(1, 4), torch.eye(4))})
+
+
+@pytest.mark.parametrize("k", [3, 12])   # patch-form A at the leaf (k <= 8) and dense A
+def test_every_intermediate_bound_holds(k):
+    """Each node's interval (the zonotope's own, no box pass) holds at sampled points: node i
+    of the graph is the output of the first i modules of the Sequential."""
+    net = _relu_net(6, side=10)   # the second conv's window at the input: 5x5 of 10x10
+    bm = BoundedModel(net, (2, 10, 10))
+    Z = _zonotope(B=2, k=k, shape=(2, 10, 10), seed=6, dtype=torch.float32)
+    res = bm.bounds(Z, "crown", enclosing_box=False)
+    names = [n for n in bm.graph.order if n != bm.input]
+    assert len(names) == len(net)
+    x = torch.cat([Z.sample(300), Z.points(torch.sign(torch.randn(300, 2, k)))])
+    checked = 0
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            v = net[:i + 1](x.reshape(-1, 2, 10, 10)).reshape(600, 2, *bm.graph[name].shape)
+            b = res[name]
+            assert (v >= b.lower - 1e-4).all() and (v <= b.upper + 1e-4).all(), name
+            checked += 1
+    assert checked == len(net)
