@@ -68,12 +68,14 @@ class BoundResult:
     def proved_by(self) -> list[str | None] | None:
         """Per sample, what proved it (None: not verified; None for all without a spec): the
         method's name when its own bound proves every spec row, else "ibp" when the interval
-        bound alone does, else "<method>+ibp" (each row by one of them)."""
+        bound alone does, else (a zonotope) "<method> over the bounding box" when that bound
+        does, else "<method>+ibp" (each row by one of them)."""
         v = self.verified
         if v is None:
             return None
         own = self.parts.get(self.method)
         ibp = self.parts.get("ibp")
+        box = self.parts.get("box")
         out = []
         for i, ok in enumerate(v.tolist()):
             if not ok:
@@ -82,6 +84,8 @@ class BoundResult:
                 out.append(self.method)
             elif ibp is not None and bool((ibp[i] > 0).all()):
                 out.append("ibp")
+            elif box is not None and bool((box[i] > 0).all()):
+                out.append(f"{self.method} over the bounding box")
             else:
                 out.append(f"{self.method}+ibp")
         return out
