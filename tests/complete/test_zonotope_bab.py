@@ -116,3 +116,6 @@ def test_bab_needs_one_box_zonotope():
         zonotope_bab(bm, Zonotope(torch.zeros(2, 2, 4, 4), torch.ones(1, 2, 4, 4)), Cs, ds)
     with pytest.raises(PerturbationError, match="ball"):
         zonotope_bab(bm, Zonotope(torch.zeros(1, 2, 4, 4), torch.ones(1, 2, 4, 4), norm=2), Cs, ds)
+    with pytest.raises(PerturbationError, match="dtype"):
+        zonotope_bab(bm, Zonotope(torch.zeros(1, 2, 4, 4, dtype=torch.float64),
+                                  torch.ones(1, 2, 4, 4, dtype=torch.float64)), Cs, ds)

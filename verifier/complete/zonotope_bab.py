@@ -86,6 +86,10 @@ def zonotope_graph(model, Z: Zonotope, node: str | None = None) -> AffineLeafMod
         raise ShapeError(f"the zonotope's per-sample shape {list(Z.center.shape[1:])} does not fit "
                          f"node {leaf!r} of shape {list(graph[leaf].shape)}")
     dt = model.dtype
+    if torch.finfo(Z.center.dtype).bits > torch.finfo(dt).bits:
+        raise PerturbationError(f"zonotope_bab: the zonotope is {Z.center.dtype}, the model "
+                                f"computes in {dt}; rounding it would move the set: build it in "
+                                "the model's dtype (or wrap the model with that dtype)")
     return AffineLeafModel(affine_prefix(graph, Z.center[0].to(dt), Z.generators[0].to(dt)), dt)
 
 
