@@ -281,3 +281,22 @@ def test_every_intermediate_bound_holds(k):
             assert (v >= b.lower - 1e-4).all() and (v <= b.upper + 1e-4).all(), name
             checked += 1
     assert checked == len(net)
+
+
+def test_one_channel_style_shift_is_brightness_contrast():
+    x = torch.rand(2, 1, 5, 5, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    a, b = style_shift(x, 0.3, 0.1), brightness_contrast(x, brightness=0.1, contrast=0.3)
+    torch.testing.assert_close(a.generators, b.generators)
+    torch.testing.assert_close(a.center, b.center)
+
+
+def test_restrict_is_the_image_of_the_sub_box():
+    Z = _zonotope(B=2, k=3, seed=11)
+    zl = torch.tensor([[-1.0, 0.0, -0.5], [0.2, -1.0, -1.0]], dtype=torch.float64)
+    zu = torch.tensor([[0.0, 1.0, 0.5], [0.4, 1.0, -0.8]], dtype=torch.float64)
+    R = Z.restrict(zl, zu)
+    u = torch.rand(100, 2, 3, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    z = zl + u * (zu - zl)                                   # points of the sub-box
+    torch.testing.assert_close(R.points(2 * u - 1), Z.points(z))
+    with pytest.raises(PerturbationError):
+        Z.restrict(zu, zl)
