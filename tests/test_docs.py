@@ -3,7 +3,7 @@
 * a ```python block is executed in a fresh namespace, with the repository root as the working
   directory and on ``sys.path`` (for ``models``);
 * a ```bash block is run by bash (``set -e``) in a fresh temporary directory in which
-  ``examples`` links to the repository's ``examples/`` and ``verifier`` runs
+  ``examples`` (and ``models``, ``tests``) link to the repository's folders and ``verifier`` runs
   ``python -m verifier`` with this interpreter;
 * a block whose fence reads ```python no-run or ```bash no-run is not run (set-up commands,
   code meant to be pasted into the package). Any other fence (```text, ```console) is prose;
@@ -140,6 +140,7 @@ def _run_bash(code: str, tmp_path) -> tuple[subprocess.CompletedProcess, Path]:
     work.mkdir()
     (work / "examples").symlink_to(ROOT / "examples")
     (work / "tests").symlink_to(ROOT / "tests")
+    (work / "models").symlink_to(ROOT / "models")       # the zoo's shipped .onnx files
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}"
                                 f"{os.pathsep}{os.environ.get('PATH', '')}")
     r = subprocess.run(["bash", "-e", "-c", code], cwd=work, env=env, capture_output=True,

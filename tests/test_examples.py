@@ -21,7 +21,7 @@ def test_there_are_examples():
     assert len(EXAMPLES) >= 2
     # one script per user job (README's jobs table)
     for name in ("bound_pytorch_model", "bound_onnx_model", "verify_vnnlib", "vnncomp_folder",
-                 "train_digits", "train_lipschitz", "weight_flatness", "report"):
+                 "train_digits", "train_lipschitz", "weight_flatness", "report", "style_shift"):
         assert (ROOT / "examples" / f"{name}.py").is_file(), name
 
 

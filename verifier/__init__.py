@@ -14,16 +14,17 @@ from .errors import (DomainError, ModelLoadError, PerturbationError, ShapeError,
 _LAZY = {
     "BoundedModel": ".api", "BoundResult": ".api", "margin_spec": ".api",
     "Interval": ".bound_types",
-    "Box": ".perturbation", "LpBall": ".perturbation",
+    "Box": ".perturbation", "LpBall": ".perturbation", "Zonotope": ".perturbation",
 }
 
 __all__ = ["BoundedModel", "BoundResult", "Box", "DomainError", "Interval", "LpBall", "ModelLoadError",
-           "PerturbationError", "ShapeError", "UnsupportedOpsError", "VerifierError", "margin_spec"]
+           "PerturbationError", "ShapeError", "UnsupportedOpsError", "VerifierError", "Zonotope",
+           "margin_spec"]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .api import BoundedModel, BoundResult, margin_spec
     from .bound_types import Interval
-    from .perturbation import Box, LpBall
+    from .perturbation import Box, LpBall, Zonotope
 
 
 def __getattr__(name: str):

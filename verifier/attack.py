@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import PerturbationError
-from .perturbation import Box, LpBall, Perturbation
+from .perturbation import Box, LpBall, Perturbation, Zonotope
 from .projected_gradient import PGDRun, Variable, projected_gradient, sign_step  # noqa: F401
 
 _BISECT_ITERS = 60
@@ -226,3 +226,18 @@ def pgd(fn, perturbation: Perturbation, objective_weights: torch.Tensor, steps: 
                              restarts=restarts, generator=gen, evaluate_last=True,
                              best=({"x": center.clone()}, v0), finite_only=True)
     return PGDResult(run.x["x"], run.value)
+
+
+def zonotope_pgd(fn, zonotope: Zonotope, objective_weights: torch.Tensor, steps: int = 20,
+                 restarts: int = 1, seed: int = 0, step_frac: float = 2.5) -> PGDResult:
+    """``pgd`` over a zonotope's coefficients: maximize ``W[b, m] · fn(center_b + z G_b)`` over
+    ``z`` in the unit box (or ball) of R^k, projecting ``z``; -> PGDResult whose ``x`` is the
+    best ``z: [B, M, k]`` (``zonotope.points(x.transpose(0, 1))`` gives the points)."""
+    B, k = zonotope.center.shape[0], zonotope.k
+
+    def fz(zf):
+        z = zf.reshape(B, -1, k)                                    # [B, M, k]
+        x = zonotope.points(z.transpose(0, 1)).transpose(0, 1)      # [B, M, *shape]
+        return fn(x.reshape(-1, *zonotope.center.shape[1:]))
+
+    return pgd(fz, zonotope.z_set(), objective_weights, steps, restarts, seed, step_frac)

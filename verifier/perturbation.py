@@ -247,3 +247,208 @@ class LpBall(Perturbation):
             # point stays inside the ball as well as inside the box
             x = torch.minimum(torch.maximum(x, self.clip[0]), self.clip[1])
         return x
+
+
+@dataclass
+class Zonotope(Perturbation):
+    """The affine image of a low-dimensional set: ``{x = center + sum_j z_j G_j + d}`` with
+    ``z`` in the unit ``norm`` ball of R^k (``inf``: the box ``[-1, 1]^k``, the zonotope proper;
+    ``2``, ``1``: an ellipsoid, a cross-polytope) and ``|d| <= slack`` element-wise (zero unless a
+    cast to a coarser dtype made room for its rounding, see ``to``).
+
+    ``center: [batch, *shape]``; ``generators``: ``[k, *shape]`` shared by the batch or
+    ``[batch, k, *shape]`` (style shifts of a given image are per sample). A linear function
+    concretizes exactly through the dual norm of ``G a`` (q: 1/p + 1/q = 1):
+
+        min_x a·x = a·center - ||G a||_q - |a|·slack,
+
+    so on a linear model CROWN's bounds are the exact min and max. The set lies inside its
+    bounding box ``center ± (||G_{:,i}||_q + slack_i)`` (``interval``), and every linear bound
+    over it is at least as tight as over that box.
+    """
+
+    center: torch.Tensor
+    generators: torch.Tensor
+    norm: float | str = math.inf
+    slack: torch.Tensor | None = None
+
+    def __post_init__(self):
+        c = torch.as_tensor(self.center)
+        if not c.is_floating_point():
+            c = c.float()
+        G = torch.as_tensor(self.generators).to(c.dtype)
+        self.norm = parse_norm(self.norm)
+        if c.ndim < 1:
+            raise PerturbationError("zonotope center needs a batch dimension: [batch, *shape]")
+        B, shape = c.shape[0], tuple(c.shape[1:])
+        if G.ndim == c.ndim and tuple(G.shape[1:]) == shape:
+            G = G.unsqueeze(0).expand(B, *G.shape)
+        elif not (G.ndim == c.ndim + 1 and G.shape[0] == B and tuple(G.shape[2:]) == shape):
+            raise PerturbationError(
+                f"zonotope generators of shape {list(G.shape)} do not fit the center of shape "
+                f"{list(c.shape)}: give [k, {', '.join(map(str, shape))}] (shared by the batch) "
+                f"or [{B}, k, {', '.join(map(str, shape))}]")
+        if G.shape[1] == 0:
+            raise PerturbationError("zonotope with no generators (k = 0): use Box(x, x)")
+        _check_finite("zonotope center", c)
+        _check_finite("zonotope generators", G)
+        self.center, self.generators = c, G
+        if self.slack is not None:
+            s = torch.as_tensor(self.slack).to(c.dtype)
+            try:
+                s = torch.broadcast_to(s, c.shape)
+            except RuntimeError:
+                raise PerturbationError(f"zonotope slack of shape {list(s.shape)} does not "
+                                        f"broadcast to the center's {list(c.shape)}") from None
+            _check_finite("zonotope slack", s)
+            if (s < 0).any():
+                raise PerturbationError("zonotope slack must be >= 0")
+            self.slack = s
+
+    @property
+    def k(self) -> int:
+        """The number of generators (the dimension of z)."""
+        return self.generators.shape[1]
+
+    @property
+    def dual(self) -> float:
+        return {math.inf: 1.0, 2.0: 2.0, 1.0: math.inf}[self.norm]
+
+    def interval(self) -> Interval:
+        """The bounding box ``center ± (||G_{:,i}||_q + slack)``, in float64 rounded outwards."""
+        c = self.center.double()
+        rad = torch.linalg.vector_norm(self.generators.double(), ord=self.dual, dim=1)
+        if self.slack is not None:
+            rad = rad + self.slack.double()
+        dt = self.center.dtype
+        return Interval(round_down(c - rad, dt), round_up(c + rad, dt))
+
+    def concretize(self, A, upper):
+        Af = A.flatten(2)                                             # [B, S, n]
+        c = self.center.flatten(1).unsqueeze(-1).to(Af.dtype)         # [B, n, 1]
+        G = self.generators.flatten(2).to(Af.dtype)                   # [B, k, n]
+        mid = torch.bmm(Af, c).squeeze(-1)
+        GA = torch.bmm(Af, G.transpose(1, 2))                         # [B, S, k]
+        dev = torch.linalg.vector_norm(GA, ord=self.dual, dim=-1)
+        if self.slack is not None:
+            dev = dev + torch.bmm(Af.abs(), self.slack.flatten(1).unsqueeze(-1).to(Af.dtype)
+                                  ).squeeze(-1)
+        return mid + dev if upper else mid - dev
+
+    def points(self, z: torch.Tensor) -> torch.Tensor:
+        """``center + z G`` for ``z: [..., batch, k]`` -> ``[..., batch, *shape]`` (differentiable)."""
+        G = self.generators.flatten(2)                                # [B, k, n]
+        x = torch.einsum("...bk,bkn->...bn", z.to(G.dtype), G)
+        return self.center + x.reshape(*x.shape[:-1], *self.center.shape[1:])
+
+    def z_set(self) -> Perturbation:
+        """The set of ``z``: ``Box(-1, 1)`` or the unit Lp ball, ``[batch, k]`` (for attacks)."""
+        zero = self.center.new_zeros(self.center.shape[0], self.k)
+        if self.norm == math.inf:
+            return Box(zero - 1, zero + 1)
+        return LpBall(zero, 1.0, self.norm)
+
+    def sample_z(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` points of the z set per batch element: ``[n, batch, k]``."""
+        return self.z_set().sample(n, generator)
+
+    def sample(self, n, generator=None):
+        x = self.points(self.sample_z(n, generator))
+        if self.slack is not None:
+            u = torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1
+            x = x + u * self.slack
+        return x
+
+    def restrict(self, z_lower: torch.Tensor, z_upper: torch.Tensor) -> "Zonotope":
+        """The image of the sub-box ``z_lower <= z <= z_upper`` (``[batch, k]``, inside
+        ``[-1, 1]^k``; box zonotopes only): center moved to the box's midpoint, generators
+        scaled by its half widths."""
+        if self.norm != math.inf:
+            raise PerturbationError("restrict needs a box zonotope (norm inf)")
+        zl, zu = torch.as_tensor(z_lower).to(self.center.dtype), torch.as_tensor(z_upper).to(
+            self.center.dtype)
+        if (zl > zu).any() or (zl < -1).any() or (zu > 1).any():
+            raise PerturbationError("restrict: need -1 <= z_lower <= z_upper <= 1")
+        zm, zr = (zl + zu) / 2, (zu - zl) / 2
+        return Zonotope(self.points(zm), self.generators * zr.view(*zr.shape, *[1] * (
+            self.generators.ndim - 2)), self.norm, self.slack)
+
+    def take(self, index: torch.Tensor) -> "Zonotope":
+        """The sets of the batch elements ``index``, as one batch."""
+        s = None if self.slack is None else self.slack.index_select(0, index)
+        return Zonotope(self.center.index_select(0, index),
+                        self.generators.index_select(0, index), self.norm, s)
+
+    def to(self, dtype, device=None):
+        """Cast outwards: the rounding errors of the center and of every generator go into
+        ``slack`` (|Δc| + sum_j |ΔG_j| z-norm-weighted), so the cast set contains the original."""
+        c = self.center.to(dtype=dtype, device=device)
+        G = self.generators.to(dtype=dtype, device=device)
+        if torch.finfo(dtype).bits >= torch.finfo(self.center.dtype).bits:
+            s = None if self.slack is None else round_up(self.slack, dtype).to(device)
+            return Zonotope(c, G, self.norm, s)
+        err = (self.center.double() - c.double().cpu()).abs() + torch.linalg.vector_norm(
+            self.generators.double() - G.double().cpu(), ord=self.dual, dim=1)
+        if self.slack is not None:
+            err = err + self.slack.double()
+        return Zonotope(c, G, self.norm, round_up(err, dtype).to(device))
+
+    def __repr__(self) -> str:
+        return (f"Zonotope(batch={self.center.shape[0]}, shape={list(self.center.shape[1:])}, "
+                f"k={self.k}, norm={self.norm:g})")
+
+
+def _per_sample(x: torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(x)
+    if not x.is_floating_point():
+        x = x.float()
+    _check_finite("feature map", x)
+    return x
+
+
+def style_shift(x: torch.Tensor, sigma: float, tau: float, about_mean: bool = True) -> Zonotope:
+    """Per-channel scale and shift of a feature map ``x: [batch, C, *spatial]`` ("style": the
+    per-channel statistics that AdaIN-like shifts move):
+
+        y_c = mu_c + (1 + s_c)(x_c - mu_c) + t_c,   |s_c| <= sigma, |t_c| <= tau,
+
+    with ``mu_c`` the spatial mean of channel c (per sample): the channel's std scales by
+    ``1 + s_c`` and its mean moves by ``t_c``. ``about_mean=False`` scales about 0 instead,
+    ``y_c = (1 + s_c) x_c + t_c``. Affine in ``z = (s / sigma, t / tau) in [-1, 1]^{2C}``: a
+    zonotope with generators ``sigma (x_c - mu_c) e_c`` and ``tau e_c`` (zero ones dropped)."""
+    x = _per_sample(x)
+    if x.ndim < 2:
+        raise PerturbationError(f"style_shift needs [batch, C, *spatial], got {list(x.shape)}")
+    if sigma < 0 or tau < 0 or not (math.isfinite(sigma) and math.isfinite(tau)):
+        raise PerturbationError(f"sigma and tau must be finite and >= 0, got {sigma}, {tau}")
+    B, C = x.shape[:2]
+    dims = tuple(range(2, x.ndim))
+    base = x - x.mean(dim=dims, keepdim=True) if (about_mean and dims) else x
+    eye = torch.eye(C, dtype=x.dtype).view(1, C, C, *[1] * len(dims))       # [1, k=C, C, ...]
+    gens = []
+    if sigma > 0:
+        gens.append(sigma * eye * base.unsqueeze(1))
+    if tau > 0:
+        gens.append((tau * eye).expand(B, C, *x.shape[1:]))
+    if not gens:
+        raise PerturbationError("style_shift with sigma = tau = 0 is a single point")
+    return Zonotope(x, torch.cat(gens, 1))
+
+
+def brightness_contrast(x: torch.Tensor, brightness: float, contrast: float) -> Zonotope:
+    """One brightness and contrast change of a whole image ``x: [batch, *shape]``:
+    ``y = mu + (1 + s)(x - mu) + t`` with ``|s| <= contrast``, ``|t| <= brightness``, ``mu`` the
+    image's mean (per sample). Two generators: ``contrast (x - mu)`` and ``brightness · 1``.
+    (The set is not clipped to a pixel range: clipping is not affine.)"""
+    x = _per_sample(x)
+    if brightness < 0 or contrast < 0:
+        raise PerturbationError(f"brightness and contrast must be >= 0, got {brightness}, {contrast}")
+    dims = tuple(range(1, x.ndim))
+    gens = []
+    if contrast > 0:
+        gens.append(contrast * (x - x.mean(dim=dims, keepdim=True)))
+    if brightness > 0:
+        gens.append(torch.full_like(x, brightness))
+    if not gens:
+        raise PerturbationError("brightness_contrast with both magnitudes 0 is a single point")
+    return Zonotope(x, torch.stack(gens, 1))

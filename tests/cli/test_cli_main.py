@@ -35,12 +35,13 @@ def test_bounds_help_documents_every_flag_and_has_examples(cli):
     assert r.code == 0
     for flag in ("--input", "--eps", "--norm", "--clip", "--lower", "--upper", "--method",
                  "--label", "--json", "--threads", "--dtype", "--debug", "MODEL", "--arch",
-                 "--weights", "--weight-eps", "--weight-norm", "--relative"):
+                 "--weights", "--weight-eps", "--weight-norm", "--relative", "--style",
+                 "--generators", "--at"):
         assert flag in r.out, flag
     for word in ("ibp", "crown-ibp", "float64", "busy machine", "f_Y - f_j"):
         assert word in r.out, word
     examples = r.out.split("examples:")[1]
-    assert examples.count("verifier bounds") == 3
+    assert examples.count("verifier bounds") == 4
 
 
 def _python_m(*argv):

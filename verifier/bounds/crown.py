@@ -16,7 +16,7 @@ import torch
 from ..bound_types import Interval, concretize_interval
 from ..graph.nodes import Graph
 from ..ops import RULES
-from ..perturbation import Box, Perturbation
+from ..perturbation import Box, LpBall, Perturbation, Zonotope
 from .backward import backward, backward_bound
 from .forward import forward
 from .patches import patchable, start_patches
@@ -201,13 +201,56 @@ def _patch_bounds(graph, name, rows, bounds, leaves):
 
 def _ibp_exact(graph, node, leaves) -> bool:
     """One affine op applied (through pure data movements such as Flatten) to one box-shaped
-    leaf: its interval is already the exact range."""
+    leaf (a Box or an L-inf ball, not a zonotope, whose bounding box is looser than the set):
+    its interval is already the exact range."""
     if not RULES[node.op].affine or len(set(node.inputs)) != 1:
         return False
     src = graph[node.inputs[0]]
     while src.op != "input" and RULES[src.op].data_movement:
         src = graph[src.inputs[0]]
-    return src.op == "input" and getattr(leaves[src.name], "norm", math.inf) == math.inf
+    if src.op != "input":
+        return False
+    leaf = leaves[src.name]
+    return isinstance(leaf, Box) or (isinstance(leaf, LpBall) and leaf.norm == math.inf)
+
+
+def _zonotope_range(graph, node, leaves) -> Interval | None:
+    """The exact range of one affine op applied (through data movements) to a zonotope leaf
+    ``c + z G (+ a slack box)``, by pushing the center and the k generators forward: ``L(c) + b
+    ± ||L(G)||_q (+ |L| slack)``, k evaluations of the op where CROWN would run one backward
+    row per neuron (the same numbers, up to rounding). None for any other node."""
+    chain = [node]
+    while True:
+        n = chain[-1]
+        if n.op == "input" or len(n.inputs) != 1 or not RULES[n.op].affine:
+            return None
+        src = graph[n.inputs[0]]
+        if src.op == "input":
+            break
+        if not RULES[src.op].data_movement:
+            return None
+        chain.append(src)
+    Z = leaves[src.name]
+    if not isinstance(Z, Zonotope):
+        return None
+    chain.reverse()
+
+    def run(t):
+        for n in chain:
+            t = RULES[n.op].point(n, [t])
+        return t
+
+    B, k = Z.center.shape[0], Z.k
+    G = Z.generators.reshape(B * k, *Z.center.shape[1:])
+    y0 = run(Z.center)
+    LG = (run(G) - run(torch.zeros_like(G[:1]))).reshape(B, k, *y0.shape[1:])
+    rad = torch.linalg.vector_norm(LG, ord=Z.dual, dim=1)
+    if Z.slack is not None:
+        box = Interval(-Z.slack, Z.slack)
+        for n in chain:
+            box = RULES[n.op].interval(n, [box])
+        rad = rad + box.radius
+    return Interval(y0 - rad, y0 + rad)
 
 
 def _tightens(a: Interval, b: Interval) -> bool:
@@ -252,7 +295,14 @@ def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: s
             new = rule.linear_refine(node, ins, bound_linear)
             if new is not None:
                 iv = iv.intersect(new)
-        if (method == "crown" and name != upto and not _ibp_exact(graph, node, leaves)
+        exact = None
+        if (method == "crown" and name != upto
+                and any(RULES[c.op].needs_bounds for c in graph.consumers(name))):
+            exact = _zonotope_range(graph, node, leaves)
+            if exact is not None:
+                iv = iv.intersect(exact)
+        if (exact is None and method == "crown" and name != upto
+                and not _ibp_exact(graph, node, leaves)
                 and any(RULES[c.op].needs_bounds for c in graph.consumers(name))):
             bounds[name] = iv  # refine_node reads the node's current bounds
             new = refine_node(graph, name, bounds, leaves)

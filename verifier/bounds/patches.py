@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import RULES
-from ..perturbation import Box, LpBall
+from ..perturbation import Box, LpBall, Zonotope
 
 
 @dataclass
@@ -118,13 +118,20 @@ def can_step(node, leaves) -> bool:
     if len(node.shape) != 3:
         return False
     if node.op == "input":
-        return isinstance(leaves[node.name], (Box, LpBall))
+        leaf = leaves[node.name]
+        return isinstance(leaf, (Box, LpBall)) or (isinstance(leaf, Zonotope)
+                                                   and leaf.k <= ZONOTOPE_PATCH_K)
     return RULES[node.op].patchable(node)
 
 
 def patchable(graph, start, leaves) -> bool:
     """Patch form pays off when the start is a feature map whose node has a patch rule."""
     return can_step(graph[start], leaves) and graph[start].op != "input"
+
+
+# a zonotope leaf keeps patches up to this many generators (each is one more map whose windows
+# are read; beyond, the dense A's one product with G is cheaper)
+ZONOTOPE_PATCH_K = 8
 
 
 # a window larger than this share of its map is cheaper as dense A (at the input: larger than
@@ -196,8 +203,28 @@ def start_patches(graph, start, rows, dtype, B, cache=None) -> "Store":
     return store
 
 
+def _concretize_zonotope(g, v, Z, name, upper):
+    """``A·c ± ||G A||_q (+ |A|·slack)`` with A as patches: the windows of the center and of
+    every generator map (cached per leaf)."""
+    B, k = Z.center.shape[0], Z.k
+    maps = [Z.center, Z.generators.reshape(B * k, *Z.center.shape[1:])]
+    if Z.slack is not None:
+        maps.append(Z.slack)
+    win = g.windows(lambda: torch.cat(maps), ("zonotope", name)).flatten(2)   # [N, K, n_w]
+    Bk = v.flatten(2)                                                         # [B, K, n_w]
+    mid = (Bk * win[:B]).sum(-1)
+    wG = win[B:B + B * k].view(B, k, *win.shape[1:])
+    GA = torch.einsum("bKn,bjKn->bKj", Bk, wG)
+    dev = torch.linalg.vector_norm(GA, ord=Z.dual, dim=-1)
+    if Z.slack is not None:
+        dev = dev + (Bk.abs() * win[B + B * k:]).sum(-1)
+    return mid + dev if upper else mid - dev
+
+
 def concretize(g, v, leaf, name, upper):
     """min (or max) of ``A·x`` over the set of the leaf ``name`` for patches ``v`` there."""
+    if isinstance(leaf, Zonotope):
+        return _concretize_zonotope(g, v, leaf, name, upper)
     box = leaf.interval()
     ball = isinstance(leaf, LpBall) and leaf.norm != math.inf
     maps = [box.center, box.radius] + ([leaf.center] if ball else [])

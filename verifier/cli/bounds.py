@@ -18,8 +18,9 @@ from .util import (EXIT_OK, CliError, check_box, check_finite, check_input_scale
 BOUNDS_DESCRIPTION = """\
 Bound the outputs of a classifier (an ONNX file, or a PyTorch state dict with --arch) over a
 set of inputs: an Lp ball around --input (radius --eps, optionally clipped to [LO, HI]) or the
-box [--lower, --upper], and optionally over a set of parameter values (--weights, --weight-eps;
-then --input without --eps keeps the input fixed). With --label Y it bounds the margins
+box [--lower, --upper], or a zonotope of style shifts around --input (--style, --generators,
+optionally on an intermediate node --at), and optionally over a set of parameter values
+(--weights, --weight-eps; then --input without --eps keeps the input fixed). With --label Y it bounds the margins
 f_Y(x) - f_j(x) for every j != Y in ascending j; the sample is verified when every margin's
 lower bound is > 0.
 
@@ -34,6 +35,11 @@ examples:
 
   # IBP bounds of the logits of 5 samples over explicit boxes, as JSON
   verifier bounds model.onnx --lower xl.npy --upper xu.npy --method ibp --json
+
+  # margins under per-channel mean/std shifts (|scale| <= 0.05, |shift| <= 0.05) of the first
+  # feature map of the zoo's MNIST CNN
+  verifier bounds models/nat_mnist.onnx --input examples/data/mnist_sample.npy \\
+      --label examples/data/mnist_label.npy --style 0.05 0.05 --at _1_relu
 
   # margins when every weight of the model moves by at most 0.1% of its value (fixed input)
   verifier bounds examples/data/lirpa_mnist_fc_3layer.onnx --input examples/data/mnist_sample.npy \\
@@ -63,6 +69,20 @@ def bounds_arguments(p: argparse.ArgumentParser) -> None:
     ball.add_argument("--clip", nargs=2, type=finite_float, metavar=("LO", "HI"),
                       help="also keep every input entry in [LO, HI], e.g. the valid pixel range "
                            "(default: no clipping)")
+    zon = p.add_argument_group(
+        "input set, form 3: a zonotope around --input, x + z G with z in [-1, 1]^k (instead "
+        "of --eps)")
+    zon.add_argument("--style", nargs=2, type=nonneg_float, metavar=("SIGMA", "TAU"),
+                     help="per-channel mean/std shift of --input (or of node --at's value): "
+                          "y_c = mu_c + (1 + s_c)(x_c - mu_c) + t_c with |s_c| <= SIGMA, "
+                          "|t_c| <= TAU, mu_c the channel's mean (2 generators per channel)")
+    zon.add_argument("--generators", metavar="G.npy",
+                     help="your own generators: [k, *shape] shared by the samples or "
+                          "[N, k, *shape], shape the input's (or node --at's)")
+    zon.add_argument("--at", metavar="NODE",
+                     help="place the set on this intermediate node instead of the input: its "
+                          "value at --input is shifted, the model downstream is bounded "
+                          "(node names: the keys of the API's BoundResult.nodes)")
     box = p.add_argument_group("input set, form 2: a box (exclusive with form 1)")
     box.add_argument("--lower", metavar="XL.npy",
                      help="lower corner(s) of the box, shaped like --input")
@@ -107,6 +127,21 @@ def _check_bounds_args(a: argparse.Namespace) -> None:
                        "--lower XL.npy --upper XU.npy (a box)")
     if ball and a.input is None:
         raise CliError(f"{ball[0]} needs --input X.npy (the center of the ball)")
+    zono = [f for f, v in (("--style", a.style), ("--generators", a.generators)) if v is not None]
+    if a.at is not None and not zono:
+        raise CliError("--at NODE needs --style SIGMA TAU or --generators G.npy")
+    if zono:
+        if len(zono) > 1:
+            raise CliError("--style and --generators exclude each other: give one")
+        if box or a.input is None:
+            raise CliError(f"{zono[0]} needs --input X.npy (the center of the zonotope) and no "
+                           "--lower/--upper")
+        clash = [f for f, v in (("--eps", a.eps), ("--norm", a.norm), ("--clip", a.clip),
+                                ("--weights", a.weights)) if v]
+        if clash:
+            raise CliError(f"{zono[0]} and {', '.join(clash)} exclude each other: the zonotope "
+                           "is the whole set")
+        return
     if ball and a.eps is None and not cw.check_weight_args(a, need=False):
         raise CliError("--input needs --eps E (the radius of the ball; with --weights, no --eps "
                        "keeps the input fixed)")
@@ -126,6 +161,12 @@ def _describe_set(a: argparse.Namespace, n: int) -> str:
         a2 = argparse.Namespace(**{**vars(a), "weights": None})
         inp = f"fixed input {a.input} ({n} sample{s})" if fixed else _describe_set(a2, n)
         return f"{inp}; parameters: {cw.describe_weights(a)}"
+    where = "" if a.at is None else f" of node {a.at}'s value"
+    if a.style is not None:
+        return (f"per-channel mean/std shift sigma={a.style[0]:g} tau={a.style[1]:g}{where} at "
+                f"{a.input} ({n} sample{s})")
+    if a.generators is not None:
+        return f"zonotope with generators {a.generators}{where} around {a.input} ({n} sample{s})"
     if a.input is not None:
         norm = {"inf": "L-inf", "2": "L2", "1": "L1"}[a.norm or "inf"]
         clip = "" if a.clip is None else f" clipped to [{a.clip[0]:g}, {a.clip[1]:g}]"
@@ -157,10 +198,36 @@ def _print_table(a, lower, upper, labels, verified, n_out, time_s, proved_by=Non
     print(f"time: {time_s:.4f} s bounding (not counting model loading)")
 
 
+def _zonotope(a: argparse.Namespace, model, center):
+    """The zonotope of --style / --generators around the input, or around node --at's value
+    there: a Zonotope, or ``{node: Zonotope}``."""
+    import torch
+
+    from ..perturbation import Zonotope, style_shift
+    base = center
+    if a.at is not None:
+        values = model.node_values(center)
+        if a.at not in values or a.at == model.input:
+            names = [k for k in values if k != model.input]
+            raise CliError(f"--at {a.at}: no such intermediate node; nodes: {', '.join(names)}")
+        base = values[a.at]
+    if a.style is not None:
+        if base.ndim < 3:
+            raise CliError(f"--style needs a feature map [channels, *spatial] per sample; "
+                           f"{'node ' + a.at if a.at else 'the input'} has shape "
+                           f"{list(base.shape[1:])}")
+        Z = style_shift(base, *a.style)
+    else:
+        G = load_npy(a.generators, "generators file")
+        check_finite(G, f"generators file {a.generators}")
+        Z = Zonotope(base, torch.from_numpy(G).to(base.dtype))
+    return Z if a.at is None else {a.at: Z}
+
+
 def cmd_bounds(a: argparse.Namespace) -> int:
     _check_bounds_args(a)
-    if a.per_layer and (not a.json or a.weights):
-        raise CliError("--per-layer needs --json and no --weights")
+    if a.per_layer and (not a.json or a.weights or a.style or a.generators):
+        raise CliError("--per-layer needs --json and no --weights, --style or --generators")
     # cheap checks on the files first, before paying for torch and the model
     if a.input is not None:
         x = load_npy(a.input, "input file")
@@ -183,7 +250,9 @@ def cmd_bounds(a: argparse.Namespace) -> int:
     model = load_cli_model(a, dtype=dtype)
 
     weights = cw.make_weights(a, a.weight_eps) if a.weights else None
-    if a.input is not None:
+    if a.style is not None or a.generators is not None:
+        pert = _zonotope(a, model, model.check_input(torch.from_numpy(x), f"input file {a.input}"))
+    elif a.input is not None:
         center = model.check_input(torch.from_numpy(x), f"input file {a.input}")
         if a.eps is None:  # a fixed input (weights perturbed)
             pert = Box(center, center)
@@ -195,7 +264,7 @@ def cmd_bounds(a: argparse.Namespace) -> int:
         check_box(lo.numpy(), up.numpy(), f"lower-bound file {a.lower}",
                   f"upper-bound file {a.upper}")
         pert = Box(lo, up)
-    n = pert.batch_size
+    n = pert.batch_size if not isinstance(pert, dict) else next(iter(pert.values())).batch_size
     out_shape = tuple(model.output_shape)
     n_out = 1
     for d in out_shape:
