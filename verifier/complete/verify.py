@@ -13,7 +13,8 @@ call:
 3. ``_branch_and_bound``: the one coordinator (``bab.branch_and_bound``) with the split
    strategy ``_split_strategy`` picks: input splits (``input_bab``) for inputs of at most
    ``max_split_inputs`` values, until every domain is refuted (``unsat``) or a replayed
-   counterexample turns up (``sat``); for larger inputs of a model with ReLUs, ReLU splits
+   counterexample turns up (``sat``); for larger inputs of a model with ReLUs (or other
+   nonlinearities whose input interval may be split: sigmoid, tanh, ...), neuron splits
    with beta-CROWN bounds (``relu_bab``) on the conjunctions still open, starting from
    alpha-CROWN's intermediate bounds, until the deadline;
 4. ``_no_verdict``: otherwise ``unknown`` (bounds too loose, no counterexample found), or
@@ -294,15 +295,33 @@ RELU_SPLITS = _Split(
     late="budget of {timeout:g}s ran out in ReLU-split branch and bound ({total} domains)")
 
 
+NEURON_SPLITS = _Split(
+    "bab-neuron",
+    RELU_SPLITS.run,
+    open_only=True,
+    sat="counterexample found by neuron-split branch and bound ({reason}) and replayed with "
+        "{replayer}",
+    no_replay="a candidate counterexample of neuron-split branch and bound did not replay on "
+              "the original model",
+    timeout="budget of {timeout:g}s ran out in neuron-split branch and bound: {reason}",
+    unknown="neuron-split branch and bound: {reason}",
+    unsat="every output condition refuted: every subdomain refuted by beta-CROWN bounds "
+          "({total} neuron-split domains)",
+    late="budget of {timeout:g}s ran out in neuron-split branch and bound ({total} domains)")
+
+
 def _split_strategy(model, bab: bool, max_split_inputs: int) -> _Split | None:
-    """Input splits for at most ``max_split_inputs`` input values, else ReLU splits for a
-    model with a node that branch and bound may split (ReLU-like), else none."""
+    """Input splits for at most ``max_split_inputs`` input values, else neuron splits for a
+    model with a node that branch and bound may split: ReLU splits (at 0) where every such
+    node is ReLU-like, else neuron splits (``relu_bab`` also splits the input interval of other
+    nonlinearities whose rule gives a ``split_point``: sigmoid, tanh, ...); else none."""
     if not bab:
         return None
     if int(np.prod(model.input_shape)) <= max_split_inputs:
         return INPUT_SPLITS
-    if any(n.op != "input" and RULES[n.op].splittable for n in model.graph):
-        return RELU_SPLITS
+    ops = {RULES[n.op] for n in model.graph if n.op != "input"}
+    if any(r.splits for r in ops):
+        return RELU_SPLITS if all(r.splittable for r in ops if r.splits) else NEURON_SPLITS
     return None
 
 
