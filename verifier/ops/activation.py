@@ -171,7 +171,8 @@ class ElementwiseRelaxation(BoundRule):
             unstable = ((x.lower < 0) & (x.upper > 0)).unsqueeze(1)
             kl, kl_u = torch.where(unstable, alpha[0], kl), torch.where(unstable, alpha[1], kl)
         S = A_lower.shape[1]
-        betas = () if beta is None else beta[1:]
+        betas = () if beta is None else [t for grp in (beta if isinstance(beta, list) else [beta])
+                                         for t in grp[1:3]]
         tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (A_lower, A_upper, kl, kl_u, *betas))
         both = scratch = None
         if not tracked:  # autograd cannot write into buffers
