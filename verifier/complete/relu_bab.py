@@ -523,7 +523,11 @@ def relu_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dead
     t0 = time.perf_counter()
     P = ReluPrepared(model, lower, upper, Cs, ds, root, iterations)
     if max_domains is None:
-        per_domain = sum(P.sizes) * (2 * lower.element_size() + 1) + 1
+        # bounds and signs of every split node, and the kept free parameters (warm start) of
+        # the interval-split ones (two per neuron and row, e.g. sigmoid's tangent points)
+        per_domain = sum(P.sizes) * (2 * lower.element_size() + 1) + 1 + sum(
+            2 * P.C.shape[0] * s * lower.element_size()
+            for r, s in zip(P.relus, P.sizes) if not P.at_zero[r])
         max_domains = max(batch * 4, DOMAIN_MEMORY // per_domain)
     lo, up, sg = P.root_domain()
     res = P.bound(lo, up, sg, first_split=len(P.relus), iterations=iterations, deadline=deadline)

@@ -123,7 +123,8 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
     ``model``: a ``BoundedModel`` or an ONNX path; ``spec``: a ``VnnlibSpec`` or a path;
     ``timeout``: wall-clock seconds for the whole call (checked between steps);
     ``bab``: branch and bound, by input splitting when the input has at most
-    ``max_split_inputs`` values, else by ReLU splitting; ``progress(domains_left,
+    ``max_split_inputs`` values, else by neuron splitting (ReLU signs; input intervals of
+    sigmoid, tanh and other nonlinearities whose rule gives a ``split_point``); ``progress(domains_left,
     worst_margin, elapsed_s)`` is called after every round of it; ``expander``: where
     branch and bound (input- or ReLU-split) bounds its batches of domains (default: this
     process, ``bab.LocalExpander``; one expander, such as a ``RayDomainPool``, serves both).
