@@ -107,7 +107,7 @@ def test_split_multipliers_accept_one_group_and_a_list():
 
 
 # --- per-domain soundness on small MLPs --------------------------------------------------
-ACT = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
+ACT = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 
 
 def _mlp(acts, seed, n_in=4, width=12, scale=1.5):
@@ -194,8 +194,9 @@ def _pgd_points(net, x0, lo, hi, steps=40):
     return torch.cat(pts)
 
 
-@pytest.mark.parametrize("acts", [("sigmoid",) * 3, ("tanh",) * 3, ("sigmoid", "relu", "tanh")],
-                         ids=["sigmoid", "tanh", "mix"])
+@pytest.mark.parametrize("acts", [("sigmoid",) * 3, ("tanh",) * 3, ("sigmoid", "relu", "tanh"),
+                                  ("gelu", "tanh", "gelu")],
+                         ids=["sigmoid", "tanh", "mix", "gelu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_every_interval_split_domain_bound_holds_on_its_points(acts, dtype):
     net = _mlp(acts, seed=len(acts[1]))
