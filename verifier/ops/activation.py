@@ -134,12 +134,13 @@ class ElementwiseRelaxation(BoundRule):
         bound): -> (gap_lower, gap_upper) ``[B, *shape]``, the largest of ``f - lower line`` and
         of ``upper line - f`` at ``points`` evenly spread inputs of [l, u]."""
         kl, bl, ku, bu = self.relaxation(node, x)
-        l, u = x.lower.unsqueeze(-1), x.upper.unsqueeze(-1)
-        t = torch.linspace(0, 1, points, dtype=l.dtype)
+        l, u = x.lower, x.upper
+        # the points lead ([points, B, *shape]): per-channel parameters broadcast as usual
+        t = torch.linspace(0, 1, points, dtype=l.dtype).view(-1, *[1] * l.dim())
         z = l + t * (u - l)
         fz = self.f(node, z)
-        gl = (fz - kl.unsqueeze(-1) * z - bl.unsqueeze(-1)).amax(-1)
-        gu = (ku.unsqueeze(-1) * z + bu.unsqueeze(-1) - fz).amax(-1)
+        gl = (fz - kl * z - bl).amax(0)
+        gu = (ku * z + bu - fz).amax(0)
         return gl.clamp(min=0), gu.clamp(min=0)
 
     def interval(self, node, inputs):
