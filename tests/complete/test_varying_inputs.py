@@ -17,7 +17,9 @@ from verifier.complete import verify
 from verifier.complete.input_bab import input_split_bab
 from verifier.complete.relu_bab import relu_split_bab
 from verifier.complete.subspace import SubspaceModel, foldable
-from verifier.complete.verify import INPUT_SPLITS, RELU_SPLITS, _split_strategy, varying_inputs
+from verifier.ops.activation import SShaped
+from verifier.ops.base import BoundRule
+from verifier.complete.verify import INPUT_SPLITS, NEURON_SPLITS, RELU_SPLITS, _split_strategy, varying_inputs
 from verifier.perturbation import Box
 from verifier.spec.vnnlib import parse_vnnlib
 
@@ -100,7 +102,7 @@ def test_the_strategy_follows_the_varying_inputs_not_the_input_size():
     bm = BoundedModel(net, input_shape=(N_IN,))
     spec = parse_vnnlib(_spec_text(lo, hi, 0.0))
     assert _split_strategy(bm, spec, True, 16) is INPUT_SPLITS
-    assert _split_strategy(bm, spec, True, 7) is RELU_SPLITS
+    assert _split_strategy(bm, spec, True, 7) is NEURON_SPLITS   # its generator has sigmoids
     assert _split_strategy(bm, spec, False, 16) is None
 
 
@@ -135,8 +137,15 @@ def instance():
     return net, lo, hi, m, x_star
 
 
+@pytest.fixture
+def relu_only(monkeypatch):
+    """Branch and bound splits ReLUs only, as for a generator whose nonlinearities have no
+    split rule: tanh and sigmoid lose theirs (``BoundRule.splits`` is then false)."""
+    monkeypatch.setattr(SShaped, "split_point", BoundRule.split_point)
+
+
 @pytest.mark.slow
-def test_relu_splits_alone_run_out_of_neurons(instance):
+def test_relu_splits_alone_run_out_of_neurons(instance, relu_only):
     """The class of instances the input splits are for (about 10 s)."""
     net, lo, hi, m, _ = instance
     bm = BoundedModel(net, input_shape=(N_IN,))
@@ -179,7 +188,7 @@ def test_counterexample_of_the_subspace_replays_on_onnxruntime(instance, tmp_pat
     assert y[0] <= d
 
 
-def test_relu_splits_that_run_out_hand_their_domains_to_input_splits(instance):
+def test_relu_splits_that_run_out_hand_their_domains_to_input_splits(instance, relu_only):
     """Forced onto ReLU splits (max_split_inputs=0), the run no longer ends "no unstable
     neuron left": the stuck domains, with their split constraints as prior intervals, are
     split over the varying inputs until closed."""
@@ -191,7 +200,7 @@ def test_relu_splits_that_run_out_hand_their_domains_to_input_splits(instance):
     assert "closed by input splits" in v.reason
 
 
-def test_stuck_domains_give_one_domain_whose_intervals_hold_on_their_points(instance):
+def test_stuck_domains_give_one_domain_whose_intervals_hold_on_their_points(instance, relu_only):
     """The input-split domain made of the stuck ReLU-split domains: the box, with intervals
     that hold at every sampled point of the box satisfying one stuck domain's splits."""
     from verifier.bounds.forward import evaluate

@@ -1,16 +1,24 @@
-"""The ReLU-split strategy of branch and bound (``bab.py``; beta-CROWN style), for
-high-dimensional inputs.
+"""The neuron-split strategy of branch and bound (``bab.py``; beta-CROWN style), for
+high-dimensional inputs: ReLU splits, and interval splits of other nonlinearities.
 
-A domain is the input box together with a set of split ReLU neurons, each assumed active
-(pre-activation ``z >= 0``) or inactive (``z <= 0``). Splits act on the bounds in two ways:
+A domain is the input box together with a set of split neurons. A ReLU neuron (a rule that is
+``splittable``: linear on each side of 0) is assumed active (pre-activation ``z >= 0``) or
+inactive (``z <= 0``); ``sg`` holds its sign. A neuron of another element-wise nonlinearity
+whose rule ``splits`` (sigmoid, tanh, GELU, ...) has its input interval ``[l, u]`` split at the
+rule's ``split_point`` ``s`` into ``[s, u]`` and ``[l, s]``, possibly again later; ``sg`` holds
+the bits ``LOWER_SPLIT`` (the domain assumes ``z >= lo``) and ``UPPER_SPLIT`` (``z <= up``).
+Splits act on the bounds in two ways:
 
 * in the intermediate bounds: an active split raises the neuron's pre-activation lower bound to
   ``max(l, 0)``, an inactive one lowers its upper bound to ``min(u, 0)``, so the neuron is
-  stable (relaxed exactly); the pre-activation bounds of later layers are then recomputed with
-  CROWN in the domain and intersected with the parent's;
+  stable (relaxed exactly); an interval split sets ``l`` or ``u`` to ``s``, so the relaxation
+  is drawn over the narrower half (tighter lines); the pre-activation bounds of later layers
+  are then recomputed with CROWN in the domain and intersected with the parent's;
 * in the output bound: Lagrange multipliers ``beta >= 0`` on the constraints ``sign·z >= 0``
-  enter the backward pass at the split pre-activations (``ReLU.backward``'s ``beta``); every
-  beta >= 0 gives a sound bound, and beta is optimized jointly with the ReLU slopes (alpha) by
+  (ReLU) or ``sign·(z - point) >= 0`` (interval splits: ``z >= lo``, ``z <= up``) enter the
+  backward pass at the split pre-activations (the rule's ``backward(..., beta)``,
+  ``activation.split_multipliers``; the point adds a constant term); every beta >= 0 gives a
+  sound bound, and beta is optimized jointly with the relaxations' free parameters (alpha) by
   projected gradient steps, keeping the best bound of each row seen.
 
 A domain is closed when each of the property's conjunctions ``C y <= d`` has a row with
@@ -19,7 +27,9 @@ box satisfies its splits). Open domains are split on one unstable neuron chosen 
 score (the bias that the neuron's upper line adds to the lower bound of the most open row,
 ``max(-a, 0)·(-l u / (u - l))``, with ``a`` the row's coefficient on the neuron's output) into
 two children that cover it: when no domain is left open the property holds. The worst domains
-are bounded first, in batches (one domain per batch row). Every bounded domain's
+are bounded first, in batches (one domain per batch row). Interval-split neurons are scored by
+what their relaxation costs the most open row (``ReluPrepared._interval_scores``) and compete
+with the ReLU neurons on one scale. Every bounded domain's
 bound-minimizing input is evaluated and, every few rounds, a short PGD attack starts from the
 worst ones; a point satisfying a conjunction is returned as a candidate (the caller replays it
 on the original model).
@@ -51,6 +61,17 @@ INFEASIBLE_TOL = 1e-5
 # bytes the queue of open domains may hold (pre-activation bounds and split signs); sets the
 # default domain limit
 DOMAIN_MEMORY = 2 ** 30
+# interval splits (a non-ReLU nonlinearity): the bits of ``sg`` that record a split from below
+# (the constraint z >= lo) and from above (z <= up)
+LOWER_SPLIT, UPPER_SPLIT = 1, 2
+# the share of a neuron's relaxation gap that splitting its interval is expected to remove (a
+# ReLU split removes all of it; halving a smooth function's interval about 3/4)
+INTERVAL_GAIN = 0.75
+# interval-split nodes start each domain's optimization from the parent's free parameters
+# (measured on small sigmoid / tanh MLPs: fewer domains to close than from CROWN's lines)
+WARM_START = True
+# an interval narrower than this (relative to 1 + |l| + |u|) is not split again
+MIN_SPLIT_WIDTH = 1e-4
 
 
 class ReluPrepared(Prepared):
@@ -77,8 +98,12 @@ class ReluPrepared(Prepared):
                 root = intermediate_bounds(g, leaves, "crown", upto=g.output)
         self.root = {k: Interval(v.lower.detach(), v.upper.detach()) for k, v in root.items()}
         order = g.ancestors_order(g.output)
-        self.relus = [n for n in order if g[n].op != "input" and RULES[g[n].op].splittable
+        # the split nodes (named ``relus`` for short): ReLU-like ones (``splittable``: split at
+        # 0, ``sg`` holds signs) and other element-wise nonlinearities whose input interval
+        # may be split (``splits``: ``sg`` holds the bits ``LOWER_SPLIT``, ``UPPER_SPLIT``)
+        self.relus = [n for n in order if g[n].op != "input" and RULES[g[n].op].splits
                       and g[n].inputs[0] in self.root]
+        self.at_zero = {r: RULES[g[r].op].splittable for r in self.relus}
         self.pre = {r: g[r].inputs[0] for r in self.relus}
         self.sizes = [math.prod(g[r].shape) for r in self.relus]
         self.offsets = [0]
@@ -109,14 +134,19 @@ class ReluPrepared(Prepared):
 
     def bound(self, lo, up, sg, parent_margin=None, first_split: int = 0, iterations: int = 20,
               optimize_alpha: bool = True, optimize_beta: bool = True, lr_alpha: float = 0.1,
-              lr_beta: float = 0.05, deadline: float | None = None, stop=None):
+              lr_beta: float = 0.05, deadline: float | None = None, stop=None,
+              alpha_start: dict | None = None):
         """Bound a batch of ``n`` domains. -> dict with ``margin [n, R]`` (lower(C y) - d,
         +inf on infeasible domains), ``lo``/``up`` (the refined pre-activation bounds), ``A_relu``
-        ({relu: lower-bound A of the rows on its output}), ``A_in`` (on the input).
+        ({relu: lower-bound A of the rows on its output}), ``A_in`` (on the input), ``alpha``
+        ({node: the last free parameters of an interval-split node's relaxation, batch first}).
+        ``alpha_start``: such parameters (e.g. the parents') to start the optimization from,
+        where their shape fits (interval-split nodes only: their relaxations tighten a little
+        per split, so each domain continues its parent's optimization).
         The optimization ends early at ``deadline`` or once ``stop()`` is true (any alpha and
         beta >= 0 give sound bounds: only their tightness depends on the steps taken)."""
         g, model = self.graph, self.model
-        n = next(iter(sg.values())).shape[0] if sg else 1
+        n = next(iter(lo.values())).shape[0] if lo else 1
         dt = self.lower.dtype
         leaves = {model.input: Box(self.lower.expand(n, *self.lower.shape),
                                    self.upper.expand(n, *self.upper.shape))}
@@ -132,9 +162,10 @@ class ReluPrepared(Prepared):
                     new = refine_node(g, p, bounds, leaves)
                     lo[p] = torch.maximum(lo[p], new.lower)
                     up[p] = torch.minimum(up[p], new.upper)
-                s = sg[r]
-                lo[p] = torch.where(s > 0, lo[p].clamp(min=0), lo[p])
-                up[p] = torch.where(s < 0, up[p].clamp(max=0), up[p])
+                if self.at_zero[r]:   # interval splits are already in lo / up
+                    s = sg[r]
+                    lo[p] = torch.where(s > 0, lo[p].clamp(min=0), lo[p])
+                    up[p] = torch.where(s < 0, up[p].clamp(max=0), up[p])
                 bounds[p] = Interval(lo[p], up[p])
             gap = torch.stack([(lo[p] - up[p] - INFEASIBLE_TOL * (1 + lo[p].abs() + up[p].abs()))
                                .flatten(1).amax(1) for p in lo]).amax(0) if lo else torch.zeros(n)
@@ -152,13 +183,29 @@ class ReluPrepared(Prepared):
             got = RULES[g[r].op].alpha_init(g[r], [bounds[p]], n, S, dt) if optimize_alpha else None
             if got is not None:
                 init, low, high = got
+                warm = None if alpha_start is None or self.at_zero[r] or not WARM_START \
+                    else alpha_start.get(r)
+                if warm is not None:
+                    warm = warm.movedim(0, _batch_dim(init, g[r]))
+                    if warm.shape == init.shape:
+                        init = warm.to(init.dtype)
                 alphas[r] = (init.clone().requires_grad_(True), low, high)
-            if optimize_beta and (sg[r] != 0).any():
-                betas[r] = (sg[r], torch.zeros(n, S, *g[r].shape, dtype=dt, requires_grad=True))
+            if not optimize_beta or not (sg[r] != 0).any():
+                continue
+            if self.at_zero[r]:   # sign·z >= 0
+                betas[r] = [(sg[r], torch.zeros(n, S, *g[r].shape, dtype=dt, requires_grad=True),
+                             None)]
+                continue
+            # interval splits: z >= lo where split from below, z <= up where from above
+            betas[r] = [(torch.where(sg[r] & bit != 0, sign, 0).to(torch.int8),
+                         torch.zeros(n, S, *g[r].shape, dtype=dt, requires_grad=True), point)
+                        for bit, sign, point in ((LOWER_SPLIT, 1, lo[p]), (UPPER_SPLIT, -1, up[p]))
+                        if bool((sg[r] & bit != 0).any())]
 
         def run(keep=()):
             al = {r: (v[0], v[0]) for r, v in alphas.items()}
-            be = {r: (s, b, b) for r, (s, b) in betas.items()}
+            be = {r: (v[0][0], v[0][1], v[0][1]) if self.at_zero[r] else
+                  [(sgn, b, b, pt) for sgn, b, pt in v] for r, v in betas.items()}
             return backward_linear(g, out, spec, bounds, leaves, alpha=al or None,
                                    beta=be or None, keep=keep)
 
@@ -167,10 +214,11 @@ class ReluPrepared(Prepared):
             groups = []
             if alphas:
                 groups.append({"params": [v[0] for v in alphas.values()], "lr": lr_alpha})
+            beta_t = [b for v in betas.values() for _, b, _ in v]
             if betas:
-                groups.append({"params": [b for _, b in betas.values()], "lr": lr_beta})
+                groups.append({"params": beta_t, "lr": lr_beta})
             ranges = [(al, low, high) for al, low, high in alphas.values()] + \
-                     [(b, 0, None) for _, b in betas.values()]
+                     [(b, 0, None) for b in beta_t]
             # rows already refuted do not pull on the shared parameters
             best, = projected_optimize(
                 lambda: (run().lower,), groups, lambda v, b: -(v[0] * (b[0] - self.d <= 0)).sum(),
@@ -185,7 +233,9 @@ class ReluPrepared(Prepared):
         if parent_margin is not None:
             margin = torch.maximum(margin, parent_margin)
         margin = torch.where(infeasible.unsqueeze(1), torch.inf, margin)
-        return {"margin": margin, "lo": lo, "up": up,
+        kept = {r: v[0].detach().movedim(_batch_dim(v[0], g[r]), 0)
+                for r, v in alphas.items() if not self.at_zero[r]}
+        return {"margin": margin, "lo": lo, "up": up, "alpha": kept,
                 "A_relu": {r: record[r] for r in self.relus}, "A_in": record[model.input]}
 
     def branch(self, res, sg):
@@ -202,6 +252,9 @@ class ReluPrepared(Prepared):
             l, u = res["lo"][p].flatten(1), res["up"][p].flatten(1)
             A = res["A_relu"][r]
             a = A[torch.arange(n), row].flatten(1) if A is not None else torch.zeros_like(l)
+            if not self.at_zero[r]:
+                scores.append(self._interval_scores(r, res["lo"][p], res["up"][p], a))
+                continue
             unstable = (l < 0) & (u > 0) & (sg[r].flatten(1) == 0)
             width = torch.where(unstable, u - l, torch.ones_like(u))
             intercept = (-l * u / width).clamp(min=0)
@@ -213,6 +266,22 @@ class ReluPrepared(Prepared):
         local = idx - torch.tensor(self.offsets)[which]
         which = torch.where(torch.isfinite(best), which, torch.full_like(which, -1))
         return which, local
+
+    def _interval_scores(self, r, lo, up, a):
+        """The branching scores ``[n, size]`` of the neurons of an interval-split node ``r``
+        (pre-activation bounds ``lo, up: [n, *shape]``, ``a: [n, size]`` the most open row's
+        coefficients on its output): what the relaxation's lines cost that row, ``a+ · (gap of
+        the lower line) + a- · (gap of the upper line)`` (``split_gaps``), times the share a
+        split is expected to remove (``INTERVAL_GAIN``); -inf where the interval is not finite
+        or too narrow to split (``MIN_SPLIT_WIDTH``)."""
+        rule, node = RULES[self.graph[r].op], self.graph[r]
+        finite = torch.isfinite(lo) & torch.isfinite(up)
+        x = Interval(torch.where(finite, lo, 0.0), torch.where(finite, up, 0.0))
+        gl, gu = (v.flatten(1) for v in rule.split_gaps(node, x))
+        s = (a.clamp(min=0) * gl + a.clamp(max=0).neg() * gu) * INTERVAL_GAIN
+        l, u = lo.flatten(1), up.flatten(1)
+        ok = finite.flatten(1) & (u - l > MIN_SPLIT_WIDTH * (1 + l.abs() + u.abs()))
+        return torch.where(ok & torch.isfinite(s), s, torch.full_like(s, -torch.inf))
 
     def violation(self, y):
         """``[n, n_out]`` outputs -> ``[n, K]`` max row violation of each conjunction (<= 0 holds)."""
@@ -247,18 +316,28 @@ class ReluPrepared(Prepared):
             return best_x, self.violation(f(best_x).reshape(best_x.shape[0], -1))
 
 
+def _batch_dim(alpha: torch.Tensor, node) -> int:
+    """The batch dimension of a rule's free parameters ``[..., B, S, *node.shape]``."""
+    return alpha.dim() - len(node.shape) - 2
+
+
 def _take(store, idx):
     return {k: v[idx] for k, v in store.items()}
 
 
 def _cat(a, b):
-    return {k: torch.cat([a[k], b[k]]) for k in a}
+    """Nested stores of two batches: the keys of both (a warm start ``alpha`` missing in one
+    batch, or of another shape, is dropped)."""
+    return {k: torch.cat([a[k], b[k]]) for k in a
+            if k in b and a[k].shape[1:] == b[k].shape[1:]}
 
 
 # a batch of domains: their pre-activation bounds ``lo``/``up`` ({pre: [n, *shape]}), split
-# signs ``sg`` ({relu: int8 [n, *shape]}), ``margin [n, R]``, the neuron each is to be split on
-# (``which``: index into ``relus``, -1 for none left; ``local``: flat index) and ``depth [n]``
-_NESTED = ("lo", "up", "sg")
+# signs ``sg`` ({relu: int8 [n, *shape]}), the last free parameters of interval-split nodes'
+# relaxations ``alpha`` ({node: [n, ...]}, a warm start; may lack nodes), ``margin [n, R]``,
+# the neuron each is to be split on (``which``: index into ``relus``, -1 for none left;
+# ``local``: flat index) and ``depth [n]``
+_NESTED = ("lo", "up", "sg", "alpha")
 
 
 def _take_batch(q: dict, idx) -> dict:
@@ -323,12 +402,25 @@ def expand_relu_domains(P: ReluPrepared, cur: DomainBatch, seed: int, deadline: 
     sign = torch.cat([torch.ones(n, dtype=torch.int8), -torch.ones(n, dtype=torch.int8)])
     for i, r in enumerate(P.relus):
         sel = which == i
-        if sel.any():
-            flat = c_sg[r].view(2 * n, -1)
+        if not sel.any():
+            continue
+        flat = c_sg[r].view(2 * n, -1)
+        if P.at_zero[r]:
             flat[rows[sel], local[sel]] = sign[sel]
+            continue
+        # an interval split at s: the first child keeps [s, u] (z >= s), the second [l, s]
+        p = P.pre[r]
+        fl, fu = c_lo[p].view(2 * n, -1), c_up[p].view(2 * n, -1)
+        ri, li = rows[sel], local[sel]
+        at = RULES[P.graph[r].op].split_point(P.graph[r], fl[ri, li], fu[ri, li])
+        above = sign[sel] > 0
+        fl[ri, li] = torch.where(above, at, fl[ri, li])
+        fu[ri, li] = torch.where(above, fu[ri, li], at)
+        flat[ri, li] |= torch.where(above, LOWER_SPLIT, UPPER_SPLIT).to(torch.int8)
     first = int(which.min())
+    warm = {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in cur.get("alpha", {}).items()}
     res = P.bound(c_lo, c_up, c_sg, cur["margin"].repeat(2, 1), first_split=first,
-                  iterations=iterations, deadline=deadline, stop=stop)
+                  iterations=iterations, deadline=deadline, stop=stop, alpha_start=warm)
     out = Expansion(bounded=2 * n, parents=n)
     pts = P.attack_points(res)
     c = _violating(P, pts)
@@ -361,11 +453,13 @@ def expand_relu_domains(P: ReluPrepared, cur: DomainBatch, seed: int, deadline: 
             # close the domain (the graph has other nonlinear nodes): optimize them for longer
             again = P.bound(_take(res["lo"], dead), _take(res["up"], dead), _take(c_sg, dead),
                             res["margin"][dead], first_split=len(P.relus),
-                            iterations=max(100, 10 * iterations), deadline=deadline, stop=stop)
+                            iterations=max(100, 10 * iterations), deadline=deadline, stop=stop,
+                            alpha_start=_take(res["alpha"], dead))
             res["margin"][dead] = again["margin"]
             keep = (P.conj_margin(res["margin"]).min(1).values <= 0).nonzero().flatten()
         out.children = {"lo": _take(res["lo"], keep), "up": _take(res["up"], keep),
-                        "sg": _take(c_sg, keep), "margin": res["margin"][keep],
+                        "sg": _take(c_sg, keep), "alpha": _take(res["alpha"], keep),
+                        "margin": res["margin"][keep],
                         "which": cw[keep], "local": cl[keep],
                         "depth": cur["depth"].repeat(2)[keep] + 1}
     return out
@@ -444,7 +538,11 @@ def relu_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dead
     t0 = time.perf_counter()
     P = ReluPrepared(model, lower, upper, Cs, ds, root, iterations)
     if max_domains is None:
-        per_domain = sum(P.sizes) * (2 * lower.element_size() + 1) + 1
+        # bounds and signs of every split node, and the kept free parameters (warm start) of
+        # the interval-split ones (two per neuron and row, e.g. sigmoid's tangent points)
+        per_domain = sum(P.sizes) * (2 * lower.element_size() + 1) + 1 + sum(
+            2 * P.C.shape[0] * s * lower.element_size()
+            for r, s in zip(P.relus, P.sizes) if not P.at_zero[r])
         max_domains = max(batch * 4, DOMAIN_MEMORY // per_domain)
     lo, up, sg = P.root_domain()
     res = P.bound(lo, up, sg, first_split=len(P.relus), iterations=iterations, deadline=deadline)
@@ -460,6 +558,7 @@ def relu_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dead
             return BabResult("candidate", *c, domains=1, reason="the optimum of the box's LP")
         res["margin"][closed] = torch.inf
     frontier = ReluFrontier(P, {"lo": res["lo"], "up": res["up"], "sg": sg,
+                                "alpha": res["alpha"],
                                 "margin": res["margin"], "which": which, "local": local,
                                 "depth": torch.zeros(1, dtype=torch.long)}, max_domains)
     expander = expander if expander is not None else LocalExpander(model)

@@ -12,8 +12,10 @@ call:
    every conjunction of every region is refuted: ``unsat``, proved by that method;
 3. ``_branch_and_bound``: the one coordinator (``bab.branch_and_bound``) with the split
    strategy ``_split_strategy`` picks: input splits (``input_bab``, over the inputs that vary)
-   when at most ``max_split_inputs`` input values vary in the spec's regions, until every domain is refuted (``unsat``) or a replayed
-   counterexample turns up (``sat``); for larger inputs of a model with ReLUs, ReLU splits
+   when at most ``max_split_inputs`` input values vary in the spec's regions, until every
+   domain is refuted (``unsat``) or a replayed counterexample turns up (``sat``); otherwise,
+   for a model with ReLUs (or other nonlinearities whose input interval may be split:
+   sigmoid, tanh, ...), neuron splits
    with beta-CROWN bounds (``relu_bab``) on the conjunctions still open, starting from
    alpha-CROWN's intermediate bounds, until the deadline;
 4. ``_no_verdict``: otherwise ``unknown`` (bounds too loose, no counterexample found), or
@@ -123,7 +125,9 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
     ``model``: a ``BoundedModel`` or an ONNX path; ``spec``: a ``VnnlibSpec`` or a path;
     ``timeout``: wall-clock seconds for the whole call (checked between steps);
     ``bab``: branch and bound, by input splitting when at most ``max_split_inputs`` input
-    values vary (have lower < upper in some region of the spec), else by ReLU splitting; ``progress(domains_left,
+    values vary (have lower < upper in some region of the spec), else by neuron splitting (ReLU
+    signs; input intervals of sigmoid, tanh and other nonlinearities whose rule gives a
+    ``split_point``); ``progress(domains_left,
     worst_margin, elapsed_s)`` is called after every round of it; ``expander``: where
     branch and bound (input- or ReLU-split) bounds its batches of domains (default: this
     process, ``bab.LocalExpander``; one expander, such as a ``RayDomainPool``, serves both).
@@ -296,6 +300,21 @@ RELU_SPLITS = _Split(
     late="budget of {timeout:g}s ran out in ReLU-split branch and bound ({total} domains)")
 
 
+NEURON_SPLITS = _Split(
+    "bab-neuron",
+    RELU_SPLITS.run,
+    open_only=True,
+    sat="counterexample found by neuron-split branch and bound ({reason}) and replayed with "
+        "{replayer}",
+    no_replay="a candidate counterexample of neuron-split branch and bound did not replay on "
+              "the original model",
+    timeout="budget of {timeout:g}s ran out in neuron-split branch and bound: {reason}",
+    unknown="neuron-split branch and bound: {reason}",
+    unsat="every output condition refuted: every subdomain refuted by beta-CROWN bounds "
+          "({total} neuron-split domains)",
+    late="budget of {timeout:g}s ran out in neuron-split branch and bound ({total} domains)")
+
+
 def varying_inputs(spec) -> np.ndarray:
     """The inputs that vary: a bool mask ``[n_inputs]``, true where some region of the spec
     has ``lower < upper`` (in its own float64 values, not the boxes rounded to the model's
@@ -308,14 +327,17 @@ def varying_inputs(spec) -> np.ndarray:
 
 def _split_strategy(model, spec, bab: bool, max_split_inputs: int) -> _Split | None:
     """Input splits when at most ``max_split_inputs`` input values vary (``varying_inputs``:
-    an input of 800 values of which 8 vary is split in those 8), else ReLU splits for a
-    model with a node that branch and bound may split (ReLU-like), else none."""
+    an input of 800 values of which 8 vary is split in those 8), else neuron splits for a
+    model with a node that branch and bound may split: ReLU splits (at 0) where every such
+    node is ReLU-like, else neuron splits (``relu_bab`` also splits the input interval of other
+    nonlinearities whose rule gives a ``split_point``: sigmoid, tanh, ...); else none."""
     if not bab:
         return None
     if int(varying_inputs(spec).sum()) <= max_split_inputs:
         return INPUT_SPLITS
-    if any(n.op != "input" and RULES[n.op].splittable for n in model.graph):
-        return RELU_SPLITS
+    ops = {RULES[n.op] for n in model.graph if n.op != "input"}
+    if any(r.splits for r in ops):
+        return RELU_SPLITS if all(r.splittable for r in ops if r.splits) else NEURON_SPLITS
     return None
 
 

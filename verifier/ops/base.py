@@ -19,6 +19,9 @@ node, or raises ``NotSupported`` naming the op and the question:
    perturbation analysis); ``lipschitz(node, Ls)``: a global L2 Lipschitz bound composed from its
    inputs' (``-> (L, own constant, how)``);
 6. ``splittable``: branch and bound may split the node's input at 0 (each half is linear);
+   ``split_point(node, lower, upper)``: where branch and bound splits an input interval of an
+   element-wise nonlinearity (``splits``: the rule gives one; the relaxation tightens on each
+   half);
    ``rows``: a dense layer's rows, where CROWN may start one node earlier;
    ``constant_shift`` / ``absorb_shift``: graph simplification (a linear layer absorbs a
    following constant add, ``verifier.graph.simplify``);
@@ -140,6 +143,18 @@ class BoundRule:
         -> (initial ``[B, S, ...]`` reproducing ``backward``'s lines, low, high) with every value
         in ``[low, high]`` sound, or None where the relaxation has no freedom here."""
         return None
+
+    def split_point(self, node, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+        """Where branch and bound splits each neuron's input interval ``[lower, upper]``
+        (``[n, *shape]`` each) into ``[lower, s]`` and ``[s, upper]``: ``s`` (same shape,
+        ``lower <= s <= upper``). Rules of element-wise nonlinearities that allow it override
+        this (``splits``)."""
+        raise NotSupported(self.op, "split_point")
+
+    @property
+    def splits(self) -> bool:
+        """Whether branch and bound may split the node's input interval (``split_point``)."""
+        return type(self).split_point is not BoundRule.split_point
 
     def linear_refine(self, node, inputs: list[Interval], bound_linear) -> Interval | None:
         """A sound interval of the node from bounds of linear functions of its inputs (CROWN's

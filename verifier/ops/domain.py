@@ -41,7 +41,7 @@ import torch
 from ..shapes import broadcast_shapes
 from ..bound_types import Interval
 from ..errors import DomainError
-from .base import NotSupported, register
+from .base import BoundRule, NotSupported, register
 from .smooth import SmoothElementwise, slack
 
 _DOMAINS = {"positive": "x > 0", "nonnegative": "x >= 0",
@@ -62,6 +62,8 @@ class DomainElementwise(SmoothElementwise):
     # alpha-CROWN: the rule's own parameters (tangent points, ``alpha_init`` and ``_lines``), not
     # the generic slopes of ``SmoothElementwise`` (see the module doc), at the full learning rate
     alpha_lr = 1.0
+    # no interval splits in branch and bound (not tested on restricted domains)
+    split_point = BoundRule.split_point
 
     def domain(self, node) -> str | None:
         return None

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..bound_types import Interval
-from .activation import ElementwiseRelaxation
+from .activation import ElementwiseRelaxation, split_multipliers
 from .base import NotSupported, register
 
 SLACK = 1e-6   # relative margin of the slope bound
@@ -96,6 +96,21 @@ class SmoothElementwise(ElementwiseRelaxation):
         """The breakpoints that matter on ``[lo, hi]`` (all of them, unless f has infinitely
         many, as a periodic f does)."""
         return self.breakpoints(node)
+
+    def split_point(self, node, lower, upper):
+        """The breakpoint inside ``(lower, upper)`` nearest the midpoint (a kink or an
+        inflection: each half is then closer to linear, convex or concave), else the
+        midpoint."""
+        mid = (lower + upper) / 2
+        if not lower.numel():
+            return mid
+        pts = self.breakpoints_in(node, float(lower.min()), float(upper.max())) or ()
+        best, found = mid, torch.zeros_like(mid, dtype=torch.bool)
+        for p in pts:
+            pt = torch.full_like(mid, p)
+            take = (lower < pt) & (pt < upper) & (~found | ((pt - mid).abs() < (best - mid).abs()))
+            best, found = torch.where(take, pt, best), found | take
+        return best
 
     def slope_bound(self, node) -> float:
         if not all(math.isfinite(v) for v in self.slope_limits):
@@ -354,7 +369,8 @@ class SmoothElementwise(ElementwiseRelaxation):
             return super().backward(node, A_lower, A_upper, inputs, beta=beta)
         (x,) = inputs
         if not self._own_lines():
-            return self._backward_slopes(node, A_lower, A_upper, x, alpha)
+            [(A_l, A_u)], b_l, b_u = self._backward_slopes(node, A_lower, A_upper, x, alpha)
+            return self._with_splits(A_l, A_u, b_l, b_u, beta)
 
         def one(A, k_pos, b_pos, k_neg, b_neg):
             Ap, An = A.clamp(min=0), A.clamp(max=0)
@@ -365,6 +381,15 @@ class SmoothElementwise(ElementwiseRelaxation):
         A_l, b_l = one(A_lower, kl, bl, ku, bu)
         kl, bl, ku, bu = self._lines(node, x, alpha[1])
         A_u, b_u = one(A_upper, ku, bu, kl, bl)
+        return self._with_splits(A_l, A_u, b_l, b_u, beta)
+
+    @staticmethod
+    def _with_splits(A_l, A_u, b_l, b_u, beta):
+        """-> the backward result with the split multipliers ``beta`` (if any) added
+        (``split_multipliers``)."""
+        if beta is not None:
+            A_l, A_u, c_l, c_u = split_multipliers(A_l, A_u, beta)
+            b_l, b_u = b_l + c_l, b_u + c_u
         return [(A_l, A_u)], b_l, b_u
 
     def _backward_slopes(self, node, A_lower, A_upper, x: Interval, alpha):
