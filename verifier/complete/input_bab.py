@@ -57,10 +57,10 @@ def _branch_dims(A, open_, margin, per_k, owner, olo, ohi, scale, relax_terms=No
     k = per_k[open_].argmin(1)                           # the most open conjunction
     mask = owner.unsqueeze(0) == k.unsqueeze(1)          # rows of that conjunction
     r = torch.where(mask, m, torch.full_like(m, -torch.inf)).argmax(1)
-    a = A[torch.arange(A.shape[0]), r]                   # [n_open, n_in]
+    a = A[torch.arange(A.shape[0], device=A.device), r]  # [n_open, n_in]
     score = a.abs() * width / 4
     if relax_terms:
-        idx = torch.arange(A.shape[0])
+        idx = torch.arange(A.shape[0], device=A.device)
         for ak, gk, Jk in relax_terms:                   # Jk: [n_open, n_in, n_k]
             slack = ak[idx, r].flatten(1).abs() * gk      # [n_open, n_k]
             share = slack / Jk.sum(1).clamp(min=1e-30) / 2
@@ -117,9 +117,9 @@ def _clip_boxes(A, lin, refuted, owner, K, lo, hi, passes: int = 2):
     least = torch.where(pos, A * l0.unsqueeze(1), A * h0.unsqueeze(1)).sum(2)   # [n, R]
     b = lin.double() - least
     slack = 1e-5 * ((aA * torch.maximum(l0.abs(), h0.abs()).unsqueeze(1)).sum(2) + b.abs()) + 1e-9
-    inf = torch.tensor(torch.inf, dtype=torch.float64)
+    inf = torch.tensor(torch.inf, dtype=torch.float64, device=A.device)
     new_l, new_h = torch.full_like(l0, torch.inf), torch.full_like(h0, -torch.inf)
-    alive = torch.zeros(l0.shape[0], dtype=torch.bool)
+    alive = torch.zeros(l0.shape[0], dtype=torch.bool, device=l0.device)
     for k in range(K):
         rows = owner == k
         Ak, pk, nk, ak = A[:, rows], pos[:, rows], neg[:, rows], aA[:, rows]
@@ -168,7 +168,7 @@ def _corner_candidate(model, A, open_, margin, owner, K, olo, ohi, C_all, d_all)
         return None
     A = A[open_].flatten(2)                                  # [n_open, R, n_in]
     m = margin[open_]
-    idx = torch.arange(A.shape[0])
+    idx = torch.arange(A.shape[0], device=A.device)
     lo, hi = olo.flatten(1), ohi.flatten(1)
     pts = []
     for k in range(K):
@@ -211,7 +211,7 @@ class InputPrepared(Prepared):
         self.Cs, self.ds, self.scale, self.method = p.Cs, p.ds, p.scale, p.method
         self.C_all = torch.cat([c.to(dt) for c in p.Cs])                 # [R, n_out]
         self.d_all = torch.cat([d.to(dt) for d in p.ds])                 # [R]
-        self.owner = torch.cat([torch.full((c.shape[0],), k) for k, c in enumerate(p.Cs)])
+        self.owner = torch.cat([torch.full((c.shape[0],), k, device=c.device) for k, c in enumerate(p.Cs)])
         self.K = len(p.Cs)
         self.keep = _prior_nodes(model.graph) if p.method == "crown" else []
         self.relus = [n.name for n in model.graph if n.op != "input" and RULES[n.op].sign_only]
@@ -344,7 +344,7 @@ def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dea
     expander = expander if expander is not None else LocalExpander(model)
     problem = InputProblem(list(Cs), list(ds), (upper - lower).flatten().clamp(min=1e-12), method)
     root = BestFirstFrontier({"lo": lower.unsqueeze(0), "hi": upper.unsqueeze(0),
-                              "key": torch.full((1,), -torch.inf, dtype=lower.dtype)},
+                              "key": torch.full((1,), -torch.inf, dtype=lower.dtype, device=lower.device)},
                              frontier_bytes)
     return branch_and_bound(problem, root, expander, deadline, batch=batch,
                             attack_after=time_share(t0, ATTACK_SHARE), proof="CROWN",

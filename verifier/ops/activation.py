@@ -273,7 +273,7 @@ class SShaped(ElementwiseRelaxation):
 
     def slope_bound(self, node) -> float:
         """f' grows on x <= 0 (convex) and falls on x >= 0 (concave): its max is f'(0)."""
-        return float(self.df(torch.zeros((), dtype=torch.float64)))
+        return float(self.df(torch.zeros((), dtype=torch.float64, device="cpu")))
 
     def _tangent(self, d):
         k = self.df(d)
@@ -316,7 +316,7 @@ class SShaped(ElementwiseRelaxation):
     def relax(self, node, l, u):
         ku, bu = self.upper_line(l, u)
         k, b = self.upper_line(-u, -l)
-        c2 = 2 * self.f(None, torch.zeros((), dtype=l.dtype))
+        c2 = 2 * self.f(None, l.new_zeros(()))
         return k, c2 - b, ku, bu
 
     # --- alpha-CROWN: optimizable tangent points -------------------------------------------
