@@ -146,7 +146,8 @@ class BoundedModel:
     def from_onnx(cls, path, dtype: torch.dtype = torch.float32, device=None) -> "BoundedModel":
         """Load an ONNX file (``.onnx`` or ``.onnx.gz``); a symbolic batch dim is taken as 1.
         ``device``: where the model and its bounds live (default: the CPU)."""
-        m = load_onnx(path)
+        with torch.device("cpu"):  # the converted modules are built on the CPU, then moved
+            m = load_onnx(path)
         if len(m.input_names) != 1:
             raise ShapeError(f"{path}: the model has {len(m.input_names)} inputs; one is supported")
         shape = tuple(max(1, d) for d in m.input_shapes[0]) or (1,)
