@@ -14,22 +14,10 @@ data (lists, numpy arrays, numbers) goes to ``device``, the CPU when None.
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
+from .device_names import check_device_name
 from .errors import DeviceError
-
-DEVICE_NAMES = "cpu, cuda, cuda:N or auto"
-_PATTERN = re.compile(r"^(cpu|cuda|cuda:\d+|auto)$")
-
-
-def check_device_name(text: str) -> str:
-    """``text`` if it names a device this package accepts (no GPU check), else DeviceError."""
-    name = str(text).strip().lower()
-    if not _PATTERN.match(name):
-        raise DeviceError(f"unknown device {text!r}: use {DEVICE_NAMES}")
-    return name
 
 
 def resolve_device(device=None) -> torch.device:

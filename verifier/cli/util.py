@@ -13,6 +13,8 @@ import re
 import sys
 import tempfile
 
+from ..device_names import check_device_name
+from ..errors import DeviceError
 from ..files import write_atomically
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
@@ -112,16 +114,15 @@ def load_cli_model(a: argparse.Namespace, dtype=None):
 DEVICE_HELP = ("where the model and every bound live: cpu, cuda (the first visible GPU), cuda:N, "
                "or auto (a GPU when one is visible, else the CPU) (default: cpu); results are "
                "printed from CPU copies")
-_DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|auto)$")
 
 
 def device_name(text: str) -> str:
     """argparse ``type=`` of ``--device``: the spelling only (no torch import); whether a GPU is
     there is checked by ``resolve_cli_device`` once the flags are read."""
-    name = text.strip().lower()
-    if not _DEVICE.match(name):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda, cuda:N or auto")
-    return name
+    try:
+        return check_device_name(text)
+    except DeviceError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def device_arguments(p: argparse.ArgumentParser, ray: bool = False) -> None:

@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..devices import check_device_name, resolve_device
+from ..device_names import check_device_name
+from ..devices import resolve_device
 from ..errors import DeviceError
 from ..train.config import ConfigError
 from ..train.evaluation import export_onnx

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..deps import require
-from ..devices import check_device_name
+from ..device_names import check_device_name
 from ..errors import DeviceError, VerifierError
 
 
