@@ -5,7 +5,9 @@
 
 BENCHMARK_DIR is a folder with ``instances.csv`` (e.g. ../shared/benchmarks/vnncomp/acasxu);
 the ground truth is read from ``ground_truth.csv`` in its parent folder. Prints, per benchmark:
-instances, solved, correct, WRONG, unknown, timeout, error, total and median time. A wrong
+instances, solved, correct, WRONG, unknown, timeout, error, total and median time, and the
+branch-and-bound domains bounded per second (``dom/s``: the domains of all instances over the
+seconds they spent in branch and bound, ``Verdict.details``; ``-`` when none ran it). A wrong
 answer is an ``unsat`` where the truth is ``sat`` (or the reverse), or a ``sat`` whose
 counterexample failed replay (``verify`` never reports those). One thread, in-process; the
 per-instance time includes loading the model and the spec.
@@ -50,7 +52,8 @@ def main(argv=None):
 
     rows_out = []
     print(f"{'benchmark':16s} {'n':>4s} {'solved':>6s} {'correct':>7s} {'WRONG':>5s} {'unknown':>7s} "
-          f"{'timeout':>7s} {'error':>5s} {'total_s':>8s} {'median_s':>8s}", flush=True)
+          f"{'timeout':>7s} {'error':>5s} {'total_s':>8s} {'median_s':>8s} {'dom/s':>8s}",
+          flush=True)
     for d in args.dirs:
         name = d.name
         truth = truth_table(d)
@@ -59,6 +62,7 @@ def main(argv=None):
             inst = inst[:args.limit]
         c = {k: 0 for k in ("solved", "correct", "wrong", "unknown", "timeout", "error")}
         times = []
+        domains, bab_s = 0, 0.0
         cache: dict = {}
         for onnx_path, vnnlib_path, t in inst:
             r = run_instance(onnx_path, vnnlib_path, args.timeout or t, 0, cache)
@@ -67,6 +71,9 @@ def main(argv=None):
             exp = truth.get((name, rel_o, rel_v), "unknown")
             s = r["status"]
             times.append(r["time_s"])
+            details = r["verdict"].details if r.get("verdict") is not None else {}
+            domains += details.get("domains", 0)
+            bab_s += details.get("bab_s", 0.0)
             if s in ("sat", "unsat"):
                 c["solved"] += 1
                 if exp in ("sat", "unsat") and exp != s:
@@ -81,7 +88,8 @@ def main(argv=None):
             rows_out.append([name, rel_o, rel_v, s, exp, f"{r['time_s']:.4f}", r["method"]])
         print(f"{name:16s} {len(inst):4d} {c['solved']:6d} {c['correct']:7d} {c['wrong']:5d} "
               f"{c['unknown']:7d} {c['timeout']:7d} {c['error']:5d} {sum(times):8.1f} "
-              f"{statistics.median(times):8.3f}", flush=True)
+              f"{statistics.median(times):8.3f} "
+              f"{(f'{domains / bab_s:8.0f}' if bab_s > 0 else '       -')}", flush=True)
     if args.out:
         with open(args.out, "w", newline="") as f:
             w = csv.writer(f)

@@ -9,8 +9,8 @@
 put it on ``sys.path``) to import it.
 """
 from .architectures import (ZOO, ResidualBlock, ResNetBlockNet, build, cnn_cert, mlp, resnet_block_net,
-                            small_cnn, vit_tiny)
+                            siren, small_cnn, vit_tiny)
 from .zoo import trained, zoo_entries
 
-__all__ = ["ZOO", "ResNetBlockNet", "ResidualBlock", "build", "cnn_cert", "mlp", "resnet_block_net", "small_cnn", "trained",
+__all__ = ["ZOO", "ResNetBlockNet", "ResidualBlock", "build", "cnn_cert", "mlp", "resnet_block_net", "siren", "small_cnn", "trained",
            "vit_tiny", "zoo_entries"]

@@ -10,7 +10,9 @@ each model is also a small end-to-end test of the graph builder and the bound ru
 * :func:`resnet_block_net`: a stem convolution, residual blocks (conv, BatchNorm, skip
   connection), global average pooling and a dense head;
 * :func:`vit_tiny`: a small vision transformer (patch embedding, pre-LayerNorm encoder blocks
-  with softmax self-attention written out and a ReLU or GELU MLP, mean over tokens, a linear head).
+  with softmax self-attention written out and a ReLU or GELU MLP, mean over tokens, a linear head);
+* :func:`siren`: a sinusoidal representation network (``sin(omega0 (W x + b))`` layers, SIREN
+  initialization) for fitting signals of low-dimensional coordinates.
 
 Initialize the weights yourself (``torch.manual_seed`` before the call) when you need
 reproducible numbers.
@@ -208,6 +210,48 @@ def vit_tiny(in_ch: int = 1, n_classes: int = 10, input_size: int = 28, patch: i
     return ViT(in_ch, n_classes, input_size, patch, dim, depth, heads, mlp, activation).eval()
 
 
+class Siren(nn.Module):
+    """``depth`` layers ``h <- sin(omega0 (W h + b))`` and a linear output layer, initialized as
+    SIRENs are: the first layer's weights uniform in ``+-1/in_dim``, the later ones uniform in
+    ``+-sqrt(6 / fan_in) / omega0`` (so each sine's argument stays of order one)."""
+
+    def __init__(self, in_dim: int, hidden: int, depth: int, out: int, omega0: float = 30.0):
+        super().__init__()
+        self.omega0 = float(omega0)
+        dims = [in_dim] + [hidden] * depth
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.out = nn.Linear(hidden, out)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("weight"):
+                    bound = self.init_bound(name)
+                    p.uniform_(-bound, bound)
+
+    def init_bound(self, name: str) -> float:
+        """The half-width of the uniform initialization of weight ``name`` (``layers.0.weight``,
+        ..., ``out.weight``)."""
+        fan_in = self.get_parameter(name).shape[1]
+        return 1.0 / fan_in if name == "layers.0.weight" else (6.0 / fan_in) ** 0.5 / self.omega0
+
+    def noise_radii(self, noise: float, k: float = 1.0) -> dict[str, float]:
+        """Element-wise radius per weight tensor for Gaussian initialization noise of standard
+        deviation ``noise`` times the layer's uniform bound: ``k`` standard deviations."""
+        return {name: k * noise * self.init_bound(name)
+                for name, _ in self.named_parameters() if name.endswith("weight")}
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.sin(self.omega0 * layer(x))
+        return self.out(x)
+
+
+def siren(in_dim: int = 1, hidden: int = 32, depth: int = 3, out: int = 1,
+          omega0: float = 30.0) -> nn.Module:
+    """A SIREN on ``in_dim`` coordinates: ``depth`` sine layers of width ``hidden`` with
+    frequency ``omega0``, a linear output of ``out`` values."""
+    return Siren(in_dim, hidden, depth, out, omega0).eval()
+
+
 ZOO = {
     "mlp": (mlp, dict(in_dim=784, hidden=[64, 32], out=10), (1, 28, 28)),
     "mlp_tanh": (mlp, dict(in_dim=20, hidden=[16, 16], out=4, activation="tanh"), (20,)),
@@ -218,6 +262,7 @@ ZOO = {
     "resnet_block_net": (resnet_block_net, dict(in_ch=3, n_classes=10, width=8, n_blocks=2),
                          (3, 16, 16)),
     "vit_tiny": (vit_tiny, dict(in_ch=1, n_classes=10, input_size=28), (1, 28, 28)),
+    "siren": (siren, dict(in_dim=2, hidden=16, depth=2, out=3, omega0=10.0), (2,)),
 }
 
 

@@ -88,6 +88,14 @@ case("conv_transpose", model([N("ConvTranspose", ["x", "W", "b"], strides=[2, 2]
                                 output_padding=[1, 0])], [3, 4, 4], {"W": f32(3, 2, 3, 3), "b": f32(2)}))
 case("conv_transpose_asym", model([N("ConvTranspose", ["x", "W"], strides=[2, 2], pads=[0, 1, 2, 0])],
                                   [3, 4, 4], {"W": f32(3, 2, 3, 3)}))
+case("conv_transpose_output_shape", model([N("ConvTranspose", ["x", "W", "b"], strides=[2, 2],
+                                            output_shape=[8, 7])], [3, 4, 4], {"W": f32(3, 2, 3, 3), "b": f32(2)}))
+case("conv_transpose_same_upper", model([N("ConvTranspose", ["x", "W"], strides=[2, 2], auto_pad="SAME_UPPER")],
+                                        [3, 4, 4], {"W": f32(3, 2, 4, 4)}))
+case("conv_transpose_same_lower", model([N("ConvTranspose", ["x", "W"], strides=[2, 3], auto_pad="SAME_LOWER")],
+                                        [3, 4, 4], {"W": f32(3, 2, 3, 4)}))
+case("conv_transpose_shape_same_lower", model([N("ConvTranspose", ["x", "W"], strides=[2, 2], auto_pad="SAME_LOWER",
+                                                 output_shape=[7, 8])], [3, 4, 4], {"W": f32(3, 2, 3, 3)}))
 bn = {"s": f32(3), "bb": f32(3), "m": f32(3), "v": np.abs(f32(3)) + 0.5}
 case("batchnorm_9", model([N("BatchNormalization", ["x", "s", "bb", "m", "v"], epsilon=1e-3)], [3, 4, 4],
                           bn, opset=9))

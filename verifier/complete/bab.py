@@ -165,6 +165,8 @@ class BabResult:
     rounds: int = 0
     worst: float = float("nan")  # the worst (lowest) refutation margin still open
     reason: str = ""
+    left: Any = None             # ``unknown``: the frontier it was stuck with (another split
+                                 # strategy may take its domains over)
 
 
 def branch_and_bound(problem: Problem, frontier: Frontier, expander: Expander, deadline: float,
@@ -201,7 +203,9 @@ def branch_and_bound(problem: Problem, frontier: Frontier, expander: Expander, d
                 return timeout()
             why = frontier.stuck(inflight)
             if why is not None:
-                return result("unknown", why)
+                r = result("unknown", why)
+                r.left = frontier
+                return r
             while inflight < expander.slots and frontier.ready():
                 if time.perf_counter() > deadline:
                     return timeout()

@@ -20,7 +20,7 @@ model).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,9 +33,11 @@ from .bab import (BabResult, DomainBatch, Expansion, LocalExpander, Prepared, Pr
                   branch_and_bound, time_share)
 from .frontier import FRONTIER_MEMORY, BestFirstFrontier
 from .spec_attack import spec_attack
+from .subspace import SubspaceModel, foldable
 
 
-def _branch_dims(A, open_, margin, per_k, owner, olo, ohi, scale, relax_terms=None):
+def _branch_dims(A, open_, margin, per_k, owner, olo, ohi, scale, relax_terms=None,
+                 vary=None):
     """The input to split in each open domain, for the row r closest to refuting the domain's
     most open conjunction: where the split is estimated to raise that row's lower bound most.
 
@@ -48,38 +50,46 @@ def _branch_dims(A, open_, margin, per_k, owner, olo, ohi, scale, relax_terms=No
     neuron j's slack is credited to input i in proportion to ``J_ji`` (its share of the
     neuron's range). Coefficients alone miss an input that matters only through unstable
     neurons: on ACAS Xu they left it unsplit while splitting the others down to 1e-6 widths.
-    Without A: the widest input (relative to the region)."""
+    Without A: the widest input (relative to the region). ``vary``: the indices of the inputs
+    that may be split (those the spec lets vary; ``relax_terms`` are over these), default all.
+    -> flat input indices ``[n_open]``."""
     width = (ohi - olo).flatten(1)
+    if vary is None:
+        vary = torch.arange(width.shape[1], device=width.device)
+    width, scale = width[:, vary], scale[vary]
     if A is None or A.shape[0] != open_.shape[0]:
-        return (width / scale).argmax(1)
-    A = A[open_].flatten(2)                              # [n_open, R, n_in]
+        return vary[(width / scale).argmax(1)]
+    A = A[open_].flatten(2)[:, :, vary]                  # [n_open, R, n_vary]
     m = margin[open_]                                    # [n_open, R]
     k = per_k[open_].argmin(1)                           # the most open conjunction
     mask = owner.unsqueeze(0) == k.unsqueeze(1)          # rows of that conjunction
     r = torch.where(mask, m, torch.full_like(m, -torch.inf)).argmax(1)
-    a = A[torch.arange(A.shape[0], device=A.device), r]  # [n_open, n_in]
+    a = A[torch.arange(A.shape[0], device=A.device), r]  # [n_open, n_vary]
     score = a.abs() * width / 4
     if relax_terms:
         idx = torch.arange(A.shape[0], device=A.device)
-        for ak, gk, Jk in relax_terms:                   # Jk: [n_open, n_in, n_k]
+        for ak, gk, Jk in relax_terms:                   # Jk: [n_open, n_vary, n_k]
             slack = ak[idx, r].flatten(1).abs() * gk      # [n_open, n_k]
             share = slack / Jk.sum(1).clamp(min=1e-30) / 2
             score = score + torch.bmm(Jk, share.unsqueeze(2)).squeeze(2)
     # ties (an input the bound does not see): fall back to the widest
-    return torch.where(score.amax(1) > 0, score.argmax(1), (width / scale).argmax(1))
+    return vary[torch.where(score.amax(1) > 0, score.argmax(1), (width / scale).argmax(1))]
 
 
-def _relax_terms(model, relus, record, nodes, oi, cvals, centres, widths):
+def _relax_terms(model, relus, record, nodes, oi, cvals, centres, widths, vary):
     """For each ReLU-like node k, over the open domains ``oi``: the output pass's lower-bound A
     on its output ``[n, R, *shape]``, the largest gap of its relaxation ``g = u(-l)/(u-l)`` (0
-    where stable), and the variation ``[n, n_in, n_k]`` of its input along each input dimension
-    over the middle half of the domain's range, on both sides of the centre (a secant through
-    the centre would miss an input the neuron sees symmetrically, as |x|). ``cvals``: the
-    graph's node values at the domains' centres."""
+    where stable), and the variation ``[n, n_vary, n_k]`` of its input along each input
+    dimension of ``vary`` (the indices of the inputs that may be split: the others are fixed,
+    and an input of 800 values with 8 varying costs 16 points per domain, not 1600) over the
+    middle half of the domain's range, on both sides of the centre (a secant through the
+    centre would miss an input the neuron sees symmetrically, as |x|). ``cvals``: the graph's
+    node values at the domains' centres; ``widths: [n, n_in]``."""
     g = model.graph
     ins = [g[k].inputs[0] for k in relus]
-    n, n_in = widths.shape
-    step = torch.diag_embed(widths / 4)                    # [n, n_in, n_in]
+    n, n_in = widths.shape[0], vary.numel()
+    step = widths.new_zeros(n, n_in, widths.shape[1])                  # [n, n_vary, n_in_all]
+    step[:, torch.arange(n_in, device=widths.device), vary] = widths[:, vary] / 4
     c = centres.flatten(1).unsqueeze(1)
     pts = torch.cat([c + step, c - step], 1).reshape(n * 2 * n_in, *centres.shape[1:])
     with torch.no_grad():
@@ -178,12 +188,14 @@ def _corner_candidate(model, A, open_, margin, owner, K, olo, ohi, C_all, d_all)
     return _holding(model, torch.cat(pts).reshape(-1, *olo.shape[1:]), C_all, d_all, owner, K)
 
 
-def _prior_nodes(graph) -> list[str]:
+def prior_nodes(graph) -> list[str]:
     """Nodes whose bounds a relaxation reads: a domain's children start from its bounds."""
     return [n.name for n in graph if n.op != "input"
             and any(RULES[c.op].needs_bounds for c in graph.consumers(n.name))]
 
 
+# crossing intermediate bounds close a domain only beyond this float slack (relative)
+INFEASIBLE_TOL = 1e-5
 # the most of branch and bound's time spent on PGD attacks from open domains
 ATTACK_SHARE = 0.05
 
@@ -191,12 +203,17 @@ ATTACK_SHARE = 0.05
 @dataclass
 class InputProblem(Problem):
     """What every batch of one input-split run shares (cheap to send to a worker):
-    ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]``, ``scale: [n_in]`` the region's widths."""
+    ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]``, ``scale: [n_in]`` the region's widths,
+    ``vary``: the indices of the inputs that may be split (default: those of positive width);
+    ``base: [n_in]`` (float64), when set: the domains' boxes are over the ``vary`` inputs only,
+    the others fixed at ``base`` and folded into the model (``subspace.SubspaceModel``)."""
     Cs: list
     ds: list
     scale: torch.Tensor
     method: str = "crown"
     clip: bool = True           # shrink open boxes by their linear bounds (``_clip_boxes``)
+    vary: torch.Tensor | None = None
+    base: torch.Tensor | None = None   # set: the domains live in the subspace of ``vary``
 
     def prepare(self, model) -> InputPrepared:
         return InputPrepared(model, self)
@@ -207,15 +224,20 @@ class InputPrepared(Prepared):
 
     def __init__(self, model, p: InputProblem):
         dt = p.scale.dtype
+        if p.base is not None:
+            model = SubspaceModel(model, p.vary, p.base)
+            p = replace(p, scale=p.scale[p.vary], vary=torch.arange(p.vary.numel(), device=p.vary.device), base=None)
         self.model = model
         self.Cs, self.ds, self.scale, self.method = p.Cs, p.ds, p.scale, p.method
         self.C_all = torch.cat([c.to(dt) for c in p.Cs])                 # [R, n_out]
         self.d_all = torch.cat([d.to(dt) for d in p.ds])                 # [R]
         self.owner = torch.cat([torch.full((c.shape[0],), k, device=c.device) for k, c in enumerate(p.Cs)])
         self.K = len(p.Cs)
-        self.keep = _prior_nodes(model.graph) if p.method == "crown" else []
+        self.keep = prior_nodes(model.graph) if p.method == "crown" else []
         self.relus = [n.name for n in model.graph if n.op != "input" and RULES[n.op].sign_only]
         self.clip = p.clip
+        vary = p.vary if p.vary is not None else (p.scale > 1e-12).nonzero().flatten()
+        self.vary = vary if vary.numel() else torch.arange(p.scale.numel(), device=p.scale.device)
 
     def expand(self, batch: DomainBatch, seed: int, deadline: float, attack_after: float,
                stop=None) -> Expansion:
@@ -255,6 +277,15 @@ def expand_input_domains(model, pr: InputPrepared, cur: DomainBatch, seed: int, 
                         box_rows=False, clipped_pass=False, relax_lines=False)
         low, nodes, record, A = res.lower, res.nodes, res.A, res.A[model.input]
         low = torch.nan_to_num(low, nan=-torch.inf)
+        if prior is not None:
+            # intervals that cross (beyond float slack) leave the domain no point: with the
+            # priors of ReLU-split domains (``fallback``) a domain may be empty
+            empty = torch.zeros(n, dtype=torch.bool, device=low.device)
+            for k in keep:
+                b = nodes[k]
+                gap = b.lower - b.upper - INFEASIBLE_TOL * (1 + b.lower.abs() + b.upper.abs())
+                empty |= (gap > 0).flatten(1).any(1)
+            low = torch.where(empty.unsqueeze(1), torch.inf, low)
     elif pr.method in ("crown", "crown-ibp"):   # no node a relaxation reads (a linear net)
         with torch.no_grad():
             res = crown(model.graph, leaves, spec.to(dt), method=pr.method, keep=(model.input,))
@@ -308,8 +339,8 @@ def expand_input_domains(model, pr: InputPrepared, cur: DomainBatch, seed: int, 
     if keep and all(v is not None for v in record.values()):
         oi = open_.nonzero().squeeze(1)
         terms = _relax_terms(model, relus, record, nodes, oi, cvals, centres[open_],
-                             (ohi - olo).flatten(1))
-    dim = _branch_dims(A, open_, margin, per_k, owner, olo, ohi, pr.scale, terms)
+                             (ohi - olo).flatten(1), pr.vary)
+    dim = _branch_dims(A, open_, margin, per_k, owner, olo, ohi, pr.scale, terms, pr.vary)
     mid = ((olo.flatten(1).gather(1, dim[:, None]) + ohi.flatten(1).gather(1, dim[:, None])) / 2)
     left_hi = ohi.flatten(1).clone()
     left_hi.scatter_(1, dim[:, None], mid)
@@ -329,7 +360,9 @@ def expand_input_domains(model, pr: InputPrepared, cur: DomainBatch, seed: int, 
 
 def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, deadline: float,
                     batch: int = 4096, method: str = "crown", progress=None,
-                    expander=None, frontier_bytes: int = FRONTIER_MEMORY) -> BabResult:
+                    expander=None, frontier_bytes: int = FRONTIER_MEMORY, vary=None,
+                    base: torch.Tensor | None = None, start: DomainBatch | None = None,
+                    domains: int = 0) -> BabResult:
     """Branch and bound on input splits: ``lower, upper: [*input_shape]``;
     ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]``.
 
@@ -339,13 +372,40 @@ def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dea
     closed or split, and the frontier is empty. The frontier holds each domain's box and the
     intermediate bounds of its parent (over a superset of the domain: sound for it, and they
     let CROWN skip the neurons already stable there), the most open first while it fits in
-    ``frontier_bytes`` (``BestFirstFrontier``)."""
+    ``frontier_bytes`` (``BestFirstFrontier``). ``vary``: the inputs that may be split (a
+    bool mask ``[*input_shape]`` or flat indices; default: those with ``lower < upper``): the
+    spec's fixed inputs stay at their value even where float32 rounding leaves them a box of
+    one ulp. When the input is a flat vector read only by linear layers, the domains are
+    boxes over the varying inputs alone, the others fixed at ``base`` (float64, default the
+    box's centre) and folded into those layers (``subspace``). ``start``: the domains to begin with (default: the whole box), a batch as the
+    expansions return (``lo, hi``, ``l:NODE, u:NODE`` intervals sound over each domain's part
+    of the problem, ``key``); ``domains``: those bounded before (counted in the result)."""
     t0 = time.perf_counter()
     expander = expander if expander is not None else LocalExpander(model)
-    problem = InputProblem(list(Cs), list(ds), (upper - lower).flatten().clamp(min=1e-12), method)
-    root = BestFirstFrontier({"lo": lower.unsqueeze(0), "hi": upper.unsqueeze(0),
-                              "key": torch.full((1,), -torch.inf, dtype=lower.dtype, device=lower.device)},
-                             frontier_bytes)
-    return branch_and_bound(problem, root, expander, deadline, batch=batch,
-                            attack_after=time_share(t0, ATTACK_SHARE), proof="CROWN",
-                            progress=progress, t0=t0, name="input-split branch and bound")
+    scale = (upper - lower).flatten().clamp(min=1e-12)
+    if vary is None:
+        vary = (upper > lower).flatten()
+    vary = torch.as_tensor(vary, device=lower.device)
+    if vary.dtype == torch.bool:
+        vary = vary.flatten().nonzero().flatten()
+    vary = vary.long()
+    if start is None:
+        start = {"lo": lower.unsqueeze(0), "hi": upper.unsqueeze(0),
+                 "key": torch.full((1,), -torch.inf, dtype=lower.dtype, device=lower.device)}
+    sub = None
+    if 0 < vary.numel() < scale.numel() and foldable(model.graph, model.input):
+        # the domains live in the subspace of the varying inputs
+        base = ((lower.double() + upper.double()) / 2 if base is None else base.double()).flatten()
+        sub = SubspaceModel(model, vary, base)
+        problem = InputProblem(list(Cs), list(ds), scale, method, vary=vary, base=base)
+        start = {**start, "lo": sub.restrict(start["lo"]), "hi": sub.restrict(start["hi"])}
+    else:
+        problem = InputProblem(list(Cs), list(ds), scale, method, vary=vary)
+    root = BestFirstFrontier(start, frontier_bytes)
+    r = branch_and_bound(problem, root, expander, deadline, batch=batch,
+                         attack_after=time_share(t0, ATTACK_SHARE), proof="CROWN",
+                         progress=progress, t0=t0, domains=domains,
+                         name="input-split branch and bound")
+    if sub is not None and r.x is not None:
+        r.x = sub.lift(r.x)
+    return r

@@ -42,6 +42,7 @@ from ..perturbation import Box
 from ..projected_gradient import Variable, projected_gradient, sign_step
 from .bab import (BabResult, DomainBatch, Expansion, Frontier, LocalExpander, Prepared, Problem,
                   branch_and_bound, every_kth_round)
+from .linear_region import LinearRegions
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,9 @@ class ReluPrepared(Prepared):
             self.offsets.append(self.offsets[-1] + s)
         self.position = {n: i for i, n in enumerate(order)}
         self.iterations = iterations
+        # fully fixed domains of a piecewise-linear graph are decided by a linear program
+        self.exact = LinearRegions.of(model, self.relus, self.pre, self.C, self.d, self.owner,
+                                      self.K, lower, upper)
 
     def expand(self, batch: DomainBatch, seed: int, deadline: float, attack_after: float,
                stop=None) -> Expansion:
@@ -305,6 +309,7 @@ def expand_relu_domains(P: ReluPrepared, cur: DomainBatch, seed: int, deadline: 
     the ``2n`` children with beta-CROWN from their parents' bounds, try their bound-minimizing
     inputs as counterexamples, run PGD from the worst when ``perf_counter() >= attack_after``,
     and choose each open child's neuron to split. A child with none left is a linear region:
+    decided by a linear program when the graph is piecewise linear (``linear_region``), else
     its multipliers are optimized longer. ``stop()`` (and the deadline) only cut optimization
     steps and attacks short: the children are always all bounded and all kept while open.
     ``seed`` is the round (the expansion is deterministic)."""
@@ -341,9 +346,19 @@ def expand_relu_domains(P: ReluPrepared, cur: DomainBatch, seed: int, deadline: 
     if keep.numel():
         cw, cl = P.branch(res, c_sg)
         dead = keep[cw[keep] < 0]
-        if dead.numel() and time.perf_counter() < deadline:
-            # no unstable neuron left: the domain is a linear region, and only the split
-            # constraints' multipliers can still close it: optimize them for longer
+        if dead.numel() and P.exact is not None:
+            # no unstable neuron left in a piecewise-linear graph: the domain is a linear
+            # region, decided exactly by a linear program (``linear_region``)
+            closed, c = P.exact.decide(_take(res["lo"], dead), _take(res["up"], dead),
+                                       _take(c_sg, dead), res["margin"][dead], deadline)
+            if c is not None:
+                out.candidate = (*c, "the optimum of a linear region's LP violates the property")
+                return out
+            res["margin"][dead[closed]] = torch.inf
+            keep = (P.conj_margin(res["margin"]).min(1).values <= 0).nonzero().flatten()
+        elif dead.numel() and time.perf_counter() < deadline:
+            # no unstable neuron left: only the split constraints' multipliers can still
+            # close the domain (the graph has other nonlinear nodes): optimize them for longer
             again = P.bound(_take(res["lo"], dead), _take(res["up"], dead), _take(c_sg, dead),
                             res["margin"][dead], first_split=len(P.relus),
                             iterations=max(100, 10 * iterations), deadline=deadline, stop=stop)
@@ -439,6 +454,11 @@ def relu_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dead
         log.info("ReLU-split branch and bound: candidate after 1 domain (%s)", reason)
         return BabResult("candidate", *c, domains=1, reason=reason)
     which, local = P.branch(res, sg)
+    if P.exact is not None and int(which[0]) < 0 and bool((P.conj_margin(res["margin"]) <= 0).any()):
+        closed, c = P.exact.decide(res["lo"], res["up"], sg, res["margin"], deadline)
+        if c is not None:
+            return BabResult("candidate", *c, domains=1, reason="the optimum of the box's LP")
+        res["margin"][closed] = torch.inf
     frontier = ReluFrontier(P, {"lo": res["lo"], "up": res["up"], "sg": sg,
                                 "margin": res["margin"], "which": which, "local": local,
                                 "depth": torch.zeros(1, dtype=torch.long, device=lower.device)}, max_domains)

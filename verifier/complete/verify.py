@@ -11,8 +11,8 @@ call:
    over each box; a conjunction is refuted when some row has ``lower(C_r y) > d_r``; when
    every conjunction of every region is refuted: ``unsat``, proved by that method;
 3. ``_branch_and_bound``: the one coordinator (``bab.branch_and_bound``) with the split
-   strategy ``_split_strategy`` picks: input splits (``input_bab``) for inputs of at most
-   ``max_split_inputs`` values, until every domain is refuted (``unsat``) or a replayed
+   strategy ``_split_strategy`` picks: input splits (``input_bab``, over the inputs that vary)
+   when at most ``max_split_inputs`` input values vary in the spec's regions, until every domain is refuted (``unsat``) or a replayed
    counterexample turns up (``sat``); for larger inputs of a model with ReLUs, ReLU splits
    with beta-CROWN bounds (``relu_bab``) on the conjunctions still open, starting from
    alpha-CROWN's intermediate bounds, until the deadline;
@@ -36,6 +36,7 @@ from ..errors import ShapeError
 from ..ops import RULES
 from ..perturbation import Box, round_down, round_up
 from ..spec.vnnlib import VnnlibSpec, read_vnnlib
+from .fallback import stuck_domains
 from .input_bab import input_split_bab
 from .relu_bab import relu_split_bab
 from .replay import replay_runner
@@ -122,8 +123,8 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
 
     ``model``: a ``BoundedModel`` or an ONNX path; ``spec``: a ``VnnlibSpec`` or a path;
     ``timeout``: wall-clock seconds for the whole call (checked between steps);
-    ``bab``: branch and bound, by input splitting when the input has at most
-    ``max_split_inputs`` values, else by ReLU splitting; ``progress(domains_left,
+    ``bab``: branch and bound, by input splitting when at most ``max_split_inputs`` input
+    values vary (have lower < upper in some region of the spec), else by ReLU splitting; ``progress(domains_left,
     worst_margin, elapsed_s)`` is called after every round of it; ``expander``: where
     branch and bound (input- or ReLU-split) bounds its batches of domains (default: this
     process, ``bab.LocalExpander``; one expander, such as a ``RayDomainPool``, serves both).
@@ -131,7 +132,7 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
     """
     t0 = time.perf_counter()
     run = _Run(*_load(model, spec, device), timeout, t0 + timeout)
-    split = _split_strategy(run.model, bab, max_split_inputs)
+    split = _split_strategy(run.model, run.spec, bab, max_split_inputs)
     if attack and (verdict := _attack(run, seed)) is not None:
         return _timed(verdict, t0)
     verdict, left = _incomplete_bounds(run, methods, alpha_intermediate=split is not INPUT_SPLITS)
@@ -254,7 +255,8 @@ def _incomplete_bounds(run: _Run, methods, alpha_intermediate: bool):
 @dataclass(frozen=True)
 class _Split:
     """A split strategy as ``verify`` runs and words it: ``run(model, lo, hi, Cs, ds, deadline,
-    root, progress, expander) -> BabResult``; ``open_only``: hand it only the conjunctions the
+    root, progress, expander, vary) -> BabResult`` (``vary``: the region's inputs with
+    lower < upper, a bool mask); ``open_only``: hand it only the conjunctions the
     incomplete bounds left open; the reasons (format fields: timeout, total, reason, replayer);
     ``late``: the reason when the deadline passes between regions (None: the run reports it)."""
     method: str
@@ -270,8 +272,8 @@ class _Split:
 
 INPUT_SPLITS = _Split(
     "bab-input",
-    lambda model, lo, hi, Cs, ds, deadline, root, progress, expander: input_split_bab(
-        model, lo, hi, Cs, ds, deadline, progress=progress, expander=expander),
+    lambda model, lo, hi, Cs, ds, deadline, root, progress, expander, vary: input_split_bab(
+        model, lo, hi, Cs, ds, deadline, progress=progress, expander=expander, vary=vary),
     open_only=False,
     sat="counterexample found by input-split branch and bound and replayed with {replayer}",
     no_replay="a candidate counterexample of branch and bound did not replay on the original "
@@ -283,7 +285,7 @@ INPUT_SPLITS = _Split(
 
 RELU_SPLITS = _Split(
     "bab-relu",
-    lambda model, lo, hi, Cs, ds, deadline, root, progress, expander: relu_split_bab(
+    lambda model, lo, hi, Cs, ds, deadline, root, progress, expander, vary: relu_split_bab(
         model, lo, hi, Cs, ds, deadline, root=root, progress=progress, expander=expander),
     open_only=True,
     sat="counterexample found by ReLU-split branch and bound ({reason}) and replayed with "
@@ -297,12 +299,23 @@ RELU_SPLITS = _Split(
     late="budget of {timeout:g}s ran out in ReLU-split branch and bound ({total} domains)")
 
 
-def _split_strategy(model, bab: bool, max_split_inputs: int) -> _Split | None:
-    """Input splits for at most ``max_split_inputs`` input values, else ReLU splits for a
+def varying_inputs(spec) -> np.ndarray:
+    """The inputs that vary: a bool mask ``[n_inputs]``, true where some region of the spec
+    has ``lower < upper`` (in its own float64 values, not the boxes rounded to the model's
+    dtype, which give a fixed value that float32 cannot hold a box of one ulp)."""
+    mask = np.zeros(spec.n_inputs, dtype=bool)
+    for r in spec.regions:
+        mask |= np.asarray(r.lower, dtype=np.float64) < np.asarray(r.upper, dtype=np.float64)
+    return mask
+
+
+def _split_strategy(model, spec, bab: bool, max_split_inputs: int) -> _Split | None:
+    """Input splits when at most ``max_split_inputs`` input values vary (``varying_inputs``:
+    an input of 800 values of which 8 vary is split in those 8), else ReLU splits for a
     model with a node that branch and bound may split (ReLU-like), else none."""
     if not bab:
         return None
-    if int(np.prod(model.input_shape)) <= max_split_inputs:
+    if int(varying_inputs(spec).sum()) <= max_split_inputs:
         return INPUT_SPLITS
     if any(n.op != "input" and RULES[n.op].splittable for n in model.graph):
         return RELU_SPLITS
@@ -313,15 +326,17 @@ def _branch_and_bound(run: _Run, split: _Split, left: _Left, progress, expander)
     """Step 3: branch and bound on each region in turn until every domain is refuted
     (``unsat``), a candidate replays on the original model (``sat``) or the budget ends."""
     replay, replayer = replay_runner(run.model)
-    total = 0
+    total, t_bab = 0, time.perf_counter()
 
     def verdict(status, reason, method=None, cex=None):
         why = r.reason if r is not None else ""
         return Verdict(status, reason.format(timeout=run.timeout, total=total, reason=why,
                                              replayer=replayer),
-                       method, cex, details={"domains": total})
+                       method, cex, details={"domains": total,
+                                             "bab_s": time.perf_counter() - t_bab})
 
     r = None
+    fallbacks = 0     # regions closed by input splits after ReLU splits ran out
     for ri, (region, (lo, hi)) in enumerate(zip(run.spec.regions, run.boxes)):
         if split.late is not None and run.late():
             return verdict("timeout", split.late)
@@ -330,8 +345,21 @@ def _branch_and_bound(run: _Run, split: _Split, left: _Left, progress, expander)
         if not todo:
             continue
         Cs, ds = run.conjunctions(region, todo)
+        vary = torch.as_tensor(np.asarray(region.lower) < np.asarray(region.upper), device=lo.device)
         r = split.run(run.model, lo, hi, Cs, ds, run.deadline, left.roots.get(ri), progress,
-                      expander)
+                      expander, vary)
+        start = stuck_domains(r.left) if r.status == "unknown" and r.left is not None else None
+        if start is not None:
+            # ReLU splits ran out of neurons on some open domains: split their inputs
+            stuck = start["key"].numel()
+            r = input_split_bab(run.model, lo, hi, Cs, ds, run.deadline, progress=progress,
+                                expander=expander, vary=vary,
+                                base=torch.as_tensor(region.lower, dtype=torch.float64, device=lo.device),
+                                start=start, domains=r.domains)
+            r.reason = (f"{r.reason}; input splits took over {stuck} ReLU-split domains with "
+                        "no neuron left to split")
+            if r.status == "unsat":
+                fallbacks += 1
         total += r.domains
         if r.status == "candidate":
             cex = _replay(r.x, todo[r.disjunct], region, ri, replay, replayer)
@@ -343,6 +371,10 @@ def _branch_and_bound(run: _Run, split: _Split, left: _Left, progress, expander)
             return verdict("timeout", split.timeout)
         if r.status != "unsat":
             return verdict("unknown", split.unknown)
+    if fallbacks:
+        return verdict("unsat", split.unsat + "; in {n} region(s) the domains ReLU splits could "
+                       "not close were closed by input splits (CROWN bounds)".replace(
+                           "{n}", str(fallbacks)), split.method)
     return verdict("unsat", split.unsat, split.method)
 
 

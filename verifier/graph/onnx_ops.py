@@ -336,24 +336,44 @@ def _weights(mod, w: V, b: V | None) -> dict:
     return aliases
 
 
+def _transpose_pads(attrs, x: V, w: V, strides, dil, out_pad, nd) -> list[int]:
+    """ConvTranspose's pads (begins, then ends): given, or generated from ``output_shape`` /
+    ``auto_pad=SAME_*`` by the operator's equations (total padding = the full output size minus
+    the requested one, split with the odd unit at the end for SAME_UPPER, at the start
+    otherwise)."""
+    auto = attrs.get("auto_pad", "NOTSET")
+    shape = attrs.get("output_shape")
+    if shape is None and auto not in ("SAME_UPPER", "SAME_LOWER"):
+        return [0] * (2 * nd) if auto == "VALID" else list(attrs.get("pads", [0] * (2 * nd)))
+    sizes = x.v1.shape[2:]
+    kernel = list(attrs.get("kernel_shape", w.v1.shape[2:]))
+    shape = list(shape)[-nd:] if shape is not None else [sizes[i] * strides[i] for i in range(nd)]
+    begin, end = [], []
+    for i in range(nd):
+        full = strides[i] * (sizes[i] - 1) + out_pad[i] + (kernel[i] - 1) * dil[i] + 1
+        total = full - shape[i]
+        if total < 0:
+            raise ReadProblem(f"ConvTranspose output_shape {shape} larger than its full output")
+        half = total // 2
+        first = half if auto == "SAME_UPPER" else total - half
+        begin.append(first)
+        end.append(total - first)
+    return begin + end
+
+
 @op("ConvTranspose")
 def _conv_transpose(r, node, ins, attrs):
     x, w, b = ins[0], ins[1], _in(ins, 2)
     nd = _rank(w) - 2
     if nd not in (1, 2):
         raise ReadProblem(f"a {nd}-D transposed convolution")
-    if "output_shape" in attrs:
-        raise ReadProblem("ConvTranspose with output_shape (give pads)")
-    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise ReadProblem(f"ConvTranspose with auto_pad={attrs['auto_pad']}")
     if not w.const or (b is not None and not b.const):
         raise ReadProblem("ConvTranspose with weights computed from the input")
     strides = list(attrs.get("strides", [1] * nd))
     dil = list(attrs.get("dilations", [1] * nd))
     groups = int(attrs.get("group", 1))
     out_pad = list(attrs.get("output_padding", [0] * nd))
-    pads = list(attrs.get("pads", [0] * (2 * nd))) if attrs.get("auto_pad", "NOTSET") == "NOTSET" \
-        else [0] * (2 * nd)
+    pads = _transpose_pads(attrs, x, w, strides, dil, out_pad, nd)
     begin, end = pads[:nd], pads[nd:]
     common = [min(p, q) for p, q in zip(begin, end)]
     W = w.v1
