@@ -18,6 +18,7 @@ from .bounds.alpha import alpha_crown
 from .bounds.crown import crown, ibp_spec_bounds
 from .bounds.forward import evaluate
 from .bounds.ibp import ibp_bounds
+from .devices import as_tensor, resolve_device
 from .errors import ShapeError, VerifierError
 from .graph.fuse import fuse
 from .graph.live import live_graph
@@ -98,16 +99,17 @@ class BoundResult:
                 f"{vs}, nodes={len(self.nodes)}, time_s={self.time_s:.4f})")
 
 
-def margin_spec(labels, n_classes: int, dtype=torch.float32) -> torch.Tensor:
-    """Rows ``e_y - e_j`` for every ``j != y`` in ascending j: ``[batch, n_classes - 1, n_classes]``."""
-    labels = torch.as_tensor(labels).reshape(-1).long()
+def margin_spec(labels, n_classes: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Rows ``e_y - e_j`` for every ``j != y`` in ascending j: ``[batch, n_classes - 1, n_classes]``,
+    on ``device`` (default: the labels' device; the CPU for labels that are not a tensor)."""
+    labels = as_tensor(labels, device=device).reshape(-1).long()
     if ((labels < 0) | (labels >= n_classes)).any():
         raise ShapeError(f"labels must lie in [0, {n_classes - 1}], got {labels.tolist()}")
     B = labels.shape[0]
-    eye = torch.eye(n_classes, dtype=dtype)
+    eye = torch.eye(n_classes, dtype=dtype, device=labels.device)
     C = eye[labels].unsqueeze(1) - eye.unsqueeze(0)           # [B, n, n]: row j = e_y - e_j
-    keep = torch.ones(B, n_classes, dtype=torch.bool)
-    keep[torch.arange(B), labels] = False
+    keep = torch.ones(B, n_classes, dtype=torch.bool, device=labels.device)
+    keep[torch.arange(B, device=labels.device), labels] = False
     return C[keep].view(B, n_classes - 1, n_classes)
 
 
@@ -123,20 +125,29 @@ class BoundedModel:
     """A model traced once into a bound-propagation graph.
 
     ``model``: an ``nn.Module`` (traced with torch.fx) or an fx.GraphModule; ``input_shape``: the
-    per-sample input shape (no batch dim), or ``example_input`` with a batch dim.
+    per-sample input shape (no batch dim), or ``example_input`` with a batch dim. ``device``:
+    where the model and every bound live ("cpu", "cuda", "cuda:N", "auto" or a torch.device;
+    default: where the module's parameters are, the CPU for a module without any); the module
+    is moved there (``module.to(device)``, in place), inputs, perturbation sets and specs given
+    to ``bounds`` are moved there, and results come back on it.
     """
 
     def __init__(self, model: torch.nn.Module, input_shape=None, example_input=None,
-                 dtype: torch.dtype = torch.float32, input_name: str | None = None):
+                 dtype: torch.dtype = torch.float32, input_name: str | None = None, device=None):
+        if device is None:
+            device = next((p.device for p in model.parameters()), None)
+        self.device = resolve_device(device)
         if example_input is None:
             if input_shape is None:
                 raise ShapeError("give input_shape (per sample) or example_input")
-            example_input = torch.zeros(1, *input_shape)
-        example_input = torch.as_tensor(example_input)[:1].to(torch.float32)
-        self.module = model.eval()
+            example_input = torch.zeros(1, *input_shape, device="cpu")
+        # traced on the CPU (the graph is a snapshot of the weights), then moved to the device
+        example_input = as_tensor(example_input, device="cpu")[:1].to(torch.float32)
+        self.module = model.eval().to("cpu")
         self.dtype = dtype
         traced = build_graph(self.module, (example_input,), [input_name] if input_name else None)
-        self.graph: Graph = fuse(fold_bias_adds(traced.to(dtype)))
+        self.graph: Graph = fuse(fold_bias_adds(traced.to(dtype))).to(dtype, self.device)
+        self.module.to(self.device)
         if len(self.graph.leaves) != 1:
             raise ShapeError(f"the model takes {len(self.graph.leaves)} inputs; one is supported")
         self.input = self.graph.leaves[0]
@@ -145,16 +156,19 @@ class BoundedModel:
         self.source_path: str | None = None
 
     @classmethod
-    def from_onnx(cls, path, dtype: torch.dtype = torch.float32) -> "BoundedModel":
-        """Load an ONNX file (``.onnx`` or ``.onnx.gz``); a symbolic batch dim is taken as 1."""
-        m = load_onnx(path)
+    def from_onnx(cls, path, dtype: torch.dtype = torch.float32, device=None) -> "BoundedModel":
+        """Load an ONNX file (``.onnx`` or ``.onnx.gz``); a symbolic batch dim is taken as 1.
+        ``device``: where the model and its bounds live (default: the CPU)."""
+        with torch.device("cpu"):  # the converted modules are built on the CPU, then moved
+            m = load_onnx(path)
         if len(m.input_names) != 1:
             raise ShapeError(f"{path}: the model has {len(m.input_names)} inputs; one is supported")
         shape = tuple(max(1, d) for d in m.input_shapes[0]) or (1,)
         if len(shape) == 1 and shape[0] != 1:
             raise ShapeError(f"{path}: input {m.input_names[0]} has shape {list(shape)} without a "
                              "batch dimension")
-        self = cls(m.module, example_input=torch.zeros(1, *shape[1:]), dtype=dtype)
+        self = cls(m.module, example_input=torch.zeros(1, *shape[1:], device="cpu"), dtype=dtype,
+                   device=resolve_device(device))
         aliases = m.parameter_names()
         for node in self.graph:  # parameters go by their ONNX initializer names
             if "param_names" in node.params:
@@ -165,19 +179,19 @@ class BoundedModel:
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The original model's output on ``x: [batch, *input_shape]``."""
+        """The original model's output on ``x: [batch, *input_shape]`` (on the model's device)."""
         with torch.no_grad():
-            return self.module(x.to(torch.float32))
+            return self.module(x.to(device=self.device, dtype=torch.float32))
 
     def graph_forward(self, x: torch.Tensor, params: dict | None = None) -> torch.Tensor:
         """The traced graph evaluated on ``x`` (differentiable; for attacks): every node's
         rule maps the degenerate interval [x, x]. ``params``: parameter name -> a value to use
         instead of the model's (same shape), e.g. a point of a weight perturbation set."""
         graph = self.graph
-        vals = {self.input: x.to(self.dtype)}
+        vals = {self.input: x.to(device=self.device, dtype=self.dtype)}
         if params:
             graph = ParameterSets(self.graph, WeightPerturbation(list(params), 0.0), self.dtype).graph
-            vals.update({k: torch.as_tensor(v).to(self.dtype).unsqueeze(0) for k, v in params.items()})
+            vals.update({k: as_tensor(v, self.dtype, self.device).unsqueeze(0) for k, v in params.items()})
         return evaluate(graph, vals)[0]
 
     def parameters(self) -> dict[str, torch.Tensor]:
@@ -187,8 +201,8 @@ class BoundedModel:
 
     def check_input(self, x: torch.Tensor, what: str = "input") -> torch.Tensor:
         """Accept ``[*input_shape]``, ``[1, *input_shape]`` or ``[N, *input_shape]``, or anything with
-        the right number of elements per sample; -> [N, *input_shape]."""
-        x = torch.as_tensor(x)
+        the right number of elements per sample; -> [N, *input_shape] on the model's device."""
+        x = as_tensor(x)
         n = math.prod(self.input_shape)
         if tuple(x.shape) == tuple(self.input_shape):
             x = x.unsqueeze(0)
@@ -200,7 +214,7 @@ class BoundedModel:
             else:
                 raise ShapeError(f"{what} of shape {list(x.shape)} does not fit the model's input "
                                  f"shape {list(self.input_shape)} (per sample)")
-        return x.to(self.dtype)
+        return x.to(device=self.device, dtype=self.dtype)
 
     def node_values(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every node's value at the fixed input ``x`` (``[batch, *input_shape]``), by node name:
@@ -239,12 +253,12 @@ class BoundedModel:
             return {self.input: perturbation.to(self.dtype)}
         if isinstance(perturbation, torch.Tensor):  # a fixed input (weights perturbed only)
             x = self.check_input(perturbation)
-            return {self.input: Box(x, x).to(self.dtype)}
+            return {self.input: Box(x, x).to(self.dtype, self.device)}
         if isinstance(perturbation, LpBall):
             c = self.check_input(perturbation.center, "the ball's center")
             eps = perturbation.eps
             if isinstance(eps, torch.Tensor) and eps.ndim > 1 and perturbation.norm == math.inf:
-                eps = eps.to(self.dtype)
+                eps = eps.to(device=self.device, dtype=self.dtype)
             clip = perturbation.clip
             p = LpBall(c, eps, perturbation.norm, clip)
         elif isinstance(perturbation, Box):
@@ -252,7 +266,7 @@ class BoundedModel:
                     self.check_input(perturbation.upper, "box upper"))
         else:
             raise VerifierError(f"unknown perturbation {type(perturbation).__name__}")
-        return {self.input: p.to(self.dtype)}
+        return {self.input: p.to(self.dtype, self.device)}
 
     def bounds(self, perturbation: Perturbation | torch.Tensor, method: str = "crown",
                spec: torch.Tensor | None = None, weights=None, live: bool = False,
@@ -295,7 +309,7 @@ class BoundedModel:
             graph = sets.with_deviations(leaves)
         C = None
         if spec is not None:
-            C = torch.as_tensor(spec).to(self.dtype)
+            C = as_tensor(spec, self.dtype, self.device)
             if C.ndim == 1 + len(self.output_shape):
                 C = C.unsqueeze(0).expand(B, *C.shape)
             if C.shape[0] != B or tuple(C.shape[2:]) != tuple(self.output_shape):

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .devices import as_tensor, normal, uniform
 from .errors import PerturbationError
 from .perturbation import Box, LpBall, Perturbation, Zonotope
 from .projected_gradient import PGDRun, Variable, projected_gradient, sign_step  # noqa: F401
@@ -64,11 +65,11 @@ def _geometry(p: Perturbation):
         lo = torch.full_like(c, -math.inf)
         hi = torch.full_like(c, math.inf)
     else:
-        lo = torch.broadcast_to(p.clip[0].to(c.dtype), c.shape)
-        hi = torch.broadcast_to(p.clip[1].to(c.dtype), c.shape)
+        lo = torch.broadcast_to(p.clip[0].to(device=c.device, dtype=c.dtype), c.shape)
+        hi = torch.broadcast_to(p.clip[1].to(device=c.device, dtype=c.dtype), c.shape)
         if ((c < lo) | (c > hi)).any():
             raise PerturbationError("pgd: the ball's center lies outside its clip box")
-    eps = torch.as_tensor(p.eps, dtype=c.dtype)
+    eps = as_tensor(p.eps, c.dtype, c.device)
     eps = eps.expand(c.shape[0]) if eps.ndim == 0 else eps.reshape(c.shape[0])
     return c, lo, hi, p.norm, eps
 
@@ -146,13 +147,13 @@ def _random_start(p, c, lo, hi, norm, eps, M, gen):
     B, shape = c.shape[0], c.shape[1:]
     dt = c.dtype
     if eps is None:
-        u = torch.rand((B, M, *shape), generator=gen, dtype=dt)
+        u = uniform((B, M, *shape), gen, dt, c.device)
         return _bview(lo, u) + u * (_bview(hi, u) - _bview(lo, u))
-    g = torch.randn((B, M, *shape), generator=gen, dtype=dt)
+    g = normal((B, M, *shape), gen, dt, c.device)
     if norm == 1.0:
-        g = torch.sign(g) * -torch.log(torch.rand(g.shape, generator=gen, dtype=dt).clamp(min=1e-12))
+        g = torch.sign(g) * -torch.log(uniform(g.shape, gen, dt, c.device).clamp(min=1e-12))
     g = g / _pnorm(g, norm).clamp(min=1e-30).view(B, M, *([1] * len(shape)))
-    r = torch.rand((B, M), generator=gen, dtype=dt) * eps.view(-1, 1)
+    r = uniform((B, M), gen, dt, c.device) * eps.view(-1, 1)
     return project(p, _bview(c, g) + g * r.view(B, M, *([1] * len(shape))))
 
 
@@ -189,7 +190,7 @@ def pgd(fn, perturbation: Perturbation, objective_weights: torch.Tensor, steps: 
     c, lo, hi, norm, eps = _geometry(perturbation)
     B, shape = c.shape[0], tuple(c.shape[1:])
     dt = c.dtype
-    W = torch.as_tensor(objective_weights).to(dt)
+    W = as_tensor(objective_weights, dt, c.device)
     if W.ndim == 2:
         W = W.unsqueeze(0).expand(B, -1, -1)
     elif W.shape[0] == B:
@@ -198,7 +199,7 @@ def pgd(fn, perturbation: Perturbation, objective_weights: torch.Tensor, steps: 
         raise ValueError(f"pgd: objective weights of shape {list(W.shape)}: give [M, K] or "
                          f"[B={B}, M, *out]")
     M, K = W.shape[1], W.shape[2]
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     if eps is None:
         alpha = _bview((hi - lo) / 2, W) * (step_frac / max(1, steps))
     else:

@@ -57,3 +57,9 @@ class MissingDependencyError(VerifierError):
         why = f" ({cause})" if cause and cause != f"No module named '{module}'" else ""
         super().__init__(f"{purpose} needs the Python package {package}, which is not "
                          f"installed{why}; install it with: {install}")
+
+
+class DeviceError(VerifierError):
+    """A device that cannot be used: a malformed name, or ``cuda`` where no GPU is visible
+    (``verifier.devices.resolve_device``). The command line prints it as one ``error: ...``
+    line, exit status 2, before any work."""

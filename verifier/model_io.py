@@ -101,9 +101,10 @@ def model_kind(path: str) -> str:
 
 
 def load_model(path: str, arch: str | None = None, arch_kwargs: str | None = None,
-               input_shape=None, dtype=None):
-    """A ``BoundedModel`` from an ONNX file or a PyTorch state dict (see the module doc); the
-    format is read from the file's first bytes, the suffix deciding only when they do not."""
+               input_shape=None, dtype=None, device=None):
+    """A ``BoundedModel`` from an ONNX file or a PyTorch state dict (see the module doc) on
+    ``device`` (default: the CPU); the format is read from the file's first bytes, the suffix
+    deciding only when they do not."""
     dtype = dtype or torch.float32
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -118,7 +119,7 @@ def load_model(path: str, arch: str | None = None, arch_kwargs: str | None = Non
         if arch is not None:
             raise ModelLoadError(f"--arch is for PyTorch checkpoints; {path} is an ONNX file "
                                  "(it holds its architecture): drop --arch")
-        model = BoundedModel.from_onnx(path, dtype=dtype)
+        model = BoundedModel.from_onnx(path, dtype=dtype, device=device)
     else:
         if arch is None:
             flags = zoo_flags(path)
@@ -147,7 +148,7 @@ def load_model(path: str, arch: str | None = None, arch_kwargs: str | None = Non
             flags = zoo_flags(path)
             hint = f" (its entry in models/zoo.json says: {flags})" if flags else ""
             raise ModelLoadError(f"{path} does not fit --arch {arch}{hint}: {msg[:400]}") from None
-        model = BoundedModel(module, input_shape=shape, dtype=dtype)
+        model = BoundedModel(module, input_shape=shape, dtype=dtype, device=device or "cpu")
         model.source_path = path
     for name, v in model.parameters().items():
         if not bool(torch.isfinite(v).all()):

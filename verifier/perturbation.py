@@ -12,6 +12,7 @@ import torch
 
 from .shapes import broadcast_shapes
 from .bound_types import Interval, concretize_interval
+from .devices import as_tensor, normal, uniform
 from .errors import PerturbationError
 
 _NORMS = {"inf": math.inf, "2": 2.0, "1": 1.0}
@@ -32,7 +33,7 @@ def parse_norm(p) -> float:
 
 def round_down(t, dtype: torch.dtype) -> torch.Tensor:
     """``t`` cast to ``dtype`` rounded towards -inf (the cast never moves a lower end inwards)."""
-    t = torch.as_tensor(t)
+    t = as_tensor(t)
     if not t.is_floating_point():
         t = t.double()
     r = t.to(dtype)
@@ -43,7 +44,7 @@ def round_down(t, dtype: torch.dtype) -> torch.Tensor:
 
 def round_up(t, dtype: torch.dtype) -> torch.Tensor:
     """``t`` cast to ``dtype`` rounded towards +inf."""
-    return -round_down(-torch.as_tensor(t), dtype)
+    return -round_down(-as_tensor(t), dtype)
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
@@ -81,8 +82,8 @@ class Box(Perturbation):
     upper: torch.Tensor
 
     def __post_init__(self):
-        self.lower = torch.as_tensor(self.lower)
-        self.upper = torch.as_tensor(self.upper)
+        self.lower = as_tensor(self.lower)
+        self.upper = as_tensor(self.upper, device=self.lower.device)
         if not self.lower.is_floating_point():
             self.lower = self.lower.float()
         self.upper = self.upper.to(self.lower.dtype)
@@ -109,7 +110,7 @@ class Box(Perturbation):
         return Box(round_down(self.lower, dtype).to(device), round_up(self.upper, dtype).to(device))
 
     def sample(self, n, generator=None):
-        u = torch.rand((n, *self.lower.shape), generator=generator, dtype=self.lower.dtype)
+        u = uniform((n, *self.lower.shape), generator, self.lower.dtype, self.lower.device)
         return self.lower + u * (self.upper - self.lower)
 
     def take(self, index: torch.Tensor) -> "Box":
@@ -135,14 +136,15 @@ class LpBall(Perturbation):
     _eps_t: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self):
-        self.center = torch.as_tensor(self.center)
+        self.center = as_tensor(self.center)
         if not self.center.is_floating_point():
             self.center = self.center.float()
         self.norm = parse_norm(self.norm)
         _check_finite("center", self.center)
         # rounded up: a float32 radius never describes a smaller ball than the one asked for
-        eps = round_up(torch.as_tensor(self.eps, dtype=torch.float64)
-                       if not isinstance(self.eps, torch.Tensor) else self.eps, self.center.dtype)
+        eps = round_up(as_tensor(self.eps, torch.float64, self.center.device)
+                       if not isinstance(self.eps, torch.Tensor) else self.eps.to(self.center.device),
+                       self.center.dtype)
         _check_finite("eps", eps)
         if (eps < 0).any():
             raise PerturbationError(f"eps must be >= 0, got {self.eps}")
@@ -165,10 +167,10 @@ class LpBall(Perturbation):
                 f"(shape [{B}]), got shape {tuple(eps.shape)}")
         if self.clip is not None:
             lo, hi = self.clip
-            lo = round_down(torch.as_tensor(lo, dtype=torch.float64) if not isinstance(lo, torch.Tensor)
-                            else lo, self.center.dtype)
-            hi = round_up(torch.as_tensor(hi, dtype=torch.float64) if not isinstance(hi, torch.Tensor)
-                          else hi, self.center.dtype)
+            lo = round_down(as_tensor(lo, torch.float64, self.center.device) if not isinstance(lo, torch.Tensor)
+                            else lo.to(self.center.device), self.center.dtype)
+            hi = round_up(as_tensor(hi, torch.float64, self.center.device) if not isinstance(hi, torch.Tensor)
+                          else hi.to(self.center.device), self.center.dtype)
             if (lo > hi).any():
                 raise PerturbationError(f"clip range is empty: lo={self.clip[0]} > hi={self.clip[1]}")
             self.clip = (lo, hi)
@@ -232,14 +234,14 @@ class LpBall(Perturbation):
         dt = self.center.dtype
         e = self._eps_elementwise()
         if self.norm == math.inf:
-            d = (torch.rand(shape, generator=generator, dtype=dt) * 2 - 1) * e
+            d = (uniform(shape, generator, dt, self.center.device) * 2 - 1) * e
         else:
-            g = torch.randn(shape, generator=generator, dtype=dt)
+            g = normal(shape, generator, dt, self.center.device)
             if self.norm == 1.0:
-                g = torch.sign(g) * torch.distributions.Exponential(1.0).sample(shape).to(dt)
+                g = torch.sign(g) * torch.distributions.Exponential(g.new_ones(())).sample(shape)
             flat = g.flatten(2)
             nrm = torch.linalg.vector_norm(flat, ord=self.norm, dim=-1, keepdim=True)
-            r = torch.rand((n, self.center.shape[0], 1), generator=generator, dtype=dt)
+            r = uniform((n, self.center.shape[0], 1), generator, dt, self.center.device)
             d = (flat / nrm * r).view(shape) * self._eps_elementwise()
         x = self.center + d
         if self.clip is not None:
@@ -273,10 +275,10 @@ class Zonotope(Perturbation):
     slack: torch.Tensor | None = None
 
     def __post_init__(self):
-        c = torch.as_tensor(self.center)
+        c = as_tensor(self.center)
         if not c.is_floating_point():
             c = c.float()
-        G = torch.as_tensor(self.generators).to(c.dtype)
+        G = as_tensor(self.generators, c.dtype, c.device)
         self.norm = parse_norm(self.norm)
         if c.ndim < 1:
             raise PerturbationError("zonotope center needs a batch dimension: [batch, *shape]")
@@ -294,7 +296,7 @@ class Zonotope(Perturbation):
         _check_finite("zonotope generators", G)
         self.center, self.generators = c, G
         if self.slack is not None:
-            s = torch.as_tensor(self.slack).to(c.dtype)
+            s = as_tensor(self.slack, c.dtype, c.device)
             try:
                 s = torch.broadcast_to(s, c.shape)
             except RuntimeError:
@@ -355,7 +357,7 @@ class Zonotope(Perturbation):
     def sample(self, n, generator=None):
         x = self.points(self.sample_z(n, generator))
         if self.slack is not None:
-            u = torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1
+            u = uniform(x.shape, generator, x.dtype, x.device) * 2 - 1
             x = x + u * self.slack
         return x
 
@@ -365,8 +367,8 @@ class Zonotope(Perturbation):
         scaled by its half widths."""
         if self.norm != math.inf:
             raise PerturbationError("restrict needs a box zonotope (norm inf)")
-        zl, zu = torch.as_tensor(z_lower).to(self.center.dtype), torch.as_tensor(z_upper).to(
-            self.center.dtype)
+        zl = as_tensor(z_lower, self.center.dtype, self.center.device)
+        zu = as_tensor(z_upper, self.center.dtype, self.center.device)
         if (zl > zu).any() or (zl < -1).any() or (zu > 1).any():
             raise PerturbationError("restrict: need -1 <= z_lower <= z_upper <= 1")
         zm, zr = (zl + zu) / 2, (zu - zl) / 2
@@ -399,7 +401,7 @@ class Zonotope(Perturbation):
 
 
 def _per_sample(x: torch.Tensor) -> torch.Tensor:
-    x = torch.as_tensor(x)
+    x = as_tensor(x)
     if not x.is_floating_point():
         x = x.float()
     _check_finite("feature map", x)
@@ -424,7 +426,7 @@ def style_shift(x: torch.Tensor, sigma: float, tau: float, about_mean: bool = Tr
     B, C = x.shape[:2]
     dims = tuple(range(2, x.ndim))
     base = x - x.mean(dim=dims, keepdim=True) if (about_mean and dims) else x
-    eye = torch.eye(C, dtype=x.dtype).view(1, C, C, *[1] * len(dims))       # [1, k=C, C, ...]
+    eye = torch.eye(C, dtype=x.dtype, device=x.device).view(1, C, C, *[1] * len(dims))       # [1, k=C, C, ...]
     gens = []
     if sigma > 0:
         gens.append(sigma * eye * base.unsqueeze(1))

@@ -91,7 +91,7 @@ def projected_gradient(objective: Callable[[dict], torch.Tensor], variables: dic
     ``best``: an initial (point, value) that iterates must beat (else the first start with
     value -inf for maximizing, +inf for minimizing, set at the first evaluation)."""
     if generator is None and seed is not None:
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
     names = list(variables)
     best_x, best_v = (dict(best[0]), best[1]) if best is not None else (None, None)
     x, it, reason = None, 0, "steps"

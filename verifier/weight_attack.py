@@ -17,6 +17,7 @@ import torch
 
 from .attack import inside, project
 from .bounds.forward import evaluate
+from .devices import uniform
 from .perturbation import Box, LpBall
 from .projected_gradient import Variable, projected_gradient
 
@@ -33,13 +34,13 @@ def _start(p, gen, random: bool):
         c = (p.lower + p.upper) / 2
         if not random:
             return c.clone()
-        u = torch.rand(c.shape, generator=gen, dtype=c.dtype)
+        u = uniform(c.shape, gen, c.dtype, c.device)
         return p.lower + u * (p.upper - p.lower)
     c = p.center
     if not random:
         return c.clone()
     box = p.interval()
-    u = torch.rand(c.shape, generator=gen, dtype=c.dtype) * 2 - 1
+    u = uniform(c.shape, gen, c.dtype, c.device) * 2 - 1
     return project(p, (c + u * box.radius).unsqueeze(1)).squeeze(1)
 
 

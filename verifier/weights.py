@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .bounds.deviation import deviations
+from .devices import as_tensor
 from .errors import PerturbationError
 from .graph.nodes import Graph, Node
 from .graph.params import lift, parameter_values
@@ -67,7 +68,7 @@ class WeightPerturbation:
             if self.params is None:
                 self.params = list(self.eps)
             for k, e in self.eps.items():
-                t = torch.as_tensor(e, dtype=torch.float64)
+                t = as_tensor(e, torch.float64)
                 if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
                     raise PerturbationError(f"weight eps for {k!r} must be finite and >= 0")
                 if t.ndim and self.norm != math.inf:
@@ -84,7 +85,7 @@ class WeightPerturbation:
         if isinstance(eps, dict):
             if name not in eps:
                 raise PerturbationError(f"no weight eps given for {name!r}")
-            eps = torch.as_tensor(eps[name], dtype=torch.float64)
+            eps = as_tensor(eps[name], torch.float64, W.device)
             if eps.ndim:
                 if tuple(eps.shape) != tuple(W.shape):
                     raise PerturbationError(f"weight eps for {name!r} has shape {list(eps.shape)}, "
@@ -135,13 +136,14 @@ class ParameterSets:
                 if SEGMENT_LEAF in self.leaves:
                     raise PerturbationError("only one WeightSegment per call")
                 t0, t1 = spec.t
-                self.leaves[SEGMENT_LEAF] = Box(torch.tensor([[t0]], dtype=dtype),
-                                                torch.tensor([[t1]], dtype=dtype))
+                where = next((v.device for v in values.values()), torch.device("cpu"))
+                self.leaves[SEGMENT_LEAF] = Box(torch.tensor([[t0]], dtype=dtype, device=where),
+                                                torch.tensor([[t1]], dtype=dtype, device=where))
                 extra.insert(0, Node(SEGMENT_LEAF, "input", [], (1,), {"display_name": "t"}, "segment"))
                 for name, d in spec.delta.items():
                     if name not in values:
                         select_parameters(values, name)  # the error names the parameters
-                    d = torch.as_tensor(d).to(dtype)
+                    d = as_tensor(d, dtype, values[name].device)
                     if tuple(d.shape) != tuple(values[name].shape):
                         raise PerturbationError(f"delta for {name!r} has shape {list(d.shape)}, the "
                                                 f"parameter {list(values[name].shape)}")

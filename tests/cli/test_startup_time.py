@@ -108,7 +108,8 @@ def test_vnncomp_run_takes_the_start_up_out_of_the_instance_budget(tmp_path, mon
 
     seen = {}
 
-    def fake_run_instance(onnx_path, vnnlib_path, timeout, seed=0, cache=None, warm=True):
+    def fake_run_instance(onnx_path, vnnlib_path, timeout, seed=0, cache=None, warm=True,
+                          device="cpu"):
         seen["timeout"] = timeout
         return {"status": "unknown", "reason": "stub", "method": "", "time_s": 0.0,
                 "verdict": None}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..devices import as_tensor
 from ..errors import ShapeError, VerifierError
 from ..weights import select_parameters
 
@@ -25,7 +26,7 @@ def parameter_delta(base, other) -> dict:
     for name, w in mine.items():
         if name in missing:
             continue
-        v = torch.as_tensor(theirs[name]).to(w.dtype)
+        v = as_tensor(theirs[name], w.dtype, w.device)
         if tuple(v.shape) != tuple(w.shape):
             raise ShapeError(f"parameter {name}: shape {list(v.shape)} differs from the base "
                              f"model's {list(w.shape)}")

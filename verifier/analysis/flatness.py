@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..api import margin_spec
+from ..devices import as_tensor
 from ..errors import ShapeError, VerifierError
 from ..weight_attack import evaluate, weight_pgd
 from ..weights import ParameterSets
@@ -64,7 +65,7 @@ class FlatnessResult:
 
 def ce_upper_from_margins(lower: torch.Tensor) -> torch.Tensor:
     """``log(1 + sum_j exp(-L_j))`` per sample, from margin lower bounds ``[N, K-1]`` (float64)."""
-    z = torch.cat([torch.zeros(lower.shape[0], 1, dtype=torch.float64), -lower.double()], 1)
+    z = torch.cat([lower.new_zeros(lower.shape[0], 1, dtype=torch.float64), -lower.double()], 1)
     return torch.logsumexp(z, 1)
 
 
@@ -74,12 +75,12 @@ def _data(model, data):
         data = load_npz(data)
     if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[0], (tuple, list)):
         x, y = data
-        x = model.check_input(torch.as_tensor(x), "data x")
-        y = torch.as_tensor(y).reshape(-1).long()
+        x = model.check_input(x, "data x")
+        y = as_tensor(y, device=model.device).reshape(-1).long()
         if y.shape[0] != x.shape[0]:
             raise ShapeError(f"data has {x.shape[0]} inputs but {y.shape[0]} labels")
         return x, y
-    xs, ys = zip(*[(model.check_input(torch.as_tensor(a), "data x"), torch.as_tensor(b).reshape(-1).long())
+    xs, ys = zip(*[(model.check_input(a, "data x"), as_tensor(b, device=model.device).reshape(-1).long())
                    for a, b in data])
     return torch.cat(xs), torch.cat(ys)
 

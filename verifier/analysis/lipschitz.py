@@ -134,15 +134,17 @@ def certified_radius(logits: torch.Tensor, y: torch.Tensor, L: float) -> torch.T
 def _logits64(net: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
     """The logits in float64 from a float64 copy of ``net`` (so rounding cannot fake a margin)."""
     net64 = copy.deepcopy(net).double().eval()
+    where = next((p.device for p in net64.parameters()), x.device)
     with torch.no_grad():
-        return torch.cat([net64(x[k:k + batch].double()) for k in range(0, len(x), batch)])
+        return torch.cat([net64(x[k:k + batch].to(device=where, dtype=torch.float64))
+                          for k in range(0, len(x), batch)])
 
 
 def lipschitz_certify(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, L: float,
                       radii=(0.5, 1.0)) -> dict:
     """Clean accuracy and L2 certified accuracy at each radius from margins (fractions)."""
     logits = _logits64(net, x)
-    m = margins(logits, y)
+    m = margins(logits, y.to(logits.device))
     out = {"clean_acc": float((m > 0).double().mean()), "lipschitz": L, "certified_acc": {}}
     for r in radii:
         out["certified_acc"][str(r)] = float((m > math.sqrt(2) * L * r).double().mean())
@@ -161,7 +163,8 @@ def crown_l2(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, radius: flo
     verified, local = [], []
     net64 = copy.deepcopy(net).double().eval()
     for k in range(0, len(x), batch):
-        xb, yb = x[k:k + batch].double(), y[k:k + batch]
+        xb = x[k:k + batch].to(device=model.device, dtype=torch.float64)
+        yb = y[k:k + batch].to(model.device)
         with torch.no_grad():
             f = net64(xb)
         n_cls = f.shape[1]

@@ -129,8 +129,8 @@ def _tighten_intermediate(graph, bounds, leaves, out, iterations, lr, lr_decay, 
             alphas, ranges = _slopes(graph, bounds, name, B, part.numel(), iv.lower.dtype)
             if not alphas:  # no unstable ReLU before it: nothing to optimize
                 break
-            C = torch.zeros(part.numel(), fl.shape[1], dtype=iv.lower.dtype)
-            C[torch.arange(part.numel()), part] = 1.0
+            C = fl.new_zeros(part.numel(), fl.shape[1])
+            C[torch.arange(part.numel(), device=C.device), part] = 1.0
             C = C.view(1, part.numel(), *shape).expand(B, -1, *shape)
             lo, up = _optimize(lambda: backward_bound(graph, name, C, bounds, leaves, alpha=alphas),
                                alphas, ranges, fl[:, part], fu[:, part], iterations, lr, lr_decay,
@@ -176,7 +176,7 @@ def alpha_crown(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor |
     B = ref.shape[0]
     if C is None:
         n = ref[0].numel()
-        spec = torch.eye(n, dtype=ref.dtype).view(1, n, *graph[out].shape).expand(B, n, *graph[out].shape)
+        spec = torch.eye(n, dtype=ref.dtype, device=ref.device).view(1, n, *graph[out].shape).expand(B, n, *graph[out].shape)
     else:
         spec = C
     S = spec.shape[1]

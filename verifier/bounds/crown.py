@@ -61,7 +61,7 @@ def _identity_spec(batch: int, shape, dtype, device, rows=None) -> torch.Tensor:
         eye = torch.eye(n, dtype=dtype, device=device)
     else:
         eye = torch.zeros(len(rows), n, dtype=dtype, device=device)
-        eye[torch.arange(len(rows)), rows] = 1.0
+        eye[torch.arange(len(rows), device=device), rows] = 1.0
     return eye.view(1, -1, *shape).expand(batch, -1, *shape)
 
 
@@ -109,8 +109,8 @@ def _sparse_rows(graph, name, unstable_b, bounds, leaves):
             W, bias = own.rows(node, j)
             C = W.unsqueeze(1)
         else:
-            C = torch.zeros(b.numel(), 1, n, dtype=dtype)
-            C[torch.arange(b.numel()), 0, j] = 1.0
+            C = torch.zeros(b.numel(), 1, n, dtype=dtype, device=b.device)
+            C[torch.arange(b.numel(), device=b.device), 0, j] = 1.0
             C = C.view(b.numel(), 1, *node.shape)
         l, u = backward_bound(graph, start, C, sub_bounds, sub_leaves)
         l, u = l[:, 0], u[:, 0]
@@ -159,7 +159,7 @@ def refine_node(graph, name, bounds, leaves) -> Interval:
         lo, up = _patch_bounds(graph, name, rows, bounds, leaves)
     elif RULES[node.op].has_rows(node):
         # one-hot rows through y = W x + b are rows of W: start one node earlier
-        idx = torch.arange(node.shape[0]) if rows is None else rows
+        idx = torch.arange(node.shape[0], device=cur.lower.device) if rows is None else rows
         W, b = RULES[node.op].rows(node, idx)
         A0 = W.unsqueeze(0).expand(B, -1, -1)
         lo, up = chunked_backward(graph, node.inputs[0], A0, bounds, leaves)
@@ -184,7 +184,7 @@ def _patch_bounds(graph, name, rows, bounds, leaves):
     """Patch-form CROWN of the given neurons (all if rows is None), in chunks of rows."""
     node = graph[name]
     if rows is None:
-        rows = torch.arange(math.prod(node.shape))
+        rows = torch.arange(math.prod(node.shape), device=bounds[name].lower.device)
     B = bounds[name].lower.shape[0]
     widest = max(math.prod(graph[n].shape) for n in graph.ancestors_order(name))
     size = max(1, B * widest)

@@ -46,6 +46,7 @@ def deviations(graph: Graph, leaves: dict) -> tuple[dict, dict]:
     """-> (v0, d): node name -> value at the centers ``[B | 1, *shape]``, and -> ``[B | 1]``
     float64 bounds (inf where the rule has none)."""
     centers = {k: _center(p) for k, p in leaves.items()}
+    where = next(iter(centers.values())).device
     with torch.no_grad():
         _, v0 = evaluate(graph, centers)
 
@@ -53,7 +54,7 @@ def deviations(graph: Graph, leaves: dict) -> tuple[dict, dict]:
         try:
             return rule.deviation(node, [v0[i] for i in node.inputs], devs)
         except NotSupported:
-            return torch.full_like(devs[0], INF) if devs else torch.tensor([INF], dtype=torch.float64)
+            return torch.full_like(devs[0], INF) if devs else torch.tensor([INF], dtype=torch.float64, device=where)
 
     d = forward(graph, lambda n: _leaf_dev(leaves[n.name], centers[n.name]), step)
     return v0, d

@@ -75,7 +75,7 @@ class Geometry:
 
     def mask(self, H, W, dtype):
         """1 inside the map, 0 outside: ``[1, K, 1, ph, pw]``."""
-        return self.windows(lambda: torch.ones(1, 1, H, W, dtype=dtype), ("mask", H, W, dtype))
+        return self.windows(lambda: torch.ones(1, 1, H, W, dtype=dtype, device=self.oi.device), ("mask", H, W, dtype))
 
     def to_dense(self, v: torch.Tensor, shape) -> torch.Tensor:
         """Patches ``v: [B, K, C, ph, pw]`` -> dense ``A: [B, K, C, H, W]`` (the entries of a
@@ -83,8 +83,8 @@ class Geometry:
         B, K, C, ph, pw = v.shape
         _, H, W = shape
         (Sh, Sw), (Ph, Pw) = self.S, self.P
-        r = (self.oi * Sh - Ph).view(K, 1, 1) + torch.arange(ph).view(1, ph, 1)
-        c = (self.oj * Sw - Pw).view(K, 1, 1) + torch.arange(pw).view(1, 1, pw)
+        r = (self.oi * Sh - Ph).view(K, 1, 1) + torch.arange(ph, device=v.device).view(1, ph, 1)
+        c = (self.oj * Sw - Pw).view(K, 1, 1) + torch.arange(pw, device=v.device).view(1, 1, pw)
         inside = (r >= 0) & (r < H) & (c >= 0) & (c < W)
         idx = torch.where(inside, r * W + c, 0).view(1, K, 1, ph * pw)
         out = v.new_zeros(B, K, C, H * W)
@@ -195,8 +195,8 @@ def start_patches(graph, start, rows, dtype, B, cache=None) -> "Store":
     the A of ``crown.backward_bound`` with one-hot rows, as 1x1 windows."""
     C, H, W = graph[start].shape
     K = rows.numel()
-    v = torch.zeros(B, K, C, 1, 1, dtype=dtype)
-    v[:, torch.arange(K), rows // (H * W), 0, 0] = 1.0
+    v = torch.zeros(B, K, C, 1, 1, dtype=dtype, device=rows.device)
+    v[:, torch.arange(K, device=rows.device), rows // (H * W), 0, 0] = 1.0
     store = Store(graph)
     g = Geometry((rows % (H * W)) // W, rows % W, (H, W), (1, 1), (0, 0), (1, 1), cache)
     store.patches[start] = (g, v, v)

@@ -12,7 +12,8 @@ import time
 from . import weights as cw
 from ..report import per_layer_widths
 from .util import (EXIT_OK, CliError, check_box, check_finite, check_input_scale, finite_float,
-                   int_or_path, labels_for, load_cli_model, load_npy, model_arguments,
+                   device_arguments, int_or_path, labels_for, load_cli_model, load_npy,
+                   model_arguments,
                    nonneg_float, positive_int)
 
 BOUNDS_DESCRIPTION = """\
@@ -101,6 +102,7 @@ def bounds_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (default: 1). Bounding a small batch runs many small "
                         "kernels, which get much slower with more threads on a busy machine; "
                         "raise it for big batches or big models on an idle machine")
+    device_arguments(p)
     cw.weight_arguments(p)
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true",
@@ -261,7 +263,7 @@ def cmd_bounds(a: argparse.Namespace) -> int:
     else:
         lo = model.check_input(torch.from_numpy(xl), f"lower-bound file {a.lower}")
         up = model.check_input(torch.from_numpy(xu), f"upper-bound file {a.upper}")
-        check_box(lo.numpy(), up.numpy(), f"lower-bound file {a.lower}",
+        check_box(lo.cpu().numpy(), up.cpu().numpy(), f"lower-bound file {a.lower}",
                   f"upper-bound file {a.upper}")
         pert = Box(lo, up)
     n = pert.batch_size if not isinstance(pert, dict) else next(iter(pert.values())).batch_size

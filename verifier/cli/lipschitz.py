@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from .util import (EXIT_OK, CliError, check_input_scale, int_or_path, labels_for,
+from .util import (EXIT_OK, CliError, check_input_scale, device_arguments, int_or_path, labels_for,
                    load_cli_model, load_npy, model_arguments, positive_int)
 
 LIPSCHITZ_DESCRIPTION = """\
@@ -36,6 +36,7 @@ def lipschitz_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", metavar="X.npy", help="samples to certify (with --label)")
     p.add_argument("--label", metavar="Y", help="their labels: an integer or a .npy")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
+    device_arguments(p)
     p.add_argument("--json", action="store_true",
                    help='print {"lipschitz": L, "layers": [{"name", "op", "constant", '
                         '"cumulative", "how"}, ...]} (plus "radius": [...] with --input)')
@@ -59,7 +60,8 @@ def cmd_lipschitz(a: argparse.Namespace) -> int:
         xt = model.check_input(torch.from_numpy(x), f"input file {a.input}").double()
         with torch.no_grad():
             logits = model.module.double()(xt).reshape(len(xt), -1)
-        y = torch.as_tensor(labels_for(int_or_path(a.label), len(xt), logits.shape[1])).long()
+        y = torch.as_tensor(labels_for(int_or_path(a.label), len(xt), logits.shape[1]),
+                            device=logits.device).long()
         out["radius"] = certified_radius(logits, y, rep.lipschitz).tolist()
     if a.json:
         print(json.dumps(out))
@@ -91,7 +93,7 @@ CONSTRAINTS = ("spectral_normalize", "spectral_hammer", "spectral_soft_cap", "sp
 def lipschitz_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "Lipschitz-constrained training (instead of IBP; uses the data, model, --epochs, "
-        "--batch-size, --lr (AdamW), --seed, --threads, --output and --json flags)")
+        "--batch-size, --lr (AdamW), --seed, --threads, --device, --output and --json flags)")
     g.add_argument("--lipschitz", choices=CONSTRAINTS, metavar="CONSTRAINT",
                    help=f"the weight constraint after every step: {', '.join(CONSTRAINTS)}")
     g.add_argument("--w-max", type=float, metavar="W", help="per-layer spectral norm cap (default 1)")
@@ -114,7 +116,7 @@ def cmd_train_lipschitz(a: argparse.Namespace) -> int:
     from ..lipschitz.train import LipschitzConfig, run_lipschitz
     kw = {k: getattr(a, k) for k in ("dataset", "train_path", "test_path", "train_subset",
                                      "test_subset", "model", "epochs", "batch_size", "seed",
-                                     "threads", "output") if getattr(a, k) is not None}
+                                     "threads", "device", "output") if getattr(a, k) is not None}
     for flag, key in (("w_max", "w_max"), ("optimizer", "optimizer"), ("muon_lr", "lr"),
                       ("lr", "adamw_lr"), ("temperature", "temperature"), ("radii", "radii")):
         if getattr(a, flag) is not None:

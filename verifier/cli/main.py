@@ -27,7 +27,8 @@ from . import report as rp
 from . import train as ct
 from . import verify as cv
 from . import weights as cw
-from .util import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, ArgParser, CliError, HelpFormatter
+from .util import (EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, ArgParser, CliError, HelpFormatter,
+                   resolve_cli_device)
 
 PROG = "verifier"
 
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()
 
     try:
+        resolve_cli_device(args)   # --device cuda without a GPU: exit 2 before any work
         return args.run(args)
     except (CliError, VerifierError) as e:
         _error(f"error: {e}")

@@ -11,7 +11,8 @@ import sys
 
 from ..train.config import AUTO_GRID, default, load_config
 from .lipschitz import cmd_train_lipschitz, lipschitz_train_arguments
-from .util import EXIT_OK, CliError, finite_float, nonneg_float, output_dir, positive_int
+from .util import (EXIT_OK, CliError, device_name, finite_float, nonneg_float, output_dir,
+                   positive_int)
 
 TRAIN_DESCRIPTION = """\
 Train a classifier to be certifiably robust under an L-inf ball of radius --eps (pixel scale,
@@ -34,7 +35,7 @@ examples:
 # flag -> config key, for the flags that map one to one
 _FLAGS = ["dataset", "train_path", "test_path", "train_subset", "test_subset", "model", "method",
           "eps", "train_eps", "schedule", "epochs", "warmup_epochs", "ramp_epochs", "batch_size",
-          "lr", "seed", "output", "threads", "pgd_weight", "reg_weight", "eval_eps"]
+          "lr", "seed", "output", "threads", "device", "pgd_weight", "reg_weight", "eval_eps"]
 
 
 def _default(key: str) -> str:
@@ -84,6 +85,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the weights' and the shuffling's seed {_default('seed')}")
     g.add_argument("--threads", type=positive_int, metavar="N",
                    help=f"torch threads {_default('threads')}")
+    g.add_argument("--device", type=device_name, metavar="DEV",
+                   help="where the model trains and is evaluated: cpu, cuda, cuda:N, or auto (a "
+                        f"GPU when one is visible) {_default('device')}")
     g.add_argument("--output", metavar="DIR", type=output_dir,
                    help=f"the run folder (checkpoint, model, report) {_default('output')}")
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")

@@ -13,6 +13,8 @@ import re
 import sys
 import tempfile
 
+from ..device_names import check_device_name
+from ..errors import DeviceError
 from ..files import write_atomically
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
@@ -100,9 +102,49 @@ def model_arguments(p: argparse.ArgumentParser, what: str = "the network") -> No
 
 
 def load_cli_model(a: argparse.Namespace, dtype=None):
-    """The ``BoundedModel`` of MODEL and its checkpoint flags (``verifier.model_io``)."""
+    """The ``BoundedModel`` of MODEL and its checkpoint flags (``verifier.model_io``), on
+    ``--device`` (the CPU for a command without the flag)."""
     from ..model_io import load_model
-    return load_model(a.model, a.arch, a.arch_kwargs, a.input_shape, dtype=dtype)
+    return load_model(a.model, a.arch, a.arch_kwargs, a.input_shape, dtype=dtype,
+                      device=getattr(a, "device", None))
+
+
+# -- the device: --device on every command that computes -----------------------------------------
+
+DEVICE_HELP = ("where the model and every bound live: cpu, cuda (the first visible GPU), cuda:N, "
+               "or auto (a GPU when one is visible, else the CPU) (default: cpu); results are "
+               "printed from CPU copies")
+
+
+def device_name(text: str) -> str:
+    """argparse ``type=`` of ``--device``: the spelling only (no torch import); whether a GPU is
+    there is checked by ``resolve_cli_device`` once the flags are read."""
+    try:
+        return check_device_name(text)
+    except DeviceError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def device_arguments(p: argparse.ArgumentParser, ray: bool = False) -> None:
+    """``--device`` (and, for commands with Ray workers, ``--gpus-per-worker``)."""
+    p.add_argument("--device", type=device_name, default="cpu", metavar="DEV", help=DEVICE_HELP)
+    if ray:
+        p.add_argument("--gpus-per-worker", type=nonneg_float, default=0.0, metavar="G",
+                       help="with --workers or --ray-address: the GPU share Ray reserves for "
+                            "each worker (e.g. 1, or 0.5 for two workers per GPU); needed with "
+                            "--device cuda on Ray workers (default: 0)")
+
+
+def resolve_cli_device(a: argparse.Namespace) -> None:
+    """Replace ``a.device`` by the device it resolves to (``auto`` -> cuda:0 or cpu); a
+    ``DeviceError`` (exit status 2) for a GPU that is not there. Run by ``main`` after the flags
+    are read and before the command starts; torch is imported only for a device other than
+    cpu."""
+    name = getattr(a, "device", None)
+    if name is None or name == "cpu":
+        return
+    from ..devices import resolve_device
+    a.device = str(resolve_device(name))
 
 
 # -- output paths: checked when the flags are read, written atomically after the work -------------

@@ -21,9 +21,10 @@ import time
 from ..files import write_atomically
 from ..runtime import since_start
 from ..schedule import ResultsFile, make_scheduler
+from ..schedule.ray_batch import check_gpu_share
 from ..schedule.results import key
-from .util import (EXIT_OK, CliError, load_cli_model, model_arguments, nonneg_int, output_file,
-                   positive_int, save_output)
+from .util import (EXIT_OK, CliError, device_arguments, load_cli_model, model_arguments,
+                   nonneg_int, output_file, positive_int, save_output)
 
 VERIFY_DESCRIPTION = """\
 Decide a VNN-LIB property on a model (an ONNX file, or a PyTorch state dict with --arch). The
@@ -82,6 +83,7 @@ def verify_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --workers: the actors run on this Ray cluster (HOST:PORT or auto) "
                         "instead of a local Ray")
     _common(p)
+    device_arguments(p, ray=True)
 
 
 def _check_files(*paths):
@@ -118,7 +120,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
         if a.arch is not None:
             raise CliError("--workers and --ray-address need an ONNX model (each Ray actor "
                            "reads the file); export the PyTorch model to ONNX first")
-        with RayDomainPool(a.model, a.workers, a.ray_address) as pool:
+        with RayDomainPool(a.model, a.workers, a.ray_address, device=a.device,
+                           gpus_per_worker=a.gpus_per_worker) as pool:
             v = verify(model, a.spec, timeout=a.timeout, seed=a.seed, progress=progress,
                        expander=pool)
     else:
@@ -164,6 +167,7 @@ def batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-errors", action="store_true",
                    help="when resuming, run again the instances whose row in --out is error")
     _common(p)
+    device_arguments(p, ray=True)
 
 
 def read_instances(path: str) -> list[tuple[str, str, float]]:
@@ -187,10 +191,11 @@ def read_instances(path: str) -> list[tuple[str, str, float]]:
     return rows
 
 
-def run_instance(onnx_path, vnnlib_path, timeout, seed=0, cache=None, warm=True):
+def run_instance(onnx_path, vnnlib_path, timeout, seed=0, cache=None, warm=True, device="cpu"):
     """-> Verdict-like dict; an exception becomes status "error" with its reason. ``time_s``
     starts after this process's start-up (with ``warm``, ``warm_up``, once per process: in a
-    Ray worker, at its first instance), which is not counted."""
+    Ray worker, at its first instance), which is not counted. ``device``: where the model is
+    loaded and bounded (in a Ray worker, "cuda" is the GPU share Ray gave it)."""
     from ..api import BoundedModel
     from ..complete import verify
     from ..complete.warmup import warm_up
@@ -205,12 +210,12 @@ def run_instance(onnx_path, vnnlib_path, timeout, seed=0, cache=None, warm=True)
         if cache is not None:
             if onnx_path not in cache:
                 cache.clear()
-                cache[onnx_path] = BoundedModel.from_onnx(onnx_path)
+                cache[onnx_path] = BoundedModel.from_onnx(onnx_path, device=device)
             model = cache[onnx_path]
         else:
             model = onnx_path
         v = verify(model, vnnlib_path, timeout=max(0.0, timeout - (time.perf_counter() - t0)),
-                   seed=seed)
+                   seed=seed, device=device)
         return {"status": v.status, "reason": v.reason, "method": v.method or "",
                 "time_s": time.perf_counter() - t0, "verdict": v}
     except Exception as e:  # an instance's failure is its result, not the batch's
@@ -218,10 +223,10 @@ def run_instance(onnx_path, vnnlib_path, timeout, seed=0, cache=None, warm=True)
                 "method": "", "time_s": time.perf_counter() - t0, "verdict": None}
 
 
-def instance_result(onnx_path, vnnlib_path, timeout, seed=0, cache=None) -> dict:
+def instance_result(onnx_path, vnnlib_path, timeout, seed=0, device="cpu", cache=None) -> dict:
     """One batch task: ``run_instance`` without the Verdict object (what the results file
     needs, cheap to send back from a worker)."""
-    r = run_instance(onnx_path, vnnlib_path, timeout, seed, cache)
+    r = run_instance(onnx_path, vnnlib_path, timeout, seed, cache, device=device)
     r.pop("verdict")
     return r
 
@@ -247,7 +252,8 @@ def cmd_batch(a: argparse.Namespace) -> int:
               file=sys.stderr)
     with ResultsFile(a.out, retry_errors=a.retry_errors) as out:
         done = out.done()
-        todo = [(o, v, a.timeout or t, a.seed) for o, v, t in unique if key(o, v) not in done]
+        todo = [(o, v, a.timeout or t, a.seed, a.device) for o, v, t in unique
+                if key(o, v) not in done]
         if out.rows:
             print(f"resuming {a.out}: {len(unique) - len(todo)} of {len(unique)} instances "
                   f"already there, {len(todo)} to run"
@@ -258,15 +264,18 @@ def cmd_batch(a: argparse.Namespace) -> int:
                 warm_up()          # here, so that a missing package is one error, not N rows
                 print(f"start-up: {since_start():.2f} s (imports and warm-up, counted in no "
                       "instance's time_s)", file=sys.stderr)
+            if a.workers > 1 or a.ray_address:
+                check_gpu_share(a.device, a.gpus_per_worker)
             with make_scheduler(a.workers, a.ray_address, a.max_retries,
-                                hard_limit=lambda t: 2 * t[2] + 60) as sched:
+                                hard_limit=lambda t: 2 * t[2] + 60,
+                                gpus_per_worker=a.gpus_per_worker) as sched:
                 fn = instance_result if sched.workers > 1 or a.ray_address else \
                     functools.partial(instance_result, cache={})
                 counts: dict = {}
                 bar = tqdm(total=len(todo), unit="inst", file=sys.stderr, dynamic_ncols=True,
                            disable=not sys.stderr.isatty())  # no bars in a log file
                 for i, o in sched.run(fn, todo):
-                    onnx_path, vnnlib_path, t, _ = todo[i]
+                    onnx_path, vnnlib_path = todo[i][:2]
                     r = o.value if o.error is None else {
                         "status": "error", "reason": o.error, "method": "", "time_s": 0.0}
                     out.append(onnx_path, vnnlib_path, r["status"], r["time_s"], r["method"],
@@ -296,6 +305,7 @@ def vnncomp_arguments(p: argparse.ArgumentParser) -> None:
                    help="the results file to write (the verdict word, then the counterexample)")
     p.add_argument("timeout", type=float)
     _common(p)
+    device_arguments(p)
 
 
 def cmd_vnncomp_run(a: argparse.Namespace) -> int:
@@ -306,7 +316,8 @@ def cmd_vnncomp_run(a: argparse.Namespace) -> int:
     # the harness times the whole process: the start-up (imports) comes out of the instance's
     # budget, so a cold process does not overrun the harness's timeout; no warm-up (one
     # instance: it would cost more than the first-use set-up it saves)
-    r = run_instance(a.model, a.spec, max(0.0, a.timeout - since_start()), a.seed, warm=False)
+    r = run_instance(a.model, a.spec, max(0.0, a.timeout - since_start()), a.seed, warm=False,
+                     device=a.device)
     text = r["status"] + "\n"
     v = r["verdict"]
     if v is not None and v.status == "sat":

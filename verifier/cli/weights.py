@@ -10,7 +10,8 @@ import argparse
 import json
 import sys
 
-from .util import (EXIT_OK, CliError, check_input_scale, load_cli_model, model_arguments,
+from .util import (EXIT_OK, CliError, check_input_scale, device_arguments, load_cli_model,
+                   model_arguments,
                    nonneg_float, npz_member_dtype, output_file, plot_file, positive_int,
                    save_output)
 
@@ -117,6 +118,7 @@ def data_arguments(p: argparse.ArgumentParser) -> None:
                    help="steps of the weight-space attack (default 30)")
     q.add_argument("--threads", type=positive_int, default=1, metavar="N",
                    help="torch CPU threads (default 1)")
+    device_arguments(q)
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the results as JSON")
     o.add_argument("--csv", metavar="F.csv", type=output_file, help="also write the table as CSV")

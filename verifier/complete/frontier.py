@@ -116,7 +116,7 @@ class BestFirstFrontier(Frontier):
         else:
             total = sum(counts.values())
             first = self.parts[next(iter(counts))]
-            out = {name: torch.empty(total, *first[name].shape[1:], dtype=first[name].dtype)
+            out = {name: first[name].new_empty(total, *first[name].shape[1:])
                    for name in names}
             at = 0
             for i, c in counts.items():
@@ -132,7 +132,7 @@ class BestFirstFrontier(Frontier):
                 # the rest is a small share of a big block: copy it, so the block can go
                 self.parts[i] = {name: v.index_select(0, self.rows[i])
                                  for name, v in self.parts[i].items()}
-                self.rows[i] = torch.arange(left)
+                self.rows[i] = torch.arange(left, device=self.keys[i].device)
                 self.bytes -= (self.size[i] - left) * self.row_bytes[i]
                 self.size[i] = left
             elif not left:

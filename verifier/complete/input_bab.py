@@ -55,7 +55,7 @@ def _branch_dims(A, open_, margin, per_k, owner, olo, ohi, scale, relax_terms=No
     -> flat input indices ``[n_open]``."""
     width = (ohi - olo).flatten(1)
     if vary is None:
-        vary = torch.arange(width.shape[1])
+        vary = torch.arange(width.shape[1], device=width.device)
     width, scale = width[:, vary], scale[vary]
     if A is None or A.shape[0] != open_.shape[0]:
         return vary[(width / scale).argmax(1)]
@@ -64,10 +64,10 @@ def _branch_dims(A, open_, margin, per_k, owner, olo, ohi, scale, relax_terms=No
     k = per_k[open_].argmin(1)                           # the most open conjunction
     mask = owner.unsqueeze(0) == k.unsqueeze(1)          # rows of that conjunction
     r = torch.where(mask, m, torch.full_like(m, -torch.inf)).argmax(1)
-    a = A[torch.arange(A.shape[0]), r]                   # [n_open, n_vary]
+    a = A[torch.arange(A.shape[0], device=A.device), r]  # [n_open, n_vary]
     score = a.abs() * width / 4
     if relax_terms:
-        idx = torch.arange(A.shape[0])
+        idx = torch.arange(A.shape[0], device=A.device)
         for ak, gk, Jk in relax_terms:                   # Jk: [n_open, n_vary, n_k]
             slack = ak[idx, r].flatten(1).abs() * gk      # [n_open, n_k]
             share = slack / Jk.sum(1).clamp(min=1e-30) / 2
@@ -88,8 +88,8 @@ def _relax_terms(model, relus, record, nodes, oi, cvals, centres, widths, vary):
     g = model.graph
     ins = [g[k].inputs[0] for k in relus]
     n, n_in = widths.shape[0], vary.numel()
-    step = torch.zeros(n, n_in, widths.shape[1], dtype=widths.dtype)   # [n, n_vary, n_in_all]
-    step[:, torch.arange(n_in), vary] = widths[:, vary] / 4
+    step = widths.new_zeros(n, n_in, widths.shape[1])                  # [n, n_vary, n_in_all]
+    step[:, torch.arange(n_in, device=widths.device), vary] = widths[:, vary] / 4
     c = centres.flatten(1).unsqueeze(1)
     pts = torch.cat([c + step, c - step], 1).reshape(n * 2 * n_in, *centres.shape[1:])
     with torch.no_grad():
@@ -127,9 +127,9 @@ def _clip_boxes(A, lin, refuted, owner, K, lo, hi, passes: int = 2):
     least = torch.where(pos, A * l0.unsqueeze(1), A * h0.unsqueeze(1)).sum(2)   # [n, R]
     b = lin.double() - least
     slack = 1e-5 * ((aA * torch.maximum(l0.abs(), h0.abs()).unsqueeze(1)).sum(2) + b.abs()) + 1e-9
-    inf = torch.tensor(torch.inf, dtype=torch.float64)
+    inf = torch.tensor(torch.inf, dtype=torch.float64, device=A.device)
     new_l, new_h = torch.full_like(l0, torch.inf), torch.full_like(h0, -torch.inf)
-    alive = torch.zeros(l0.shape[0], dtype=torch.bool)
+    alive = torch.zeros(l0.shape[0], dtype=torch.bool, device=l0.device)
     for k in range(K):
         rows = owner == k
         Ak, pk, nk, ak = A[:, rows], pos[:, rows], neg[:, rows], aA[:, rows]
@@ -178,7 +178,7 @@ def _corner_candidate(model, A, open_, margin, owner, K, olo, ohi, C_all, d_all)
         return None
     A = A[open_].flatten(2)                                  # [n_open, R, n_in]
     m = margin[open_]
-    idx = torch.arange(A.shape[0])
+    idx = torch.arange(A.shape[0], device=A.device)
     lo, hi = olo.flatten(1), ohi.flatten(1)
     pts = []
     for k in range(K):
@@ -226,18 +226,18 @@ class InputPrepared(Prepared):
         dt = p.scale.dtype
         if p.base is not None:
             model = SubspaceModel(model, p.vary, p.base)
-            p = replace(p, scale=p.scale[p.vary], vary=torch.arange(p.vary.numel()), base=None)
+            p = replace(p, scale=p.scale[p.vary], vary=torch.arange(p.vary.numel(), device=p.vary.device), base=None)
         self.model = model
         self.Cs, self.ds, self.scale, self.method = p.Cs, p.ds, p.scale, p.method
         self.C_all = torch.cat([c.to(dt) for c in p.Cs])                 # [R, n_out]
         self.d_all = torch.cat([d.to(dt) for d in p.ds])                 # [R]
-        self.owner = torch.cat([torch.full((c.shape[0],), k) for k, c in enumerate(p.Cs)])
+        self.owner = torch.cat([torch.full((c.shape[0],), k, device=c.device) for k, c in enumerate(p.Cs)])
         self.K = len(p.Cs)
         self.keep = prior_nodes(model.graph) if p.method == "crown" else []
         self.relus = [n.name for n in model.graph if n.op != "input" and RULES[n.op].sign_only]
         self.clip = p.clip
         vary = p.vary if p.vary is not None else (p.scale > 1e-12).nonzero().flatten()
-        self.vary = vary if vary.numel() else torch.arange(p.scale.numel())
+        self.vary = vary if vary.numel() else torch.arange(p.scale.numel(), device=p.scale.device)
 
     def expand(self, batch: DomainBatch, seed: int, deadline: float, attack_after: float,
                stop=None) -> Expansion:
@@ -280,7 +280,7 @@ def expand_input_domains(model, pr: InputPrepared, cur: DomainBatch, seed: int, 
         if prior is not None:
             # intervals that cross (beyond float slack) leave the domain no point: with the
             # priors of ReLU-split domains (``fallback``) a domain may be empty
-            empty = torch.zeros(n, dtype=torch.bool)
+            empty = torch.zeros(n, dtype=torch.bool, device=low.device)
             for k in keep:
                 b = nodes[k]
                 gap = b.lower - b.upper - INFEASIBLE_TOL * (1 + b.lower.abs() + b.upper.abs())
@@ -385,13 +385,13 @@ def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dea
     scale = (upper - lower).flatten().clamp(min=1e-12)
     if vary is None:
         vary = (upper > lower).flatten()
-    vary = torch.as_tensor(vary)
+    vary = torch.as_tensor(vary, device=lower.device)
     if vary.dtype == torch.bool:
         vary = vary.flatten().nonzero().flatten()
     vary = vary.long()
     if start is None:
         start = {"lo": lower.unsqueeze(0), "hi": upper.unsqueeze(0),
-                 "key": torch.full((1,), -torch.inf, dtype=lower.dtype)}
+                 "key": torch.full((1,), -torch.inf, dtype=lower.dtype, device=lower.device)}
     sub = None
     if 0 < vary.numel() < scale.numel() and foldable(model.graph, model.input):
         # the domains live in the subspace of the varying inputs

@@ -67,14 +67,14 @@ class LinearRegions:
     def __init__(self, model, relus, pre, C, d, owner, K, lower, upper):
         self.model, self.relus, self.pre = model, list(relus), dict(pre)
         self._graph = None
-        self.C = C.double().numpy()
-        self.d = d.double().numpy()
-        self.owner = owner.numpy()
+        self.C = C.double().cpu().numpy()
+        self.d = d.double().cpu().numpy()
+        self.owner = owner.cpu().numpy()
         self.K = K
         lo, hi = lower.double().flatten(), upper.double().flatten()
         self.vary = (hi > lo).nonzero().flatten()
         self.centre = (lo + hi) / 2
-        self.half = ((hi - lo) / 2)[self.vary].numpy()        # the box of dx: [-half, half]
+        self.half = ((hi - lo) / 2)[self.vary].cpu().numpy()        # the box of dx: [-half, half]
         self.shape = tuple(lower.shape)
 
     @classmethod
@@ -99,7 +99,7 @@ class LinearRegions:
         m = next(iter(active.values())).shape[0]
         nv = self.vary.numel()
         pts = self.centre.expand(nv + 1, -1).clone()
-        pts[torch.arange(1, nv + 1), self.vary] += 1.0
+        pts[torch.arange(1, nv + 1, device=pts.device), self.vary] += 1.0
         want = [self.pre[r] for r in self.relus] + [g.output]
         per = max(1, _CHUNK // (nv + 1))
         parts = {k: [] for k in want}
@@ -120,7 +120,7 @@ class LinearRegions:
             for k in want:
                 v = vals[k].reshape(e - s, nv + 1, -1)
                 parts[k].append(((v[:, 1:] - v[:, :1]).transpose(1, 2), v[:, 0]))
-        return {k: (torch.cat([a for a, _ in v]).numpy(), torch.cat([b for _, b in v]).numpy())
+        return {k: (torch.cat([a for a, _ in v]).cpu().numpy(), torch.cat([b for _, b in v]).cpu().numpy())
                 for k, v in parts.items()}
 
     def decide(self, lo: dict, up: dict, sg: dict, margin: torch.Tensor, deadline=None):
@@ -128,7 +128,7 @@ class LinearRegions:
         {relu: int8 [m, *shape]} splits, ``margin: [m, R]``: rows already refuted where > 0).
         -> (closed: bool [m], candidate ``(x [*input_shape], conjunction)`` or None)."""
         m = margin.shape[0]
-        closed = torch.zeros(m, dtype=torch.bool)
+        closed = torch.zeros(m, dtype=torch.bool, device=margin.device)
         active = {r: (sg[r] > 0) | ((sg[r] == 0) & (lo[self.pre[r]] >= 0)) for r in self.relus}
         forms = self.affine_forms(active)
         ya, yb = forms[self.graph.output]
@@ -138,11 +138,11 @@ class LinearRegions:
         sa, sb = [], []
         for r in self.relus:
             a, b = forms[self.pre[r]]
-            s = torch.where(active[r], 1.0, -1.0).double().flatten(1).numpy()[:, :, None]
+            s = torch.where(active[r], 1.0, -1.0).double().flatten(1).cpu().numpy()[:, :, None]
             sa.append(-s * a)
             sb.append(-s[..., 0] * b)
         sa, sb = np.concatenate(sa, 1), np.concatenate(sb, 1)        # sign rows: <= 0 holds
-        refuted = (margin > 0).numpy()
+        refuted = (margin > 0).cpu().numpy()
         for i in range(m):
             if deadline is not None and time.perf_counter() > deadline:
                 break
@@ -159,11 +159,12 @@ class LinearRegions:
                 done = False
                 if verdict == "point":
                     xf = self.centre.clone()
-                    xf[self.vary] += torch.as_tensor(x)
+                    xf[self.vary] += torch.as_tensor(x, dtype=xf.dtype, device=xf.device)
                     pt = xf.reshape(self.shape).to(self.model.dtype)
                     with torch.no_grad():
                         y = self.model.graph_forward(pt.unsqueeze(0)).reshape(-1).double()
-                    v = (torch.as_tensor(self.C) @ y - torch.as_tensor(self.d))[torch.as_tensor(rows)]
+                    v = (torch.as_tensor(self.C, device=y.device) @ y
+                         - torch.as_tensor(self.d, device=y.device))[torch.as_tensor(rows, device=y.device)]
                     if bool((v <= 0).all()):
                         return closed, (pt, k)
                 break

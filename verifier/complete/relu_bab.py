@@ -89,7 +89,7 @@ class ReluPrepared(Prepared):
         self.lower, self.upper = lower, upper
         self.C = torch.cat([c.to(dt) for c in Cs])                          # [R, n_out]
         self.d = torch.cat([d.to(dt) for d in ds])                          # [R]
-        self.owner = torch.cat([torch.full((c.shape[0],), k) for k, c in enumerate(Cs)])
+        self.owner = torch.cat([torch.full((c.shape[0],), k, device=lower.device) for k, c in enumerate(Cs)])
         self.K = len(Cs)
         self.Cs, self.ds = Cs, ds
         if root is None:
@@ -147,7 +147,7 @@ class ReluPrepared(Prepared):
         beta >= 0 give sound bounds: only their tightness depends on the steps taken)."""
         g, model = self.graph, self.model
         n = next(iter(lo.values())).shape[0] if lo else 1
-        dt = self.lower.dtype
+        dt, dev = self.lower.dtype, self.lower.device
         leaves = {model.input: Box(self.lower.expand(n, *self.lower.shape),
                                    self.upper.expand(n, *self.upper.shape))}
         bounds = {k: Interval(v.lower.expand(n, *v.lower.shape[1:]), v.upper.expand(n, *v.upper.shape[1:]))
@@ -168,7 +168,7 @@ class ReluPrepared(Prepared):
                     up[p] = torch.where(s < 0, up[p].clamp(max=0), up[p])
                 bounds[p] = Interval(lo[p], up[p])
             gap = torch.stack([(lo[p] - up[p] - INFEASIBLE_TOL * (1 + lo[p].abs() + up[p].abs()))
-                               .flatten(1).amax(1) for p in lo]).amax(0) if lo else torch.zeros(n)
+                               .flatten(1).amax(1) for p in lo]).amax(0) if lo else torch.zeros(n, device=self.lower.device)
             infeasible = gap > 0
             for p in lo:  # keep crossed (infeasible) bounds well-formed for the relaxation
                 lo[p], up[p] = torch.minimum(lo[p], up[p]), torch.maximum(lo[p], up[p])
@@ -193,12 +193,13 @@ class ReluPrepared(Prepared):
             if not optimize_beta or not (sg[r] != 0).any():
                 continue
             if self.at_zero[r]:   # sign·z >= 0
-                betas[r] = [(sg[r], torch.zeros(n, S, *g[r].shape, dtype=dt, requires_grad=True),
-                             None)]
+                betas[r] = [(sg[r], torch.zeros(n, S, *g[r].shape, dtype=dt, device=dev,
+                                                requires_grad=True), None)]
                 continue
             # interval splits: z >= lo where split from below, z <= up where from above
             betas[r] = [(torch.where(sg[r] & bit != 0, sign, 0).to(torch.int8),
-                         torch.zeros(n, S, *g[r].shape, dtype=dt, requires_grad=True), point)
+                         torch.zeros(n, S, *g[r].shape, dtype=dt, device=dev, requires_grad=True),
+                         point)
                         for bit, sign, point in ((LOWER_SPLIT, 1, lo[p]), (UPPER_SPLIT, -1, up[p]))
                         if bool((sg[r] & bit != 0).any())]
 
@@ -209,7 +210,7 @@ class ReluPrepared(Prepared):
             return backward_linear(g, out, spec, bounds, leaves, alpha=al or None,
                                    beta=be or None, keep=keep)
 
-        best = torch.full((n, S), -torch.inf, dtype=dt)
+        best = torch.full((n, S), -torch.inf, dtype=dt, device=self.lower.device)
         if (alphas or betas) and iterations > 0:
             groups = []
             if alphas:
@@ -251,7 +252,7 @@ class ReluPrepared(Prepared):
             p = self.pre[r]
             l, u = res["lo"][p].flatten(1), res["up"][p].flatten(1)
             A = res["A_relu"][r]
-            a = A[torch.arange(n), row].flatten(1) if A is not None else torch.zeros_like(l)
+            a = A[torch.arange(n, device=A.device), row].flatten(1) if A is not None else torch.zeros_like(l)
             if not self.at_zero[r]:
                 scores.append(self._interval_scores(r, res["lo"][p], res["up"][p], a))
                 continue
@@ -262,8 +263,8 @@ class ReluPrepared(Prepared):
             scores.append(torch.where(unstable, s, torch.full_like(s, -torch.inf)))
         allsc = torch.cat(scores, 1)
         best, idx = allsc.max(1)
-        which = torch.bucketize(idx, torch.tensor(self.offsets[1:]), right=True)
-        local = idx - torch.tensor(self.offsets)[which]
+        which = torch.bucketize(idx, torch.tensor(self.offsets[1:], device=idx.device), right=True)
+        local = idx - torch.tensor(self.offsets, device=idx.device)[which]
         which = torch.where(torch.isfinite(best), which, torch.full_like(which, -1))
         return which, local
 
@@ -297,7 +298,7 @@ class ReluPrepared(Prepared):
         k = self.conj_margin(res["margin"]).argmin(1)
         mask = self.owner.unsqueeze(0) == k.unsqueeze(1)
         row = torch.where(mask, res["margin"], torch.full_like(res["margin"], -torch.inf)).argmax(1)
-        a = A[torch.arange(n), row]
+        a = A[torch.arange(n, device=A.device), row]
         return torch.where(a > 0, self.lower, self.upper)
 
     def pgd(self, x0, steps: int = 30, deadline=None, stop=None):
@@ -397,9 +398,9 @@ def expand_relu_domains(P: ReluPrepared, cur: DomainBatch, seed: int, deadline: 
     c_lo = {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in p_lo.items()}
     c_up = {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in p_up.items()}
     c_sg = {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in p_sg.items()}
-    rows = torch.arange(2 * n)
+    rows = torch.arange(2 * n, device=cur["margin"].device)
     which, local = cur["which"].repeat(2), cur["local"].repeat(2)
-    sign = torch.cat([torch.ones(n, dtype=torch.int8), -torch.ones(n, dtype=torch.int8)])
+    sign = torch.cat([torch.ones(n, dtype=torch.int8, device=which.device), -torch.ones(n, dtype=torch.int8, device=which.device)])
     for i, r in enumerate(P.relus):
         sel = which == i
         if not sel.any():
@@ -509,7 +510,7 @@ class ReluFrontier(Frontier):
         cm = self.cm
         key = torch.where(splittable, cm, torch.full_like(cm, torch.inf))
         take = key.argsort()[:min(k, int(splittable.sum()))]
-        rest = torch.ones(cm.numel(), dtype=torch.bool)
+        rest = torch.ones(cm.numel(), dtype=torch.bool, device=cm.device)
         rest[take] = False
         out = _take_batch(self.q, take)
         self.q, self.cm = _take_batch(self.q, rest), cm[rest]
@@ -560,7 +561,7 @@ def relu_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dead
     frontier = ReluFrontier(P, {"lo": res["lo"], "up": res["up"], "sg": sg,
                                 "alpha": res["alpha"],
                                 "margin": res["margin"], "which": which, "local": local,
-                                "depth": torch.zeros(1, dtype=torch.long)}, max_domains)
+                                "depth": torch.zeros(1, dtype=torch.long, device=lower.device)}, max_domains)
     expander = expander if expander is not None else LocalExpander(model)
     problem = ReluProblem(lower, upper, list(Cs), list(ds), P.root, iterations)
     return branch_and_bound(problem, frontier, expander, deadline, batch=batch,

@@ -49,6 +49,6 @@ def replay_runner(model):
     import torch
 
     def run(x):
-        t = torch.as_tensor(np.asarray(x, dtype=np.float32)).reshape(1, *model.input_shape)
-        return model(t).double().numpy().reshape(-1)
+        t = torch.as_tensor(np.asarray(x, dtype=np.float32), device=model.device)
+        return model(t.reshape(1, *model.input_shape)).double().cpu().numpy().reshape(-1)
     return run, "torch"

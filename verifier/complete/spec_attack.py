@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..devices import uniform
 from ..projected_gradient import Variable, projected_gradient, sign_step
 
 
@@ -21,14 +22,14 @@ def spec_attack(f, lower: torch.Tensor, upper: torch.Tensor, Cs: list[torch.Tens
     ``f``: [N, *in_shape] -> [N, n_out]; ``lower, upper``: [*in_shape];
     ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]`` for each conjunction k.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)
     K = len(Cs)
     R = max(1, restarts)
     width = (upper - lower)
     rows = max(c.shape[0] for c in Cs)
     n_out = Cs[0].shape[1]
-    C = torch.zeros(K, rows, n_out, dtype=lower.dtype)
-    d = torch.full((K, rows), -torch.inf, dtype=lower.dtype)  # padding rows never bind
+    C = lower.new_zeros(K, rows, n_out)
+    d = lower.new_full((K, rows), -torch.inf)  # padding rows never bind
     for k, (c, dd) in enumerate(zip(Cs, ds)):
         C[k, :c.shape[0]] = c
         d[k, :c.shape[0]] = dd
@@ -39,7 +40,7 @@ def spec_attack(f, lower: torch.Tensor, upper: torch.Tensor, Cs: list[torch.Tens
 
     def start(r, gen):
         # the center plus uniform points of the box, for every conjunction
-        u = torch.rand((K, R, *lower.shape), generator=gen, dtype=lower.dtype)
+        u = uniform((K, R, *lower.shape), gen, lower.dtype, lower.device)
         u[:, 0] = 0.5
         return {"x": (lower + u * width).reshape(K * R, *lower.shape)}
 

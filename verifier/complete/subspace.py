@@ -38,7 +38,7 @@ class SubspaceModel:
         self.full = model
         self.vary = vary.long()
         self.base = base.double().flatten()
-        fixed = torch.ones(self.base.numel(), dtype=torch.bool)
+        fixed = torch.ones(self.base.numel(), dtype=torch.bool, device=self.base.device)
         fixed[self.vary] = False
         nodes = []
         for node in g:

@@ -33,6 +33,7 @@ import torch
 
 from ..api import BoundedModel
 from ..bounds.alpha import alpha_crown_bounds
+from ..devices import check_same_device
 from ..errors import ShapeError
 from ..ops import RULES
 from ..perturbation import Box, round_down, round_up
@@ -106,7 +107,7 @@ def _float32_inside(x: np.ndarray, lower: np.ndarray, upper: np.ndarray):
 def _replay(x, disjunct, region, ri, run, replayer):
     """A candidate point replayed on the original model: the Counterexample, or None when the
     replayed output satisfies none of the region's conjunctions (or x is not in the box)."""
-    x32, inside = _float32_inside(x.detach().double().numpy().reshape(-1), region.lower,
+    x32, inside = _float32_inside(x.detach().double().cpu().numpy().reshape(-1), region.lower,
                                   region.upper)
     if not inside:
         return None
@@ -119,7 +120,7 @@ def _replay(x, disjunct, region, ri, run, replayer):
 
 def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-crown"), attack: bool = True,
            seed: int = 0, bab: bool = True, max_split_inputs: int = 16, progress=None,
-           expander=None) -> Verdict:
+           expander=None, device=None) -> Verdict:
     """Decide a VNN-LIB property on a model.
 
     ``model``: a ``BoundedModel`` or an ONNX path; ``spec``: a ``VnnlibSpec`` or a path;
@@ -131,9 +132,10 @@ def verify(model, spec, timeout: float = 60.0, methods=("ibp", "crown", "alpha-c
     worst_margin, elapsed_s)`` is called after every round of it; ``expander``: where
     branch and bound (input- or ReLU-split) bounds its batches of domains (default: this
     process, ``bab.LocalExpander``; one expander, such as a ``RayDomainPool``, serves both).
+    ``device``: where an ONNX path is loaded and bounded (a ``BoundedModel`` must be on it).
     """
     t0 = time.perf_counter()
-    run = _Run(*_load(model, spec), timeout, t0 + timeout)
+    run = _Run(*_load(model, spec, device), timeout, t0 + timeout)
     split = _split_strategy(run.model, run.spec, bab, max_split_inputs)
     if attack and (verdict := _attack(run, seed)) is not None:
         return _timed(verdict, t0)
@@ -160,8 +162,8 @@ class _Run:
 
     def __post_init__(self):
         dt = self.model.dtype
-        self.boxes = [(round_down(torch.as_tensor(r.lower), dt).reshape(self.model.input_shape),
-                       round_up(torch.as_tensor(r.upper), dt).reshape(self.model.input_shape))
+        self.boxes = [(round_down(torch.as_tensor(r.lower, device=self.model.device), dt).reshape(self.model.input_shape),
+                       round_up(torch.as_tensor(r.upper, device=self.model.device), dt).reshape(self.model.input_shape))
                       for r in self.spec.regions]
 
     def late(self) -> bool:
@@ -171,14 +173,15 @@ class _Run:
         """``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]`` of the region's conjunctions."""
         dt = self.model.dtype
         cs = region.disjuncts if which is None else [region.disjuncts[k] for k in which]
-        return ([torch.as_tensor(c.C, dtype=dt) for c in cs],
-                [torch.as_tensor(c.d, dtype=dt) for c in cs])
+        return ([torch.as_tensor(c.C, dtype=dt, device=self.model.device) for c in cs],
+                [torch.as_tensor(c.d, dtype=dt, device=self.model.device) for c in cs])
 
 
-def _load(model, spec):
+def _load(model, spec, device=None):
     """-> (BoundedModel, VnnlibSpec) from paths or objects; the spec's sizes must match."""
     if not isinstance(model, BoundedModel):
-        model = BoundedModel.from_onnx(model)
+        model = BoundedModel.from_onnx(model, device=device)
+    check_same_device(model.device, device, "the model")
     if not isinstance(spec, VnnlibSpec):
         spec = read_vnnlib(spec)
     n_in = int(np.prod(model.input_shape))
@@ -225,7 +228,7 @@ def _incomplete_bounds(run: _Run, methods, alpha_intermediate: bool):
             return Verdict("timeout", f"budget of {run.timeout:g}s ran out before {method}"), left
         open_count = 0
         for ri, (region, (lo, hi)) in enumerate(zip(run.spec.regions, run.boxes)):
-            C = torch.as_tensor(np.concatenate([c.C for c in region.disjuncts]), dtype=dt)
+            C = torch.as_tensor(np.concatenate([c.C for c in region.disjuncts]), dtype=dt, device=model.device)
             box = Box(lo.unsqueeze(0), hi.unsqueeze(0))
             spec_c = C.reshape(1, C.shape[0], *model.output_shape)
             if method == "alpha-crown":
@@ -235,9 +238,9 @@ def _incomplete_bounds(run: _Run, methods, alpha_intermediate: bool):
                     low, _, left.roots[ri] = alpha_crown_bounds(
                         model.graph, model._leaves(box), spec_c.to(dt), deadline=run.deadline,
                         intermediate=alpha_intermediate)
-                lower = torch.nan_to_num(low, nan=-torch.inf)[0].double().numpy()
+                lower = torch.nan_to_num(low, nan=-torch.inf)[0].double().cpu().numpy()
             else:
-                lower = model.bounds(box, method, spec=spec_c).lower[0].double().numpy()
+                lower = model.bounds(box, method, spec=spec_c).lower[0].double().cpu().numpy()
             k = 0
             for kk, c in enumerate(region.disjuncts):
                 rows = slice(k, k + c.C.shape[0])
@@ -364,7 +367,7 @@ def _branch_and_bound(run: _Run, split: _Split, left: _Left, progress, expander)
         if not todo:
             continue
         Cs, ds = run.conjunctions(region, todo)
-        vary = torch.as_tensor(np.asarray(region.lower) < np.asarray(region.upper))
+        vary = torch.as_tensor(np.asarray(region.lower) < np.asarray(region.upper), device=lo.device)
         r = split.run(run.model, lo, hi, Cs, ds, run.deadline, left.roots.get(ri), progress,
                       expander, vary)
         start = stuck_domains(r.left) if r.status == "unknown" and r.left is not None else None
@@ -373,7 +376,7 @@ def _branch_and_bound(run: _Run, split: _Split, left: _Left, progress, expander)
             stuck = start["key"].numel()
             r = input_split_bab(run.model, lo, hi, Cs, ds, run.deadline, progress=progress,
                                 expander=expander, vary=vary,
-                                base=torch.as_tensor(region.lower, dtype=torch.float64),
+                                base=torch.as_tensor(region.lower, dtype=torch.float64, device=lo.device),
                                 start=start, domains=r.domains)
             r.reason = (f"{r.reason}; input splits took over {stuck} ReLU-split domains with "
                         "no neuron left to split")

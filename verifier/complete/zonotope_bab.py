@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..bounds.forward import evaluate
+from ..devices import as_tensor
 from ..errors import PerturbationError, ShapeError
 from ..graph.cut import affine_prefix, cut_at
 from ..graph.nodes import Graph
@@ -62,7 +63,7 @@ class AffineLeafModel:
         return evaluate(self.graph, {self.input: z.to(self.dtype)})[0]
 
 
-def robustness_conjunctions(label: int, n_classes: int, dtype=torch.float32):
+def robustness_conjunctions(label: int, n_classes: int, dtype=torch.float32, device="cpu"):
     """The violations of "class ``label`` wins": one conjunction per ``j != label``,
     ``y_label - y_j <= 0`` -> (Cs, ds) as ``input_split_bab`` takes them."""
     if not 0 <= label < n_classes:
@@ -70,10 +71,10 @@ def robustness_conjunctions(label: int, n_classes: int, dtype=torch.float32):
     Cs, ds = [], []
     for j in range(n_classes):
         if j != label:
-            c = torch.zeros(1, n_classes, dtype=dtype)
+            c = torch.zeros(1, n_classes, dtype=dtype, device=device)
             c[0, label], c[0, j] = 1.0, -1.0
             Cs.append(c)
-            ds.append(torch.zeros(1, dtype=dtype))
+            ds.append(torch.zeros(1, dtype=dtype, device=device))
     return Cs, ds
 
 
@@ -139,9 +140,10 @@ def zonotope_bab(model, Z: Zonotope, Cs, ds, node: str | None = None, timeout: f
     zm = zonotope_graph(model, Z, node)
     dt = model.dtype
     k = Z.k
-    lo, hi = -torch.ones(k, dtype=dt), torch.ones(k, dtype=dt)
-    Cs = [torch.as_tensor(c).to(dt) for c in Cs]
-    ds = [torch.as_tensor(d).to(dt) for d in ds]
+    dev = Z.center.device
+    lo, hi = -torch.ones(k, dtype=dt, device=dev), torch.ones(k, dtype=dt, device=dev)
+    Cs = [as_tensor(c, dt, dev) for c in Cs]
+    ds = [as_tensor(d, dt, dev) for d in ds]
     r = input_split_bab(zm, lo, hi, Cs, ds, time.perf_counter() + timeout, batch=batch)
     out = ZonotopeVerdict(r.status, r.reason, domains=r.domains)
     if r.status == "candidate":

@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn as nn
 
+from ..devices import as_tensor
 from .nodes import Ref
 
 
@@ -37,7 +38,7 @@ def _sample_dim(b, n, x: Ref, dim) -> int | None:
 
 
 def _const(v, like_dtype=torch.float64):
-    return None if v is None else torch.as_tensor(v).detach().to(like_dtype)
+    return None if v is None else as_tensor(v).detach().to(like_dtype)
 
 
 def _norm_chain(b, n, x: Ref, k: int, eps: float, center: bool, prefix: str = "") -> tuple:
@@ -62,7 +63,7 @@ def _norm_chain(b, n, x: Ref, k: int, eps: float, center: bool, prefix: str = ""
         sq = b.add_inner(n, prefix + "square", "pow", [x], shape, exponent=2.0)
         v = mean(sq, "meansquare")
     ve = b.add_inner(n, prefix + "var_eps", "affine", [v], kept, w=None,
-                     b=torch.tensor(float(eps), dtype=torch.float64), in_shape=kept)
+                     b=torch.tensor(float(eps), dtype=torch.float64, device="cpu"), in_shape=kept)
     r = b.add_inner(n, prefix + "rstd", "rsqrt", [ve], kept)
     return "normalize", [c, r], {"in_shapes": (shape, kept), "dims": dims, "eps": float(eps)}
 
@@ -136,7 +137,7 @@ def _group_norm(b, n, x, groups: int, weight, bias, eps):
         return b.problem(n, f"group_norm with {groups} groups over {C} channels")
     numel = math.prod(shape)
     flat = (groups, numel // groups)
-    idx = torch.arange(numel)
+    idx = torch.arange(numel, device="cpu")
     grouped = b.add_inner(n, "groups", "select", [x], flat, index=idx, fill=None, identity=True,
                           permutation=True, in_shape=shape)
     op, ins, params = _norm_chain(b, n, grouped, 1, float(eps), center=True)
@@ -168,7 +169,7 @@ def _softmax(b, n, x, dim, log: bool):
     if not log:  # softmax_dim: read by a product with these weights (attention)
         return b.add(n, "reciprocal", [s], softmax_dim=d)
     lg = b.add_inner(n, "log", "log", [s], shape)
-    b.add(n, "affine", [lg], w=torch.tensor(-1.0, dtype=torch.float64), b=None, in_shape=shape)
+    b.add(n, "affine", [lg], w=torch.tensor(-1.0, dtype=torch.float64, device="cpu"), b=None, in_shape=shape)
 
 
 def softmax(log: bool):

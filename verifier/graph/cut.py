@@ -71,7 +71,7 @@ def affine_prefix(graph: Graph, center: torch.Tensor, generators: torch.Tensor,
              Node(flat, "linear", [z_name], (n,), {"weight": W, "bias": center.reshape(n).clone()},
                   source="center + z G")]
     if len(shape) != 1:
-        idx = torch.arange(n)
+        idx = torch.arange(n, device="cpu")
         nodes.append(Node(x, "select", [flat], shape,
                           {"index": idx, "fill": None, "identity": True, "permutation": True,
                            "in_shape": (n,)}, source="reshape"))

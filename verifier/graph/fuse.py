@@ -34,6 +34,7 @@ from dataclasses import replace
 
 import torch
 
+from ..devices import as_tensor
 from .nodes import Graph, Node
 
 _INV_SQRT2 = 1 / math.sqrt(2.0)
@@ -44,7 +45,7 @@ def _scalar(t) -> float | None:
     """A constant that is one number (any shape of equal entries), else None."""
     if t is None:
         return None
-    t = torch.as_tensor(t)
+    t = as_tensor(t)
     flat = t.reshape(-1)
     if flat.numel() == 0 or not bool((flat == flat[0]).all()):
         return None
@@ -179,7 +180,7 @@ def fuse_gelu(graph: Graph) -> Graph:
             g = Node(f"{node.name}/gelu", "gelu", [x], node.shape, params,
                      f"GELU (fused {'erf' if form == 'none' else form} form)")
             nodes.append(g)
-            w = torch.tensor(scale, dtype=_dtype(graph))
+            w = torch.tensor(scale, dtype=_dtype(graph), device=_device(graph))
             what = ("x * (1 + erf(x / sqrt(2)))" if form == "none"
                     else "x * (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))")
             nodes.append(replace(node, op="affine", inputs=[g.name],
@@ -273,6 +274,15 @@ def fuse_layernorm(graph: Graph) -> Graph:
 def fuse(graph: Graph) -> Graph:
     """Every fusion of this module."""
     return fuse_layernorm(fuse_silu(fuse_gelu(fuse_square(graph))))
+
+
+def _device(graph: Graph) -> torch.device:
+    """Where the graph's constants are (the CPU for a graph without any)."""
+    for node in graph:
+        for v in node.params.values():
+            if isinstance(v, torch.Tensor):
+                return v.device
+    return torch.device("cpu")
 
 
 def _dtype(graph: Graph) -> torch.dtype:

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..devices import as_tensor
 from ..shapes import broadcast_shapes
 from ..ops.bilinear import check_equation
 from . import composite
@@ -35,7 +36,7 @@ def _tuple(v, nd):
 
 
 def _float_const(b, v):
-    t = torch.as_tensor(v)
+    t = as_tensor(v)
     return t if t.is_floating_point() else t.to(torch.get_default_dtype())
 
 
@@ -65,7 +66,7 @@ def select(b, n, target, *args, **kwargs):
     ref = refs[0]
     src = [a for a in n.all_input_nodes if a.name in b.perturbed]
     numel = math.prod(ref.shape)
-    t1 = torch.arange(1, numel + 1, dtype=torch.float64).reshape(1, *ref.shape)
+    t1 = torch.arange(1, numel + 1, dtype=torch.float64, device="cpu").reshape(1, *ref.shape)
     t2 = -t1 - 0.5
     with torch.no_grad():
         o1 = b.rerun(n, {src[0].name: t1})
@@ -82,7 +83,7 @@ def select(b, n, target, *args, **kwargs):
     # the fill stays float64 (as probed; the graph is cast to its dtype later): a float64 graph
     # pads with the exact value, e.g. 0.7, not its float32 rounding
     fill = None if bool(moved.all()) else torch.where(moved, 0.0, o1)
-    identity = fill is None and idx.numel() == numel and bool((idx == torch.arange(numel)).all())
+    identity = fill is None and idx.numel() == numel and bool((idx == torch.arange(numel, device=idx.device)).all())
     permutation = (fill is None and idx.numel() == numel
                    and bool((torch.bincount(idx, minlength=numel) == 1).all()))
     b.add(n, "select", [ref], index=idx, fill=fill, identity=identity, permutation=permutation,
@@ -145,7 +146,7 @@ def binary(kind):
         if kind == "add":
             return _affine(b, n, ref, None, c)
         if kind == "sub":
-            return _affine(b, n, ref, None, -c) if xr else _affine(b, n, ref, -torch.ones(()), c)
+            return _affine(b, n, ref, None, -c) if xr else _affine(b, n, ref, -torch.ones((), device="cpu"), c)
         if kind == "mul":
             return _affine(b, n, ref, c, None)
         if kind == "div":
@@ -232,7 +233,7 @@ def einsum_fn(b, n, target, equation, *operands, **kwargs):
 
 
 def neg(b, n, target, x, *a, **k):
-    _affine(b, n, x, -torch.ones(()), None)
+    _affine(b, n, x, -torch.ones((), device="cpu"), None)
 
 
 def activation(op):
@@ -468,7 +469,8 @@ def _reduce(b, n, x, kind, dim, keepdim, probe=None):
     # its arguments that is wrong, or an op that mixes the batch, is reported, never bounded)
     probe = n if probe is None else probe
     src = [a for a in probe.all_input_nodes if a.name in b.perturbed]
-    t = torch.randn((2, *x.shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = torch.randn((2, *x.shape), generator=torch.Generator(device="cpu").manual_seed(0),
+                    dtype=torch.float64, device="cpu")
     want = _REDUCERS[kind](t, dim=tuple(d + 1 for d in dims), keepdim=keepdim)
     try:
         with torch.no_grad():
@@ -504,7 +506,7 @@ def _lift(b, n, ref: Ref, ndim: int, tag: str) -> Ref:
         return ref
     numel = math.prod(ref.shape)
     return b.add_inner(n, tag, "select", [ref], (1,) * (ndim - len(ref.shape)) + tuple(ref.shape),
-                       index=torch.arange(numel), fill=None, identity=True, permutation=True,
+                       index=torch.arange(numel, device="cpu"), fill=None, identity=True, permutation=True,
                        in_shape=ref.shape)
 
 
@@ -526,7 +528,7 @@ def _max_pair(b, n, kind, x, y, shape, tag, last):
         op = "add"
     else:
         sign = 1.0 if kind == "max" else -1.0
-        w = None if kind == "max" else -torch.ones(())
+        w = None if kind == "max" else -torch.ones((), device="cpu")
         d = b.add_inner(n, f"{pre}diff", "affine", [x], shape, w=w, b=-sign * y, in_shape=x.shape)
         r = b.add_inner(n, f"{pre}relu", "relu", [d], shape)
         inputs, params, op = [r], dict(w=w, b=y, in_shape=shape), "affine"

@@ -76,15 +76,16 @@ class Graph:
         return self._ancestors[name]
 
     def to(self, dtype: torch.dtype, device=None) -> "Graph":
-        """Cast every floating constant held in node params (in place); returns self."""
+        """Cast every floating constant held in node params to ``dtype`` and move every tensor
+        constant (index tensors too) to ``device`` (None: where each is); in place, returns self."""
+        def cast(x):
+            if not isinstance(x, torch.Tensor):
+                return x
+            return x.to(dtype=dtype if x.is_floating_point() else x.dtype, device=device)
+
         for node in self:
             for k, v in node.params.items():
-                if isinstance(v, torch.Tensor) and v.is_floating_point():
-                    node.params[k] = v.to(dtype=dtype, device=device)
-                elif isinstance(v, list):
-                    node.params[k] = [x.to(dtype=dtype, device=device)
-                                      if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-                                      for x in v]
+                node.params[k] = [cast(x) for x in v] if isinstance(v, list) else cast(v)
         return self
 
     def __repr__(self) -> str:

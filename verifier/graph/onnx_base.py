@@ -12,6 +12,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..devices import as_tensor
+
 
 class ReadProblem(Exception):
     """An ONNX node the reader cannot express (its message says why)."""
@@ -113,7 +115,7 @@ class Reader:
 
     # -- constants -------------------------------------------------------------------------
     def const(self, t, init: str | None = None) -> V:
-        t = torch.as_tensor(t)
+        t = as_tensor(t)
         return V(None, t, t, init)
 
     def attr(self, v: V) -> fx.Node:

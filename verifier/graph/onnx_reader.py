@@ -68,8 +68,8 @@ def read_model(model, input_shapes: list[tuple]) -> ReadModel:
         dtype = _DTYPES.get(i.type.tensor_type.elem_type, torch.float32)
         shape = tuple(max(1, int(d)) for d in shape)
         node = r.graph.placeholder(fx_name(i.name) if i.name else "input")
-        x1 = torch.zeros((1, *shape[1:]) if shape else (), dtype=dtype)
-        x2 = torch.zeros((2, *shape[1:]), dtype=dtype) if shape else None
+        x1 = torch.zeros((1, *shape[1:]) if shape else (), dtype=dtype, device="cpu")
+        x2 = torch.zeros((2, *shape[1:]), dtype=dtype, device="cpu") if shape else None
         env[i.name] = V(node, x1, x2)
 
     problems: list[tuple[str, str]] = []

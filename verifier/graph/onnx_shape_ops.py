@@ -33,7 +33,7 @@ def _constant(r, node, ins, attrs):
     for k, dt in (("value_float", torch.float32), ("value_floats", torch.float32),
                   ("value_int", torch.int64), ("value_ints", torch.int64)):
         if k in attrs:
-            return r.const(torch.tensor(attrs[k], dtype=dt))
+            return r.const(torch.tensor(attrs[k], dtype=dt, device="cpu"))
     raise ReadProblem(f"Constant with {sorted(attrs)}")
 
 
@@ -56,7 +56,8 @@ def _shape(r, node, ins, attrs):
     start, end = attrs.get("start", 0), attrs.get("end")
 
     def shape(t):
-        return None if t is None else torch.tensor(list(t.shape)[start:end], dtype=torch.int64)
+        return None if t is None else torch.tensor(list(t.shape)[start:end], dtype=torch.int64,
+                                                   device=t.device)
     s1 = shape(x.v1)
     if x.const and not x.batch_dependent:
         return r.const(s1)
@@ -66,26 +67,28 @@ def _shape(r, node, ins, attrs):
 @op("Size")
 def _size(r, node, ins, attrs):
     x = ins[0]
-    n1 = torch.tensor(x.v1.numel(), dtype=torch.int64)
+    n1 = torch.tensor(x.v1.numel(), dtype=torch.int64, device=x.v1.device)
     if x.const and not x.batch_dependent:
         return r.const(n1)
-    return V(None, n1, None if x.v2 is None else torch.tensor(x.v2.numel(), dtype=torch.int64))
+    return V(None, n1, None if x.v2 is None else torch.tensor(x.v2.numel(), dtype=torch.int64,
+                                                                         device=x.v2.device))
 
 
 @op("ConstantOfShape")
 def _constant_of_shape(r, node, ins, attrs):
-    value = attrs.get("value", torch.zeros(1, dtype=torch.float32))
+    value = attrs.get("value", torch.zeros(1, dtype=torch.float32, device="cpu"))
     if not ins[0].const:
         raise ReadProblem("its shape is computed from the input's values")
     return r.call(lambda s: torch.full([int(i) for i in s.tolist()], value.reshape(-1)[0].item(),
-                                       dtype=value.dtype), ins[0])
+                                       dtype=value.dtype, device=s.device), ins[0])
 
 
 @op("Range")
 def _range(r, node, ins, attrs):
     if not all(v.const for v in ins):
         raise ReadProblem("Range of values computed from the input")
-    return r.call(lambda a, b, c: torch.arange(a.item(), b.item(), c.item(), dtype=a.dtype), *ins)
+    return r.call(lambda a, b, c: torch.arange(a.item(), b.item(), c.item(), dtype=a.dtype,
+                                                      device=a.device), *ins)
 
 
 def _resolve_shape(xshape, target, allowzero):
@@ -116,7 +119,7 @@ def _reshape(r, node, ins, attrs):
     x = ins[0]
     allowzero = int(attrs.get("allowzero", 0))
     if r.opset < 5 or len(ins) < 2:
-        target = r.const(torch.tensor(attrs["shape"], dtype=torch.int64))
+        target = r.const(torch.tensor(attrs["shape"], dtype=torch.int64, device="cpu"))
     else:
         target = ins[1]
     if not target.const:
@@ -183,7 +186,7 @@ def _slice(r, node, ins, attrs):
     if flips:
         for a, s, e, st in flips:
             keep = list(range(*slice(s, e, st).indices(x.v1.shape[a])))
-            y = r.call(torch.index_select, y, a, r.const(torch.tensor(keep, dtype=torch.int64)),
+            y = r.call(torch.index_select, y, a, r.const(torch.tensor(keep, dtype=torch.int64, device="cpu")),
                        tag=f"rev{a}")
     while idx and idx[-1] == slice(None):
         idx.pop()

@@ -140,10 +140,10 @@ def _same(a, b) -> bool:
 def _varies_with_input(b: "Builder", n: fx.Node, deps: list, value) -> bool:
     """Whether a non-float result of perturbed (float) arguments depends on their values, not
     only on their shapes (as an ONNX Shape op does): rerun on random values of the same shapes."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device="cpu").manual_seed(0)
     for scale in (3.0, -7.0):
         sub = {a.name: torch.randn(b.values[a.name].shape, generator=g,
-                                   dtype=b.values[a.name].dtype) * scale for a in deps}
+                                   dtype=b.values[a.name].dtype, device="cpu") * scale for a in deps}
         try:
             with torch.no_grad():
                 if not _same(b.rerun(n, sub), value):

@@ -35,6 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..device_names import check_device_name
+from ..devices import resolve_device
+from ..errors import DeviceError
 from ..train.config import ConfigError
 from ..train.evaluation import export_onnx
 from ..train.trainer import build_model, load_data
@@ -67,6 +70,7 @@ class LipschitzConfig:
     batch_size: int = 128
     seed: int = 0
     threads: int = 1
+    device: str = "cpu"                   # cpu | cuda | cuda:N | auto
     output: str | None = None              # folder for model.pt, model.onnx, report.json
     radii: list = field(default_factory=lambda: [0.5, 1.0])
     crown: bool = True                     # also run CROWN's L2 verification at each radius
@@ -91,6 +95,10 @@ class LipschitzConfig:
                 bad(k, f"must be >= 1, got {getattr(self, k)}")
         if any(not (r > 0) for r in self.radii):
             bad("radii", f"must be positive, got {self.radii}")
+        try:
+            self.device = check_device_name(self.device)
+        except DeviceError as e:
+            bad("device", str(e))
 
 
 def constrained_weights(net: nn.Module) -> list[tuple[str, nn.Parameter, float]]:
@@ -145,7 +153,8 @@ class TrainResult:
 def train_lipschitz(cfg: LipschitzConfig, train_ds, progress: bool = False) -> TrainResult:
     """Train ``cfg.model`` on ``train_ds`` under ``cfg.constraint`` (see the module doc)."""
     torch.set_num_threads(cfg.threads)
-    net = build_model(cfg, train_ds.input_shape, train_ds.n_classes).train()
+    dev = resolve_device(cfg.device)
+    net = build_model(cfg, train_ds.input_shape, train_ds.n_classes).to(dev).train()
     if cfg.constraint != "weight_decay":
         project_(net, cfg.constraint, cfg.w_max)
     opts, muon_ids = _optimizers(net, cfg)
@@ -159,12 +168,12 @@ def train_lipschitz(cfg: LipschitzConfig, train_ds, progress: bool = False) -> T
         it = tqdm(it, desc=f"{cfg.optimizer}+{cfg.constraint}")
     for epoch in it:
         t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        perm = torch.randperm(n, generator=g)
+        g = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + epoch)
+        perm = torch.randperm(n, generator=g, device="cpu")  # indexes the data, on the CPU
         tot_loss, correct = 0.0, 0
         for k in range(0, n, cfg.batch_size):
             idx = perm[k:k + cfg.batch_size]
-            x, y = train_ds.x[idx], train_ds.y[idx]
+            x, y = train_ds.x[idx].to(dev), train_ds.y[idx].to(dev)
             logits = net(x)
             loss = F.cross_entropy(cfg.temperature * logits, y)
             for o in opts:
@@ -219,7 +228,7 @@ def run_lipschitz(cfg: LipschitzConfig, progress: bool = False, data=None) -> di
     if cfg.output:
         out = Path(cfg.output)
         out.mkdir(parents=True, exist_ok=True)
-        torch.save(res.net.state_dict(), out / "model.pt")
+        torch.save({k: v.cpu() for k, v in res.net.state_dict().items()}, out / "model.pt")
         export_onnx(res.net, train_ds.input_shape, out / "model.onnx")
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
         (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -136,7 +136,7 @@ class ElementwiseRelaxation(BoundRule):
         kl, bl, ku, bu = self.relaxation(node, x)
         l, u = x.lower, x.upper
         # the points lead ([points, B, *shape]): per-channel parameters broadcast as usual
-        t = torch.linspace(0, 1, points, dtype=l.dtype).view(-1, *[1] * l.dim())
+        t = torch.linspace(0, 1, points, dtype=l.dtype, device=l.device).view(-1, *[1] * l.dim())
         z = l + t * (u - l)
         fz = self.f(node, z)
         gl = (fz - kl * z - bl).amax(0)
@@ -330,7 +330,7 @@ class SShaped(ElementwiseRelaxation):
 
     def slope_bound(self, node) -> float:
         """f' grows on x <= 0 (convex) and falls on x >= 0 (concave): its max is f'(0)."""
-        return float(self.df(torch.zeros((), dtype=torch.float64)))
+        return float(self.df(torch.zeros((), dtype=torch.float64, device="cpu")))
 
     def _tangent(self, d):
         k = self.df(d)
@@ -373,7 +373,7 @@ class SShaped(ElementwiseRelaxation):
     def relax(self, node, l, u):
         ku, bu = self.upper_line(l, u)
         k, b = self.upper_line(-u, -l)
-        c2 = 2 * self.f(None, torch.zeros((), dtype=l.dtype))
+        c2 = 2 * self.f(None, l.new_zeros(()))
         return k, c2 - b, ku, bu
 
     # --- alpha-CROWN: optimizable tangent points -------------------------------------------

@@ -333,7 +333,8 @@ class Einsum(BoundRule):
         [0, 1]) per spec row and output element; 0 is CROWN's choice."""
         if not free_corners(*inputs):
             return None
-        return torch.zeros((), dtype=dtype).expand(2, B, S, *node.shape), 0.0, 1.0
+        return torch.zeros((), dtype=dtype, device=inputs[0].lower.device).expand(2, B, S, *node.shape), \
+            0.0, 1.0
 
     def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
         """``alpha``: optional ``(for the lower bound, for the upper bound)``, each ``[2, B, S,

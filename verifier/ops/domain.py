@@ -73,14 +73,14 @@ class DomainElementwise(SmoothElementwise):
 
     def convexity(self, node, l, u) -> torch.Tensor:
         """+1 where ``f`` is convex on ``[l, u]``, -1 where concave, 0 otherwise (int8)."""
-        return torch.zeros(l.shape, dtype=torch.int8)
+        return torch.zeros(l.shape, dtype=torch.int8, device=l.device)
 
     def describe(self, node) -> str:
         return self.op
 
     def monotone(self, node, l, u) -> torch.Tensor:
         """Where ``f`` is monotone on ``[l, u]`` (bool)."""
-        return torch.ones(l.shape, dtype=torch.bool)
+        return torch.ones(l.shape, dtype=torch.bool, device=l.device)
 
     # --- the domain ----------------------------------------------------------------------------
     def check(self, node, l, u) -> None:
@@ -104,7 +104,7 @@ class DomainElementwise(SmoothElementwise):
 
     def finite(self, node, l, u, *vals) -> None:
         """Raise ``DomainError`` where a bound overflows (not finite in the dtype)."""
-        bad = torch.zeros(broadcast_shapes(*(v.shape for v in vals)), dtype=torch.bool)
+        bad = torch.zeros(broadcast_shapes(*(v.shape for v in vals)), dtype=torch.bool, device=l.device)
         for v in vals:
             bad = bad | ~torch.isfinite(v)
         if bool(bad.any()):
@@ -143,7 +143,7 @@ class DomainElementwise(SmoothElementwise):
         # k x with k = 0 is 0 even at an infinite end (reciprocal over [1, inf]: 1/inf = 0)
         kl = torch.where(k == 0, torch.zeros_like(l), k * l)
         ku = torch.where(k == 0, torch.zeros_like(u), k * u)
-        alt = torch.where(torch.as_tensor(upper), torch.maximum(fl, fu) - torch.minimum(kl, ku),
+        alt = torch.where(torch.as_tensor(upper, device=l.device), torch.maximum(fl, fu) - torch.minimum(kl, ku),
                           torch.minimum(fl, fu) - torch.maximum(kl, ku))
         return torch.where(bad, alt, got)
 
@@ -302,11 +302,11 @@ class Pow(DomainElementwise):
         p = self.exponent(node)
         if _is_int(p) and p > 0 and int(p) % 2 == 0:
             return (l >= 0) | (u <= 0)
-        return torch.ones(l.shape, dtype=torch.bool)
+        return torch.ones(l.shape, dtype=torch.bool, device=l.device)
 
     def convexity(self, node, l, u):
         p = self.exponent(node)
-        one = torch.ones(l.shape, dtype=torch.int8)
+        one = torch.ones(l.shape, dtype=torch.int8, device=l.device)
         if p in (0.0, 1.0):
             return 0 * one
         if not _is_int(p):
@@ -389,7 +389,7 @@ class Log(DomainElementwise):
         return "positive"
 
     def convexity(self, node, l, u):
-        return -torch.ones(l.shape, dtype=torch.int8)
+        return -torch.ones(l.shape, dtype=torch.int8, device=l.device)
 
     def slope_bound(self, node):
         raise NotSupported(self.op, "lipschitz", "log has no global slope bound on x > 0")

@@ -10,6 +10,7 @@ import torch
 
 from ..shapes import broadcast_shapes
 from ..bound_types import Interval
+from ..devices import as_tensor
 from ..errors import VerifierError
 from .base import (AffineRule, BoundRule, NotSupported, dot, live_from_module, register,
                    unbroadcast)
@@ -18,7 +19,7 @@ from .bilinear import free_corners, mccormick_backward
 
 def _full(t, shape):
     """A constant broadcast to the full per-sample map, with a batch dim of 1 if it has none."""
-    t = torch.as_tensor(t)
+    t = as_tensor(t)
     if t.ndim <= len(shape):
         t = t.expand(*shape).unsqueeze(0)
     return t
@@ -203,7 +204,8 @@ class Mul(BoundRule):
         [0, 1]) per spec row and element; 0 is CROWN's choice."""
         if not free_corners(*inputs):
             return None
-        return torch.zeros((), dtype=dtype).expand(2, B, S, *node.shape), 0.0, 1.0
+        return torch.zeros((), dtype=dtype, device=inputs[0].lower.device).expand(2, B, S, *node.shape), \
+            0.0, 1.0
 
     def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
         """``alpha``: optional ``(for the lower bound, for the upper bound)``, each ``[2, B, S,

@@ -71,7 +71,7 @@ def conv_dense_norm(weight, in_shape, stride, padding, dilation, groups) -> floa
     w = weight.detach().double()
     n_in = math.prod(in_shape)
     conv = F.conv2d if w.ndim == 4 else F.conv1d
-    eye = torch.eye(n_in, dtype=torch.float64).reshape(n_in, *in_shape)
+    eye = torch.eye(n_in, dtype=torch.float64, device=w.device).reshape(n_in, *in_shape)
     cols = conv(eye, w, None, stride, padding, dilation, groups).reshape(n_in, -1)
     return torch.linalg.svdvals(cols)[0].item() * (1 + SAFETY)
 

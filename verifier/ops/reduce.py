@@ -151,7 +151,7 @@ class ReduceMax(BoundRule):
         lo, up = self._max_bounds(node, x)
         k = lo.shape[-1]
         eps = torch.finfo(lo.dtype).eps
-        neg = torch.tensor(-torch.inf, dtype=lo.dtype)
+        neg = torch.tensor(-torch.inf, dtype=lo.dtype, device=lo.device)
         l_j, j = lo.max(-1, keepdim=True)
         onehot_j = torch.zeros_like(lo).scatter_(-1, j, 1.0)
         u_m, m = up.max(-1, keepdim=True)

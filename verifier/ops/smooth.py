@@ -115,7 +115,7 @@ class SmoothElementwise(ElementwiseRelaxation):
     def slope_bound(self, node) -> float:
         if not all(math.isfinite(v) for v in self.slope_limits):
             raise NotSupported(self.op, "lipschitz", f"{self.op} has no global slope bound")
-        pts = torch.tensor(self.breakpoints(node), dtype=torch.float64)
+        pts = torch.tensor(self.breakpoints(node), dtype=torch.float64, device="cpu")
         vals = [abs(v) for v in self.slope_limits]
         if pts.numel():
             vals.append(float(self.df(node, pts).abs().max()))
@@ -270,7 +270,8 @@ class SmoothElementwise(ElementwiseRelaxation):
             inside = (l < p) & (p < u)
             if bool(inside.any()):
                 step = 1e-9 * (1 + abs(p))   # both one-sided slopes at a kink
-                d = self.df(node, torch.tensor([p - step, p, p + step], dtype=torch.float64))
+                d = self.df(node, torch.tensor([p - step, p, p + step], dtype=torch.float64,
+                                                         device=l.device))
                 k0 = torch.where(inside, torch.minimum(k0, d.min()), k0)
                 k1 = torch.where(inside, torch.maximum(k1, d.max()), k1)
         # the chord's slope is in [min f', max f'] (mean value), up to torch's departures from
@@ -283,12 +284,12 @@ class SmoothElementwise(ElementwiseRelaxation):
         if pts is None:   # too many breakpoints in the inputs' range (Periodic): no freedom
             free = torch.zeros_like(free)
         G = max(9, min(self.alpha_grid, TABLE_ELEMENTS // max(1, l.numel())))
-        ks = torch.zeros(*l.shape, G, dtype=torch.float64)
-        bs = torch.zeros(*l.shape, 2 * G, dtype=torch.float64)
+        ks = torch.zeros(*l.shape, G, dtype=torch.float64, device=l.device)
+        bs = torch.zeros(*l.shape, 2 * G, dtype=torch.float64, device=l.device)
         if bool(free.any()):
             a, c = k0[free].unsqueeze(-1), k1[free].unsqueeze(-1)
             chord = kl[free].double().unsqueeze(-1)
-            kf = torch.cat([a + torch.linspace(0, 1, G - 1, dtype=torch.float64) * (c - a), chord],
+            kf = torch.cat([a + torch.linspace(0, 1, G - 1, dtype=torch.float64, device=a.device) * (c - a), chord],
                            -1).sort(-1).values
             lf, uf = l[free].unsqueeze(-1), u[free].unsqueeze(-1)
             with torch.no_grad():
@@ -335,7 +336,7 @@ class SmoothElementwise(ElementwiseRelaxation):
         pos = tau.reshape(B, T, n).double().clamp(0, 1) * (G - 1)
         j = pos.detach().floor().clamp(max=G - 2)
         th = pos - j                                    # in [0, 1], carries the gradient
-        idx = j.long().unsqueeze(-1) + torch.tensor([0, 1])                  # [B, T, n, 2]
+        idx = j.long().unsqueeze(-1) + torch.tensor([0, 1], device=j.device)   # [B, T, n, 2]
         kk = torch.gather(ks.unsqueeze(1).expand(B, T, n, G), 3, idx)
         bb = torch.gather(bs.unsqueeze(1).expand(B, T, n, 2 * G), 3, idx + G * up.unsqueeze(-1))
         k = kk[..., 0] + th * (kk[..., 1] - kk[..., 0])
@@ -705,7 +706,7 @@ class Periodic(SmoothElementwise):
                 or self.breakpoints_in(node, float(l.min()), float(u.max())) is None:
             # too wide a range (or none): |sin| <= 1, so f - kx lies within -1 - kx and 1 - kx
             # max of 1 - kx is at l for k >= 0 (else u); min of -1 - kx at u for k >= 0 (else l)
-            far = torch.where((k.detach() >= 0) == torch.as_tensor(upper), l, u)
+            far = torch.where((k.detach() >= 0) == upper, l, u)
             return _sign(upper) - k * far
         return super()._extreme(node, l, u, k, upper, iters)
 

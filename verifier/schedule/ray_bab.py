@@ -30,7 +30,7 @@ from ..api import BoundedModel
 from ..complete.bab import Problem
 from ..runtime import tune_allocator
 from .base import SchedulerError, import_ray
-from .ray_batch import init_ray
+from .ray_batch import check_gpu_share, init_ray
 
 
 def _cancel_flag():
@@ -43,11 +43,12 @@ def _cancel_flag():
 class _DomainActor:
     """One worker: the model, loaded once, and the current run's prepared problem."""
 
-    def __init__(self, onnx_path: str):
+    def __init__(self, onnx_path: str, device: str = "cpu"):
         import torch
         torch.set_num_threads(1)
         tune_allocator()
-        self.model = BoundedModel.from_onnx(onnx_path)
+        # "cuda" is the GPU share Ray gave this actor (its CUDA_VISIBLE_DEVICES)
+        self.model = BoundedModel.from_onnx(onnx_path, device=device)
         self.run_id, self.prepared = None, None
 
     def expand(self, run_id, problem, batch, seed, deadline_in, attack_in):
@@ -66,16 +67,22 @@ class RayDomainPool:
     """An expander for ``bab.branch_and_bound`` (``input_split_bab``, ``relu_split_bab``) and
     ``verify(..., expander=)``
     whose batches run on ``actors`` Ray actors holding the model of ``onnx_path`` (the same
-    model the caller verifies). Local Ray with ``actors`` CPUs when ``address`` is None."""
+    model the caller verifies). Local Ray with ``actors`` CPUs when ``address`` is None.
+    ``device``: where each actor bounds, the caller's model's device (batches and results
+    cross as tensors on it); ``gpus_per_worker``: the GPU share Ray reserves for each actor
+    (e.g. 0.5: two actors per GPU), needed for a CUDA device."""
 
     _runs = itertools.count()
 
-    def __init__(self, onnx_path: str, actors: int = 2, address: str | None = None):
+    def __init__(self, onnx_path: str, actors: int = 2, address: str | None = None,
+                 device: str = "cpu", gpus_per_worker: float = 0.0):
         if actors < 1:
             raise SchedulerError(f"actors must be >= 1, got {actors}")
+        check_gpu_share(str(device), gpus_per_worker)
         self._ray, self._own = init_ray(actors, address, "distributed branch and bound")
-        remote = self._ray.remote(num_cpus=1, max_restarts=1, max_task_retries=1)(_DomainActor)
-        self.actors = [remote.remote(str(onnx_path)) for _ in range(actors)]
+        remote = self._ray.remote(num_cpus=1, num_gpus=gpus_per_worker, max_restarts=1,
+                                  max_task_retries=1)(_DomainActor)
+        self.actors = [remote.remote(str(onnx_path), str(device)) for _ in range(actors)]
         try:  # wait until every actor holds the model (a bad file is an error here, at once)
             self.pids()
         except Exception as e:

@@ -67,17 +67,30 @@ def init_ray(workers: int, address: str | None, why: str):
     return ray, True
 
 
+def check_gpu_share(device: str, gpus_per_worker: float) -> None:
+    """A SchedulerError for a GPU share Ray cannot give (< 0, or a fraction above 1 that is not
+    a whole number) or a CUDA device without one (Ray hides the GPUs from a worker that
+    reserved none)."""
+    if not gpus_per_worker >= 0 or (gpus_per_worker > 1 and gpus_per_worker != int(gpus_per_worker)):
+        raise SchedulerError(f"--gpus-per-worker must be >= 0, a fraction up to 1 or a whole "
+                             f"number, got {gpus_per_worker:g}")
+    if device.startswith("cuda") and gpus_per_worker == 0:
+        raise SchedulerError(f"--device {device} on Ray workers needs --gpus-per-worker (e.g. 1, "
+                             "or 0.5 for two workers per GPU)")
+
+
 class RayScheduler(Scheduler):
     def __init__(self, workers: int, address: str | None = None, max_retries: int = 2,
-                 hard_limit=None):
+                 hard_limit=None, gpus_per_worker: float = 0.0):
         why = f"--ray-address {address}" if address else f"--workers {workers}"
+        check_gpu_share("cpu", gpus_per_worker)
         self._ray, self._own = init_ray(workers, address, why)
         self.workers = workers
         self.max_retries = max_retries
         # the clock of a task starts at its submission; on a cluster a task may wait for a
         # free CPU first, so the limit applies only on the local Ray of ``workers`` CPUs
         self.hard_limit = hard_limit if self._own and address is None else None
-        self._remote = self._ray.remote(num_cpus=1, max_retries=0)(_run_task)
+        self._remote = self._ray.remote(num_cpus=1, num_gpus=gpus_per_worker, max_retries=0)(_run_task)
 
     def run(self, fn, tasks):
         ray = self._ray

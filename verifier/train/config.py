@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..deps import require
-from ..errors import VerifierError
+from ..device_names import check_device_name
+from ..errors import DeviceError, VerifierError
 
 
 class ConfigError(VerifierError):
@@ -63,6 +64,7 @@ class TrainConfig:
     seed: int = 0
     output: str = "train_out"
     threads: int = 1
+    device: str = "cpu"                   # cpu | cuda | cuda:N | auto (a GPU when one is visible)
     eval_methods: list = field(default_factory=lambda: ["ibp", "crown", "alpha-crown"])
     eval_eps: list | None = None           # certified accuracy vs eps (IBP, CROWN-IBP);
                                            # None: eps x AUTO_GRID; []: no grid
@@ -135,6 +137,10 @@ class TrainConfig:
             bad("eval_eps", f"values must lie in [0, 1], got {self.eval_eps}")
         if not isinstance(self.model_kwargs, dict):
             bad("model_kwargs", "must be a mapping of keyword arguments")
+        try:
+            self.device = check_device_name(self.device)
+        except DeviceError as e:
+            bad("device", str(e))
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -144,7 +150,7 @@ _FLOATS = {"eps", "train_eps", "kappa_start", "kappa_end", "beta_start", "beta_e
            "lr_decay", "weight_decay", "grad_clip", "reg_weight", "reg_tau", "pgd_weight", "weight_eps",
            "eval_budget_s"}
 _STRS = {"dataset", "train_path", "test_path", "model", "method", "schedule", "output",
-         "weight_params"}
+         "weight_params", "device"}
 _OPTIONAL = {"train_path", "test_path", "train_subset", "test_subset", "train_eps", "grad_clip",
              "eval_budget_s", "eval_eps"}
 

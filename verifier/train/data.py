@@ -164,7 +164,7 @@ def load_digits_split(split: str = "train", test_fraction: float = 0.25, seed: i
         images, labels = d["images"], d["labels"]
     x = torch.from_numpy(images.astype(np.float32) / 16.0).unsqueeze(1)
     y = torch.from_numpy(labels.astype(np.int64))
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(len(y), generator=torch.Generator(device="cpu").manual_seed(seed), device="cpu")
     n_test = int(round(len(y) * test_fraction))
     idx = perm[:n_test] if split == "test" else perm[n_test:]
     if split not in ("train", "test"):

@@ -58,6 +58,7 @@ def evaluate(net: nn.Module, ds: Dataset, eps: float, methods=("ibp", "crown", "
     grid = {m: [0] * len(eps_grid) for m in grid_methods}
     bar = tqdm(total=n, desc="evaluate", disable=not progress, leave=False)
     for x, y in _batches(ds, batch):
+        x, y = x.to(bm.device), y.to(bm.device)
         with torch.no_grad():
             pred = net(x).argmax(1)
         ok = pred == y
@@ -75,7 +76,7 @@ def evaluate(net: nn.Module, ds: Dataset, eps: float, methods=("ibp", "crown", "
         done = torch.zeros_like(ok)
         for j, m in enumerate(methods):
             t0 = time.perf_counter()
-            todo = (~done).nonzero().flatten() if cascade else torch.arange(len(y))
+            todo = (~done).nonzero().flatten() if cascade else torch.arange(len(y), device=y.device)
             v = torch.zeros_like(ok)
             if j > 0 and budget_s is not None and times[m] >= budget_s:
                 skipped[m] += todo.numel()      # over its budget: not run, not certified
@@ -114,6 +115,7 @@ def certified_under_weights(net: nn.Module, ds: Dataset, eps: float, weights,
     bm = BoundedModel(net.eval(), input_shape=ds.input_shape)
     out = {m: 0 for m in methods}
     for x, y in _batches(ds, batch):
+        x, y = x.to(bm.device), y.to(bm.device)
         C = margin_spec(y, ds.n_classes)
         inp = LpBall(x, eps, clip=(0.0, 1.0)) if eps > 0 else x
         for m in methods:
@@ -162,7 +164,8 @@ def export_onnx(net: nn.Module, input_shape, path) -> None:
     net = net.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, torch.zeros(1, *input_shape), str(path), input_names=["input"],
+        where = next((p.device for p in net.parameters()), torch.device("cpu"))
+        torch.onnx.export(net, torch.zeros(1, *input_shape, device=where), str(path), input_names=["input"],
                           output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
                           opset_version=17)  # what onnx2torch converts (LayerNormalization, Erf...)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..api import BoundedModel, margin_spec
+from ..devices import uniform
 from ..ops import RULES
 from ..perturbation import LpBall
 from ..projected_gradient import Variable, projected_gradient, sign_step
@@ -87,7 +88,7 @@ def pgd_ce(net, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, genera
     lo, hi = (x - eps).clamp(*clip), (x + eps).clamp(*clip)
 
     def start(r, gen):
-        noise = torch.rand(x.shape, generator=gen, dtype=x.dtype) * 2 - 1
+        noise = uniform(x.shape, gen, x.dtype, x.device) * 2 - 1
         return {"x": (x + eps * noise).clamp(lo, hi)}
 
     var = Variable(project=lambda z: torch.min(torch.max(z, lo), hi),

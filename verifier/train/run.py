@@ -26,7 +26,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
     train_time = time.perf_counter() - t0
     out = Path(cfg.output)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
-    torch.save(state.net.state_dict(), out / "model.pt")
+    torch.save({k: v.cpu() for k, v in state.net.state_dict().items()}, out / "model.pt")
     export_onnx(state.net, train_ds.input_shape, out / "model.onnx")
     t1 = time.perf_counter()
     report = evaluate(state.net, test_ds, cfg.eps, methods=cfg.eval_methods,

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..api import BoundedModel
+from ..devices import resolve_device
 from ..errors import ModelLoadError
 from ..graph.live import BatchStats
 from ..model_io import build_architecture
@@ -37,7 +38,7 @@ from .schedule import Schedule
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 # config keys that may differ between a run and its resumption
-_RESUME_FREE = {"output", "threads", "eval_methods", "eval_eps", "eval_pgd_steps", "eval_batch",
+_RESUME_FREE = {"output", "threads", "device", "eval_methods", "eval_eps", "eval_pgd_steps", "eval_batch",
                 "eval_budget_s", "test_subset", "test_path"}
 
 
@@ -60,7 +61,7 @@ def build_model(cfg: TrainConfig, input_shape, n_classes: int) -> nn.Module:
         raise ConfigError(f"config key 'model_kwargs': {e}") from None
     with torch.no_grad():
         try:
-            out = net.eval()(torch.zeros(2, *input_shape))
+            out = net.eval()(torch.zeros(2, *input_shape, device="cpu"))
         except Exception as e:
             raise ConfigError(f"model {cfg.model!r} does not take inputs of shape "
                               f"{list(input_shape)}: {type(e).__name__}: {e}") from None
@@ -68,7 +69,7 @@ def build_model(cfg: TrainConfig, input_shape, n_classes: int) -> nn.Module:
         raise ConfigError(f"model {cfg.model!r} outputs shape {list(out.shape[1:])}, the dataset "
                           f"has {n_classes} classes")
     if cfg.ibp_init and cfg.method != "natural":
-        ibp_init_(net, torch.Generator().manual_seed(cfg.seed))
+        ibp_init_(net, torch.Generator(device="cpu").manual_seed(cfg.seed))
     return net
 
 
@@ -76,7 +77,7 @@ def _gen(*keys: int) -> torch.Generator:
     s = 0
     for k in keys:
         s = (s * 1_000_003 + int(k)) % (2 ** 62)
-    return torch.Generator().manual_seed(s)
+    return torch.Generator(device="cpu").manual_seed(s)
 
 
 @dataclass
@@ -91,7 +92,8 @@ class TrainState:
 
 def _new_state(cfg: TrainConfig, train: Dataset) -> TrainState:
     net = build_model(cfg, train.input_shape, train.n_classes)
-    bm = BoundedModel(net, input_shape=train.input_shape)   # traces in eval mode
+    # traces in eval mode; moves the net to the device before the optimizer sees its parameters
+    bm = BoundedModel(net, input_shape=train.input_shape, device=resolve_device(cfg.device))
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_milestones),
@@ -210,7 +212,7 @@ def _epochs(cfg: TrainConfig, state: TrainState, train_ds: Dataset, ckpt_path: P
                         (cfg.kappa_start, cfg.kappa_end), (cfg.beta_start, cfg.beta_end))
     for epoch in range(state.epoch, cfg.epochs):
         t0 = time.perf_counter()
-        perm = torch.randperm(N, generator=_gen(cfg.seed, epoch))
+        perm = torch.randperm(N, generator=_gen(cfg.seed, epoch), device="cpu")  # the data's
         state.net.train()
         sums: dict[str, float] = {}
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
@@ -218,7 +220,9 @@ def _epochs(cfg: TrainConfig, state: TrainState, train_ds: Dataset, ckpt_path: P
         for step in bar:
             idx = perm[step * bs:(step + 1) * bs]
             s = schedule.at(epoch, step)
-            vals = train_step(cfg, state, train_ds.x[idx], train_ds.y[idx], s, train_ds.n_classes,
+            dev = state.bm.device
+            vals = train_step(cfg, state, train_ds.x[idx].to(dev), train_ds.y[idx].to(dev), s,
+                              train_ds.n_classes,
                               _gen(cfg.seed, epoch, step))
             for k, v in vals.items():
                 sums[k] = sums.get(k, 0.0) + v
