@@ -165,6 +165,17 @@ def refine_node(graph, name, bounds, leaves) -> Interval:
         lo, up = chunked_backward(graph, node.inputs[0], A0, bounds, leaves)
         if b is not None:
             lo, up = lo + b, up + b
+    elif rows is None and (mirror := RULES[node.op].mirror(node)) is not None:
+        # half the rows: the others are their negations (pairwise differences, a softmax's
+        # first step, are most of a transformer's CROWN time)
+        own, partner = (t.to(cur.lower.device) for t in mirror)
+        C = _identity_spec(B, node.shape, cur.lower.dtype, cur.lower.device, own)
+        lo, up = chunked_backward(graph, name, C, bounds, leaves)
+        nl = cur.lower.reshape(B, -1).clone()
+        nu = cur.upper.reshape(B, -1).clone()
+        nl[:, own], nu[:, own] = lo, up
+        nl[:, partner], nu[:, partner] = -up, -lo
+        return Interval(nl.view_as(cur.lower), nu.view_as(cur.upper))
     else:
         C = _identity_spec(B, node.shape, cur.lower.dtype, cur.lower.device, rows)
         lo, up = chunked_backward(graph, name, C, bounds, leaves)

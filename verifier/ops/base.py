@@ -168,6 +168,13 @@ class BoundRule:
         """Whether the rule defines ``linear_refine``."""
         return type(self).linear_refine is not BoundRule.linear_refine
 
+    def mirror(self, node) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Flat indices ``(own, partner)`` (``[k]`` each, into the node's per-sample elements)
+        with ``y[partner] = -y[own]`` exactly, wherever the inputs are (pairwise differences:
+        ``y_ji = -y_ij``): CROWN bounds only ``own`` and ``partner``'s bounds are their
+        negation. None (the default): no such pairs."""
+        return None
+
     def patchable(self, node) -> bool:
         """Whether ``patch_step`` applies to this node."""
         return False

@@ -14,7 +14,7 @@ from ..devices import as_tensor
 from ..errors import VerifierError
 from .base import (AffineRule, BoundRule, NotSupported, dot, live_from_module, register,
                    unbroadcast)
-from .bilinear import free_corners, mccormick_backward
+from .bilinear import crown_alpha, mccormick_backward, mix_init
 
 
 def _full(t, shape):
@@ -173,9 +173,11 @@ class Add(AffineRule):
 @register("mul")
 class Mul(BoundRule):
     """``z = x * y`` for two perturbed tensors (broadcasting; params ``in_shapes``), relaxed by
-    McCormick planes over the box ``[lx, ux] x [ly, uy]`` (``verifier.ops.bilinear``): CROWN's
-    lines are ``z >= ly x + lx y - lx ly`` and ``z <= uy x + lx y - lx uy``; alpha-CROWN mixes
-    each with the other plane of its pair, ``ux uy`` resp. ``ux ly``, per spec row and element."""
+    McCormick planes over the box ``[lx, ux] x [ly, uy]`` (``verifier.ops.bilinear``): CROWN
+    takes, per element, one plane of each pair (``corner_mix``: ``z >= ly x + lx y - lx ly``
+    or ``z >= uy x + ux y - ux uy`` below, ``z <= uy x + lx y - lx uy`` or ``z <= ly x + ux y
+    - ux ly`` above); alpha-CROWN mixes the two of each pair, per spec row and element,
+    starting from CROWN's."""
 
     needs_bounds = True
 
@@ -201,23 +203,27 @@ class Mul(BoundRule):
 
     def alpha_init(self, node, inputs, B, S, dtype):
         """The mix of the two lower planes and of the two upper planes (``[2, B, S, *shape]`` in
-        [0, 1]) per spec row and element; 0 is CROWN's choice."""
-        if not free_corners(*inputs):
-            return None
-        return torch.zeros((), dtype=dtype, device=inputs[0].lower.device).expand(2, B, S, *node.shape), \
-            0.0, 1.0
+        [0, 1]) per spec row and element, starting at CROWN's choice (``corner_mix``)."""
+        return mix_init(*self._broadcast(node, inputs), lambda a, b: a * b, B, S, node.shape,
+                        dtype)
+
+    def _broadcast(self, node, inputs):
+        """The inputs' intervals broadcast to ``[B, *node.shape]``."""
+        shape = node.shape
+        return [Interval(*(torch.broadcast_to(self._per_sample(node, t), (t.shape[0], *shape))
+                           for t in (i.lower, i.upper))) for i in inputs]
 
     def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
         """``alpha``: optional ``(for the lower bound, for the upper bound)``, each ``[2, B, S,
         *shape]`` in [0, 1]: the mix of the lower planes (index 0) and of the upper planes (1)."""
-        x, y = inputs
-        shape = node.shape
         sx, sy = node.params["in_shapes"]
-        x, y = (Interval(*(torch.broadcast_to(self._per_sample(node, t), (t.shape[0], *shape))
-                           for t in (i.lower, i.upper))) for i in (x, y))
+        x, y = self._broadcast(node, inputs)
 
         def prod(a, b):
             return a * b
+
+        if alpha is None:
+            alpha = crown_alpha(x, y, prod)
 
         def adj(w, t):
             return w * t.unsqueeze(1)

@@ -46,6 +46,18 @@ class PairDiff(AffineRule):
         eye = eye.view(*([1] * k), n, n, *([1] * (lo.ndim - k - 2)))
         return Interval(lo.masked_fill(eye, 0.0), up.masked_fill(eye, 0.0))
 
+    def mirror(self, node):
+        """``y[..., j, i, ...] = x_i - x_j = -y[..., i, j, ...]`` (IEEE subtraction is exactly
+        antisymmetric): the pairs ``i < j`` are ``own``, their transposes ``partner``; the
+        diagonal (0 exactly) is in neither."""
+        k = node.params["dim"]
+        shape = tuple(node.shape)
+        n = shape[k]
+        idx = torch.arange(math.prod(shape), device="cpu").view(shape)   # the caller moves them
+        upper = torch.ones(n, n, dtype=torch.bool, device="cpu").triu(1)
+        upper = upper.view(*([1] * k), n, n, *([1] * (len(shape) - k - 2))).expand(shape)
+        return idx[upper], idx.transpose(k, k + 1)[upper]
+
     def transpose(self, node, A):
         # A: [B, S, *pre, i, j, *post] -> the j-sums go to x_j, minus the i-sums to x_i
         k = 2 + node.params["dim"]
