@@ -40,6 +40,7 @@ from ..bounds.optimize import projected_optimize
 from ..ops import RULES
 from ..perturbation import Box
 from ..projected_gradient import Variable, projected_gradient, sign_step
+from .branching import BRANCHINGS, choose
 from .bab import (BabResult, DomainBatch, Expansion, Frontier, LocalExpander, Prepared, Problem,
                   branch_and_bound, every_kth_round)
 
@@ -57,10 +58,13 @@ class ReluPrepared(Prepared):
 
     ``root``: intermediate bounds of the whole box by node name (batch 1), e.g. alpha-CROWN's;
     computed with CROWN when not given; ``iterations``: the optimization steps of each bound
-    in ``expand``."""
+    in ``expand``; ``branching``: how the neuron to split is chosen (``branching.BRANCHINGS``)."""
 
     def __init__(self, model, lower, upper, Cs, ds, root: dict | None = None,
-                 iterations: int = 8):
+                 iterations: int = 8, branching: str = "fsb"):
+        if branching not in BRANCHINGS:
+            raise ValueError(f"unknown branching {branching!r}; expected one of {BRANCHINGS}")
+        self.branching = branching
         self.model = model
         self.graph = g = model.graph
         dt = lower.dtype
@@ -108,7 +112,8 @@ class ReluPrepared(Prepared):
               lr_beta: float = 0.05, deadline: float | None = None, stop=None):
         """Bound a batch of ``n`` domains. -> dict with ``margin [n, R]`` (lower(C y) - d,
         +inf on infeasible domains), ``lo``/``up`` (the refined pre-activation bounds), ``A_relu``
-        ({relu: lower-bound A of the rows on its output}), ``A_in`` (on the input).
+        ({relu: lower-bound A of the rows on its output}), ``A_in`` (on the input), ``params``
+        (the last alpha ``{relu: [n, R, *shape]}`` and beta ``{relu: [n, R, *shape]}``).
         The optimization ends early at ``deadline`` or once ``stop()`` is true (any alpha and
         beta >= 0 give sound bounds: only their tightness depends on the steps taken)."""
         g, model = self.graph, self.model
@@ -182,33 +187,15 @@ class ReluPrepared(Prepared):
             margin = torch.maximum(margin, parent_margin)
         margin = torch.where(infeasible.unsqueeze(1), torch.inf, margin)
         return {"margin": margin, "lo": lo, "up": up,
-                "A_relu": {r: record[r] for r in self.relus}, "A_in": record[model.input]}
+                "A_relu": {r: record[r] for r in self.relus}, "A_in": record[model.input],
+                "params": ({r: v[0].detach() for r, v in alphas.items()},
+                           {r: b.detach() for r, (_, b) in betas.items()})}
 
     def branch(self, res, sg):
         """The neuron to split in each domain: -> (relu index, flat index) per domain, -1 where
-        no unstable unsplit neuron is left."""
-        margin = res["margin"]
-        n = margin.shape[0]
-        k = self.conj_margin(margin).argmin(1)                       # the most open conjunction
-        mask = self.owner.unsqueeze(0) == k.unsqueeze(1)
-        row = torch.where(mask, margin, torch.full_like(margin, -torch.inf)).argmax(1)
-        scores = []
-        for r in self.relus:
-            p = self.pre[r]
-            l, u = res["lo"][p].flatten(1), res["up"][p].flatten(1)
-            A = res["A_relu"][r]
-            a = A[torch.arange(n), row].flatten(1) if A is not None else torch.zeros_like(l)
-            unstable = (l < 0) & (u > 0) & (sg[r].flatten(1) == 0)
-            width = torch.where(unstable, u - l, torch.ones_like(u))
-            intercept = (-l * u / width).clamp(min=0)
-            s = a.clamp(max=0).neg() * intercept + 1e-4 * a.abs() * torch.minimum(u, -l).clamp(min=0)
-            scores.append(torch.where(unstable, s, torch.full_like(s, -torch.inf)))
-        allsc = torch.cat(scores, 1)
-        best, idx = allsc.max(1)
-        which = torch.bucketize(idx, torch.tensor(self.offsets[1:]), right=True)
-        local = idx - torch.tensor(self.offsets)[which]
-        which = torch.where(torch.isfinite(best), which, torch.full_like(which, -1))
-        return which, local
+        no unstable unsplit neuron is left (``branching.choose`` with this problem's
+        ``branching``)."""
+        return choose(self, res, sg, self.branching)
 
     def violation(self, y):
         """``[n, n_out]`` outputs -> ``[n, K]`` max row violation of each conjunction (<= 0 holds)."""
@@ -293,10 +280,11 @@ class ReluProblem(Problem):
     ds: list
     root: dict
     iterations: int = 8
+    branching: str = "fsb"
 
     def prepare(self, model) -> ReluPrepared:
         return ReluPrepared(model, self.lower, self.upper, self.Cs, self.ds, self.root,
-                            self.iterations)
+                            self.iterations, self.branching)
 
 
 def expand_relu_domains(P: ReluPrepared, cur: DomainBatch, seed: int, deadline: float,
@@ -416,7 +404,7 @@ class ReluFrontier(Frontier):
 def relu_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, deadline: float,
                    root: dict | None = None, batch: int = 64, max_domains: int | None = None,
                    iterations: int = 8, attack_every: int = 3, progress=None,
-                   expander=None) -> BabResult:
+                   expander=None, branching: str = "fsb") -> BabResult:
     """Branch and bound on ReLU splits: ``lower, upper: [*input_shape]``;
     ``Cs[k]: [rows_k, n_out]``, ``ds[k]: [rows_k]``; ``root``: the box's intermediate bounds
     (batch 1) to start from, e.g. alpha-CROWN's; ``max_domains``: open domains kept at most
@@ -427,7 +415,7 @@ def relu_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dead
     (default ``LocalExpander(model)``, this process); ``unsat`` only once every batch handed
     out has come back and no domain is left open."""
     t0 = time.perf_counter()
-    P = ReluPrepared(model, lower, upper, Cs, ds, root, iterations)
+    P = ReluPrepared(model, lower, upper, Cs, ds, root, iterations, branching)
     if max_domains is None:
         per_domain = sum(P.sizes) * (2 * lower.element_size() + 1) + 1
         max_domains = max(batch * 4, DOMAIN_MEMORY // per_domain)
@@ -443,7 +431,7 @@ def relu_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dead
                                 "margin": res["margin"], "which": which, "local": local,
                                 "depth": torch.zeros(1, dtype=torch.long)}, max_domains)
     expander = expander if expander is not None else LocalExpander(model)
-    problem = ReluProblem(lower, upper, list(Cs), list(ds), P.root, iterations)
+    problem = ReluProblem(lower, upper, list(Cs), list(ds), P.root, iterations, branching)
     return branch_and_bound(problem, frontier, expander, deadline, batch=batch,
                             attack_after=every_kth_round(attack_every), proof="beta-CROWN",
                             progress=progress, t0=t0, domains=1,
