@@ -171,7 +171,9 @@ def fsb(P, res, sg, k_babsr: int = 3, k_gap: int = 2):
     row = most_open_row(P, res["margin"])
     babsr, gap = scores(P, res, sg, row)
     which0, local0 = top_neuron(P, babsr)
-    live = (which0 >= 0).nonzero().flatten()
+    # closed domains (every conjunction refuted) are not split: they keep the score's top
+    open_ = P.conj_margin(res["margin"]).min(1).values <= 0
+    live = ((which0 >= 0) & open_).nonzero().flatten()
     if live.numel() == 0:
         return which0, local0
     alphas, betas = res.get("params", ({}, {}))
