@@ -18,11 +18,11 @@ A domain is closed when each of the property's conjunctions ``C y <= d`` has a r
 box satisfies its splits). Open domains are split on one unstable neuron chosen by a BaBSR-like
 score (the bias that the neuron's upper line adds to the lower bound of the most open row,
 ``max(-a, 0)·(-l u / (u - l))``, with ``a`` the row's coefficient on the neuron's output; or by
-filtered smart branching on request: ``branching.py``) into two children that cover it: when no domain is left open the property holds. The worst domains
-are bounded first, in batches (one domain per batch row). Every bounded domain's
-bound-minimizing input is evaluated and, every few rounds, a short PGD attack starts from the
-worst ones; a point satisfying a conjunction is returned as a candidate (the caller replays it
-on the original model).
+filtered smart branching on request: ``branching.py``) into two children that cover it: when no
+domain is left open the property holds. The worst domains are bounded first, in batches (one
+domain per batch row). Every bounded domain's bound-minimizing input is evaluated and, every few
+rounds, a short PGD attack starts from the worst ones; a point satisfying a conjunction is
+returned as a candidate (the caller replays it on the original model).
 """
 from __future__ import annotations
 
@@ -40,9 +40,9 @@ from ..bounds.optimize import projected_optimize
 from ..ops import RULES
 from ..perturbation import Box
 from ..projected_gradient import Variable, projected_gradient, sign_step
-from .branching import BRANCHINGS, choose
 from .bab import (BabResult, DomainBatch, Expansion, Frontier, LocalExpander, Prepared, Problem,
                   branch_and_bound, every_kth_round)
+from .branching import BRANCHINGS, choose
 
 log = logging.getLogger(__name__)
 
