@@ -241,15 +241,17 @@ def test_relu_bab_counterexample_replays(tmp_path):
     assert y <= d and np.all(cex.x >= lo.numpy()) and np.all(cex.x <= hi.numpy())
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_unsat_agrees_with_milp(seed):
+@pytest.mark.parametrize("seed,branching",
+                         [(s, "babsr") for s in range(3)] + [(0, "fsb")]
+                         + [pytest.param(s, "fsb", marks=pytest.mark.slow) for s in (1, 2)])
+def test_unsat_agrees_with_milp(seed, branching):
     net = _net(seed + 1)
     bm = BoundedModel(net, input_shape=(N_IN,))
     lo, hi = _box()
     m, _ = _milp_min(net, lo, hi)
     for d, truth in ((m - 0.03, "unsat"), (m + 0.03, "sat")):
         r = relu_split_bab(bm, lo, hi, [torch.tensor([[1.0]])], [torch.tensor([d])],
-                           deadline=time.perf_counter() + 20)
+                           deadline=time.perf_counter() + 20, branching=branching)
         if truth == "sat":
             assert r.status != "unsat"
         else:
