@@ -16,8 +16,9 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from verifier import BoundedModel, Box, LpBall, margin_spec
+from verifier.analysis.lora import ADAPTERS, adapters, add_lora
 from verifier.bounds.deviation import deviations
-from verifier.weights import ParameterSets, WeightPerturbation
+from verifier.weights import ParameterSets, WeightPerturbation, WeightSegment
 
 METHODS = ("ibp", "crown", "crown-ibp", "alpha-crown")
 
@@ -53,6 +54,12 @@ class TinyAttention(nn.Module):
 
 def _module(name):
     torch.manual_seed(11)
+    if name == "lora":   # adapters on both token layers: chains of two perturbed linear layers
+        m = add_lora(TokenMLP(), ["a", "b"], rank=2, alpha=4.0)
+        with torch.no_grad():
+            for ad in adapters(m).values():
+                ad.lora_B.weight.normal_(0.0, 0.3)
+        return m.eval(), (5, 6)
     m = TokenMLP() if name == "mlp" else TinyAttention()
     return m.eval(), ((5, 6) if name == "mlp" else (4, 6))
 
@@ -60,6 +67,12 @@ def _module(name):
 def _sets(module, case):
     """-> (list of WeightPerturbation, {name: (norm, eps)}) for a case."""
     names = [n for n, _ in module.named_parameters()]
+    if any(".lora_" in n for n in names):
+        lora = [n for n in names if ".lora_" in n]
+        if case == "inf":
+            return [WeightPerturbation(ADAPTERS, 0.02)], {n: (math.inf, 0.02) for n in lora}
+        return ([WeightPerturbation(lora[0], 0.1, norm=2), WeightPerturbation(lora[1:], 0.01)],
+                {lora[0]: (2.0, 0.1), **{n: (math.inf, 0.01) for n in lora[1:]}})
     if case == "inf":
         chosen = {n: (math.inf, 0.02) for n in names if not n.startswith("head")
                   and (n.endswith("weight") or n == names[1])}     # every weight, the first bias
@@ -134,7 +147,7 @@ def _truth(module, x, chosen, input_eps, n=300, steps=20):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("model", ["mlp", "attention"])
+@pytest.mark.parametrize("model", ["mlp", "attention", "lora"])
 @pytest.mark.parametrize("case", ["inf", "mixed"])
 @pytest.mark.parametrize("input_eps", [0.0, 0.03])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -228,3 +241,26 @@ def test_token_layer_deviation_covers_a_moved_bias():
     _, d = deviations(sets.graph, leaves)
     moved = 0.1 * math.sqrt(3)
     assert float(d[sets.graph.output].max()) >= moved * (1 - 1e-9)
+
+
+def test_zero_segment_after_a_layernorm_equals_the_model():
+    """A segment with t0 = t1 = 0 behind a LayerNorm (whose variance has no deviation bound):
+    a weight that does not move adds no deviation (no 0·inf), the bounds are the model's value."""
+
+    class LnNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.fc, self.head = nn.LayerNorm(6), nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.fc(self.ln(x))).mean(1))
+
+    torch.manual_seed(4)
+    module = LnNet().eval()
+    bm = BoundedModel(module, input_shape=(5, 6))
+    x = torch.rand(2, 5, 6)
+    seg = WeightSegment({"fc.weight": torch.randn(8, 6)}, t=(0.0, 0.0))
+    for method in ("ibp", "crown"):
+        r = bm.bounds(x, method, weights=seg)
+        assert torch.isfinite(r.lower).all() and torch.isfinite(r.upper).all(), method
+        assert torch.allclose(r.lower, module(x), atol=1e-4) and torch.allclose(r.upper, module(x), atol=1e-4)

@@ -6,6 +6,7 @@ linear layers, and the sets that certify it.
     model = BoundedModel(lora, input_shape=(1, 28, 28))
     flatness(model, data, WeightPerturbation(ADAPTERS, 1e-3))   # ADAPTERS = "*lora_*"
     flatness(BoundedModel(net, ...), data, merge_segment(lora, t=(0, 1)))  # W + t·s·B A, t in [0, 1]
+    adapter_sensitivity(model, lora, data, 1e-3)         # per adapter; full=True: its base weight
 
 The adapter of a layer is two bias-free linear layers, ``lora_A: in -> rank`` and ``lora_B:
 rank -> out``; the layer computes ``base(x) + s·lora_B(lora_A(x))``, so a set on ``lora_A`` and
@@ -24,7 +25,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import VerifierError
-from ..weights import WeightSegment
+from ..weights import WeightPerturbation, WeightSegment
+from .flatness import FlatnessResult, flatness
 
 ADAPTERS = "*lora_*"   # the glob that selects every adapter parameter
 
@@ -136,6 +138,36 @@ def merge_segment(model: nn.Module, t=(0.0, 1.0)) -> WeightSegment:
     return WeightSegment(merge_deltas(model), t)
 
 
+def merge_flatness(bounded_base, model: nn.Module, data, t=(0.0, 1.0), pieces: int = 1,
+                   **kw) -> FlatnessResult:
+    """``flatness`` of the merged models ``W + t·s·B A`` for every ``t`` in ``[t0, t1]``, the
+    interval cut into ``pieces`` equal segments each certified on its own (tighter: each piece
+    moves the weights less) and combined per sample: the certified loss is the largest of the
+    pieces', a sample is certified (stable) when every piece certifies it, the attack's loss is
+    the largest found. ``bounded_base``: the ``BoundedModel`` of the model before ``add_lora``;
+    ``model``: the adapted one."""
+    if not (isinstance(pieces, int) and pieces >= 1):
+        raise VerifierError(f"pieces must be an integer >= 1, got {pieces!r}")
+    t0, t1 = (float(v) for v in t)
+    edges = [t0 + (t1 - t0) * k / pieces for k in range(pieces + 1)]
+    rs = [flatness(bounded_base, data, merge_segment(model, (a, b)), **kw)
+          for a, b in zip(edges[:-1], edges[1:])]
+    if len(rs) == 1:
+        return rs[0]
+    per = torch.tensor([r.per_sample_certified for r in rs], dtype=torch.float64).max(0).values
+    correct = torch.tensor([r.per_sample_correct for r in rs]).all(0)
+    stable = torch.tensor([r.per_sample_stable for r in rs]).all(0)
+    first = rs[0]
+    return FlatnessResult(
+        n=first.n, clean_loss=first.clean_loss, certified_loss=float(per.mean()),
+        attack_loss=max(r.attack_loss for r in rs), clean_accuracy=first.clean_accuracy,
+        # a sample is certified (stable) on the union when it is in every piece
+        certified_accuracy=float(correct.double().mean()), stable_fraction=float(stable.double().mean()),
+        method=first.method, time_s=sum(r.time_s for r in rs), per_sample_certified=per.tolist(),
+        label=f"t in [{t0:g}, {t1:g}], {pieces} pieces", per_sample_correct=correct.tolist(),
+        per_sample_stable=stable.tolist())
+
+
 def merged(model: nn.Module, t: float = 1.0) -> nn.Module:
     """A copy with every adapter merged into its base weight at scale ``t`` (plain layers, the
     architecture of the model before ``add_lora``)."""
@@ -149,6 +181,20 @@ def base_weights(model: nn.Module) -> list[str]:
     """The names of the adapted layers' own (frozen) weights in the adapted model,
     ``NAME.base.weight``: a set on them is full fine-tuning of those layers."""
     return [f"{n}.base.weight" for n in adapters(model)]
+
+
+def adapter_sensitivity(bounded, module: nn.Module, data, eps: float, full: bool = False,
+                        **kw) -> list[FlatnessResult]:
+    """Per adapted layer, the certified (and attacked) loss rise when only its adapter moves
+    (``lora_A`` and ``lora_B`` in an L-inf ball of radius ``eps``), or with ``full`` its base
+    weight instead (full fine-tuning of that layer at the same radius per entry); ranked by
+    certified increase, largest first. ``bounded``: the ``BoundedModel`` of ``module`` (the
+    adapted model); ``kw`` go to ``flatness``."""
+    out = []
+    for n, names in adapter_parameters(module).items():
+        chosen = [f"{n}.base.weight"] if full else names
+        out.append(flatness(bounded, data, WeightPerturbation(chosen, eps), label=n, **kw))
+    return sorted(out, key=lambda r: -r.certified_increase)
 
 
 def enclosing_radii(model: nn.Module, eps: float, names: str = "adapted") -> dict[str, torch.Tensor]:

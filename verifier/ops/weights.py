@@ -128,7 +128,9 @@ class _Bilinear(BoundRule):
         out = op_c * d_x
         if "weight" in roles:
             x0n = torch.linalg.vector_norm(centers[0].double().flatten(1), dim=1)
-            out = out + roles["weight"] * m * (x0n + d_x)
+            dw = roles["weight"]
+            # a weight that does not move adds nothing, even when d_x is unbounded (0·inf)
+            out = out + torch.where(dw > 0, dw * m * (x0n + d_x), torch.zeros_like(dw))
         if "bias" in roles:
             # one bias per channel, added at every spatial position (conv) or token (linear)
             positions = math.prod(node.shape[1:]) if conv else math.prod(node.shape[:-1])
