@@ -3,7 +3,7 @@
 move, compare with the same analysis on the full weights of the adapted layers, and certify
 merging the adapter at every scale t of an interval.
 
-    python examples/lora_flatness.py [--n 4] [--eps 0.002]
+    python examples/lora_flatness.py [--n 3] [--eps 0.002] [--pieces 2] [--targets GLOB ...]
 
 Adapters (rank 4) sit on the last block's MLP layers (``blocks.1.mlp.0``, ``blocks.1.mlp.2``):
 with the input fixed, everything below them is one point, so only the tail is bounded. The
@@ -29,7 +29,7 @@ from models import trained  # noqa: E402
 from verifier import BoundedModel  # noqa: E402
 from verifier.analysis.flatness import flatness, load_npz  # noqa: E402
 from verifier.analysis.lora import (ADAPTERS, adapter_sensitivity, add_lora, base_weights,  # noqa: E402
-                                    fit_adapters, merge_segment, merged)
+                                    fit_adapters, merge_flatness, merged)
 from verifier.weights import WeightPerturbation  # noqa: E402
 
 torch.set_num_threads(1)
@@ -42,19 +42,21 @@ def shift(x, dy, dx):
 
 
 def row(name, r):
-    print(f"  {name:<34} {r.certified_loss:9.4f} {r.attack_loss:9.4f} {r.certified_accuracy:8.2f} "
+    print(f"  {name:<44} {r.certified_loss:9.4f} {r.attack_loss:9.4f} {r.certified_accuracy:8.2f} "
           f"{r.stable_fraction:7.2f}")
 
 
 def header(title, clean):
     print(f"{title} (clean loss {clean:.4f})")
-    print(f"  {'set':<34} {'certified':>9} {'attack':>9} {'cert acc':>8} {'stable':>7}")
+    print(f"  {'set':<44} {'certified':>9} {'attack':>9} {'cert acc':>8} {'stable':>7}")
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=4, help="held-out digits to certify")
+    ap.add_argument("--n", type=int, default=3, help="fine-tuning digits to certify")
+    ap.add_argument("--targets", nargs="+", default=TARGETS, help="linear layers to adapt (globs)")
     ap.add_argument("--eps", type=float, default=0.002, help="L-inf radius per weight entry")
+    ap.add_argument("--pieces", type=int, default=2, help="pieces of the merge interval t in [0, 1]")
     args = ap.parse_args(argv)
     t0 = time.process_time()
     net, _ = trained("vit_mnist")
@@ -63,12 +65,12 @@ def main(argv=None) -> None:
     yt = y[:60].repeat(len(TRAIN_SHIFTS))
     xs, ys = shift(x[60:], 2, 2), y[60:]
 
-    lora = add_lora(net, TARGETS, rank=4, alpha=8.0)
-    losses = fit_adapters(lora, xt, yt, steps=80, lr=1e-2)
+    lora = add_lora(net, args.targets, rank=4, alpha=8.0)
+    losses = fit_adapters(lora, xt, yt, steps=40, lr=1e-2)
     with torch.no_grad():
         acc0 = (net(xs).argmax(1) == ys).double().mean().item()
         acc1 = (lora(xs).argmax(1) == ys).double().mean().item()
-    print(f"adapters on {', '.join(TARGETS)} (rank 4): training loss {losses[0]:.3f} -> "
+    print(f"adapters on {', '.join(args.targets)} (rank 4): training loss {losses[0]:.3f} -> "
           f"{losses[-1]:.3f}; accuracy on the 40 held-out shifted digits {acc0:.2f} -> {acc1:.2f}")
 
     # flatness of the minimum the adapters found: on fine-tuning digits (shifted by (2, 2))
@@ -91,8 +93,10 @@ def main(argv=None) -> None:
     with torch.no_grad():
         base_loss = float(torch.nn.functional.cross_entropy(net(data[0]), data[1]))
     header("\nmerging W + t·s·B A into the base model (t = 0: base, t = 1: adapted)", base_loss)
-    for t in ((0.0, 1.0), (0.9, 1.1)):
-        seg = flatness(base, data, merge_segment(lora, t))
+    for t, pieces in (((0.0, 1.0), 1), ((0.0, 1.0), args.pieces), ((0.9, 1.1), 1)):
+        if t == (0.0, 1.0) and pieces == 1 and args.pieces == 1:
+            continue
+        seg = merge_flatness(base, lora, data, t, pieces=pieces)
         # direct check: the merged models at sampled t stay under each sample's certified loss
         worst = 0.0
         for tt in torch.linspace(t[0], t[1], 11).tolist():
@@ -101,7 +105,7 @@ def main(argv=None) -> None:
             ce = torch.nn.functional.cross_entropy(out.double(), data[1], reduction="none")
             assert (ce <= torch.tensor(seg.per_sample_certified) + 1e-4).all(), tt
             worst = max(worst, float(ce.mean()))
-        row(f"t in [{t[0]:g}, {t[1]:g}] (sampled t: {worst:.4f})", seg)
+        row(f"t in [{t[0]:g}, {t[1]:g}], {pieces} piece(s); sampled {worst:.4f}", seg)
     print(f"\n{time.process_time() - t0:.1f} s CPU")
 
 
