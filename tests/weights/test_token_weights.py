@@ -264,3 +264,21 @@ def test_zero_segment_after_a_layernorm_equals_the_model():
         r = bm.bounds(x, method, weights=seg)
         assert torch.isfinite(r.lower).all() and torch.isfinite(r.upper).all(), method
         assert torch.allclose(r.lower, module(x), atol=1e-4) and torch.allclose(r.upper, module(x), atol=1e-4)
+
+
+def test_onnx_token_layers_match_the_pytorch_graph(tmp_path):
+    """The ONNX export stores a token layer's weight transposed (MatMul): its bounds under the
+    same sets equal those of the PyTorch graph (whose soundness the tests above check)."""
+    torch.manual_seed(0)
+    module = TokenMLP().eval()
+    x = torch.rand(2, 5, 6) - 0.5
+    path = tmp_path / "tokens.onnx"
+    torch.onnx.export(module, x[:1], str(path), dynamo=False)
+    onnx_model = BoundedModel.from_onnx(str(path))
+    torch_model = BoundedModel(module, input_shape=(5, 6))
+    first = next(n for n, v in onnx_model.parameters().items() if tuple(v.shape) == (6, 10))
+    for norm, eps in ((math.inf, 0.02), (2, 0.1)):
+        for pert in (x, LpBall(x, 0.02)):
+            a = onnx_model.bounds(pert, "crown", weights=WeightPerturbation(first, eps, norm=norm))
+            b = torch_model.bounds(pert, "crown", weights=WeightPerturbation("a.weight", eps, norm=norm))
+            assert torch.allclose(a.lower, b.lower, atol=1e-5) and torch.allclose(a.upper, b.upper, atol=1e-5)
