@@ -3,6 +3,8 @@
 * ``flatness``: certified worst-case loss of a classifier when its weights move in a set;
 * ``sensitivity``: that figure per module, ranked;
 * ``deltas``: parameter differences between models and quantization grids, as weight sets;
+* ``lora``: LoRA adapters (``add_lora``), their flatness and sensitivity, and certificates for
+  merging them at a scale t in an interval;
 * ``lipschitz``: certified L2 Lipschitz constants composed through the graph and the margin
   certificates they give (``verifier.lipschitz`` re-exports them beside Lipschitz training).
 

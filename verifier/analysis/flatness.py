@@ -48,6 +48,9 @@ class FlatnessResult:
     time_s: float
     per_sample_certified: list = field(default_factory=list, repr=False)
     label: str = ""             # what the set was (for tables)
+    # per sample: certified correct, and prediction stable (the fractions above are their means)
+    per_sample_correct: list = field(default_factory=list, repr=False)
+    per_sample_stable: list = field(default_factory=list, repr=False)
 
     @property
     def certified_increase(self) -> float:
@@ -58,7 +61,7 @@ class FlatnessResult:
         return self.attack_loss - self.clean_loss
 
     def summary(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "per_sample_certified"}
+        d = {k: v for k, v in asdict(self).items() if not k.startswith("per_sample")}
         d.update(certified_increase=self.certified_increase, attack_increase=self.attack_increase)
         return d
 
@@ -176,12 +179,14 @@ def flatness(model, data, weights, loss: str = "cross_entropy", method: str = "c
     # rounding can put a certified bound a hair below the clean loss of a sample; the true
     # worst loss is at least the clean one
     cert = torch.maximum(cert, clean)
+    correct_cert, stable = torch.cat(correct_cert), torch.cat(stable)
     return FlatnessResult(
         n=N, clean_loss=float(clean.mean()), certified_loss=float(cert.mean()),
         attack_loss=attack_loss, clean_accuracy=float((pred == y).double().mean()),
-        certified_accuracy=float(torch.cat(correct_cert).double().mean()),
-        stable_fraction=float(torch.cat(stable).double().mean()), method=method,
-        time_s=time.perf_counter() - t0, per_sample_certified=cert.tolist(), label=label)
+        certified_accuracy=float(correct_cert.double().mean()),
+        stable_fraction=float(stable.double().mean()), method=method,
+        time_s=time.perf_counter() - t0, per_sample_certified=cert.tolist(), label=label,
+        per_sample_correct=correct_cert.tolist(), per_sample_stable=stable.tolist())
 
 
 def flatness_curve(model, data, make_weights, radii, **kw) -> list[FlatnessResult]:

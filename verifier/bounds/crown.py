@@ -270,6 +270,36 @@ def _tightens(a: Interval, b: Interval) -> bool:
     return bool(((a.lower - b.lower > tol) | (b.upper - a.upper > tol)).any())
 
 
+# relative slack of a fixed node's point value (the graph's float evaluation against the source
+# model's; the same slack as the weight rules' deviation intersection)
+POINT_SLACK = 1e-5
+
+
+def fixed_nodes(graph: Graph, leaves: dict[str, Perturbation], names) -> set[str]:
+    """The nodes among ``names`` (topological order) whose value is one point over the leaves'
+    sets: every leaf they depend on is a single point (a fixed input while only some weights
+    move)."""
+    fixed: set[str] = set()
+    for name in names:
+        node = graph[name]
+        if node.op == "input":
+            if name in leaves:
+                iv = leaves[name].interval()
+                if torch.equal(iv.lower, iv.upper):
+                    fixed.add(name)
+        elif all(i in fixed for i in node.inputs):
+            fixed.add(name)
+    return fixed
+
+
+def _at_point(iv: Interval, v: torch.Tensor) -> Interval:
+    """``iv`` intersected with ``v ± POINT_SLACK (1 + |v|)`` (kept as ``iv`` where they miss)."""
+    pad = POINT_SLACK * (1 + v.abs())
+    lo, up = torch.maximum(iv.lower, v - pad), torch.minimum(iv.upper, v + pad)
+    ok = lo <= up
+    return Interval(torch.where(ok, lo, iv.lower), torch.where(ok, up, iv.upper))
+
+
 def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: str,
                         upto: str | None = None, prior: dict | None = None,
                         relax_lines: bool = True) -> dict[str, Interval]:
@@ -294,12 +324,25 @@ def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: s
     """
     bounds: dict[str, Interval] = {}
     names = graph.order if upto is None else graph.ancestors_order(upto)
+    # nodes that do not move over the sets (below the first perturbed weight when the input is
+    # fixed): their value at the point, no backward pass (IBP alone widens through them)
+    fixed = fixed_nodes(graph, leaves, names) if method == "crown" else set()
+    points: dict[str, torch.Tensor] = {}
+
+    def leaf(node):
+        iv = leaves[node.name].interval()
+        if node.name in fixed:
+            points[node.name] = iv.lower
+        return iv
 
     def step(rule, node, ins):
         name = node.name
         iv = rule.interval(node, ins)
         if prior is not None and name in prior:
             iv = iv.intersect(prior[name])
+        if name in fixed:
+            points[name] = v = rule.point(node, [points[i] for i in node.inputs])
+            return _at_point(iv, v)
         if method == "crown" and name != upto and rule.refines_linear:
             def bound_linear(i, C):
                 return chunked_backward(graph, node.inputs[i], C, bounds, leaves)
@@ -323,7 +366,7 @@ def intermediate_bounds(graph: Graph, leaves: dict[str, Perturbation], method: s
             iv = both
         return iv
 
-    return forward(graph, lambda n: leaves[n.name].interval(), step, names, bounds)
+    return forward(graph, leaf, step, names, bounds)
 
 
 @dataclass

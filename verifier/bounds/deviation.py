@@ -51,6 +51,8 @@ def deviations(graph: Graph, leaves: dict) -> tuple[dict, dict]:
         _, v0 = evaluate(graph, centers)
 
     def step(rule, node, devs):
+        if devs and all(bool((d == 0).all()) for d in devs):
+            return torch.zeros_like(devs[0])   # no input moves: the node stays at v0
         try:
             return rule.deviation(node, [v0[i] for i in node.inputs], devs)
         except NotSupported:

@@ -39,14 +39,6 @@ class Linear(AffineRule):
 
     weight_op = "linear_w"
 
-    def lifted(self, node, pname):
-        if len(node.shape) != 1:
-            raise NotSupported(self.op, "a weight perturbation",
-                               f"parameter {pname!r}: node {node.name!r} applies a linear layer to "
-                               f"a tensor of shape {list(node.params.get('in_shape', node.shape))} "
-                               "per sample; weight perturbations support vector inputs")
-        return self.weight_op
-
     def op_norm(self, node):
         return dense_norm(node.params["weight"]), "exact SVD (float64)"
 

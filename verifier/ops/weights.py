@@ -128,11 +128,20 @@ class _Bilinear(BoundRule):
         out = op_c * d_x
         if "weight" in roles:
             x0n = torch.linalg.vector_norm(centers[0].double().flatten(1), dim=1)
-            out = out + roles["weight"] * m * (x0n + d_x)
+            dw = roles["weight"]
+            # a weight that does not move adds nothing, even when d_x is unbounded (0·inf)
+            out = out + torch.where(dw > 0, dw * m * (x0n + d_x), torch.zeros_like(dw))
         if "bias" in roles:
-            positions = math.prod(node.shape[1:]) if conv else 1
+            # one bias per channel, added at every spatial position (conv) or token (linear)
+            positions = math.prod(node.shape[1:]) if conv else math.prod(node.shape[:-1])
             out = out + roles["bias"] * math.sqrt(positions)
         return out
+
+    def point(self, node, inputs):
+        """``f(x, W) + b`` at a point (differentiable)."""
+        x, W, b, _ = _params(node, [Interval(v, v) for v in inputs])
+        y = self.f(node, x.lower, W.lower)
+        return y if b is None else y + self._bias_term(node, b.lower)
 
     def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
         x, W, b, roles = _params(node, inputs)
@@ -280,72 +289,108 @@ class _Bilinear(BoundRule):
 
 @register("linear_w")
 class LinearW(_Bilinear):
-    """``y = x W^T + b`` with a perturbed weight and/or bias; ``x: [B, in]``."""
+    """``y = x W^T + b`` over the last dim with a perturbed weight and/or bias; ``x: [B, *T, in]``
+    (``T``: leading token dims, e.g. a transformer's sequence, the same W for every token).
+
+    With tokens, the bilinear relaxation is per product ``x_ti w_oi`` (per token), and the
+    weight's linear coefficient sums over tokens: ``A_W[o, i] = sum_t A[t, o] x[t, i]``."""
 
     fuses_weight_ball = True
+
+    @staticmethod
+    def _tokens(t: torch.Tensor, lead: int) -> torch.Tensor:
+        """``[B, *T, n]`` -> ``[B, P, n]`` (P = prod T, 1 for a vector input); ``lead``: the
+        dims before T (1 for x, 2 for A)."""
+        return t.reshape(*t.shape[:lead], -1, t.shape[-1])
 
     def f(self, node, x, W):
         s = _shared(W)
         if s is not None:  # one weight for the batch: a plain (fast) GEMM
             return F.linear(x, s)
-        return torch.matmul(W, x.unsqueeze(-1)).squeeze(-1)
+        xs = self._tokens(x, 1)  # [B, P, in] @ [B, in, out]
+        return torch.matmul(xs, W.transpose(-1, -2)).reshape(-1, *x.shape[1:-1], W.shape[-2])
 
     def adj_x(self, node, A, W):
         s = _shared(W)
         if s is not None:
             return A.matmul(s)
-        return torch.matmul(A, W)
+        As = A.reshape(A.shape[0], -1, A.shape[-1])  # [B, S*P, out] @ [B, out, in]
+        return torch.matmul(As, W).reshape(-1, *A.shape[1:-1], W.shape[-1])
 
     def adj_w(self, node, A, x):
-        return A.unsqueeze(-1) * x[:, None, None, :]
+        """``sum_t A[.., t, o] x[t, i]`` -> ``[B, S, out, in]``."""
+        As, xs = self._tokens(A, 2), self._tokens(x, 1)
+        if As.shape[2] == 1:
+            return As[:, :, 0, :, None] * xs[:, None, 0, None, :]
+        return torch.einsum("bspo,bpi->bsoi", As, xs.expand(As.shape[0], *xs.shape[1:]))
 
     def adj_b(self, node, A):
-        return A
+        return self.channel_sum(node, A)
 
     def patch_norms(self, node, t):
         return torch.linalg.vector_norm(t, dim=-1, keepdim=True)
 
     def concretize_weight(self, node, A, xa, ball, upper):
-        """``A_W = A ⊗ xa`` is an outer product: ``A_W·c = A·(c xa)``, and its dual norms
-        factor: ``sum |A_W| e = |A|·(e |xa|)`` (L-inf, e the per-element radii),
-        ``||A_W||_F = ||A||_2 ||xa||_2`` (L2)."""
+        """``A_W = sum_t A_t ⊗ xa_t`` (an outer product for a vector input): ``A_W·c =
+        A·f(xa, c)``; the dual norms: L-inf ``sum |A_W| e`` (e the per-element radii; for a
+        vector input ``|A|·(e |xa|)``, with tokens ``A_W`` is formed in chunks of specs), L2
+        ``||A_W||_F`` (``||A||_2 ||xa||_2`` for a vector; with tokens from the Gram matrices,
+        ``||A_W||_F^2 = sum_{t,t'} (A_t·A_t')(xa_t·xa_t')``)."""
         t = node.params.get("layouts", {}).get("weight") == "t"
 
         def lay(w):  # stored [1, *shape] -> the node's layout
             return w.transpose(-1, -2) if t else w
+        vector = len(node.shape) == 1
         if ball.norm == math.inf:
             box = ball.interval()
             c, e = lay(box.center), lay(box.radius)
-            dev = _dot(A.abs(), self.f(node, xa.abs(), e))
+            if vector:
+                dev = _dot(A.abs(), self.f(node, xa.abs(), e))
+            else:
+                B, S = A.shape[:2]
+                step = max(1, _CORNER_ELEMENTS // max(1, B * e.shape[-1] * e.shape[-2]))
+                dev = torch.cat([(self.adj_w(node, A[:, k:k + step], xa).abs() * e.unsqueeze(1))
+                                 .flatten(2).sum(-1) for k in range(0, S, step)], 1)
         else:
             c = lay(ball.center)
-            dev = (ball._eps_t.reshape(-1)[0] * torch.linalg.vector_norm(A, dim=-1)
-                   * torch.linalg.vector_norm(xa, dim=-1, keepdim=True))
+            eps = ball._eps_t.reshape(-1)[0]
+            if vector:
+                dev = (eps * torch.linalg.vector_norm(A, dim=-1)
+                       * torch.linalg.vector_norm(xa, dim=-1, keepdim=True))
+            else:
+                As, xs = self._tokens(A, 2), self._tokens(xa, 1)
+                ga = torch.matmul(As, As.transpose(-1, -2))           # [B, S, P, P]
+                gx = torch.matmul(xs, xs.transpose(-1, -2)).unsqueeze(1)  # [B, 1, P, P]
+                dev = eps * (ga * gx).flatten(2).sum(-1).clamp(min=0).sqrt()
         mid = _dot(A, self.f(node, xa, c))
         return mid + dev if upper else mid - dev
 
     def channel_sum(self, node, A):
-        return A
+        if A.ndim == 3:
+            return A
+        return self._tokens(A, 2).sum(2)
 
     def window_count(self, node) -> int:
         return 1
 
     def _bias_term(self, node, b):
-        return b
+        return b.reshape(b.shape[0], *([1] * (len(node.shape) - 1)), b.shape[-1])
 
     def _general_range(self, node, x, W):
         """Exact: the min and max of the four corner products of every product, summed; rows
         of W in chunks to bound memory."""
-        B, n_in = x.lower.shape
-        step = max(1, _CORNER_ELEMENTS // max(1, B * n_in))
-        xl, xu = x.lower[:, None, :], x.upper[:, None, :]
+        xl, xu = self._tokens(x.lower, 1), self._tokens(x.upper, 1)
+        B, P, n_in = xl.shape
+        step = max(1, _CORNER_ELEMENTS // max(1, B * P * n_in))
+        xl, xu = xl[:, :, None, :], xu[:, :, None, :]
         lo, up = [], []
         for k in range(0, W.lower.shape[1], step):
-            wl, wu = W.lower[:, k:k + step], W.upper[:, k:k + step]
+            wl, wu = W.lower[:, None, k:k + step], W.upper[:, None, k:k + step]
             c = torch.stack([xl * wl, xl * wu, xu * wl, xu * wu])
             lo.append(c.min(0).values.sum(-1))
             up.append(c.max(0).values.sum(-1))
-        return torch.cat(lo, -1), torch.cat(up, -1)
+        shape = (*x.lower.shape[:-1], W.lower.shape[1])
+        return torch.cat(lo, -1).reshape(shape), torch.cat(up, -1).reshape(shape)
 
 
 @register("conv_w")
