@@ -154,9 +154,10 @@ def merge_flatness(bounded_base, model: nn.Module, data, t=(0.0, 1.0), pieces: i
           for a, b in zip(edges[:-1], edges[1:])]
     if len(rs) == 1:
         return rs[0]
-    per = torch.tensor([r.per_sample_certified for r in rs], dtype=torch.float64).max(0).values
-    correct = torch.tensor([r.per_sample_correct for r in rs]).all(0)
-    stable = torch.tensor([r.per_sample_stable for r in rs]).all(0)
+    cpu = torch.device("cpu")   # per-sample summaries (Python lists) of the pieces
+    per = torch.tensor([r.per_sample_certified for r in rs], dtype=torch.float64, device=cpu).max(0).values
+    correct = torch.tensor([r.per_sample_correct for r in rs], device=cpu).all(0)
+    stable = torch.tensor([r.per_sample_stable for r in rs], device=cpu).all(0)
     first = rs[0]
     return FlatnessResult(
         n=first.n, clean_loss=first.clean_loss, certified_loss=float(per.mean()),
@@ -227,12 +228,13 @@ def fit_adapters(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int 
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)   # the same draws on any device
     losses = []
     model.train()
     try:
         for _ in range(steps):
-            idx = torch.randint(0, x.shape[0], (min(batch_size, x.shape[0]),), generator=gen)
+            idx = torch.randint(0, x.shape[0], (min(batch_size, x.shape[0]),), generator=gen,
+                                device="cpu").to(x.device)
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
