@@ -5,11 +5,11 @@ The public names are imported lazily (PEP 562), so that ``import verifier.errors
 """
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 from .errors import (DomainError, ModelLoadError, PerturbationError, ShapeError,
                      UnsupportedOpsError, VerifierError)
+from .lazy import lazy_attributes
 
 _LAZY = {
     "BoundedModel": ".api", "BoundResult": ".api", "margin_spec": ".api",
@@ -27,13 +27,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .perturbation import Box, LpBall, Zonotope
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals(), __all__)

@@ -11,9 +11,9 @@ the other names are imported on first use (PEP 562), so the command line's help 
 """
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from ..lazy import lazy_attributes
 from .config import ConfigError, TrainConfig, from_dict, load_config
 
 _LAZY = {
@@ -33,13 +33,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .trainer import train
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals(), __all__)
