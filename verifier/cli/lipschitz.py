@@ -104,6 +104,11 @@ def lipschitz_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--radii", type=float, nargs="+", metavar="R",
                    help="L2 radii of the certified accuracy (default 0.5 1.0)")
     g.add_argument("--no-crown", action="store_true", help="skip CROWN's L2 verification")
+    g.add_argument("--domain", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="certify the Lipschitz constant on inputs in [LO, HI] (e.g. 0 1 for "
+                        "images; needed by attention); default: global")
+    g.add_argument("--crown-subset", type=int, metavar="N",
+                   help="run CROWN on the first N test samples only")
 
 
 def cmd_train_lipschitz(a: argparse.Namespace) -> int:
@@ -129,6 +134,10 @@ def cmd_train_lipschitz(a: argparse.Namespace) -> int:
         if not isinstance(mk, dict):
             raise CliError("--model-kwargs must be a JSON object of keyword arguments")
         kw["model_kwargs"] = mk
+    if a.domain is not None:
+        kw["domain"] = list(a.domain)
+    if a.crown_subset is not None:
+        kw["crown_subset"] = a.crown_subset
     cfg = LipschitzConfig(constraint=a.lipschitz, crown=not a.no_crown, **kw)
     report = run_lipschitz(cfg, progress=not a.no_progress and sys.stderr.isatty())
     report.pop("net")
