@@ -3,15 +3,18 @@ Jacobians at sampled points and against an attack on ||f(x) - f(x')|| / ||x - x'
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
+from models import trained
 from models.architectures import vit_lipschitz
 from verifier.analysis.lipschitz import LipschitzError, lipschitz_constant
 from verifier.lipschitz.train import constrained_weights, project_
 from verifier.ops.domain import Reciprocal
+from verifier.train.data import load_npz
 
 SHAPE = (1, 8, 8)
 
@@ -43,13 +46,14 @@ def jacobian_norms(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def attack_ratio(net: nn.Module, n: int = 64, steps: int = 150, seed: int = 0) -> float:
+def attack_ratio(net: nn.Module, n: int = 64, steps: int = 150, seed: int = 0,
+                 shape=SHAPE) -> float:
     """The largest ||f(x) - f(x')|| / ||x - x'|| found by Adam over pairs in [0, 1]^d (near and
     far pairs), plus the largest Jacobian norm at the pairs' end points."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, *SHAPE, generator=g, dtype=torch.float64).requires_grad_(True)
+    x = torch.rand(n, *shape, generator=g, dtype=torch.float64).requires_grad_(True)
     scale = torch.logspace(-3, 0, n, dtype=torch.float64).view(n, 1, 1, 1)
-    d = (torch.randn(n, *SHAPE, generator=g, dtype=torch.float64) * scale).requires_grad_(True)
+    d = (torch.randn(n, *shape, generator=g, dtype=torch.float64) * scale).requires_grad_(True)
     opt = torch.optim.Adam([x, d], lr=0.02)
     best = 0.0
     for _ in range(steps):
@@ -109,3 +113,20 @@ def test_broadcast_branches_scale_the_sum():
 
     L = lipschitz_constant(F(), (5,)).lipschitz
     assert L >= 6.0 - 1e-9
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_zoo_lip_vit_constant_bounds_jacobians_at_test_images_and_attacks():
+    """The shipped ``lip_vit_mnist``: its recomputed constant on [0, 1]^784 matches the zoo
+    entry and lies above Jacobian norms at test images, at random points and attacked pairs."""
+    net, entry = trained("lip_vit_mnist")
+    L = lipschitz_constant(net, (1, 28, 28), domain=tuple(entry["lipschitz_domain"])).lipschitz
+    assert L == pytest.approx(entry["measured"]["lipschitz"], rel=1e-6)
+    net64 = copy.deepcopy(net).double()
+    data = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist_test1k.npz"
+    x = load_npz(data).x[:6].double() if data.is_file() else torch.rand(6, 1, 28, 28,
+                                                                         dtype=torch.float64)
+    x = torch.cat([x, torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0),
+                                 dtype=torch.float64)])
+    assert float(jacobian_norms(net64, x).max()) <= L
+    assert attack_ratio(net64, n=16, steps=40, shape=(1, 28, 28)) <= L
