@@ -160,7 +160,7 @@ class Add(AffineRule):
 
     def lipschitz(self, node, Ls):
         w = self._spread(node)
-        return sum(c * L for c, L in zip(w, Ls)), float(sum(w)), "sum of (broadcast) branches"
+        return sum(c * L for c, L in zip(w, Ls)), float(sum(w)), "sum of branches"
 
     def norm_on(self, node, ctx):
         return sum(c * ctx.N[i] for c, i in zip(self._spread(node), node.inputs))
