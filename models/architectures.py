@@ -11,6 +11,8 @@ each model is also a small end-to-end test of the graph builder and the bound ru
   connection), global average pooling and a dense head;
 * :func:`vit_tiny`: a small vision transformer (patch embedding, pre-LayerNorm encoder blocks
   with softmax self-attention written out and a ReLU or GELU MLP, mean over tokens, a linear head);
+* :func:`vit_lipschitz`: a vision transformer built for a certified Lipschitz bound (1/d
+  attention logits, convex residuals, no LayerNorm; see :class:`LipschitzViT`);
 * :func:`siren`: a sinusoidal representation network (``sin(omega0 (W x + b))`` layers, SIREN
   initialization) for fitting signals of low-dimensional coordinates.
 
@@ -210,6 +212,85 @@ def vit_tiny(in_ch: int = 1, n_classes: int = 10, input_size: int = 28, patch: i
     return ViT(in_ch, n_classes, input_size, patch, dim, depth, heads, mlp, activation).eval()
 
 
+class _LipAttention(nn.Module):
+    """Self-attention for a certified Lipschitz bound: ``softmax(q k^T / d) v`` (logits scaled by
+    ``1/d``, not ``1/sqrt(d)``), separate bias-free ``q, k, v, o`` matrices (each one spectrally
+    constrained on its own)."""
+
+    def __init__(self, dim: int, heads: int, tokens: int, scale: float = 1.0):
+        super().__init__()
+        self.heads, self.d, self.tokens, self.scale = heads, dim // heads, tokens, float(scale)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, h, d = self.tokens, self.heads, self.d
+        q, k, v = (m(x).reshape(-1, t, h, d).transpose(1, 2) for m in (self.q, self.k, self.v))
+        att = torch.softmax(q @ k.transpose(-1, -2) * (self.scale / d), dim=-1)
+        return self.o((att @ v).transpose(1, 2).reshape(-1, t, h * d))
+
+
+class _LipBlock(nn.Module):
+    """``x <- (1 - a) x + a att(x)``, then ``x <- (1 - a) x + a mlp(x)``: convex residual
+    combinations (Lipschitz ``(1 - a) + a L_branch``), no LayerNorm, a ReLU MLP."""
+
+    def __init__(self, dim: int, heads: int, tokens: int, mlp: int, alpha: float,
+                 att_scale: float = 1.0):
+        super().__init__()
+        self.alpha = float(alpha)
+        self.att = _LipAttention(dim, heads, tokens, att_scale)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.ReLU(), nn.Linear(mlp, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.alpha
+        x = (1 - a) * x + a * self.att(x)
+        return (1 - a) * x + a * self.mlp(x)
+
+
+class LipschitzViT(nn.Module):
+    """A vision transformer whose L2 Lipschitz constant on a bounded input domain is certified
+    by composition (``verifier.analysis.lipschitz.lipschitz_constant(..., domain=(0, 1))``):
+    a patch embedding (non-overlapping convolution), a learned position embedding, ``depth``
+    blocks of ``_LipBlock``, the tokens flattened (``pool="flatten"``: the head sees every
+    token, an operator of norm 1) or averaged (``"mean"``, norm ``1/sqrt(tokens)``), a linear
+    head. ``att_scale`` multiplies the ``1/d`` of the logits. Every matrix (embedding, q, k,
+    v, o, MLP, head) is an ``nn.Linear`` / ``nn.Conv2d`` weight, so Lipschitz training
+    (``verifier train --lipschitz``) constrains each of them."""
+
+    def __init__(self, in_ch: int, n_classes: int, input_size: int, patch: int, dim: int,
+                 depth: int, heads: int, mlp: int, alpha: float, att_scale: float = 1.0,
+                 pool: str = "flatten"):
+        super().__init__()
+        if pool not in ("flatten", "mean"):
+            raise ValueError(f"pool must be 'flatten' or 'mean', got {pool!r}")
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+        tokens = (input_size // patch) ** 2
+        self.embed = nn.Conv2d(in_ch, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.blocks = nn.Sequential(*[_LipBlock(dim, heads, tokens, mlp, alpha, att_scale)
+                                      for _ in range(depth)])
+        self.pool, self.tokens, self.dim = pool, tokens, dim
+        self.head = nn.Linear(dim * tokens if pool == "flatten" else dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.embed(x).flatten(2).transpose(1, 2) + self.pos)
+        return self.head(x.reshape(-1, self.tokens * self.dim) if self.pool == "flatten"
+                         else x.mean(1))
+
+
+def vit_lipschitz(in_ch: int = 1, n_classes: int = 10, input_size: int = 28, patch: int = 7,
+                  dim: int = 32, depth: int = 2, heads: int = 2, mlp: int = 64,
+                  alpha: float = 0.5, att_scale: float = 1.0, pool: str = "flatten") -> nn.Module:
+    """The Lipschitz-constrained counterpart of :func:`vit_tiny` (same patches, width, depth,
+    heads, MLP): attention logits scaled by ``1/d``, convex residuals ``(1 - alpha) x + alpha
+    f(x)``, no LayerNorm, bias-free attention matrices, the tokens flattened into the head
+    (``pool``; see :class:`LipschitzViT`)."""
+    return LipschitzViT(in_ch, n_classes, input_size, patch, dim, depth, heads, mlp, alpha,
+                        att_scale, pool).eval()
+
+
 class Siren(nn.Module):
     """``depth`` layers ``h <- sin(omega0 (W h + b))`` and a linear output layer, initialized as
     SIRENs are: the first layer's weights uniform in ``+-1/in_dim``, the later ones uniform in
@@ -262,6 +343,7 @@ ZOO = {
     "resnet_block_net": (resnet_block_net, dict(in_ch=3, n_classes=10, width=8, n_blocks=2),
                          (3, 16, 16)),
     "vit_tiny": (vit_tiny, dict(in_ch=1, n_classes=10, input_size=28), (1, 28, 28)),
+    "vit_lipschitz": (vit_lipschitz, dict(in_ch=1, n_classes=10, input_size=28), (1, 28, 28)),
     "siren": (siren, dict(in_dim=2, hidden=16, depth=2, out=3, omega0=10.0), (2,)),
 }
 

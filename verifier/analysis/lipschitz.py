@@ -17,7 +17,25 @@ engine uses) with the forward interpreter and gives each node ``v``, by its rule
 * concatenation: ``sqrt(sum L[part]^2)``.
 
 A product of two perturbed tensors, or any other operator, has no global constant here: every
-such node is named in one ``LipschitzError``. The constant of the output node bounds the whole
+such node is named in one ``LipschitzError``.
+
+**On a domain** (``domain=(lower, upper)``: the box D of inputs, e.g. pixels in [0, 1]) the
+constant holds for x, x' in D only, and products of two perturbed tensors (attention's
+``Q K^T`` and ``softmax · V``) get one too. The traversal first bounds every node over all of D
+(IBP on the box D: ``box[v]``) and evaluates it at D's center c (``center[v]``), then each rule's
+``lipschitz_on`` composes:
+
+* ``Z = X Y`` per slice b (``verifier.ops.bilinear.Einsum``): ``Z - Z' = (X - X') Y + X' (Y -
+  Y')``, so ``L[Z] = L[X] N[Y] + N[X] L[Y]`` with ``N[v] >= sup_{x in D} ||v_b(x)||_2``: the
+  smaller of ``||v_b(c)||_F + L[v] sup_{x in D} ||x - c||_2`` and the Frobenius norm of
+  ``max(|lower|, |upper|)`` of ``box[v]``; softmax weights also ``sqrt(max column sum)``;
+* softmax (the graph's ``1 / sum_j exp(a_j - a_i)``): ``1/2 · L[a]`` (its Jacobian
+  ``diag(p) - p p^T`` has norm <= 1/2, Gershgorin; this one holds globally);
+* ``exp`` and ``1/x`` (outside a softmax): their largest slope on ``box[v]``;
+* every other node: its global rule above.
+
+Each step bounds ``||v(x) - v(x')||_2`` for x, x' in D by induction, and ``N`` is sound because
+every point of D lies within ``sup ||x - c||`` of c and inside the IBP box. The constant of the output node bounds the whole
 model: ``||f(x) - f(x')||_2 <= L ||x - x'||_2``.
 
 Certificates: for label y and margin ``m(x) = f_y(x) - max_{j != y} f_j(x)``, each difference
@@ -33,10 +51,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..api import BoundedModel, margin_spec
-from ..bounds.forward import forward
+from ..bounds.forward import evaluate, forward
 from ..errors import VerifierError
 from ..ops.base import NotSupported
-from ..perturbation import LpBall
+from ..perturbation import Box, LpBall
 
 
 class LipschitzError(VerifierError):
@@ -83,36 +101,91 @@ class LipschitzReport:
                 f"  {'node':<16} {'op':<11} {'constant':>12} {'cumulative':>12}\n{rows}")
 
 
-def graph_lipschitz(graph) -> LipschitzReport:
+@dataclass
+class DomainContext:
+    """What ``BoundRule.lipschitz_on`` reads: ``L`` (constants so far, by node), ``box`` (IBP
+    intervals ``[1, *shape]`` over the domain), ``center`` (values at its center), ``radius``
+    (``sup_{x in D} ||x - c||_2``), ``graph``, and ``N`` (``N[v] >= sup_{x in D} ||v(x)||_2``,
+    the least of ``frame_norm`` and the rule's ``norm_on``)."""
+
+    graph: object
+    L: dict
+    box: dict
+    center: dict
+    radius: float
+    N: dict = field(default_factory=dict)
+
+    def frame_norm(self, name: str, L: float) -> float:
+        """``sup_{x in D} ||v(x)||_2`` from the interval and from the center alone."""
+        iv, c = self.box[name], self.center[name].double()
+        by_box = float(torch.maximum(iv.lower.abs(), iv.upper.abs()).double().norm())
+        return min(by_box, float(c.norm()) + (L * self.radius if L else 0.0))
+
+
+def graph_lipschitz(graph, ctx: DomainContext | None = None) -> LipschitzReport:
     """Compose the per-node constants of a ``verifier.graph.Graph`` (see the module doc): the
-    forward interpreter with each rule's ``lipschitz`` as its step; every node whose rule has
-    none is named in one ``LipschitzError``."""
+    forward interpreter with each rule's ``lipschitz`` (``lipschitz_on`` with a domain ``ctx``)
+    as its step; every node whose rule has none is named in one ``LipschitzError``."""
     layers, problems = [], []
+    out = {} if ctx is None else ctx.L
 
     def step(rule, node, Ls):
         try:
-            L, c, how = rule.lipschitz(node, Ls)
+            L, c, how = rule.lipschitz(node, Ls) if ctx is None else rule.lipschitz_on(node, ctx)
         except NotSupported as e:
             why = e.why or f"no Lipschitz constant for op {node.op!r}"
             problems.append((node.name, f"{why} (source: {node.source or node.op})"))
             return math.nan
         layers.append(LayerConstant(node.name, node.op, float(c), float(L), how))
+        if ctx is not None:
+            ctx.L[node.name] = L
+            n = ctx.frame_norm(node.name, L)
+            try:
+                n = min(n, float(rule.norm_on(node, ctx)))
+            except NotSupported:
+                pass
+            ctx.N[node.name] = n
         return L
 
-    L = forward(graph, lambda n: 1.0, step)
+    def leaf(node):
+        if ctx is not None:
+            ctx.N[node.name] = ctx.frame_norm(node.name, 1.0)
+        return 1.0
+
+    L = forward(graph, leaf, step, out=out)
     if problems:
         raise LipschitzError(problems)
     return LipschitzReport(float(L[graph.output]), layers)
 
 
-def lipschitz_constant(model, input_shape=None) -> LipschitzReport:
+def domain_context(model: BoundedModel, lower, upper) -> DomainContext:
+    """IBP bounds of every node over the box ``[lower, upper]`` (floats or tensors of the input's
+    per-sample shape) and every node's value at its center."""
+    shape = tuple(model.input_shape)
+    lo = torch.as_tensor(lower, dtype=model.dtype, device=model.device).expand(1, *shape).clone()
+    hi = torch.as_tensor(upper, dtype=model.dtype, device=model.device).expand(1, *shape).clone()
+    if not bool((lo <= hi).all()):
+        raise LipschitzError([("<domain>", "lower > upper somewhere")])
+    with torch.no_grad():
+        box = model.bounds(Box(lo, hi), method="ibp").nodes
+        c = (lo + hi) / 2
+        center = evaluate(model.graph, {model.input: c})[1]
+    radius = float(((hi - lo) / 2).double().norm())
+    return DomainContext(model.graph, {}, box, center, radius)
+
+
+def lipschitz_constant(model, input_shape=None, domain=None) -> LipschitzReport:
     """A certified L2 Lipschitz constant of ``model``: a ``BoundedModel``, or an ``nn.Module``
-    with its per-sample ``input_shape`` (traced in float64 so the weights are read exactly)."""
+    with its per-sample ``input_shape`` (traced in float64 so the weights are read exactly).
+    ``domain=(lower, upper)``: the constant holds for inputs in that box only (e.g. ``(0, 1)``
+    for images), and attention's products get one (see the module doc)."""
     if not isinstance(model, BoundedModel):
         if input_shape is None:
             raise LipschitzError([("<model>", "an nn.Module needs input_shape")])
         model = BoundedModel(model, input_shape=input_shape, dtype=torch.float64)
-    return graph_lipschitz(model.graph)
+    if domain is None:
+        return graph_lipschitz(model.graph)
+    return graph_lipschitz(model.graph, domain_context(model, *domain))
 
 
 # ------------------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ def lipschitz_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", metavar="X.npy", help="samples to certify (with --label)")
     p.add_argument("--label", metavar="Y", help="their labels: an integer or a .npy")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
+    p.add_argument("--domain", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="the constant on inputs in the box [LO, HI] only (e.g. 0 1 for images): "
+                        "attention's products and softmax get one there")
     device_arguments(p)
     p.add_argument("--json", action="store_true",
                    help='print {"lipschitz": L, "layers": [{"name", "op", "constant", '
@@ -54,8 +57,10 @@ def cmd_lipschitz(a: argparse.Namespace) -> int:
     from ..analysis.lipschitz import certified_radius, lipschitz_constant
     torch.set_num_threads(a.threads)
     model = load_cli_model(a, dtype=torch.float64)
-    rep = lipschitz_constant(model)
+    rep = lipschitz_constant(model, domain=None if a.domain is None else tuple(a.domain))
     out = rep.to_dict()
+    if a.domain is not None:
+        out["domain"] = list(a.domain)
     if x is not None:
         xt = model.check_input(torch.from_numpy(x), f"input file {a.input}").double()
         with torch.no_grad():
@@ -66,7 +71,8 @@ def cmd_lipschitz(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(out))
         return EXIT_OK
-    print(f"certified L2 Lipschitz constant of {a.model}: {rep.lipschitz:.6g}")
+    where = "" if a.domain is None else f" on inputs in [{a.domain[0]:g}, {a.domain[1]:g}]"
+    print(f"certified L2 Lipschitz constant of {a.model}{where}: {rep.lipschitz:.6g}")
     print(f"  {'node':<16} {'op':<11} {'constant':>12} {'cumulative':>12}  how")
     for l in rep.layers:
         print(f"  {l.name:<16} {l.op:<11} {l.constant:>12.6g} {l.cumulative:>12.6g}  {l.how}")
@@ -104,6 +110,11 @@ def lipschitz_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--radii", type=float, nargs="+", metavar="R",
                    help="L2 radii of the certified accuracy (default 0.5 1.0)")
     g.add_argument("--no-crown", action="store_true", help="skip CROWN's L2 verification")
+    g.add_argument("--domain", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="certify the Lipschitz constant on inputs in [LO, HI] (e.g. 0 1 for "
+                        "images; needed by attention); default: global")
+    g.add_argument("--crown-subset", type=int, metavar="N",
+                   help="run CROWN on the first N test samples only")
 
 
 def cmd_train_lipschitz(a: argparse.Namespace) -> int:
@@ -129,6 +140,10 @@ def cmd_train_lipschitz(a: argparse.Namespace) -> int:
         if not isinstance(mk, dict):
             raise CliError("--model-kwargs must be a JSON object of keyword arguments")
         kw["model_kwargs"] = mk
+    if a.domain is not None:
+        kw["domain"] = list(a.domain)
+    if a.crown_subset is not None:
+        kw["crown_subset"] = a.crown_subset
     cfg = LipschitzConfig(constraint=a.lipschitz, crown=not a.no_crown, **kw)
     report = run_lipschitz(cfg, progress=not a.no_progress and sys.stderr.isatty())
     report.pop("net")

@@ -74,6 +74,9 @@ class LipschitzConfig:
     output: str | None = None              # folder for model.pt, model.onnx, report.json
     radii: list = field(default_factory=lambda: [0.5, 1.0])
     crown: bool = True                     # also run CROWN's L2 verification at each radius
+    crown_subset: int | None = None        # CROWN on the first N test samples only
+    domain: list | None = None             # [lo, hi]: the constant on inputs in that box
+                                           # (needed by attention); None: global
     ibp_init: bool = False                 # (read by the shared model builder; unused here)
     method: str = "natural"
 
@@ -95,6 +98,12 @@ class LipschitzConfig:
                 bad(k, f"must be >= 1, got {getattr(self, k)}")
         if any(not (r > 0) for r in self.radii):
             bad("radii", f"must be positive, got {self.radii}")
+        if self.domain is not None:
+            if (len(self.domain) != 2 or not all(isinstance(v, (int, float)) for v in self.domain)
+                    or not self.domain[0] < self.domain[1]):
+                bad("domain", f"must be [lo, hi] with lo < hi, got {self.domain}")
+        if self.crown_subset is not None and self.crown_subset < 1:
+            bad("crown_subset", f"must be >= 1, got {self.crown_subset}")
         try:
             self.device = check_device_name(self.device)
         except DeviceError as e:
@@ -198,17 +207,25 @@ def train_lipschitz(cfg: LipschitzConfig, train_ds, progress: bool = False) -> T
     return TrainResult(net.eval(), history, time.perf_counter() - t_start)
 
 
-def evaluate_lipschitz(net: nn.Module, test_ds, radii=(0.5, 1.0), crown: bool = True) -> dict:
+def evaluate_lipschitz(net: nn.Module, test_ds, radii=(0.5, 1.0), crown: bool = True,
+                       domain=None, crown_subset: int | None = None) -> dict:
     """Certified constant (per layer and overall), clean accuracy, L2 certified accuracy from
-    margins at each radius, and CROWN's L2 verified accuracy beside it."""
+    margins at each radius, and CROWN's L2 verified accuracy beside it (on the first
+    ``crown_subset`` samples). ``domain=(lo, hi)``: the constant holds for inputs in that box
+    (attention needs one); the margin certificate then covers the ball within the box."""
     t0 = time.perf_counter()
-    rep = lipschitz_constant(net, test_ds.input_shape)
+    rep = lipschitz_constant(net, test_ds.input_shape,
+                             domain=None if domain is None else tuple(domain))
     out = lipschitz_certify(net, test_ds.x, test_ds.y, rep.lipschitz, radii)
     out["layers"] = [l.to_dict() for l in rep.layers]
+    if domain is not None:
+        out["domain"] = list(domain)
     if crown:
         out["crown_certified_acc"], out["crown_local_constant_median"] = {}, {}
+        k = len(test_ds) if crown_subset is None else min(crown_subset, len(test_ds))
+        out["crown_n"] = k
         for r in radii:
-            c = crown_l2(net, test_ds.x, test_ds.y, r, input_shape=test_ds.input_shape)
+            c = crown_l2(net, test_ds.x[:k], test_ds.y[:k], r, input_shape=test_ds.input_shape)
             out["crown_certified_acc"][str(r)] = float(c["verified"].double().mean())
             out["crown_local_constant_median"][str(r)] = float(c["local_constant"].median())
     out["n"] = len(test_ds)
@@ -221,7 +238,8 @@ def run_lipschitz(cfg: LipschitzConfig, progress: bool = False, data=None) -> di
     torch.set_num_threads(cfg.threads)
     train_ds, test_ds = data if data is not None else load_data(cfg)
     res = train_lipschitz(cfg, train_ds, progress=progress)
-    report = evaluate_lipschitz(res.net, test_ds, cfg.radii, cfg.crown)
+    report = evaluate_lipschitz(res.net, test_ds, cfg.radii, cfg.crown, cfg.domain,
+                                cfg.crown_subset)
     report.update(constraint=cfg.constraint, optimizer=cfg.optimizer, w_max=cfg.w_max,
                   epochs=cfg.epochs, dataset=test_ds.name,
                   train_time_s=round(res.train_time_s, 1), history=res.history)

@@ -72,6 +72,13 @@ class ElementwiseRelaxation(BoundRule):
     def deviation(self, node, centers, devs):
         return devs[0] * self.slope_bound(node)
 
+    def norm_on(self, node, ctx):
+        """``|f(x)| <= |f(0)| + s |x|`` element-wise (s: the slope bound)."""
+        (i,) = node.inputs
+        x0 = torch.zeros(1, *ctx.graph[i].shape, dtype=torch.float64, device="cpu")
+        f0 = float(self.point(node, [x0.to(ctx.center[i])]).detach().double().norm())
+        return self.slope_bound(node) * ctx.N[i] + f0
+
     def patchable(self, node) -> bool:
         return True
 

@@ -194,6 +194,21 @@ class BoundRule:
         inputs' bounds ``Ls``: -> (L, the op's own constant, how it was obtained)."""
         raise NotSupported(self.op, "lipschitz")
 
+    def lipschitz_on(self, node, ctx) -> tuple[float, float, str]:
+        """An L2 Lipschitz bound of the node as a function of the model's input, for inputs in a
+        domain D only (``verifier.analysis.lipschitz``'s ``domain``): ``ctx.L[name]`` (the
+        inputs' constants on D), ``ctx.box[name]`` (an Interval ``[1, *shape]`` holding the node
+        on all of D), ``ctx.center[name]`` (its value ``[1, *shape]`` at D's center c),
+        ``ctx.radius`` (``sup_{x in D} ||x - c||_2``), ``ctx.graph``. Default: the global
+        bound, which holds on every domain."""
+        return self.lipschitz(node, [ctx.L[i] for i in node.inputs])
+
+    def norm_on(self, node, ctx) -> float:
+        """``N >= sup_{x in D} ||y(x)||_2`` from the inputs' ``ctx.N`` (see ``lipschitz_on``);
+        rules without one raise NotSupported (the traversal then uses the interval and the
+        center bounds alone)."""
+        raise NotSupported(self.op, "norm_on")
+
     def lifted(self, node, pname: str) -> str:
         """The op this node becomes when its parameter ``pname`` is perturbed (read as an input):
         ``weight_op``, after checking the node's attributes allow it."""
@@ -225,6 +240,14 @@ class AffineRule(BoundRule):
 
     def deviation(self, node, centers, devs):
         return devs[0] * self.op_norm(node)[0]
+
+    def norm_on(self, node, ctx):
+        """``||L x + b|| <= ||L||_2 N[x] + ||b||`` (``b``: the map at 0)."""
+        if len(node.inputs) != 1:
+            raise NotSupported(self.op, "norm_on")
+        x0 = torch.zeros(1, *ctx.graph[node.inputs[0]].shape, dtype=torch.float64, device="cpu")
+        b = float(self.point(node, [x0.to(ctx.center[node.inputs[0]])]).detach().double().norm())
+        return self.op_norm(node)[0] * ctx.N[node.inputs[0]] + b
 
     def transpose(self, node, A: torch.Tensor) -> list[torch.Tensor]:
         """``A·L``: the A of each input. A: [B, S, *node.shape]."""

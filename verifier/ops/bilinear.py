@@ -228,6 +228,27 @@ def check_equation(equation: str, x_shape, y_shape) -> str | None:
     return None
 
 
+def domain_norm_bound(ctx, name: str, batch_dims: list[int]) -> float:
+    """``N >= sup_{x in D} max_b ||v_b(x)||_F`` for node ``name``'s value ``v`` split into
+    slices ``v_b`` by the per-sample dims ``batch_dims`` (``ctx``: see ``BoundRule.lipschitz_on``):
+    per slice the smaller of (1) ``||v_b(c)||_F + L_v R`` (``||v(x) - v(c)|| <= L_v ||x - c||
+    <= L_v R`` and a slice's norm is at most the whole's), (2) the Frobenius norm of the
+    element-wise ``max(|lower|, |upper|)`` of the node's interval on D and (3) ``ctx.N[name]``
+    (the whole tensor's norm bound, composed by the rules' ``norm_on``)."""
+    c = ctx.center[name][0].double()
+    iv = ctx.box[name]
+    m = torch.maximum(iv.lower[0].abs(), iv.upper[0].abs()).double()
+    rest = [d for d in range(c.ndim) if d not in batch_dims]
+    nb = math.prod(c.shape[d] for d in batch_dims)
+
+    def per_slice(t):
+        return t.permute(*batch_dims, *rest).reshape(nb, -1).norm(dim=1)
+
+    Lv = ctx.L[name]
+    by_center = per_slice(c) + (Lv * ctx.radius if Lv else 0.0)
+    return min(float(torch.minimum(by_center, per_slice(m)).max()), ctx.N[name])
+
+
 def _with_only(t: torch.Tensor, only: tuple, shape) -> torch.Tensor:
     """The A of an operand from the adjoint einsum, which lacks the operand's own summed-out
     letters (``only``: their positions): the same coefficient along them."""
@@ -325,6 +346,56 @@ class Einsum(BoundRule):
 
     def deviation(self, node, centers, devs):
         raise NotSupported(self.op, "deviation", "a product of two perturbed tensors")
+
+    def _operand_norms(self, node, ctx) -> tuple[float, float, str]:
+        """``(N_X, N_Y, how)``: bounds on ``sup_{D, b} ||X_b||_2`` and ``||Y_b||_2`` (see
+        ``lipschitz_on``)."""
+        xn, yn = node.inputs
+        p = plan(node.params["equation"])
+        sx, sy = node.params["in_shapes"]
+        size = {}
+        for letters, shp in ((p.xs, sx), (p.ys, sy)):
+            for c, n in zip(letters, shp):
+                if size.setdefault(c, n) != n:
+                    raise NotSupported(self.op, "lipschitz",
+                                       f"einsum {p.xs},{p.ys}: letter {c!r} broadcasts")
+        if p.x_only or p.y_only:
+            raise NotSupported(self.op, "lipschitz",
+                               f"einsum {p.xs},{p.ys}->{p.out} sums a letter within one operand")
+        batch = [c for c in p.xs if c in p.ys and c in p.out]
+        nx = domain_norm_bound(ctx, xn, [p.xs.index(c) for c in batch])
+        ny = domain_norm_bound(ctx, yn, [p.ys.index(c) for c in batch])
+        x_free = [c for c in p.xs if c in p.out and c not in p.ys]
+        how = "product on the domain: L_X N_Y + N_X L_Y"
+        if node.params.get("simplex") and len(x_free) == 1 and p.xs[-1] not in p.out:
+            up = ctx.box[xn].upper[0].double().clamp(min=0, max=1)   # [*sx]
+            col = up.sum(dim=p.xs.index(x_free[0]))                   # sums over the rows i
+            nx = min(nx, math.sqrt(max(float(col.max()), 0.0)))
+            how += " (softmax rows: ||X_b||_2 <= sqrt(max column sum))"
+        return nx, ny, how
+
+    def lipschitz_on(self, node, ctx):
+        """On a domain D: per index ``b`` of the letters shared by X, Y and the output, the
+        product is a matrix product ``Z_b = X_b Y_b`` (rows: X's own output letters, columns:
+        Y's, inner: the contracted letters), and ``Z_b - Z'_b = (X_b - X'_b) Y_b + X'_b (Y_b -
+        Y'_b)``, so ``||Z_b - Z'_b||_F <= ||dX_b||_F ||Y_b||_2 + ||X'_b||_2 ||dY_b||_F``; summing
+        over b (Minkowski) with ``N_X >= sup_{D, b} ||X_b||_2`` (likewise N_Y):
+        ``L_Z = L_X N_Y + N_X L_Y``. ``N`` from ``domain_norm_bound`` (Frobenius), and for
+        softmax weights X (``simplex``; rows on the contracted last letter are probability
+        vectors) also ``||X_b||_2 <= sqrt(||X_b||_1 ||X_b||_inf) = sqrt(max_j sum_i X_ij)``
+        with ``X_ij <= min(1, upper_ij)``. Broadcast letters and letters summed within one
+        operand are not supported here."""
+        nx, ny, how = self._operand_norms(node, ctx)
+        Lx, Ly = ctx.L[node.inputs[0]], ctx.L[node.inputs[1]]
+        L = (Lx * ny if Lx else 0.0) + (nx * Ly if Ly else 0.0)
+        return L, max(nx, ny), how
+
+    def norm_on(self, node, ctx):
+        """``||Z||_F^2 = sum_b ||X_b Y_b||_F^2 <= max_b ||X_b||_2^2 ||Y||_F^2`` (and the same
+        with X and Y swapped)."""
+        nx, ny, _ = self._operand_norms(node, ctx)
+        xn, yn = node.inputs
+        return min(nx * ctx.N[yn], ny * ctx.N[xn])
 
     def point(self, node, inputs):
         x, y = inputs

@@ -374,6 +374,40 @@ class Reciprocal(Pow):
     def df(self, node, x):
         return -torch.reciprocal(x * x)
 
+    def softmax_logits(self, node, graph) -> str | None:
+        """The node holding the logits when this node is a softmax (``softmax_dim``: the graph
+        builder's ``1 / sum_j exp(a_j - a_i)``), else None."""
+        if "softmax_dim" not in node.params:
+            return None
+        s = graph[node.inputs[0]]
+        e = graph[s.inputs[0]] if s.op == "reduce_sum" else None
+        d = graph[e.inputs[0]] if e is not None and e.op == "exp" else None
+        return d.inputs[0] if d is not None and d.op == "pairdiff" else None
+
+    def lipschitz_on(self, node, ctx):
+        """A softmax over rows is 1/2-Lipschitz in L2 on every domain: per row its Jacobian
+        ``diag(p) - p p^T`` is symmetric, and Gershgorin bounds its eigenvalues by
+        ``p_i (1 - p_i) + p_i sum_{j != i} p_j = 2 p_i (1 - p_i) <= 1/2``; the logits range over
+        all of R^n (convex), so the mean value inequality gives the bound, and rows are disjoint.
+        Any other ``1/x``: slope ``1 / min |x|^2`` on an interval that excludes 0."""
+        logits = self.softmax_logits(node, ctx.graph)
+        if logits is not None:
+            return 0.5 * ctx.L[logits], 0.5, "softmax (Jacobian norm <= 1/2)"
+        (i,) = node.inputs
+        iv = ctx.box[i]
+        if bool(((iv.lower <= 0) & (iv.upper >= 0)).any()):
+            raise NotSupported(self.op, "lipschitz", "1/x on an interval that holds 0")
+        m = float(torch.minimum(iv.lower.abs(), iv.upper.abs()).double().min())
+        c = 1.0 / (m * m)
+        return c * ctx.L[i], c, "1/x's slope on the domain"
+
+    def norm_on(self, node, ctx):
+        """A softmax: each row is a probability vector (L2 norm <= 1), so ``sqrt(rows)``."""
+        if self.softmax_logits(node, ctx.graph) is None:
+            raise NotSupported(self.op, "norm_on")
+        d = node.params["softmax_dim"]
+        return math.sqrt(math.prod(node.shape) / node.shape[d])
+
 
 @register("log")
 class Log(DomainElementwise):

@@ -150,11 +150,23 @@ class Add(AffineRule):
         return [unbroadcast(A if s > 0 else -A, shp)
                 for s, shp in zip(node.params["signs"], node.params["in_shapes"])]
 
+    @staticmethod
+    def _spread(node) -> list[float]:
+        """Per input, ``sqrt(numel(out) / numel(in))``: broadcasting copies each element that
+        many times on average, so ``||broadcast(x)||_2 = spread · ||x||_2`` (the copies are
+        equal in number for every element)."""
+        n = math.prod(node.shape)
+        return [math.sqrt(n / math.prod(s)) for s in node.params["in_shapes"]]
+
     def lipschitz(self, node, Ls):
-        return sum(Ls), float(len(Ls)), "sum of branches"
+        w = self._spread(node)
+        return sum(c * L for c, L in zip(w, Ls)), float(sum(w)), "sum of branches"
+
+    def norm_on(self, node, ctx):
+        return sum(c * ctx.N[i] for c, i in zip(self._spread(node), node.inputs))
 
     def deviation(self, node, centers, devs):
-        return sum(devs)
+        return sum(c * d for c, d in zip(self._spread(node), devs))
 
     def patchable(self, node) -> bool:
         return all(tuple(s) == tuple(node.shape) for s in node.params["in_shapes"])

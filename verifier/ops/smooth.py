@@ -595,6 +595,12 @@ class Exp(SmoothElementwise):
     def df(self, node, x):
         return torch.exp(x)
 
+    def lipschitz_on(self, node, ctx):
+        """On a domain where the input stays below ``u``: the slope is at most ``exp(max u)``."""
+        (i,) = node.inputs
+        c = float(torch.exp(ctx.box[i].upper.double().max()))   # inf past float64's range
+        return c * ctx.L[i], c, "exp's slope on the domain"
+
 
 @register("abs")
 class Abs(SmoothElementwise):
