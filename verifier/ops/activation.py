@@ -11,7 +11,7 @@ import math
 import torch
 
 from ..bound_types import Interval
-from .base import BoundRule, NotSupported, register
+from .base import BoundRule, NotSupported, one_sided, register
 
 
 # a relaxation whose lines are at most this far apart on [l, u] is not worth tightening its
@@ -150,6 +150,7 @@ class ElementwiseRelaxation(BoundRule):
     def point(self, node, inputs):
         return self.f(node, inputs[0])
 
+    @one_sided
     def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
         """``alpha``: optional optimized lower-line slopes ``(for the lower bound, for the upper
         bound)``, each ``[B, S, *shape]``, used where the neuron is unstable (alpha-CROWN; only
@@ -162,6 +163,10 @@ class ElementwiseRelaxation(BoundRule):
 
         The two new A are the halves of one tensor ``[B, 2S, *shape]``, so that the next affine
         rule maps both in one call without copying them together."""
+        if A_upper is None and beta is not None:
+            # the split multipliers act on both halves: the upper one is computed and dropped
+            [(A_l, _)], b_l, _ = self.backward(node, A_lower, A_lower, inputs, alpha, beta)
+            return [(A_l, None)], b_l, None
         (x,) = inputs
         kl, bl, ku, bu = self.relaxation(node, x)
         B = kl.shape[0]
@@ -174,10 +179,12 @@ class ElementwiseRelaxation(BoundRule):
         S = A_lower.shape[1]
         betas = () if beta is None else [t for grp in (beta if isinstance(beta, list) else [beta])
                                          for t in grp[1:3]]
-        tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (A_lower, A_upper, kl, kl_u, *betas))
+        halves = 1 if A_upper is None else 2
+        tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (A_lower, A_upper, kl, kl_u, *betas)
+                                                  if t is not None)
         both = scratch = None
         if not tracked:  # autograd cannot write into buffers
-            both = A_lower.new_empty(A_lower.shape[0], 2 * S, *A_lower.shape[2:])
+            both = A_lower.new_empty(A_lower.shape[0], halves * S, *A_lower.shape[2:])
             scratch = torch.empty_like(A_lower)
 
         # a line may be a constant at +-inf (no finite line bounds the function there, e.g. exp
@@ -208,6 +215,8 @@ class ElementwiseRelaxation(BoundRule):
 
         bl = bl if self.has_lower_bias else None
         A_l, b_l = one(A_lower, kl, ku, bl, bu, 0)
+        if A_upper is None:
+            return [(A_l, None)], b_l, None
         A_u, b_u = one(A_upper, ku, kl_u, bu, bl, 1)
         if beta is not None:
             # in place unless tracked: the two halves stay one tensor
