@@ -214,3 +214,46 @@ def test_loss_margins_equal_the_plain_crown_ibp_pass(training):
     ref = crown(frozen.graph, {frozen.input: LpBall(x, 0.05, clip=(0, 1))}, C, "crown-ibp",
                 box_rows=False, ibp_spec=False)
     torch.testing.assert_close(lower.detach(), ref.lower, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_pos_bias", [False, True])
+@pytest.mark.parametrize("rows_slopes", [False, True])
+def test_line_select_gradients_match_autograd_of_the_formula(with_pos_bias, rows_slopes):
+    """LineSelect's hand-written backward against autograd through clamps and products (float64),
+    for slopes shared by the rows ([B, 1, ...]) or per row ([B, S, ...], alpha-CROWN's)."""
+    from verifier.ops.activation import LineSelect
+    gen = torch.Generator().manual_seed(11)
+    B, S, shape = 3, 4, (2, 3, 3)
+    n = 18
+
+    def rnd(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    A = rnd(B, S, *shape)
+    kp = rnd(B, S if rows_slopes else 1, *shape)
+    kn = rnd(B, 1, *shape)
+    bp = rnd(B, n, 1) if with_pos_bias else None
+    bn = rnd(B, n, 1)
+    gout = torch.randn(B, S, *shape, generator=gen, dtype=torch.float64)
+    gbias = torch.randn(B, S, generator=gen, dtype=torch.float64)
+    ins = [t for t in (A, kp, kn, bp, bn) if t is not None]
+
+    def plain():
+        Ap, An = A.clamp(min=0), A.clamp(max=0)
+        out = Ap * kp + An * kn
+        bias = (An.flatten(2) @ bn).squeeze(-1)
+        if bp is not None:
+            bias = bias + (Ap.flatten(2) @ bp).squeeze(-1)
+        return out, bias
+
+    for f in (plain, lambda: LineSelect.apply(A, kp, kn, bp, bn)):
+        out, bias = f()
+        grads = torch.autograd.grad((out * gout).sum() + (bias * gbias).sum(), ins)
+        if f is plain:
+            ref_out, ref_bias, ref = out.detach(), bias.detach(), grads
+    torch.testing.assert_close(out.detach(), ref_out)
+    torch.testing.assert_close(bias.detach(), ref_bias)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda *t: LineSelect.apply(t[0], t[1], t[2], bp, t[3]),
+                                    (A, kp, kn, bn))

@@ -124,7 +124,6 @@ def _conv_args(p):
 # elements of the column buffer per chunk of rows in ``fold_adjoint``: small enough to stay in
 # the CPU cache (one buffer for all rows runs about 3x slower)
 FOLD_CHUNK = 2 ** 19
-CHANNELS_LAST = True
 
 
 def folds_faster(W, groups, rows) -> bool:
@@ -176,10 +175,6 @@ def conv_adjoint(A, W, stride, padding, dilation, groups, in_spatial):
         out_pad = [in_spatial[i] - ((A.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
                                     + dilation[i] * (k[i] - 1) + 1) for i in range(nd)]
         tconv = F.conv_transpose1d if nd == 1 else F.conv_transpose2d
-        if tracked and nd == 2 and CHANNELS_LAST and W.shape[1] * groups >= 8:
-            # (measured on cnn_cert: about 1.4x faster forward and backward for 64 -> 32
-            # channels; slower into a 1-channel image)
-            A = A.contiguous(memory_format=torch.channels_last)
         return tconv(A, W, None, stride=stride, padding=padding, output_padding=tuple(out_pad),
                      groups=groups, dilation=dilation)
     pads = []
