@@ -257,3 +257,26 @@ def test_line_select_gradients_match_autograd_of_the_formula(with_pos_bias, rows
         torch.testing.assert_close(a, b)
     assert torch.autograd.gradcheck(lambda *t: LineSelect.apply(t[0], t[1], t[2], bp, t[3]),
                                     (A, kp, kn, bn))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_loss_margins_under_weight_perturbations_reuse_the_ibp_intervals(training):
+    """Flatness training (a weight set): the loss's CROWN-IBP margins with the IBP call's
+    intervals reused equal those with the intervals recomputed, and carry gradients."""
+    from verifier.weights import WeightPerturbation
+    net, shape = _make("cnn_cert_bn", seed=12)
+    bm = BoundedModel(net, input_shape=shape)
+    x, y = _batch(shape, n=4, seed=13)
+    stats = None
+    if training:
+        net.train()
+        with BatchStats(net) as stats:
+            net(x)
+    wp = WeightPerturbation("*", 0.01, relative=True)
+    lower, _ = certified_margins(bm, x, y, 0.03, 1.0, "crown-ibp", 10, batch_stats=stats,
+                                 weights=wp)
+    ref = bm.bounds(LpBall(x, 0.03, clip=(0, 1)), "crown-ibp", spec=margin_spec(y, 10),
+                    live=True, batch_stats=stats, weights=wp, upper=False)
+    torch.testing.assert_close(lower, ref.lower, rtol=1e-6, atol=1e-6)
+    lower.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
