@@ -263,7 +263,8 @@ class ElementwiseRelaxation(BoundRule):
             """Entries of A >= 0 take the (k_pos, b_pos) line, the others (k_neg, b_neg):
             A+ k_pos + A- k_neg, exact since one of the two products is 0 (torch.where is much
             slower on CPU)."""
-            if tracked and not infinite:
+            if tracked and not infinite and alpha is None:
+                # (alpha-CROWN, whose slopes are per row, keeps autograd's gradient)
                 return LineSelect.apply(A, k_pos, k_neg, b_pos, b_neg)
             out = None if both is None else both[:, half * S:(half + 1) * S]
             An = torch.clamp(A, max=0, out=out)
