@@ -25,7 +25,7 @@ from .graph.live import live_graph
 from .graph.nodes import Graph
 from .graph.onnx_loader import load_onnx
 from .graph.params import parameter_values
-from .graph.simplify import fold_bias_adds
+from .graph.simplify import fold_bias_adds, fold_channel_scales
 from .graph.trace import build_graph
 from .graph.cut import cut_at
 from .perturbation import Box, LpBall, Perturbation, Zonotope
@@ -270,7 +270,8 @@ class BoundedModel:
 
     def bounds(self, perturbation: Perturbation | torch.Tensor, method: str = "crown",
                spec: torch.Tensor | None = None, weights=None, live: bool = False,
-               batch_stats: dict | None = None, enclosing_box: bool = True) -> BoundResult:
+               batch_stats: dict | None = None, enclosing_box: bool = True,
+               intervals: dict | None = None, upper: bool = True) -> BoundResult:
         """Bounds of ``spec·f(x)`` for every ``x`` in the perturbation set (and every parameter
         value in the ``weights`` sets).
 
@@ -290,10 +291,18 @@ class BoundedModel:
         ``Zonotope``, ``enclosing_box`` also bounds over its bounding box with the same method
         and keeps the tighter bounds (``parts["box"]``): never looser than the box (about twice
         the time; the zonotope's own bound is ``parts[method]``).
+
+        "crown-ibp" only: ``intervals``, the ``nodes`` of an "ibp" result for the same sets
+        (and, live, the same parameters), reused instead of computed again; ``upper=False``,
+        only lower bounds by the backward pass (the upper ones are the interval bounds; the
+        training loss reads only lower bounds of the spec rows).
         """
         method = method.lower()
         if method not in METHODS:
             raise VerifierError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        if (intervals is not None or not upper) and method != "crown-ibp":
+            raise VerifierError(f"intervals= and upper=False apply to the method crown-ibp, not "
+                                f"{method!r}")
         graph, leaves = self._placed(self._leaves(perturbation))
         B = leaves[self.input].interval().lower.shape[0] if self.input in leaves else \
             next(iter(leaves.values())).interval().lower.shape[0]
@@ -307,6 +316,10 @@ class BoundedModel:
             sets = ParameterSets(graph, weights, self.dtype)
             leaves = {**leaves, **sets.leaves}
             graph = sets.with_deviations(leaves)
+        if live and method == "crown-ibp":
+            # the loss's backward pass maps A through conv + BatchNorm as one layer (the products
+            # W * w are rounded: training bounds, not a verdict)
+            graph = fold_channel_scales(graph)
         C = None
         if spec is not None:
             C = as_tensor(spec, self.dtype, self.device)
@@ -330,7 +343,8 @@ class BoundedModel:
                 # (ibp_spec_bounds) over its own intermediate bounds, which lie inside IBP's:
                 # never looser than method "ibp" (except the training loss, see crown())
                 res = (alpha_crown(graph, leaves, C) if method == "alpha-crown" else
-                       crown(graph, leaves, C, method=method, ibp_spec=not live))
+                       crown(graph, leaves, C, method=method, ibp_spec=not live,
+                             intervals=intervals, upper=upper))
                 lo, up, nodes = res.lower, res.upper, res.nodes
                 if C is not None:
                     parts = {method: res.own_lower, "ibp": res.ibp_lower}

@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..bound_types import Interval, concretize_interval
+from ..errors import VerifierError
 from ..graph.nodes import Graph
 from ..ops import RULES
 from ..perturbation import Box, LpBall, Perturbation, Zonotope
 from .backward import backward, backward_bound
 from .forward import forward
+from .ibp import ibp_bounds
 from .patches import patchable, start_patches
 
 # Budget for one backward pass, in tensor elements of the widest A: rows of C are split into
@@ -40,18 +42,19 @@ def _rows_per_chunk(graph: Graph, start: str, batch: int) -> int:
     return max(1, MAX_A_ELEMENTS // max(1, batch * widest))
 
 
-def chunked_backward(graph, start, C, bounds, leaves, record=None):
+def chunked_backward(graph, start, C, bounds, leaves, record=None, upper: bool = True):
     """``backward_bound`` over chunks of spec rows (bounded memory); ``record`` (see
-    ``backward_bound``) is filled only when the rows fit in one chunk."""
+    ``backward_bound``) is filled only when the rows fit in one chunk; ``upper=False``: the
+    lower bound only (the upper one is None)."""
     step = _rows_per_chunk(graph, start, C.shape[0])
     if C.shape[1] <= step:
-        return backward_bound(graph, start, C, bounds, leaves, record=record)
+        return backward_bound(graph, start, C, bounds, leaves, record=record, upper=upper)
     lo, up = [], []
     for k in range(0, C.shape[1], step):
-        l, u = backward_bound(graph, start, C[:, k:k + step], bounds, leaves)
+        l, u = backward_bound(graph, start, C[:, k:k + step], bounds, leaves, upper=upper)
         lo.append(l)
         up.append(u)
-    return torch.cat(lo, 1), torch.cat(up, 1)
+    return torch.cat(lo, 1), (torch.cat(up, 1) if upper else None)
 
 
 def _identity_spec(batch: int, shape, dtype, device, rows=None) -> torch.Tensor:
@@ -405,7 +408,7 @@ def crown_bounds(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor 
 def crown(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor | None,
           method: str = "crown", prior: dict | None = None, keep=(), box_rows: bool = True,
           clipped_pass: bool = True, relax_lines: bool = True,
-          ibp_spec: bool = True) -> CrownBounds:
+          ibp_spec: bool = True, intervals: dict | None = None, upper: bool = True) -> CrownBounds:
     """CROWN (method "crown") or CROWN-IBP bounds of ``C·f`` (see ``CrownBounds``).
     ``prior``: see ``intermediate_bounds``; ``keep``: node names whose A to return.
     ``box_rows``, ``clipped_pass``: the two refinements of the output pass below, and
@@ -414,12 +417,26 @@ def crown(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor | None,
     about 8% more domains). ``ibp_spec``: intersect with the interval bound of ``C·f`` with C
     merged into the last affine layer (``ibp_spec_bounds``; on IBP-trained nets it is often
     tighter than CROWN's); False keeps only C over the output box (the certified-training loss
-    does, so that its CROWN-IBP term keeps its own gradient)."""
+    does, so that its CROWN-IBP term keeps its own gradient).
+
+    ``intervals`` (method "crown-ibp" only): the IBP intervals of the nodes over the same sets,
+    already computed (e.g. by the IBP bounds of the same batch): used as they are, any node
+    missing there is filled in by IBP. ``upper=False``: the backward passes bound the lower side
+    only (about half their work: the certified-training loss reads only lower bounds of the
+    spec rows); the upper bounds returned are then the interval ones, and no output-box rows
+    are added (they need both sides)."""
     record = {k: None for k in keep}
     linear = None
     out = graph.output
-    bounds = intermediate_bounds(graph, leaves, method, upto=out, prior=prior,
-                                 relax_lines=relax_lines)
+    if intervals is not None:
+        if method != "crown-ibp" or prior is not None:
+            raise VerifierError("crown(intervals=...) takes IBP intervals for method crown-ibp, "
+                                f"without prior; got method {method!r}"
+                                + (" and a prior" if prior is not None else ""))
+        bounds = ibp_bounds(graph, leaves, upto=out, known=intervals)
+    else:
+        bounds = intermediate_bounds(graph, leaves, method, upto=out, prior=prior,
+                                     relax_lines=relax_lines)
     ref = bounds[out].lower
     B = ref.shape[0]
     n_out = math.prod(graph[out].shape)
@@ -428,14 +445,16 @@ def crown(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor | None,
     # bounded in the same pass: C applied to it is sound too, and keeping the tighter of each
     # row means bounds with a spec are never looser than bounds on f combined afterwards.
     # Skipped when the output is much wider than the spec (its cost would dominate).
-    with_box = box_rows and C is not None and n_out <= 4 * C.shape[1] + 16
+    with_box = box_rows and upper and C is not None and n_out <= 4 * C.shape[1] + 16
     if C is None:
         spec = eye
     elif with_box:
         spec = torch.cat([C, eye], 1)
     else:
         spec = C
-    lo, up = chunked_backward(graph, out, spec, bounds, leaves, record=record)
+    lo, up = chunked_backward(graph, out, spec, bounds, leaves, record=record, upper=upper)
+    if not upper:
+        up = torch.full_like(lo, math.inf)
     if C is not None:
         linear = lo[:, :C.shape[1]]
     if clipped_pass and any(b.relax is not None for b in bounds.values()):
@@ -444,8 +463,10 @@ def crown(graph: Graph, leaves: dict[str, Perturbation], C: torch.Tensor | None,
         # some rows) and keep the better bound of each row
         clipped = {k: Interval(b.lower, b.upper) if b.relax is not None else b
                    for k, b in bounds.items()}
-        lo2, up2 = chunked_backward(graph, out, spec, clipped, leaves)
-        lo, up = torch.maximum(lo, lo2), torch.minimum(up, up2)
+        lo2, up2 = chunked_backward(graph, out, spec, clipped, leaves, upper=upper)
+        lo = torch.maximum(lo, lo2)
+        if upper:
+            up = torch.minimum(up, up2)
     if C is None:
         lo, up = lo.view_as(ref), up.view_as(ref)
         bounds[out] = bounds[out].intersect(Interval(lo, up))

@@ -163,6 +163,9 @@ class Store:
             return
         ol, ou = self.dense[name]
         nl = ol + al
+        if ou is None or au is None:  # the lower bound only
+            self.dense[name] = (nl, None)
+            return
         self.dense[name] = (nl, nl if (ol is ou and al is au) else ou + au)
 
     def add_patch(self, name, g, al, au):
@@ -171,7 +174,10 @@ class Store:
             gc = _common(g0, g)
             if gc is not None:
                 nl = _add_into(gc, [(g0, l0), (g, al)])
-                nu = nl if (l0 is u0 and al is au) else _add_into(gc, [(g0, u0), (g, au)])
+                if u0 is None or au is None:  # the lower bound only
+                    nu = None
+                else:
+                    nu = nl if (l0 is u0 and al is au) else _add_into(gc, [(g0, u0), (g, au)])
                 self.patches[name] = (gc, nl, nu)
                 return
             self.densify(name)
@@ -187,7 +193,7 @@ class Store:
     def _dense_pair(self, name, g, al, au):
         shape = self.graph[name].shape
         dl = g.to_dense(al, shape)
-        return dl, (dl if au is al else g.to_dense(au, shape))
+        return dl, (None if au is None else dl if au is al else g.to_dense(au, shape))
 
 
 def start_patches(graph, start, rows, dtype, B, cache=None) -> "Store":

@@ -11,7 +11,7 @@ import math
 import torch
 
 from ..bound_types import Interval
-from .base import BoundRule, NotSupported, register
+from .base import BoundRule, NotSupported, one_sided, register
 
 
 # a relaxation whose lines are at most this far apart on [l, u] is not worth tightening its
@@ -47,6 +47,68 @@ def split_multipliers(A_l, A_u, beta, in_place: bool = False):
             c_l = c_l + (grp[1] * sp).flatten(2).sum(2)
             c_u = c_u - (grp[2] * sp).flatten(2).sum(2)
     return A_l, A_u, c_l, c_u
+
+
+def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
+    """``t`` summed over the dims where ``shape`` (same rank) has size 1."""
+    dims = tuple(i for i, (a, b) in enumerate(zip(t.shape, shape)) if b == 1 and a != 1)
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+class LineSelect(torch.autograd.Function):
+    """One side of an element-wise relaxation's backward step under autograd (certified
+    training), with a hand-written gradient:
+
+        A' = A+ k_pos + A- k_neg,    bias = A+·b_pos + A-·b_neg  (per row: [B, S])
+
+    ``A: [B, S, *shape]``; ``k_*``: broadcastable to A (``[B, 1 | S, *shape]``); ``b_*``:
+    ``[B, n, 1]`` (n = prod(shape)) or None (a zero bias). Gradients, with ``m = [A < 0]``:
+    ``dA = g·(m k_neg + (1-m) k_pos) + gb·(m b_neg + (1-m) b_pos)``, ``dk_neg = sum g·A-``,
+    ``dk_pos = sum g·A+`` (summed over the broadcast dims), ``db_neg = sum_S gb·A-``,
+    ``db_pos = sum_S gb·A+``: about 40% fewer passes over A than autograd through the clamps and
+    products (the widest tensors of the CROWN-IBP loss)."""
+
+    @staticmethod
+    def forward(ctx, A, k_pos, k_neg, b_pos, b_neg):
+        neg = A < 0
+        slope = torch.where(neg, k_neg, k_pos)
+        out = A * slope
+        An = torch.where(neg, A, 0.0)
+        B, S = A.shape[:2]
+        bias = A.new_zeros(B, S)
+        if b_neg is not None:
+            bias = bias + torch.bmm(An.flatten(2), b_neg).squeeze(-1)
+        if b_pos is not None:
+            bias = bias + torch.bmm((A - An).flatten(2), b_pos).squeeze(-1)
+        ctx.save_for_backward(A, An, slope, neg, k_pos, k_neg, b_pos, b_neg)
+        return out, bias
+
+    @staticmethod
+    def backward(ctx, g, gb):
+        A, An, slope, neg, k_pos, k_neg, b_pos, b_neg = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        B, S = A.shape[:2]
+        shape = A.shape[2:]
+        dA = dkp = dkn = dbp = dbn = None
+        if g is None:
+            g = torch.zeros_like(A)
+        if need[0]:
+            dA = g * slope
+            if gb is not None:
+                gbv = gb.view(B, S, *[1] * len(shape))
+                if b_neg is not None:
+                    dA.addcmul_(torch.where(neg, b_neg.view(B, 1, *shape), 0.0), gbv)
+                if b_pos is not None:
+                    dA.addcmul_(torch.where(neg, 0.0, b_pos.view(B, 1, *shape)), gbv)
+        if need[2]:
+            dkn = _sum_to(g * An, k_neg.shape)
+        if need[1]:
+            dkp = _sum_to(g * (A - An), k_pos.shape)
+        if gb is not None and need[4]:
+            dbn = torch.bmm(gb.unsqueeze(1), An.flatten(2)).transpose(1, 2)
+        if gb is not None and need[3]:
+            dbp = torch.bmm(gb.unsqueeze(1), (A - An).flatten(2)).transpose(1, 2)
+        return dA, dkp, dkn, dbp, dbn
 
 
 class ElementwiseRelaxation(BoundRule):
@@ -157,6 +219,7 @@ class ElementwiseRelaxation(BoundRule):
     def point(self, node, inputs):
         return self.f(node, inputs[0])
 
+    @one_sided
     def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
         """``alpha``: optional optimized lower-line slopes ``(for the lower bound, for the upper
         bound)``, each ``[B, S, *shape]``, used where the neuron is unstable (alpha-CROWN; only
@@ -169,6 +232,10 @@ class ElementwiseRelaxation(BoundRule):
 
         The two new A are the halves of one tensor ``[B, 2S, *shape]``, so that the next affine
         rule maps both in one call without copying them together."""
+        if A_upper is None and beta is not None:
+            # the split multipliers act on both halves: the upper one is computed and dropped
+            [(A_l, _)], b_l, _ = self.backward(node, A_lower, A_lower, inputs, alpha, beta)
+            return [(A_l, None)], b_l, None
         (x,) = inputs
         kl, bl, ku, bu = self.relaxation(node, x)
         B = kl.shape[0]
@@ -181,10 +248,12 @@ class ElementwiseRelaxation(BoundRule):
         S = A_lower.shape[1]
         betas = () if beta is None else [t for grp in (beta if isinstance(beta, list) else [beta])
                                          for t in grp[1:3]]
-        tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (A_lower, A_upper, kl, kl_u, *betas))
+        halves = 1 if A_upper is None else 2
+        tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (A_lower, A_upper, kl, kl_u, *betas)
+                                                  if t is not None)
         both = scratch = None
         if not tracked:  # autograd cannot write into buffers
-            both = A_lower.new_empty(A_lower.shape[0], 2 * S, *A_lower.shape[2:])
+            both = A_lower.new_empty(A_lower.shape[0], halves * S, *A_lower.shape[2:])
             scratch = torch.empty_like(A_lower)
 
         # a line may be a constant at +-inf (no finite line bounds the function there, e.g. exp
@@ -201,6 +270,9 @@ class ElementwiseRelaxation(BoundRule):
             """Entries of A >= 0 take the (k_pos, b_pos) line, the others (k_neg, b_neg):
             A+ k_pos + A- k_neg, exact since one of the two products is 0 (torch.where is much
             slower on CPU)."""
+            if tracked and not infinite and alpha is None:
+                # (alpha-CROWN, whose slopes are per row, keeps autograd's gradient)
+                return LineSelect.apply(A, k_pos, k_neg, b_pos, b_neg)
             out = None if both is None else both[:, half * S:(half + 1) * S]
             An = torch.clamp(A, max=0, out=out)
             bias = 0.0
@@ -215,6 +287,8 @@ class ElementwiseRelaxation(BoundRule):
 
         bl = bl if self.has_lower_bias else None
         A_l, b_l = one(A_lower, kl, ku, bl, bu, 0)
+        if A_upper is None:
+            return [(A_l, None)], b_l, None
         A_u, b_u = one(A_upper, ku, kl_u, bu, bl, 1)
         if beta is not None:
             # in place unless tracked: the two halves stay one tensor

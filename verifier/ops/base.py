@@ -53,6 +53,15 @@ class NotSupported(VerifierError):
         super().__init__(msg + (f": {why}" if why else ""))
 
 
+def one_sided(backward):
+    """Marks a rule's ``backward`` as accepting ``A_upper=None``: only the lower bound is asked
+    for (e.g. the certified-training loss), and it returns ``None`` for every input's upper A and
+    for the upper bias. The backward interpreter passes ``A_lower`` twice to any other rule and
+    drops the upper half it returns. A subclass that overrides ``backward`` is not marked."""
+    backward.one_sided = True
+    return backward
+
+
 def register(op: str):
     """Class decorator: one registry line per rule."""
     def deco(cls):
@@ -113,6 +122,11 @@ class BoundRule:
     def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
         """-> ([(A_lower_i, A_upper_i) per input], bias_lower, bias_upper)."""
         raise NotSupported(self.op, "backward")
+
+    @property
+    def lower_only(self) -> bool:
+        """Whether ``backward`` takes ``A_upper=None`` (see ``one_sided``)."""
+        return getattr(type(self).backward, "one_sided", False)
 
     @property
     def optimizable(self) -> bool:
@@ -257,7 +271,11 @@ class AffineRule(BoundRule):
         """``A·b``: [B, S], or 0.0 when the map has no constant part."""
         return 0.0
 
+    @one_sided
     def backward(self, node, A_lower, A_upper, inputs, alpha=None, beta=None):
+        if A_upper is None:
+            b_lo = self.bias(node, A_lower)
+            return [(a, None) for a in self.transpose(node, A_lower)], b_lo, None
         if A_upper is A_lower:
             lo = self.transpose(node, A_lower)
             b_lo = self.bias(node, A_lower)

@@ -73,8 +73,10 @@ def certified_margins(bm: BoundedModel, x: torch.Tensor, y: torch.Tensor, eps: f
     res = bm.bounds(ball, "ibp", spec=C, live=True, batch_stats=batch_stats, weights=weights)
     lower = res.lower
     if method == "crown-ibp" and beta > 0:
+        # the IBP intervals just computed are CROWN-IBP's intermediate bounds; the loss reads
+        # only lower bounds of the spec rows: one lower-side backward pass
         cres = bm.bounds(ball, "crown-ibp", spec=C, live=True, batch_stats=batch_stats,
-                         weights=weights)
+                         weights=weights, intervals=res.nodes, upper=False)
         lower = beta * cres.lower + (1 - beta) * lower if beta < 1 else cres.lower
     return lower, res.nodes
 
