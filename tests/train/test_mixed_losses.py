@@ -12,13 +12,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from verifier import BoundedModel
+from verifier import BoundedModel, LpBall, margin_spec
 from verifier.cli import main
 from verifier.train import mixed
 from verifier.train.config import ConfigError, from_dict
 from verifier.train.losses import robust_ce
-from verifier.train.mixed import (adversarial_margins, cc_ibp_loss, mixed_loss, mtl_ibp_loss,
-                                  pgd_in_box, sabr_box)
+from verifier.train.mixed import (adversarial_margins, cc_ibp_loss, forward_with_stats, mixed_loss,
+                                  mtl_ibp_loss, pgd_in_box, sabr_box)
 
 N_IN, N_HID, N_CLS, B, EPS = 6, 8, 4, 7, 0.15
 
@@ -174,7 +174,6 @@ def test_sabr_box_inside_the_ball_and_its_bounds_hold_on_samples_and_pgd(eps, la
     assert torch.allclose(width, expect, atol=1e-6)      # as large as allowed, never larger
     # the bounds of the loss hold over the small box: sampled points and a PGD attack inside it
     bm = BoundedModel(net, input_shape=(N_IN,))
-    from verifier import margin_spec
     C = margin_spec(y, N_CLS)
     lower = bm.bounds(box, "ibp", spec=C, live=True).lower.detach()
     u = torch.rand(200, *x.shape, generator=g)
@@ -212,7 +211,16 @@ def test_adversarial_margins_match_the_module_and_bound_ibp_with_batchnorm():
     loss, nodes, logged = mixed_loss(net, bm, x, y, EPS, "cc-ibp", N_CLS, alpha=0.5, steps=2,
                                      batch_stats=stats)
     z = adversarial_margins(bm, xa, y, N_CLS, stats)
-    from verifier import LpBall, margin_spec
+    # the module's forward with the clean statistics computes the live graph's function
+    z_mod = (margin_spec(y, N_CLS) @ forward_with_stats(net, xa, stats).unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(z, z_mod, atol=1e-5)
+    assert net.training                               # the mode is restored
+    g1 = torch.autograd.grad(z.sum(), net[1].weight, retain_graph=True)[0]
+    g2 = torch.autograd.grad(z_mod.sum(), net[1].weight, retain_graph=True)[0]
+    assert torch.allclose(g1, g2, atol=1e-5)
+    running = net[1].running_mean.clone()
+    forward_with_stats(net, xa, stats)
+    assert torch.equal(net[1].running_mean, running)  # no running-statistics update
     m = bm.bounds(LpBall(x, EPS, clip=(0, 1)), "ibp", spec=margin_spec(y, N_CLS), live=True,
                   batch_stats=stats).lower
     assert (m <= z + 1e-5).all()
