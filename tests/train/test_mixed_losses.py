@@ -273,3 +273,46 @@ def test_train_command_runs_one_epoch_of_each_method_on_digits(tmp_path, capsys,
     hist = json.loads((out / "report.json").read_text())["history"]
     assert len(hist) == 1 and "rob" in hist[0]
     assert ("box_cert" in hist[0]) == (method == "sabr")
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_resumed_sabr_run_ends_with_the_uninterrupted_weights(tmp_path):
+    """The attack's random starts come from the step's generator: resuming is exact."""
+    from verifier.train import load_digits_split
+    from verifier.train.trainer import train
+    data = load_digits_split("train"), load_digits_split("test")
+    d = dict(dataset="digits", model="mlp", model_kwargs={"in_dim": 64, "hidden": [16]}, eps=0.1,
+             epochs=3, warmup_epochs=0, ramp_epochs=2, method="sabr", pgd_steps=2, seed=1)
+    full = train(from_dict({**d, "output": str(tmp_path / "full")}), progress=False, data=data)
+
+    def interrupt(epoch, step):
+        if epoch == 1 and step == 5:
+            raise _Stop
+    with pytest.raises(_Stop):
+        train(from_dict({**d, "output": str(tmp_path / "cut")}), progress=False, data=data,
+              callback=interrupt)
+    again = train(from_dict({**d, "output": str(tmp_path / "cut")}), resume=True, progress=False,
+                  data=data)
+    for k, v in full.net.state_dict().items():
+        assert torch.equal(v, again.net.state_dict()[k]), k
+
+
+def test_a_checkpoint_without_the_new_keys_resumes_with_their_defaults(tmp_path):
+    """Checkpoints written before alpha / sabr_lambda existed resume (those keys had their
+    defaults then); one whose value differs is refused."""
+    from verifier.train import load_digits_split
+    from verifier.train.trainer import train
+    data = load_digits_split("train"), load_digits_split("test")
+    d = dict(dataset="digits", model="mlp", model_kwargs={"in_dim": 64, "hidden": [8]}, eps=0.1,
+             epochs=1, warmup_epochs=0, ramp_epochs=1, output=str(tmp_path / "o"))
+    train(from_dict(d), progress=False, data=data)
+    path = tmp_path / "o" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["alpha"], ckpt["config"]["sabr_lambda"]
+    torch.save(ckpt, path)
+    assert train(from_dict(d), resume=True, progress=False, data=data).epoch == 1
+    with pytest.raises(ConfigError, match=r"different config \(alpha\)"):
+        train(from_dict({**d, "alpha": 0.2}), resume=True, progress=False, data=data)
