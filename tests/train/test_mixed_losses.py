@@ -316,3 +316,11 @@ def test_a_checkpoint_without_the_new_keys_resumes_with_their_defaults(tmp_path)
     assert train(from_dict(d), resume=True, progress=False, data=data).epoch == 1
     with pytest.raises(ConfigError, match=r"different config \(alpha\)"):
         train(from_dict({**d, "alpha": 0.2}), resume=True, progress=False, data=data)
+
+
+def test_mixed_loss_names_an_unknown_method():
+    from verifier.errors import VerifierError
+    net = _net()
+    x, y, _ = _data()
+    with pytest.raises(VerifierError, match="'ibp' is not one of mtl-ibp, cc-ibp, sabr"):
+        mixed_loss(net, BoundedModel(net, input_shape=(N_IN,)), x, y, EPS, "ibp", N_CLS)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..api import BoundedModel, margin_spec
 from ..devices import uniform
+from ..errors import VerifierError
 from ..perturbation import Box, LpBall
 from ..projected_gradient import Variable, projected_gradient, sign_step
 from .losses import robust_ce
@@ -132,7 +133,7 @@ def mixed_loss(net, bm: BoundedModel, x: torch.Tensor, y: torch.Tensor, eps: flo
     node intervals it bounded (the eps ball's, SABR: the small box's), logged values).
     The attack runs with ``net`` in eval mode; the mode is restored afterwards."""
     if method not in MIXED_METHODS:
-        raise ValueError(f"mixed_loss: method {method!r} is not one of {', '.join(MIXED_METHODS)}")
+        raise VerifierError(f"mixed_loss: method {method!r} is not one of {', '.join(MIXED_METHODS)}")
     mode = net.training
     net.eval()
     try:
