@@ -5,6 +5,7 @@ images; prints clean / PGD / certified accuracy and wall time.
     python benchmarks/train_mnist.py mnist-0.3        # eps 0.3
     python benchmarks/train_mnist.py fashion-0.1      # Fashion-MNIST, full set, eps 0.1
     python benchmarks/train_mnist.py mnist-0.1 --width 16 --fc 256 --ship models/   # smaller model
+    python benchmarks/train_mnist.py mnist-0.3 --method mtl-ibp --alpha 0.5 --pgd-steps 1
 
 MNIST: trained on /work/shared/datasets/mnist_train10k.npz (or --data-dir), evaluated on the
 1,000 test images of mnist_test1k.npz; Fashion-MNIST: the IDX files of Debian's
@@ -55,9 +56,16 @@ RUNS = {
 
 def config_for(name: str, args) -> dict:
     d = {**_COMMON, **RUNS[name], "seed": args.seed, "threads": args.threads,
-         "output": args.output or f"runs/{name}"}
+         "output": args.output or f"runs/{name}" + (f"-{args.method}" if args.method else "")}
     d["model_kwargs"] = {**_COMMON["model_kwargs"], **RUNS[name].get("model_kwargs", {}),
                          "width": args.width, "fc": args.fc}
+    if args.method is not None:   # another loss on the same recipe (verifier.train.mixed)
+        if d["method"] == "natural":
+            raise SystemExit(f"{name}: the natural baseline takes no --method")
+        d["method"] = args.method
+    for key in ("alpha", "sabr_lambda", "pgd_steps"):
+        if getattr(args, key) is not None:
+            d[key] = getattr(args, key)
     if args.eval_methods:
         d["eval_methods"] = list(args.eval_methods)
     if args.eval_budget is not None:
@@ -116,6 +124,11 @@ def main() -> int:
     p.add_argument("--epochs", type=int, help="shorter runs (the schedule is scaled down)")
     p.add_argument("--width", type=int, default=32, help="cnn_cert: channels of the first convolution")
     p.add_argument("--fc", type=int, default=256, help="cnn_cert: width of the hidden dense layer")
+    p.add_argument("--method", choices=["ibp", "crown-ibp", "mtl-ibp", "cc-ibp", "sabr"],
+                   help="the training loss (default ibp; see verifier train --help)")
+    p.add_argument("--alpha", type=float, help="mtl-ibp / cc-ibp: the IBP share (default 0.5)")
+    p.add_argument("--sabr-lambda", type=float, help="sabr: small-box radius / eps (default 0.4)")
+    p.add_argument("--pgd-steps", type=int, help="steps of the training attack (default 5)")
     p.add_argument("--eval-methods", nargs="+", help="verification methods of the report, run in a "
                    "cascade (default ibp crown alpha-crown)")
     p.add_argument("--eval-budget", type=float, metavar="S",
@@ -141,6 +154,10 @@ def main() -> int:
               f"wall {wall:.0f} s, violations {report['violations']})", flush=True)
         if a.ship:
             cmd = (f"python benchmarks/train_mnist.py {name} --width {a.width} --fc {a.fc} "
+                   + (f"--method {a.method} " if a.method else "")
+                   + "".join(f"--{k.replace('_', '-')} {getattr(a, k):g} "
+                             for k in ("alpha", "sabr_lambda", "pgd_steps") if getattr(a, k) is not None)
+                   + (f"--epochs {a.epochs} " if a.epochs is not None else "")
                    + (f"--eval-methods {' '.join(a.eval_methods)} " if a.eval_methods else "")
                    + (f"--eval-budget {a.eval_budget:g} " if a.eval_budget is not None else "")
                    + f"--threads {a.threads} --seed {a.seed}")

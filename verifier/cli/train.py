@@ -1,4 +1,5 @@
-"""``verifier train``: certified training (IBP, CROWN-IBP) from a config file and flags.
+"""``verifier train``: certified training (IBP, CROWN-IBP, MTL-IBP, CC-IBP, SABR) from a config
+file and flags.
 
 The modules that import torch are imported inside the commands, so that ``verifier --help``
 and argument errors answer without torch (tests/cli/test_cli_main.py).
@@ -9,16 +10,23 @@ import argparse
 import json
 import sys
 
-from ..train.config import AUTO_GRID, default, load_config
+from ..train.config import AUTO_GRID, METHODS, default, load_config
 from .lipschitz import cmd_train_lipschitz, lipschitz_train_arguments
 from .util import (EXIT_OK, CliError, device_name, finite_float, nonneg_float, output_dir,
                    positive_int)
 
 TRAIN_DESCRIPTION = """\
 Train a classifier to be certifiably robust under an L-inf ball of radius --eps (pixel scale,
-inputs in [0, 1]) with bound-propagation losses (IBP, or CROWN-IBP mixed with IBP), then evaluate
-it on the test set. Settings come from a config file (YAML or TOML: the keys of
-verifier.train.TrainConfig, see docs/howto-train.md) with the flags below overriding it.
+inputs in [0, 1]) with bound-propagation losses, then evaluate it on the test set. --method:
+  ibp        ce(m)                                m: IBP lower bounds of the margins f_y - f_j
+  crown-ibp  ce(beta*m_crown_ibp + (1-beta)*m)    over the eps ball, ce(v) = log(1 + sum exp(-v_j))
+  mtl-ibp    (1-alpha)*ce(z_adv) + alpha*ce(m)    z_adv: the margins at a PGD point of the ball
+  cc-ibp     ce((1-alpha)*z_adv + alpha*m)        (De Palma et al. 2024)
+  sabr       ce(m_S)   m_S: IBP over the box of radius sabr_lambda*eps around a PGD point of
+             the ball shrunk so that the box stays inside it (Mueller et al. 2023)
+each mixed with the natural loss as kappa*natural + (1-kappa)*loss while eps ramps up.
+Settings come from a config file (YAML or TOML: the keys of verifier.train.TrainConfig, see
+docs/howto-train.md) with the flags below overriding it.
 A checkpoint is written after every epoch (OUTPUT/checkpoint.pt); --resume continues a stopped
 run from it, ending with the same weights as an uninterrupted run. At the end OUTPUT holds
 model.pt (state dict), model.onnx, report.json and report.png: clean accuracy, PGD accuracy,
@@ -35,7 +43,8 @@ examples:
 # flag -> config key, for the flags that map one to one
 _FLAGS = ["dataset", "train_path", "test_path", "train_subset", "test_subset", "model", "method",
           "eps", "train_eps", "schedule", "epochs", "warmup_epochs", "ramp_epochs", "batch_size",
-          "lr", "seed", "output", "threads", "device", "pgd_weight", "reg_weight", "eval_eps"]
+          "lr", "seed", "output", "threads", "device", "pgd_weight", "reg_weight", "eval_eps",
+          "alpha", "sabr_lambda", "pgd_steps"]
 
 
 def _default(key: str) -> str:
@@ -61,7 +70,15 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", metavar="NAME", help="a zoo model (models/architectures.py: mlp, "
                    f"small_cnn, cnn_cert, ...) or package.module:function {_default('model')}")
     g.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments of the model, a JSON object")
-    g.add_argument("--method", choices=["natural", "ibp", "crown-ibp"], help=_default("method"))
+    g.add_argument("--method", choices=list(METHODS),
+                   help=f"the loss (formulas above) {_default('method')}")
+    g.add_argument("--alpha", type=nonneg_float,
+                   help=f"mtl-ibp, cc-ibp: the IBP share of the mix, in [0, 1] {_default('alpha')}")
+    g.add_argument("--sabr-lambda", type=nonneg_float,
+                   help=f"sabr: the small box's radius over eps, in (0, 1] {_default('sabr_lambda')}")
+    g.add_argument("--pgd-steps", type=int, metavar="N",
+                   help="steps of the training attack (mtl-ibp, cc-ibp, sabr, --pgd-weight) "
+                        f"{_default('pgd_steps')}")
     g.add_argument("--eps", type=nonneg_float,
                    help=f"the target L-inf radius (evaluation) {_default('eps')}")
     g.add_argument("--train-eps", type=nonneg_float, help="the radius trained at (default --eps)")

@@ -1,5 +1,6 @@
 """Certified training: IBP and CROWN-IBP losses on differentiable bounds from the core engine
-(``BoundedModel.bounds(..., live=True)``), eps schedules, data readers, a checkpointed training
+(``BoundedModel.bounds(..., live=True)``), losses that mix in an adversarial point (MTL-IBP,
+CC-IBP, SABR: ``verifier.train.mixed``), eps schedules, data readers, a checkpointed training
 loop with exact resume, and evaluation reports.
 
     from verifier.train import TrainConfig, run_training

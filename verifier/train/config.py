@@ -18,7 +18,9 @@ class ConfigError(VerifierError):
     """An invalid training configuration (key, value or file)."""
 
 
-METHODS = ("natural", "ibp", "crown-ibp")
+METHODS = ("natural", "ibp", "crown-ibp", "mtl-ibp", "cc-ibp", "sabr")
+# the methods whose loss needs an adversarial point (verifier.train.mixed)
+ATTACK_METHODS = ("mtl-ibp", "cc-ibp", "sabr")
 # the default grid of the certified-accuracy-against-eps plot, in multiples of eps: the fall of
 # certified accuracy below, at and past the radius of interest
 AUTO_GRID = (0.25, 0.5, 1.0, 1.5, 2.0)
@@ -36,7 +38,7 @@ class TrainConfig:
     test_subset: int | None = None         # evaluate on the first N test samples
     model: str = "mlp"                     # a zoo name (models/architectures.py) or module:function
     model_kwargs: dict = field(default_factory=dict)
-    method: str = "ibp"                    # natural | ibp | crown-ibp
+    method: str = "ibp"                    # natural | ibp | crown-ibp | mtl-ibp | cc-ibp | sabr
     eps: float = 0.1                       # the target radius (evaluation)
     train_eps: float | None = None         # the radius trained at (default: eps)
     epochs: int = 20
@@ -60,7 +62,9 @@ class TrainConfig:
     weight_params: str = "*"               # ... of these parameters (glob) ...
     weight_relative: bool = True           # ... |dW| <= weight_eps |W| (else |dW| <= weight_eps)
     pgd_weight: float = 0.0                # adversarial CE term (0: off)
-    pgd_steps: int = 5
+    pgd_steps: int = 5                     # attack steps of that term and of mtl-ibp/cc-ibp/sabr
+    alpha: float = 0.5                     # mtl-ibp / cc-ibp: the IBP share of the convex combination
+    sabr_lambda: float = 0.4               # sabr: small-box radius / eps
     seed: int = 0
     output: str = "train_out"
     threads: int = 1
@@ -121,8 +125,17 @@ class TrainConfig:
             bad("lr_decay", f"must lie in (0, 1], got {self.lr_decay}")
         if any(not isinstance(m, int) or m < 1 for m in self.lr_milestones):
             bad("lr_milestones", f"must be a list of positive epoch numbers, got {self.lr_milestones}")
-        if self.weight_eps > 0 and self.method == "natural":
-            bad("weight_eps", "training under weight perturbations needs method ibp or crown-ibp")
+        if self.weight_eps > 0 and self.method not in ("ibp", "crown-ibp"):
+            bad("weight_eps", "training under weight perturbations needs method ibp or crown-ibp, "
+                              f"not {self.method}")
+        if not (0 <= self.alpha <= 1 and math.isfinite(self.alpha)):
+            bad("alpha", f"must lie in [0, 1] (0: adversarial loss, 1: IBP loss), got {self.alpha}")
+        if not (0 < self.sabr_lambda <= 1 and math.isfinite(self.sabr_lambda)):
+            bad("sabr_lambda", f"must lie in (0, 1] (the small box's radius over eps), got "
+                               f"{self.sabr_lambda}")
+        if self.method in ATTACK_METHODS and self.pgd_steps < 1:
+            bad("pgd_steps", f"method {self.method} needs an attack of at least 1 step, got "
+                             f"{self.pgd_steps}")
         for k in ("weight_decay", "reg_weight", "pgd_weight", "weight_eps"):
             if getattr(self, k) < 0:
                 bad(k, f"must be >= 0, got {getattr(self, k)}")
@@ -148,7 +161,7 @@ _INTS = {"train_subset", "test_subset", "epochs", "warmup_epochs", "ramp_epochs"
          "pgd_steps", "seed", "threads", "eval_pgd_steps", "eval_batch"}
 _FLOATS = {"eps", "train_eps", "kappa_start", "kappa_end", "beta_start", "beta_end", "lr",
            "lr_decay", "weight_decay", "grad_clip", "reg_weight", "reg_tau", "pgd_weight", "weight_eps",
-           "eval_budget_s"}
+           "eval_budget_s", "alpha", "sabr_lambda"}
 _STRS = {"dataset", "train_path", "test_path", "model", "method", "schedule", "output",
          "weight_params", "device"}
 _OPTIONAL = {"train_path", "test_path", "train_subset", "test_subset", "train_eps", "grad_clip",

@@ -29,10 +29,11 @@ from ..errors import ModelLoadError
 from ..graph.live import BatchStats
 from ..model_io import build_architecture
 from ..weights import WeightPerturbation
-from .config import ConfigError, TrainConfig, to_dict
+from .config import ATTACK_METHODS, ConfigError, TrainConfig, default, to_dict
 from .data import Dataset, load_dataset
 from .init import ibp_init_
 from .losses import certified_margins, pgd_ce, robust_ce, warmup_regularizers
+from .mixed import mixed_loss
 from .schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,8 @@ def _load(state: TrainState, cfg: TrainConfig, path: Path) -> None:
     if not isinstance(ckpt, dict) or not {"model", "optimizer", "scheduler", "epoch"} <= set(ckpt):
         raise ConfigError(f"{path}: not a training checkpoint of verifier train")
     old, new = ckpt.get("config", {}), to_dict(cfg)
-    diff = sorted(k for k in new if k not in _RESUME_FREE and old.get(k) != new[k])
+    # a key the checkpoint's config lacks (added since) had its default then
+    diff = sorted(k for k in new if k not in _RESUME_FREE and old.get(k, default(k)) != new[k])
     if diff:
         raise ConfigError(f"{path}: --resume with a different config ({', '.join(diff)}); use the "
                           "run's config or another output folder")
@@ -144,7 +146,18 @@ def train_step(cfg: TrainConfig, state: TrainState, xb, yb, s: dict, n_classes: 
     if cfg.weight_eps > 0 and s["progress"] > 0:
         weights = WeightPerturbation(cfg.weight_params, cfg.weight_eps * s["progress"],
                                      relative=cfg.weight_relative)
-    if cfg.method != "natural" and (eps > 0 or weights is not None):
+    if cfg.method in ATTACK_METHODS:
+        if eps > 0:
+            # the attack, the ball and the small box all use the current (ramped) eps
+            rob, nodes, logged = mixed_loss(net, state.bm, xb, yb, eps, cfg.method, n_classes,
+                                            alpha=cfg.alpha, lam=cfg.sabr_lambda,
+                                            steps=cfg.pgd_steps, generator=gen, batch_stats=stats)
+            loss = s["kappa"] * nat + (1 - s["kappa"]) * rob
+            out.update(rob=float(rob.detach()), **logged)
+            if cfg.reg_weight > 0 and s["progress"] < 1:
+                tight, bal = warmup_regularizers(state.bm, nodes, cfg.reg_tau)
+                loss = loss + cfg.reg_weight * (1 - s["progress"]) * (tight + bal)
+    elif cfg.method != "natural" and (eps > 0 or weights is not None):
         lower, nodes = certified_margins(state.bm, xb, yb, eps, s["beta"], cfg.method, n_classes,
                                          batch_stats=stats, weights=weights)
         rob = robust_ce(lower)
