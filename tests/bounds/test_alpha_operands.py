@@ -1,0 +1,163 @@
+"""alpha-CROWN's intermediate phase on the operands of attention's products
+(``verifier.bounds.alpha``: ``intermediate="operands"``, the default on graphs with products of
+perturbed tensors): which nodes it picks, that every bound it returns (the output's and every
+intermediate node's, the tightened operands included) holds at sampled and PGD points in float32
+and float64, that it is never looser than CROWN, and that its option is validated."""
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from verifier import BoundedModel, Box, margin_spec
+from verifier.bounds.alpha import alpha_crown, product_operands
+from verifier.bounds.crown import crown
+from verifier.errors import VerifierError
+from tests.helpers import check_sound
+
+
+class Block(nn.Module):
+    """Pre-LN encoder block: softmax attention (2 heads) and a ReLU MLP, both residual."""
+
+    def __init__(self, d=4, heads=2):
+        super().__init__()
+        self.h, self.dh = heads, d // heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):                                       # [B, n, d]
+        B, n, d = x.shape
+        z = self.ln1(x)
+        q = self.q(z).reshape(B, n, self.h, self.dh).transpose(1, 2)
+        k = self.k(z).reshape(B, n, self.h, self.dh).transpose(1, 2)
+        v = self.v(z).reshape(B, n, self.h, self.dh).transpose(1, 2)
+        w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.dh), dim=-1)
+        x = x + self.o((w @ v).transpose(1, 2).reshape(B, n, d))
+        return x + self.fc2(torch.relu(self.fc1(self.ln2(x))))
+
+
+class TinyViT(nn.Module):
+    def __init__(self, d=4, blocks=2, out=3):
+        super().__init__()
+        self.embed = nn.Linear(d, d)
+        self.blocks = nn.Sequential(*(Block(d) for _ in range(blocks)))
+        self.head = nn.Linear(d, out)
+
+    def forward(self, x):                                       # [B, n, d]
+        return self.head(self.blocks(self.embed(x)).mean(1))
+
+
+def _model(dtype, blocks=2, seed=0):
+    torch.manual_seed(seed)
+    return BoundedModel(TinyViT(blocks=blocks), input_shape=(3, 4), dtype=dtype)
+
+
+def _box(eps, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 3, 4, generator=g, dtype=dtype)
+    return Box(x - eps, x + eps)
+
+
+def test_operands_are_those_of_the_products_after_the_first():
+    """Block 0's Q K^T has no product before it; its weights @ values has (the weights); every
+    product of block 1 has: Q, K, the weights and V."""
+    bm = _model(torch.float64)
+    g = bm.graph
+    products = [n for n in g.order if g[n].op == "einsum"]
+    assert len(products) == 4
+    groups = product_operands(g)
+    picked = [n for grp in groups for n in grp]
+    firsts = set(g[products[0]].inputs)
+    assert not firsts & set(picked)
+    # every operand of block 1's two products is picked, each once
+    for p in products[2:]:
+        assert set(g[p].inputs) <= set(picked)
+    assert len(picked) == len(set(picked))
+    # a one-block model: only the weights of weights @ values follow a product
+    one = _model(torch.float64, blocks=1).graph
+    ps = [n for n in one.order if one[n].op == "einsum"]
+    assert [n for grp in product_operands(one) for n in grp] == [one[ps[1]].inputs[0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_operand_alpha_is_sound_and_never_looser_than_crown(dtype):
+    bm = _model(dtype)
+    box = _box(0.05, dtype)
+    C = margin_spec([0], 3, dtype=dtype)
+    rep = check_sound(bm, box, spec=C, methods=("crown", "alpha-crown"), pgd_steps=10,
+                      restarts=1)
+    a, c = rep.results["alpha-crown"], rep.results["crown"]
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    assert bool((a.lower >= c.lower - tol).all() and (a.upper <= c.upper + tol).all())
+    assert float((a.lower - c.lower).max()) > 1e-3
+
+
+def test_operand_bounds_tighten_crowns_and_stay_inside_them():
+    """The tightened operands (and every node re-bounded over them) lie inside CROWN's own
+    intervals, and the operands are strictly tighter somewhere."""
+    bm = _model(torch.float64)
+    g = bm.graph
+    leaves = bm._leaves(_box(0.05, torch.float64))
+    C = margin_spec([0], 3, dtype=torch.float64)
+    c = crown(g, leaves, C)
+    a = alpha_crown(g, leaves, C, intermediate="operands", iterations=5)
+    for name, iv in c.nodes.items():
+        assert bool((a.nodes[name].lower >= iv.lower - 1e-9).all()), name
+        assert bool((a.nodes[name].upper <= iv.upper + 1e-9).all()), name
+    gain = max(float(((c.nodes[n].upper - c.nodes[n].lower) - (a.nodes[n].upper - a.nodes[n].lower)).max())
+               for grp in product_operands(g) for n in grp)
+    assert gain > 1e-3
+
+
+def test_named_nodes_and_output_only_are_sound_too():
+    bm = _model(torch.float64, seed=3)
+    g = bm.graph
+    box = _box(0.04, torch.float64, seed=5)
+    leaves = bm._leaves(box)
+    C = margin_spec([1], 3, dtype=torch.float64)
+    c = crown(g, leaves, C)
+    q1 = product_operands(g)[-2][0]
+    for option in ([q1], False, True):
+        a = alpha_crown(g, leaves, C, intermediate=option, iterations=5, intermediate_iterations=3)
+        assert bool((a.lower >= c.lower - 1e-9).all())
+        # the truth at sampled points of the box
+        x = box.lower + (box.upper - box.lower) * torch.rand(256, *box.lower.shape[1:],
+                                                             dtype=torch.float64).unsqueeze(1)
+        y = bm.module.double()(x.flatten(0, 1)).view(256, 1, 3)
+        m = torch.einsum("bsk,nbk->nbs", C, y)
+        assert bool((m >= a.lower - 1e-9).all()), option
+
+
+def test_a_past_deadline_gives_crowns_bounds():
+    bm = _model(torch.float64)
+    g = bm.graph
+    leaves = bm._leaves(_box(0.05, torch.float64))
+    C = margin_spec([0], 3, dtype=torch.float64)
+    c = crown(g, leaves, C)
+    a = alpha_crown(g, leaves, C, deadline=time.perf_counter() - 1)
+    assert torch.allclose(a.lower, c.lower)
+
+
+@pytest.mark.parametrize("bad", ["everything", ["no_such_node"], [3]])
+def test_an_invalid_intermediate_option_is_a_typed_error(bad):
+    bm = _model(torch.float64)
+    leaves = bm._leaves(_box(0.05, torch.float64))
+    with pytest.raises(VerifierError, match="intermediate"):
+        alpha_crown(bm.graph, leaves, None, intermediate=bad)
+
+
+def test_auto_is_layer_by_layer_without_products(monkeypatch):
+    """On a plain MLP "auto" keeps the layer-by-layer optimization (no operands to pick)."""
+    torch.manual_seed(0)
+    bm = BoundedModel(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                                    nn.Linear(16, 3)), input_shape=(4,), dtype=torch.float64)
+    assert product_operands(bm.graph) == []
+    x = torch.randn(2, 4, dtype=torch.float64)
+    leaves = bm._leaves(Box(x - 0.3, x + 0.3))
+    auto = alpha_crown(bm.graph, leaves, None, iterations=10)
+    layers = alpha_crown(bm.graph, leaves, None, iterations=10, intermediate=True)
+    assert torch.equal(auto.lower, layers.lower) and torch.equal(auto.upper, layers.upper)
