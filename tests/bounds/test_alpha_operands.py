@@ -62,25 +62,24 @@ def _box(eps, dtype, seed=1):
     return Box(x - eps, x + eps)
 
 
-def test_operands_are_those_of_the_products_after_the_first():
-    """Block 0's Q K^T has no product before it; its weights @ values has (the weights); every
-    product of block 1 has: Q, K, the weights and V."""
+def test_operands_are_the_projections_read_by_the_products_after_the_first():
+    """Block 0's products have no product before their Q, K and V; block 1's Q, K (of Q K^T)
+    and V (of weights @ values) have, and none depends on another: one group. The softmax
+    weights are no projection: never picked."""
     bm = _model(torch.float64)
     g = bm.graph
     products = [n for n in g.order if g[n].op == "einsum"]
     assert len(products) == 4
     groups = product_operands(g)
-    picked = [n for grp in groups for n in grp]
-    firsts = set(g[products[0]].inputs)
-    assert not firsts & set(picked)
-    # every operand of block 1's two products is picked, each once
-    for p in products[2:]:
-        assert set(g[p].inputs) <= set(picked)
-    assert len(picked) == len(set(picked))
-    # a one-block model: only the weights of weights @ values follow a product
-    one = _model(torch.float64, blocks=1).graph
-    ps = [n for n in one.order if one[n].op == "einsum"]
-    assert [n for grp in product_operands(one) for n in grp] == [one[ps[1]].inputs[0]]
+    assert len(groups) == 1
+    want = [*g[products[2]].inputs, g[products[3]].inputs[1]]
+    assert sorted(groups[0]) == sorted(want)
+    assert g[products[3]].inputs[0] not in groups[0]          # the softmax weights
+    # three blocks: block 2's projections depend on block 1's (through its products)
+    three = _model(torch.float64, blocks=3).graph
+    assert [len(grp) for grp in product_operands(three)] == [3, 3]
+    # one block: nothing to pick, and "auto" is layer by layer
+    assert product_operands(_model(torch.float64, blocks=1).graph) == []
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -104,7 +103,7 @@ def test_operand_bounds_tighten_crowns_and_stay_inside_them():
     leaves = bm._leaves(_box(0.05, torch.float64))
     C = margin_spec([0], 3, dtype=torch.float64)
     c = crown(g, leaves, C)
-    a = alpha_crown(g, leaves, C, intermediate="operands", iterations=5)
+    a = alpha_crown(g, leaves, C, intermediate="operands", iterations=5, target=None)
     for name, iv in c.nodes.items():
         assert bool((a.nodes[name].lower >= iv.lower - 1e-9).all()), name
         assert bool((a.nodes[name].upper <= iv.upper + 1e-9).all()), name
@@ -120,7 +119,7 @@ def test_named_nodes_and_output_only_are_sound_too():
     leaves = bm._leaves(box)
     C = margin_spec([1], 3, dtype=torch.float64)
     c = crown(g, leaves, C)
-    q1 = product_operands(g)[-2][0]
+    q1 = product_operands(g)[0][0]
     for option in ([q1], False, True):
         a = alpha_crown(g, leaves, C, intermediate=option, iterations=5, intermediate_iterations=3)
         assert bool((a.lower >= c.lower - 1e-9).all())
@@ -161,3 +160,24 @@ def test_auto_is_layer_by_layer_without_products(monkeypatch):
     auto = alpha_crown(bm.graph, leaves, None, iterations=10)
     layers = alpha_crown(bm.graph, leaves, None, iterations=10, intermediate=True)
     assert torch.equal(auto.lower, layers.lower) and torch.equal(auto.upper, layers.upper)
+
+
+def test_operands_run_only_where_the_output_slopes_leave_a_row_unproved(monkeypatch):
+    """With a spec and a target, the output slopes come first: the operand phase runs only
+    when some row's lower bound is still at or below the target."""
+    from verifier.bounds import alpha as alpha_mod
+    bm = _model(torch.float64)
+    g = bm.graph
+    leaves = bm._leaves(_box(0.05, torch.float64))
+    C = margin_spec([0], 3, dtype=torch.float64)
+    calls = []
+    real = alpha_mod._tighten_operands
+    monkeypatch.setattr(alpha_mod, "_tighten_operands",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    c = crown(g, leaves, C)
+    low = float(c.lower.min()) - 1.0          # every row already above it: no operand phase
+    a = alpha_crown(g, leaves, C, iterations=3, target=low)
+    assert calls == [] and bool((a.lower >= c.lower - 1e-9).all())
+    high = float(c.upper.max()) + 1.0         # no row can reach it: the operands run
+    b = alpha_crown(g, leaves, C, iterations=3, target=torch.full((2,), high, dtype=torch.float64))
+    assert calls == [1] and bool((b.lower >= a.lower - 1e-9).all())
