@@ -5,9 +5,12 @@ intermediate node's, the tightened operands included) holds at sampled and PGD p
 and float64, that it is never looser than CROWN, and that its option is validated."""
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -181,3 +184,24 @@ def test_operands_run_only_where_the_output_slopes_leave_a_row_unproved(monkeypa
     high = float(c.upper.max()) + 1.0         # no row can reach it: the operands run
     b = alpha_crown(g, leaves, C, iterations=3, target=torch.full((2,), high, dtype=torch.float64))
     assert calls == [1] and bool((b.lower >= a.lower - 1e-9).all())
+
+
+MODERN = Path(__file__).resolve().parents[3] / "shared" / "benchmarks" / "modern"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (MODERN / "reference.json").exists(), reason="needs ../shared")
+def test_vit_tiny_box_4_is_sound_against_the_empirical_minima_and_tighter_than_crown():
+    """The benchmark ViT's hardest box: alpha-CROWN's default (the operands of block 1) stays
+    below the reference's sampled + PGD minimum of every margin, and above CROWN."""
+    ref = json.loads((MODERN / "reference.json").read_text())["models"]["vit_tiny"]
+    s = next(s for s in ref["samples"] if s["index"] == 4)
+    bm = BoundedModel.from_onnx(MODERN / "vit_tiny.onnx")
+    xl, xu = np.load(MODERN / "vit_tiny_xl.npy")[4:5], np.load(MODERN / "vit_tiny_xu.npy")[4:5]
+    box = Box(torch.tensor(xl), torch.tensor(xu))
+    C = margin_spec([int(s["y"])], 10)
+    c = bm.bounds(box, "crown", spec=C).lower[0].double()
+    a = bm.bounds(box, "alpha-crown", spec=C).lower[0].double()
+    emp = torch.tensor(s["empirical"]["min"], dtype=torch.float64)
+    assert bool((a <= emp + 1e-5).all())
+    assert bool((a >= c - 1e-5).all()) and float((a - c).min()) > 0.5
