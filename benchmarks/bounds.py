@@ -8,7 +8,7 @@ relative error; CROWN: how much looser than the reference, relative; <= 0 means 
 tight), and the reference's CPU seconds per sample.
 
     python benchmarks/bounds.py [--models NAME ...] [--methods ibp crown ...] [--shared PATH] [--repeat K]
-        [--default-allocator] [--suite classifiers|modern]
+        [--default-allocator] [--suite classifiers|modern] [--per-box]
 
 With ``--suite modern`` each row also says whether every lower bound is at most the reference's
 empirical minimum of that margin (20,000 samples + PGD: ``sound``), how many margins are proved
@@ -55,6 +55,9 @@ def main(argv=None):
     ap.add_argument("--default-allocator", action="store_true",
                     help="keep glibc's default malloc settings (the CLI tunes them: verifier/runtime.py)")
     ap.add_argument("--suite", choices=["classifiers", "modern"], default="classifiers")
+    ap.add_argument("--per-box", action="store_true",
+                    help="with --suite modern: also a line per box (worst and mean margin lower "
+                         "bound, margins proved, CPU seconds)")
     args = ap.parse_args(argv)
     if not args.default_allocator:
         print(f"allocator tuned: {tune_allocator()}")
@@ -149,6 +152,9 @@ def modern(args) -> int:
                 lo = res.lower[0].double().numpy()
                 ours.append(lo.mean())
                 proved += int((lo > 0).sum())
+                if args.per_box:
+                    print(f"  {name} box {i} {label}: worst {lo.min():.4g} mean {lo.mean():.4g} "
+                          f"proved {int((lo > 0).sum())}/{lo.size} {best:.1f} s", flush=True)
                 sound &= bool(np.all(lo <= np.array(s["empirical"]["min"]) + 1e-5))
                 r = s[key]
                 if not r["failed"]:

@@ -52,8 +52,9 @@ METHOD_HELP = ("ibp: interval bounds (fast, loose); crown: backward linear bound
                "intermediate bounds; crown-ibp: CROWN on the output with IBP intermediate bounds; "
                "alpha-crown: CROWN whose relaxations' free parameters (ReLU lower slopes, "
                "sigmoid and tanh tangent points, ...) are optimized by gradient steps, for the "
-               "pre-activation bounds layer by layer and then for the output; never looser than "
-               "crown (tightest, slower) (default: crown)")
+               "pre-activation bounds layer by layer (on a transformer: the Q, K and V of the blocks "
+               "after the first) and then for the output; never looser than crown (tightest, "
+               "slower) (default: crown)")
 
 
 def bounds_arguments(p: argparse.ArgumentParser) -> None:

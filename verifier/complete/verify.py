@@ -233,11 +233,15 @@ def _incomplete_bounds(run: _Run, methods, alpha_intermediate: bool):
             spec_c = C.reshape(1, C.shape[0], *model.output_shape)
             if method == "alpha-crown":
                 # output slopes only where input-split branch and bound follows (its time is
-                # better spent on domains); else the pre-activation bounds too
+                # better spent on domains); else the intermediate bounds too (alpha_crown's
+                # "auto": a transformer's attention operands only where the output slopes
+                # leave a row at or below its threshold d)
+                d = torch.as_tensor(np.concatenate([c.d for c in region.disjuncts]), dtype=dt,
+                                    device=model.device)
                 with torch.no_grad():
                     low, _, left.roots[ri] = alpha_crown_bounds(
                         model.graph, model._leaves(box), spec_c.to(dt), deadline=run.deadline,
-                        intermediate=alpha_intermediate)
+                        intermediate="auto" if alpha_intermediate else False, target=d)
                 lower = torch.nan_to_num(low, nan=-torch.inf)[0].double().cpu().numpy()
             else:
                 lower = model.bounds(box, method, spec=spec_c).lower[0].double().cpu().numpy()

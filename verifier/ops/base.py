@@ -103,6 +103,8 @@ class BoundRule:
     weight_op: str | None = None  # the op of this node with perturbed parameters
     fuses_weight_ball = False     # concretizes the ball of a weight it reads itself
     alpha_lr = 1.0  # alpha-CROWN's learning rate for this rule's parameters, as a factor
+    operand_widths = False  # a product of two perturbed tensors, loose in every element in
+                            # proportion to both inputs' widths (alpha-CROWN may tighten them)
 
     def interval(self, node, inputs: list[Interval]) -> Interval:
         raise NotSupported(self.op, "interval")

@@ -339,6 +339,7 @@ class Einsum(BoundRule):
     the interval is also intersected with ``simplex_interval``."""
 
     needs_bounds = True
+    operand_widths = True
 
     def lipschitz(self, node, Ls):
         raise NotSupported(self.op, "lipschitz",
