@@ -32,27 +32,25 @@ from ..ops import RULES
 from .nodes import Graph
 
 
-def fold_bias_adds(graph: Graph) -> Graph:
-    """``graph`` with every foldable ``linear -> affine(+b)`` pair merged (see the module
-    docstring); the merged node keeps the affine node's name, so the graph's output and every
-    consumer are unchanged. Returns ``graph`` itself when nothing folds."""
-    fold: dict[str, str] = {}  # shifting node -> the node it absorbs
+def _merge_pairs(graph: Graph, pick) -> Graph:
+    """``graph`` with each pair ``src -> node`` that ``pick(node, src)`` accepts (it returns the
+    merged node's params, or None) replaced by one node of ``src``'s op named after ``node``
+    (so the graph's output and every consumer are unchanged); ``src`` must have ``node`` as
+    its only consumer and be neither the output nor a leaf. Returns ``graph`` itself when
+    nothing merges."""
+    fold: dict[str, str] = {}
     new_params: dict[str, dict] = {}
     for node in graph:
         if node.op == "input" or len(node.inputs) != 1:
             continue
-        shift = RULES[node.op].constant_shift(node)
-        if shift is None:
-            continue
         src = graph[node.inputs[0]]
         if (src.op == "input" or src.name == graph.output or src.name in graph.leaves
-                or len(graph.consumers(src.name)) != 1 or tuple(node.shape) != tuple(src.shape)):
+                or len(graph.consumers(src.name)) != 1):
             continue
-        params = RULES[src.op].absorb_shift(src, shift)
-        if params is None:
-            continue  # not that kind of node, or not exact: keep the two nodes
-        fold[node.name] = src.name
-        new_params[node.name] = params
+        params = pick(node, src)
+        if params is not None:
+            fold[node.name] = src.name
+            new_params[node.name] = params
     if not fold:
         return graph
     absorbed = set(fold.values())
@@ -69,58 +67,25 @@ def fold_bias_adds(graph: Graph) -> Graph:
     return Graph(nodes, output=graph.output, leaves=graph.leaves)
 
 
-def _channel_scale(node, channels: int):
-    """``(w, b)`` as ``[channels]`` vectors (None where absent) when ``node`` is an ``affine``
-    node scaling and shifting each channel of its input (no broadcast), else None."""
-    p = node.params
-    if node.op != "affine" or tuple(p.get("in_shape", ())) != tuple(node.shape):
-        return None
-    want = (channels,) + (1,) * (len(node.shape) - 1)
-    out = []
-    for key in ("w", "b"):
-        t = p.get(key)
-        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != want):
+def fold_bias_adds(graph: Graph) -> Graph:
+    """``graph`` with every foldable ``linear -> affine(+b)`` pair merged (see the module
+    docstring). Returns ``graph`` itself when nothing folds."""
+    def pick(node, src):
+        shift = RULES[node.op].constant_shift(node)
+        if shift is None or tuple(node.shape) != tuple(src.shape):
             return None
-        out.append(None if t is None else t.reshape(channels))
-    return tuple(out)
+        return RULES[src.op].absorb_shift(src, shift)  # None: not exact, keep the two nodes
+    return _merge_pairs(graph, pick)
 
 
 def fold_channel_scales(graph: Graph) -> Graph:
-    """``graph`` with every ``linear | conv -> affine`` pair that scales each output channel
-    merged into one node named after the affine one (see the module docstring; not exact in
-    floating point). Returns ``graph`` itself when nothing folds."""
-    fold: dict[str, str] = {}
-    for node in graph:
-        if node.op != "affine" or len(node.inputs) != 1:
-            continue
-        src = graph[node.inputs[0]]
-        if (src.op not in ("linear", "conv") or src.name == graph.output
-                or src.name in graph.leaves or len(graph.consumers(src.name)) != 1
-                or not src.shape or _channel_scale(node, src.shape[0]) is None):
-            continue
-        if src.op == "linear" and len(src.shape) != 1:
-            continue  # a per-channel scale of a linear node over a sequence: not its rows
-        fold[node.name] = src.name
-    if not fold:
-        return graph
-    absorbed = set(fold.values())
-    nodes = []
-    for node in graph:
-        if node.name in absorbed:
-            continue
-        if node.name not in fold:
-            nodes.append(node)
-            continue
-        src = graph[fold[node.name]]
-        w, b = _channel_scale(node, src.shape[0])
-        params = {k: v for k, v in src.params.items() if k != "param_names"}
-        W, b0 = params["weight"], params.get("bias")
-        if w is not None:
-            W = W * w.reshape(-1, *[1] * (W.ndim - 1))
-            b0 = None if b0 is None else b0 * w
-        if b is not None:
-            b0 = b if b0 is None else b0 + b
-        params["weight"], params["bias"] = W, b0
-        nodes.append(replace(src, name=node.name, params=params,
-                             source=f"{src.source} + {node.source}".strip(" +")))
-    return Graph(nodes, output=graph.output, leaves=graph.leaves)
+    """``graph`` with every pair ``a -> b`` merged where ``b`` scales and shifts each output
+    channel of ``a`` (its rule's ``channel_scale``) and ``a``'s rule can take that into its
+    weight and bias (``absorb_channel_scale``: linear and conv layers); see the module
+    docstring (not exact in floating point). Returns ``graph`` itself when nothing folds."""
+    def pick(node, src):
+        if not src.shape:
+            return None
+        scale = RULES[node.op].channel_scale(node, src.shape[0])
+        return None if scale is None else RULES[src.op].absorb_channel_scale(src, *scale)
+    return _merge_pairs(graph, pick)

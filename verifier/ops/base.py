@@ -154,6 +154,18 @@ class BoundRule:
         the graph's dtype); None where it is not."""
         return None
 
+    def channel_scale(self, node, channels: int):
+        """``(w, b)``, each a ``[channels]`` vector or None, where the node is
+        ``y = x * w + b`` per channel of its input (dim 0 of a sample); None where it is not
+        (graph simplification, ``fold_channel_scales``)."""
+        return None
+
+    def absorb_channel_scale(self, node, w, b) -> dict | None:
+        """The params of this node followed by ``* w + b`` per output channel (``w`` / ``b``
+        ``[channels]`` or None), as the same op; None where the op cannot take it. The
+        products are rounded: used for training bounds only."""
+        return None
+
     def alpha_init(self, node, inputs: list[Interval], B: int, S: int, dtype):
         """Free parameters of the relaxation over the input intervals for ``S`` spec rows:
         -> (initial ``[B, S, ...]`` reproducing ``backward``'s lines, low, high) with every value

@@ -86,6 +86,21 @@ class ElementwiseAffine(AffineRule):
         p = node.params
         return p.get("b") if p.get("w") is None else None
 
+    def channel_scale(self, node, channels):
+        """``(w, b)`` as ``[channels]`` vectors (None where absent) when the node scales and
+        shifts each channel of its input (no broadcast), else None."""
+        p = node.params
+        if tuple(p.get("in_shape", ())) != tuple(node.shape):
+            return None
+        want = (channels,) + (1,) * (len(node.shape) - 1)
+        out = []
+        for key in ("w", "b"):
+            t = p.get(key)
+            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != want):
+                return None
+            out.append(None if t is None else t.reshape(channels))
+        return tuple(out)
+
     def op_norm(self, node):
         """``max |w|``, times ``sqrt(copies)`` where broadcasting repeats each input entry."""
         w = node.params.get("w")

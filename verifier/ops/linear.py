@@ -33,6 +33,21 @@ def _fold(A):
     return A.reshape(A.shape[0] * A.shape[1], *A.shape[2:])
 
 
+def _scaled_layer(node, w, b) -> dict:
+    """A linear / conv node's params followed by ``* w + b`` per output channel (dim 0 of the
+    weight): weight ``W * w``, bias ``b0 * w + b``; the parameter names are dropped (the new
+    tensors are products, no longer the model's parameters)."""
+    params = {k: v for k, v in node.params.items() if k != "param_names"}
+    W, b0 = params["weight"], params.get("bias")
+    if w is not None:
+        W = W * w.reshape(-1, *[1] * (W.ndim - 1))
+        b0 = None if b0 is None else b0 * w
+    if b is not None:
+        b0 = b if b0 is None else b0 + b
+    params["weight"], params["bias"] = W, b0
+    return params
+
+
 @register("linear")
 class Linear(AffineRule):
     """``y = x W^T + b`` over the last dim; params ``weight: [out, in]``, ``bias: [out] | None``."""
@@ -61,6 +76,10 @@ class Linear(AffineRule):
         if not torch.equal(bias.double(), exact):
             return None
         return {**node.params, "bias": bias.to(W.device)}
+
+    def absorb_channel_scale(self, node, w, b):
+        # a per-channel scale of a linear node over a sequence is not a scale of its rows
+        return _scaled_layer(node, w, b) if len(node.shape) == 1 else None
 
     def rows(self, node, idx):
         b = node.params.get("bias")
@@ -219,6 +238,9 @@ class Conv(AffineRule):
     (padding: ints per spatial dim, zeros)."""
 
     weight_op = "conv_w"
+
+    def absorb_channel_scale(self, node, w, b):
+        return _scaled_layer(node, w, b)
 
     def lifted(self, node, pname):
         w = node.params["weight"]
