@@ -372,3 +372,25 @@ def test_new_split_beta_keeps_the_parents_bound():
     assert bool((child["margin"][mask] >= parent[mask] - 1e-4).all())
     # and the new split's beta at 0 instead loses some of it (the test can fail)
     assert bool((zero["margin"][mask] < parent[mask] - 1e-3).any())
+
+
+def test_nan_start_is_a_cold_start():
+    """A domain whose kept start is NaN (``_stored`` after a stalled split) starts from CROWN's
+    slopes and beta 0, exactly as without a start; the other domains keep theirs."""
+    net = _net(5, hidden=(16, 16))
+    bm = BoundedModel(net, input_shape=(N_IN,))
+    lo, hi = _box()
+    P = ReluPrepared(bm, lo, hi, [torch.tensor([[1.0]])], [torch.tensor([0.0])])
+    d_lo, d_up, sg = _random_splits(P, net, 6, 11)
+    kw = dict(first_split=len(P.relus), iterations=0)
+    par = P.bound(d_lo, d_up, sg, first_split=len(P.relus), iterations=10, lr_beta=0.5)
+    nan_a = {r: v.clone() for r, v in par["alpha"].items()}
+    nan_b = {r: v.clone() for r, v in par["beta"].items()}
+    for v in (*nan_a.values(), *nan_b.values()):
+        v[:3] = torch.nan
+    mixed = P.bound(par["lo"], par["up"], sg, alpha_start=nan_a, beta_start=nan_b, **kw)
+    cold = P.bound(par["lo"], par["up"], sg, **kw)
+    warm = P.bound(par["lo"], par["up"], sg, alpha_start=par["alpha"], beta_start=par["beta"], **kw)
+    assert torch.allclose(mixed["margin"][:3], cold["margin"][:3])
+    assert torch.allclose(mixed["margin"][3:], warm["margin"][3:])
+    assert not torch.allclose(cold["margin"], warm["margin"])

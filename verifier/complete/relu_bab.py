@@ -81,16 +81,27 @@ WARM_START = True
 LR_ALPHA, LR_BETA = 0.1, 0.05
 # the step sizes' decay per step (ExponentialLR factor; None: constant)
 LR_DECAY = None
-# ReLU children start from their parent's optimized alpha and beta (the new split's beta at 0)
-WARM_START_RELU = False
-# children whose worst margin is open but within NEAR_SHARE of the batch's worst margin from 0
-# get EXTRA_ITERATIONS more steps (from their kept alpha and beta)
-EXTRA_ITERATIONS, NEAR_SHARE = 0, 0.25
-# with WARM_START_RELU: the new split's beta starts where the child keeps its parent's bound
-# (``_new_split_beta``), not at 0
+# ReLU children start from their parent's kept (best) alpha and beta, the new split's beta
+# where the child keeps its parent's bound (``NEW_SPLIT_BETA``, ``_new_split_beta``; else 0),
+# except below a split that did not raise the domain's own bound (``RESTART_STALLED``: those
+# children start cold, from CROWN's slopes and beta 0). Measured (2026-12, bab-opt): the
+# depth-3 children of mnist_fc 256x4 prop_6_0.03 come within 0.23 of the LP on average with
+# 8 steps (cold: 0.74), 0.06 with 20; the small MLPs of tests/complete close in fewer domains
+# in every case (9.7 s against 21.7 s in all); on 7 mnist_fc instances: 256x2 prop_10_0.05
+# solved (1.4 s; cold: timeout), 256x4 prop_3_0.05 and 256x6 prop_7_0.03 4-6x faster, but
+# 256x4 prop_8_0.03 times out (cold: 27-52 s). Without the restart, warm-started children
+# stall: their parameters sit at the domain's optimum, the branching scores computed there
+# tie, and one child of every split keeps its parent's bound (256x4 prop_3_0.05: 3,775
+# domains, timeout, against 255)
+WARM_START_RELU = True
 NEW_SPLIT_BETA = True
 # with WARM_START_RELU: the parent's beta too (else only its alpha)
 WARM_START_BETA = True
+RESTART_STALLED = True
+# children whose worst margin is open but within NEAR_SHARE of the batch's worst margin from 0
+# get EXTRA_ITERATIONS more steps (from their kept alpha and beta); measured with 20 on the
+# small MLPs: 5-10% fewer domains, 3x the time: off
+EXTRA_ITERATIONS, NEAR_SHARE = 0, 0.25
 # an interval narrower than this (relative to 1 + |l| + |u|) is not split again
 MIN_SPLIT_WIDTH = 1e-4
 
@@ -167,9 +178,12 @@ class ReluPrepared(Prepared):
         ({relu: lower-bound A of the rows on its output}), ``A_in`` (on the input), ``alpha``
         ({node: the last free parameters of an interval-split node's relaxation, batch first}).
         ``alpha_start``: such parameters (e.g. the parents') to start the optimization from,
-        where their shape fits (interval-split nodes only: their relaxations tighten a little
-        per split, so each domain continues its parent's optimization); ``params``
-        (the last alpha ``{relu: [n, R, *shape]}`` and beta ``{relu: [n, R, *shape]}``).
+        where their shape fits (interval-split nodes: with ``WARM_START``; ReLUs: always,
+        clamped into the slopes' range), ``beta_start`` ({relu: [n, R, *shape]}, used where
+        the domain has a split, clamped at 0): NaN entries start where no start was given
+        (CROWN's slopes, beta 0); ``params`` (alpha ``{relu: [n, R, *shape]}`` and beta
+        ``{relu: [n, R, *shape]}``), ``alpha`` and ``beta`` (batch first) are those of each
+        (domain, row)'s best bound seen, and ``own`` the margin before the parent's floor.
         The optimization ends early at ``deadline`` or once ``stop()`` is true (any alpha and
         beta >= 0 give sound bounds: only their tightness depends on the steps taken)."""
         g, model = self.graph, self.model
@@ -217,7 +231,9 @@ class ReluPrepared(Prepared):
                 if warm is not None:
                     warm = warm.movedim(0, _batch_dim(init, g[r]))
                     if warm.shape == init.shape:   # (a start outside the range would be unsound)
-                        init = torch.clamp(warm.to(init.dtype), low, high)
+                        # NaN: no start kept for that domain (``_stored``): CROWN's
+                        init = torch.where(torch.isnan(warm), init,
+                                           torch.clamp(warm.to(init.dtype), low, high))
                 alphas[r] = (init.clone().requires_grad_(True), low, high)
             if not optimize_beta or not (sg[r] != 0).any():
                 continue
@@ -226,7 +242,8 @@ class ReluPrepared(Prepared):
                 warm = None if beta_start is None else beta_start.get(r)
                 if warm is not None and warm.shape == b0.shape:
                     # the parent's multipliers on its splits (the new split's start at 0)
-                    b0 = torch.where(sg[r].unsqueeze(1) != 0, warm.to(dt).clamp(min=0), b0)
+                    b0 = torch.where((sg[r].unsqueeze(1) != 0) & ~torch.isnan(warm),
+                                     warm.to(dt).clamp(min=0), b0)
                 betas[r] = [(sg[r], b0.requires_grad_(True), None)]
                 continue
             # interval splits: z >= lo where split from below, z <= up where from above
@@ -285,13 +302,13 @@ class ReluPrepared(Prepared):
             last = run(keep=(*self.relus, model.input))
         record = last.A
         best = torch.maximum(best, last.lower)
-        margin = best - self.d
+        margin = own = best - self.d
         if parent_margin is not None:
             margin = torch.maximum(margin, parent_margin)
         margin = torch.where(infeasible.unsqueeze(1), torch.inf, margin)
         kept = {r: v[0].detach().movedim(_batch_dim(v[0], g[r]), 0) for r, v in alphas.items()}
         kept_beta = {r: v[0][1].detach() for r, v in betas.items() if self.at_zero[r]}
-        return {"margin": margin, "lo": lo, "up": up, "alpha": kept, "beta": kept_beta,
+        return {"margin": margin, "own": own, "lo": lo, "up": up, "alpha": kept, "beta": kept_beta,
                 "A_relu": {r: record[r] for r in self.relus}, "A_in": record[model.input],
                 "params": ({r: v[0].detach() for r, v in alphas.items()},
                            {r: v[0][1].detach() for r, v in betas.items() if self.at_zero[r]})}
@@ -409,6 +426,7 @@ def _merge_rows(P: ReluPrepared, res: dict, sub: dict, idx) -> None:
     parameters one of them lacks keeps ``res``'s."""
     g = P.graph
     res["margin"][idx] = sub["margin"]
+    res["own"][idx] = sub["own"]
     for key in ("alpha", "beta", "A_relu"):
         for k, v in sub[key].items():
             if v is not None and res[key].get(k) is not None and res[key][k].shape[1:] == v.shape[1:]:
@@ -424,11 +442,23 @@ def _merge_rows(P: ReluPrepared, res: dict, sub: dict, idx) -> None:
                     h[idx] = w
 
 
-def _stored(P: ReluPrepared, res: dict) -> dict:
+def _stored(P: ReluPrepared, res: dict, parent_margin=None) -> dict:
     """What a bounded batch keeps for its children's warm start: the free parameters of the
-    interval-split nodes, and with ``WARM_START_RELU`` the ReLUs' alpha and beta too."""
-    return {"alpha": {r: v for r, v in res["alpha"].items() if WARM_START_RELU or not P.at_zero[r]},
-            "beta": res["beta"] if WARM_START_RELU else {}}
+    interval-split nodes, and with ``WARM_START_RELU`` the ReLUs' alpha and beta too, except
+    (NaN: the children start from CROWN's slopes and beta 0) in a domain whose own bound
+    did not beat its parent's (``parent_margin``) with ``RESTART_STALLED``: its parameters sit
+    at an optimum that the split did not move, and the branching scores they give stall."""
+    alpha = {r: v for r, v in res["alpha"].items() if WARM_START_RELU or not P.at_zero[r]}
+    beta = res["beta"] if WARM_START_RELU else {}
+    if WARM_START_RELU and RESTART_STALLED and parent_margin is not None:
+        own = P.conj_margin(res["own"]).min(1).values
+        stalled = own <= P.conj_margin(parent_margin).min(1).values + 1e-6
+        if bool(stalled.any()):
+            nan = lambda v: torch.where(stalled.view(-1, *[1] * (v.dim() - 1)),
+                                        torch.full_like(v, torch.nan), v)
+            alpha = {r: nan(v) if P.at_zero[r] else v for r, v in alpha.items()}
+            beta = {r: nan(v) for r, v in beta.items()}
+    return {"alpha": alpha, "beta": beta}
 
 
 def _take(store, idx):
@@ -600,7 +630,7 @@ def expand_relu_domains(P: ReluPrepared, cur: DomainBatch, seed: int, deadline: 
                             beta_start=_take(res["beta"], dead))
             res["margin"][dead] = again["margin"]
             keep = (P.conj_margin(res["margin"]).min(1).values <= 0).nonzero().flatten()
-        stored = _stored(P, res)
+        stored = _stored(P, res, cur["margin"].repeat(2, 1))
         out.children = {"lo": _take(res["lo"], keep), "up": _take(res["up"], keep),
                         "sg": _take(c_sg, keep), "alpha": _take(stored["alpha"], keep),
                         "beta": _take(stored["beta"], keep),
