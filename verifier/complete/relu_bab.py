@@ -95,8 +95,13 @@ LR_DECAY = None
 # domains, timeout, against 255)
 WARM_START_RELU = True
 NEW_SPLIT_BETA = True
-# with WARM_START_RELU: the parent's beta too (else only its alpha)
-WARM_START_BETA = True
+# with WARM_START_RELU: the parent's beta on its splits too (else only its alpha and the new
+# split's beta). Measured (bab-opt): with beta too, 256x4 prop_8_0.03 times out (bab-tight:
+# 19.6 s); alpha only: 33 s, and 256x2 prop_10_0.05 2.4 s, 256x4 prop_3_0.05 5.1 s, 256x6
+# prop_7_0.03 5.1 s (bab-tight: timeout, 7.6, 8.5 s); the small MLPs 12.1 s in all (with
+# beta 9.7 s; bab-tight 21.7 s), one case of ten in more domains than bab-tight (10,385
+# against 8,373)
+WARM_START_BETA = False
 RESTART_STALLED = True
 # children whose worst margin is open but within NEAR_SHARE of the batch's worst margin from 0
 # get EXTRA_ITERATIONS more steps (from their kept alpha and beta); measured with 20 on the
