@@ -1,7 +1,7 @@
 """Run VNN-COMP benchmarks and score the verdicts against ``ground_truth.csv``.
 
     python benchmarks/vnncomp.py BENCHMARK_DIR [BENCHMARK_DIR ...] --timeout S [--limit N]
-        [--every K] [--out results.csv]
+        [--every K] [--only TEXT ...] [--out results.csv]
 
 BENCHMARK_DIR is a folder with ``instances.csv`` (e.g. ../shared/benchmarks/vnncomp/acasxu);
 the ground truth is read from ``ground_truth.csv`` in its parent folder. Prints, per benchmark:
@@ -43,6 +43,9 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=None, help="only the first N instances")
     ap.add_argument("--every", type=int, default=1, help="only every K-th instance (a sample)")
     ap.add_argument("--out", default=None, help="per-instance results csv")
+    ap.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                    help="only the instances whose 'onnx vnnlib' paths contain one of these "
+                         "(e.g. '256x4.onnx vnnlib/prop_6_0.03')")
     args = ap.parse_args(argv)
     import torch
     torch.set_num_threads(1)
@@ -57,7 +60,11 @@ def main(argv=None):
     for d in args.dirs:
         name = d.name
         truth = truth_table(d)
-        inst = read_instances(str(d / "instances.csv"))[::args.every]
+        inst = read_instances(str(d / "instances.csv"))
+        if args.only:
+            inst = [i for i in inst if any(t in f"{os.path.relpath(i[0], d)} {os.path.relpath(i[1], d)}"
+                                           for t in args.only)]
+        inst = inst[::args.every]
         if args.limit:
             inst = inst[:args.limit]
         c = {k: 0 for k in ("solved", "correct", "wrong", "unknown", "timeout", "error")}

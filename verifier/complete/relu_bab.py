@@ -72,6 +72,41 @@ INTERVAL_GAIN = 0.75
 # interval-split nodes start each domain's optimization from the parent's free parameters
 # (measured on small sigmoid / tanh MLPs: fewer domains to close than from CROWN's lines)
 WARM_START = True
+# the projected Adam step sizes of a domain's alpha (relaxation slopes) and beta (split
+# multipliers). Measured (2026-12, bab-tight): 8 steps are far from the LP optimum of a domain
+# (mnist_fc 256x4 prop_6_0.03, depth-3 children: margins -1.8..-2.9 where the LP gives
+# -1.2..-2.7 and certifies 2 of 8 empty); beta at 0.5 closes much of that gap on mnist_fc but
+# makes small MLPs time out (6,000+ domains against 125); alpha 0.5 / beta 0.05 halves the
+# domains on small MLPs but on 5 mnist_fc instances solved one more and lost one (no net gain)
+LR_ALPHA, LR_BETA = 0.1, 0.05
+# the step sizes' decay per step (ExponentialLR factor; None: constant)
+LR_DECAY = None
+# ReLU children start from their parent's kept (best) alpha and beta, the new split's beta
+# where the child keeps its parent's bound (``NEW_SPLIT_BETA``, ``_new_split_beta``; else 0),
+# except below a split that did not raise the domain's own bound (``RESTART_STALLED``: those
+# children start cold, from CROWN's slopes and beta 0). Measured (2026-12, bab-opt): the
+# depth-3 children of mnist_fc 256x4 prop_6_0.03 come within 0.23 of the LP on average with
+# 8 steps (cold: 0.74), 0.06 with 20; the small MLPs of tests/complete close in fewer domains
+# in every case (9.7 s against 21.7 s in all); on 7 mnist_fc instances: 256x2 prop_10_0.05
+# solved (1.4 s; cold: timeout), 256x4 prop_3_0.05 and 256x6 prop_7_0.03 4-6x faster, but
+# 256x4 prop_8_0.03 times out (cold: 27-52 s). Without the restart, warm-started children
+# stall: their parameters sit at the domain's optimum, the branching scores computed there
+# tie, and one child of every split keeps its parent's bound (256x4 prop_3_0.05: 3,775
+# domains, timeout, against 255)
+WARM_START_RELU = True
+NEW_SPLIT_BETA = True
+# with WARM_START_RELU: the parent's beta on its splits too (else only its alpha and the new
+# split's beta). Measured (bab-opt): with beta too, 256x4 prop_8_0.03 times out (bab-tight:
+# 19.6 s); alpha only: 33 s, and 256x2 prop_10_0.05 2.4 s, 256x4 prop_3_0.05 5.1 s, 256x6
+# prop_7_0.03 5.1 s (bab-tight: timeout, 7.6, 8.5 s); the small MLPs 12.1 s in all (with
+# beta 9.7 s; bab-tight 21.7 s), one case of ten in more domains than bab-tight (10,385
+# against 8,373)
+WARM_START_BETA = False
+RESTART_STALLED = True
+# children whose worst margin is open but within NEAR_SHARE of the batch's worst margin from 0
+# get EXTRA_ITERATIONS more steps (from their kept alpha and beta); measured with 20 on the
+# small MLPs: 5-10% fewer domains, 3x the time: off
+EXTRA_ITERATIONS, NEAR_SHARE = 0, 0.25
 # an interval narrower than this (relative to 1 + |l| + |u|) is not split again
 MIN_SPLIT_WIDTH = 1e-4
 
@@ -138,20 +173,27 @@ class ReluPrepared(Prepared):
         return torch.stack([margin[:, self.owner == k].max(1).values for k in range(self.K)], 1)
 
     def bound(self, lo, up, sg, parent_margin=None, first_split: int = 0, iterations: int = 20,
-              optimize_alpha: bool = True, optimize_beta: bool = True, lr_alpha: float = 0.1,
-              lr_beta: float = 0.05, deadline: float | None = None, stop=None,
-              alpha_start: dict | None = None):
+              optimize_alpha: bool = True, optimize_beta: bool = True,
+              lr_alpha: float | None = None, lr_beta: float | None = None,
+              deadline: float | None = None, stop=None,
+              alpha_start: dict | None = None, beta_start: dict | None = None,
+              lr_decay: float | None = None):
         """Bound a batch of ``n`` domains. -> dict with ``margin [n, R]`` (lower(C y) - d,
         +inf on infeasible domains), ``lo``/``up`` (the refined pre-activation bounds), ``A_relu``
         ({relu: lower-bound A of the rows on its output}), ``A_in`` (on the input), ``alpha``
         ({node: the last free parameters of an interval-split node's relaxation, batch first}).
         ``alpha_start``: such parameters (e.g. the parents') to start the optimization from,
-        where their shape fits (interval-split nodes only: their relaxations tighten a little
-        per split, so each domain continues its parent's optimization); ``params``
-        (the last alpha ``{relu: [n, R, *shape]}`` and beta ``{relu: [n, R, *shape]}``).
+        where their shape fits (interval-split nodes: with ``WARM_START``; ReLUs: always,
+        clamped into the slopes' range), ``beta_start`` ({relu: [n, R, *shape]}, used where
+        the domain has a split, clamped at 0): NaN entries start where no start was given
+        (CROWN's slopes, beta 0); ``params`` (alpha ``{relu: [n, R, *shape]}`` and beta
+        ``{relu: [n, R, *shape]}``), ``alpha`` and ``beta`` (batch first) are those of each
+        (domain, row)'s best bound seen, and ``own`` the margin before the parent's floor.
         The optimization ends early at ``deadline`` or once ``stop()`` is true (any alpha and
         beta >= 0 give sound bounds: only their tightness depends on the steps taken)."""
         g, model = self.graph, self.model
+        lr_alpha = LR_ALPHA if lr_alpha is None else lr_alpha
+        lr_beta = LR_BETA if lr_beta is None else lr_beta
         n = next(iter(lo.values())).shape[0] if lo else 1
         dt, dev = self.lower.dtype, self.lower.device
         leaves = {model.input: Box(self.lower.expand(n, *self.lower.shape),
@@ -189,18 +231,25 @@ class ReluPrepared(Prepared):
             got = RULES[g[r].op].alpha_init(g[r], [bounds[p]], n, S, dt) if optimize_alpha else None
             if got is not None:
                 init, low, high = got
-                warm = None if alpha_start is None or self.at_zero[r] or not WARM_START \
+                warm = None if alpha_start is None or not (self.at_zero[r] or WARM_START) \
                     else alpha_start.get(r)
                 if warm is not None:
                     warm = warm.movedim(0, _batch_dim(init, g[r]))
-                    if warm.shape == init.shape:
-                        init = warm.to(init.dtype)
+                    if warm.shape == init.shape:   # (a start outside the range would be unsound)
+                        # NaN: no start kept for that domain (``_stored``): CROWN's
+                        init = torch.where(torch.isnan(warm), init,
+                                           torch.clamp(warm.to(init.dtype), low, high))
                 alphas[r] = (init.clone().requires_grad_(True), low, high)
             if not optimize_beta or not (sg[r] != 0).any():
                 continue
             if self.at_zero[r]:   # sign·z >= 0
-                betas[r] = [(sg[r], torch.zeros(n, S, *g[r].shape, dtype=dt, device=dev,
-                                                requires_grad=True), None)]
+                b0 = torch.zeros(n, S, *g[r].shape, dtype=dt, device=dev)
+                warm = None if beta_start is None else beta_start.get(r)
+                if warm is not None and warm.shape == b0.shape:
+                    # the parent's multipliers on its splits (the new split's start at 0)
+                    b0 = torch.where((sg[r].unsqueeze(1) != 0) & ~torch.isnan(warm),
+                                     warm.to(dt).clamp(min=0), b0)
+                betas[r] = [(sg[r], b0.requires_grad_(True), None)]
                 continue
             # interval splits: z >= lo where split from below, z <= up where from above
             betas[r] = [(torch.where(sg[r] & bit != 0, sign, 0).to(torch.int8),
@@ -226,23 +275,45 @@ class ReluPrepared(Prepared):
                 groups.append({"params": beta_t, "lr": lr_beta})
             ranges = [(al, low, high) for al, low, high in alphas.values()] + \
                      [(b, 0, None) for b in beta_t]
+            # the parameters of each (domain, row)'s best bound so far: the bound, the A
+            # matrices (branching, attack points) and the children's warm start come from them
+            params = [v[0] for v in alphas.values()] + beta_t
+            kept_p = [t.detach().clone() for t in params]
+            dims = [_batch_dim(v[0], g[r]) for r, v in alphas.items()] + [0] * len(beta_t)
+
+            def objective():
+                low = run().lower
+                with torch.no_grad():
+                    better = low > best_seen[0]
+                    best_seen[0] = torch.where(better, low, best_seen[0])
+                    if bool(better.any()):
+                        for t, k, bd in zip(params, kept_p, dims):
+                            m = better.view(*[1] * bd, n, S, *[1] * (t.dim() - bd - 2))
+                            k.copy_(torch.where(m, t.detach(), k))
+                return (low,)
+
+            best_seen = [best.clone()]
             # rows already refuted do not pull on the shared parameters
             best, = projected_optimize(
-                lambda: (run().lower,), groups, lambda v, b: -(v[0] * (b[0] - self.d <= 0)).sum(),
+                objective, groups, lambda v, b: -(v[0] * (b[0] - self.d <= 0)).sum(),
                 (best,), ("max",), iterations, project=ranges, deadline=deadline, stop=stop,
+                lr_decay=LR_DECAY if lr_decay is None else lr_decay,
                 early_stop=lambda b: bool((self.conj_margin(b[0] - self.d) > 0).all(1).all())
             ).best
+            with torch.no_grad():
+                for t, k in zip(params, kept_p):
+                    t.copy_(k)
         with torch.no_grad():
             last = run(keep=(*self.relus, model.input))
         record = last.A
         best = torch.maximum(best, last.lower)
-        margin = best - self.d
+        margin = own = best - self.d
         if parent_margin is not None:
             margin = torch.maximum(margin, parent_margin)
         margin = torch.where(infeasible.unsqueeze(1), torch.inf, margin)
-        kept = {r: v[0].detach().movedim(_batch_dim(v[0], g[r]), 0)
-                for r, v in alphas.items() if not self.at_zero[r]}
-        return {"margin": margin, "lo": lo, "up": up, "alpha": kept,
+        kept = {r: v[0].detach().movedim(_batch_dim(v[0], g[r]), 0) for r, v in alphas.items()}
+        kept_beta = {r: v[0][1].detach() for r, v in betas.items() if self.at_zero[r]}
+        return {"margin": margin, "own": own, "lo": lo, "up": up, "alpha": kept, "beta": kept_beta,
                 "A_relu": {r: record[r] for r in self.relus}, "A_in": record[model.input],
                 "params": ({r: v[0].detach() for r, v in alphas.items()},
                            {r: v[0][1].detach() for r, v in betas.items() if self.at_zero[r]})}
@@ -307,15 +378,115 @@ def _batch_dim(alpha: torch.Tensor, node) -> int:
     return alpha.dim() - len(node.shape) - 2
 
 
+def _split_coefficients(P: ReluPrepared, res: dict, which, local):
+    """``[n, R]``: each row's coefficient (lower-bound A, at the kept parameters) on the output of
+    the neuron each domain is to be split on (0 where none or not a ReLU): the new split's
+    starting beta in the children (``_new_split_beta``)."""
+    n, S = res["margin"].shape
+    out = res["margin"].new_zeros(n, S)
+    for i, r in enumerate(P.relus):
+        sel = (which == i).nonzero().flatten()
+        A = res["A_relu"].get(r)
+        if sel.numel() and A is not None and P.graph[r].op == "relu":
+            out[sel] = A.reshape(A.shape[0], S, -1)[sel, :, local[sel]]
+    return out
+
+
+def _new_split_beta(P: ReluPrepared, warm_a: dict, warm_b: dict, a, lo, up, which, local,
+                    sign) -> None:
+    """Start the new split's multiplier of each child so that, at its parent's kept alpha and
+    beta, the child's linear bound has its parent's coefficients: a row with coefficient
+    ``a > 0`` on the split ReLU's output used the lower line ``alpha·z``; the active child
+    (``h = z``) gets ``beta = a (1 - alpha)``, the inactive one (``h = 0``) ``beta = a·alpha``
+    (``a <= 0``: the upper line, which either side already beats; beta 0). Any beta >= 0 is
+    sound: this only chooses where the optimization starts. In place in ``warm_b``."""
+    a = a.clamp(min=0)
+    for i, r in enumerate(P.relus):
+        if P.graph[r].op != "relu":
+            continue
+        sel = (which == i).nonzero().flatten()
+        if not sel.numel():
+            continue
+        p = P.pre[r]
+        n, S = a.shape
+        loc = local[sel]
+        al = warm_a.get(r)
+        if al is not None and al.shape[:2] == (n, S):
+            aj = al.reshape(n, S, -1)[sel, :, loc]
+        else:   # CROWN's slope: 1 where u > -l
+            l, u = lo[p].reshape(n, -1)[sel, loc], up[p].reshape(n, -1)[sel, loc]
+            aj = (u > -l).to(a.dtype).unsqueeze(1).expand(-1, S)
+        fac = torch.where(sign[sel].unsqueeze(1) > 0, 1 - aj, aj)
+        b = warm_b.get(r)
+        if b is None or b.shape[:2] != (n, S):
+            b = a.new_zeros(n, S, *P.graph[r].shape)
+        b = b.clone()
+        b.view(n, S, -1)[sel, :, loc] = a[sel] * fac
+        warm_b[r] = b
+
+
+def _merge_rows(P: ReluPrepared, res: dict, sub: dict, idx) -> None:
+    """Write the result ``sub`` of bounding the domains ``idx`` of ``res`` again into ``res``
+    (margin, kept alpha / beta, A matrices and the last parameters), in place; a node whose
+    parameters one of them lacks keeps ``res``'s."""
+    g = P.graph
+    res["margin"][idx] = sub["margin"]
+    res["own"][idx] = sub["own"]
+    for key in ("alpha", "beta", "A_relu"):
+        for k, v in sub[key].items():
+            if v is not None and res[key].get(k) is not None and res[key][k].shape[1:] == v.shape[1:]:
+                res[key][k][idx] = v
+    if sub["A_in"] is not None and res["A_in"] is not None:
+        res["A_in"][idx] = sub["A_in"]
+    for have, new in zip(res["params"], sub["params"]):
+        for k, v in new.items():
+            if k in have:
+                bd = _batch_dim(v, g[k]) if v.dim() > len(g[k].shape) + 2 else 0
+                h, w = have[k].movedim(bd, 0), v.movedim(bd, 0)
+                if h.shape[1:] == w.shape[1:]:
+                    h[idx] = w
+
+
+def _stored(P: ReluPrepared, res: dict, parent_margin=None) -> dict:
+    """What a bounded batch keeps for its children's warm start: the free parameters of the
+    interval-split nodes, and with ``WARM_START_RELU`` the ReLUs' alpha and beta too, except
+    (NaN: the children start from CROWN's slopes and beta 0) in a domain whose own bound
+    did not beat its parent's (``parent_margin``) with ``RESTART_STALLED``: its parameters sit
+    at an optimum that the split did not move, and the branching scores they give stall."""
+    alpha = {r: v for r, v in res["alpha"].items() if WARM_START_RELU or not P.at_zero[r]}
+    beta = res["beta"] if WARM_START_RELU else {}
+    if WARM_START_RELU and RESTART_STALLED and parent_margin is not None:
+        own = P.conj_margin(res["own"]).min(1).values
+        stalled = own <= P.conj_margin(parent_margin).min(1).values + 1e-6
+        if bool(stalled.any()):
+            nan = lambda v: torch.where(stalled.view(-1, *[1] * (v.dim() - 1)),
+                                        torch.full_like(v, torch.nan), v)
+            alpha = {r: nan(v) if P.at_zero[r] else v for r, v in alpha.items()}
+            beta = {r: nan(v) for r, v in beta.items()}
+    return {"alpha": alpha, "beta": beta}
+
+
 def _take(store, idx):
     return {k: v[idx] for k, v in store.items()}
 
 
-def _cat(a, b):
-    """Nested stores of two batches: the keys of both (a warm start ``alpha`` missing in one
-    batch, or of another shape, is dropped)."""
-    return {k: torch.cat([a[k], b[k]]) for k in a
-            if k in b and a[k].shape[1:] == b[k].shape[1:]}
+def _cat(a, b, na: int | None = None, nb: int | None = None, zeros: bool = False):
+    """Nested stores of two batches of ``na`` and ``nb`` domains: the keys of both (a warm
+    start missing in one batch, or of another shape, is dropped, unless that batch is empty,
+    or ``zeros``: it is filled with zeros there, e.g. multipliers beta)."""
+    out = {}
+    for k in {**a, **b}:
+        x, y = a.get(k), b.get(k)
+        if x is None or y is None:
+            have, other, m = (x, b, nb) if y is None else (y, a, na)
+            if m == 0:
+                out[k] = have
+            elif zeros and m is not None:
+                fill = have.new_zeros(m, *have.shape[1:])
+                out[k] = torch.cat([have, fill] if y is None else [fill, have])
+        elif x.shape[1:] == y.shape[1:]:
+            out[k] = torch.cat([x, y])
+    return out
 
 
 # a batch of domains: their pre-activation bounds ``lo``/``up`` ({pre: [n, *shape]}), split
@@ -323,7 +494,7 @@ def _cat(a, b):
 # relaxations ``alpha`` ({node: [n, ...]}, a warm start; may lack nodes), ``margin [n, R]``,
 # the neuron each is to be split on (``which``: index into ``relus``, -1 for none left;
 # ``local``: flat index) and ``depth [n]``
-_NESTED = ("lo", "up", "sg", "alpha")
+_NESTED = ("lo", "up", "sg", "alpha", "beta")
 
 
 def _take_batch(q: dict, idx) -> dict:
@@ -331,7 +502,9 @@ def _take_batch(q: dict, idx) -> dict:
 
 
 def _cat_batch(a: dict, b: dict) -> dict:
-    return {k: (_cat(v, b[k]) if k in _NESTED else torch.cat([v, b[k]])) for k, v in a.items()}
+    na, nb = a["margin"].shape[0], b["margin"].shape[0]
+    return {k: (_cat(v, b.get(k, {}), na, nb, zeros=k == "beta") if k in _NESTED
+                else torch.cat([v, b[k]])) for k, v in a.items()}
 
 
 def _first_hit(pts, v):
@@ -406,8 +579,25 @@ def expand_relu_domains(P: ReluPrepared, cur: DomainBatch, seed: int, deadline: 
         flat[ri, li] |= torch.where(above, LOWER_SPLIT, UPPER_SPLIT).to(torch.int8)
     first = int(which.min())
     warm = {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in cur.get("alpha", {}).items()}
+    warm_b = {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in cur.get("beta", {}).items()}
+    if not WARM_START_BETA:
+        warm_b = {}
+    if WARM_START_RELU and NEW_SPLIT_BETA and "asplit" in cur:
+        _new_split_beta(P, warm, warm_b, cur["asplit"].repeat(2, 1), c_lo, c_up, which, local,
+                        sign)
     res = P.bound(c_lo, c_up, c_sg, cur["margin"].repeat(2, 1), first_split=first,
-                  iterations=iterations, deadline=deadline, stop=stop, alpha_start=warm)
+                  iterations=iterations, deadline=deadline, stop=stop, alpha_start=warm,
+                  beta_start=warm_b)
+    if EXTRA_ITERATIONS > 0 and time.perf_counter() < deadline:
+        cm = P.conj_margin(res["margin"]).min(1).values
+        near = ((cm <= 0) & (cm > NEAR_SHARE * cm.min())).nonzero().flatten()
+        if near.numel():
+            more = P.bound(_take(res["lo"], near), _take(res["up"], near), _take(c_sg, near),
+                           res["margin"][near], first_split=len(P.relus),
+                           iterations=EXTRA_ITERATIONS, deadline=deadline, stop=stop,
+                           alpha_start=_take(res["alpha"], near),
+                           beta_start=_take(res["beta"], near))
+            _merge_rows(P, res, more, near)
     out = Expansion(bounded=2 * n, parents=n)
     pts = P.attack_points(res)
     c = _violating(P, pts)
@@ -441,13 +631,17 @@ def expand_relu_domains(P: ReluPrepared, cur: DomainBatch, seed: int, deadline: 
             again = P.bound(_take(res["lo"], dead), _take(res["up"], dead), _take(c_sg, dead),
                             res["margin"][dead], first_split=len(P.relus),
                             iterations=max(100, 10 * iterations), deadline=deadline, stop=stop,
-                            alpha_start=_take(res["alpha"], dead))
+                            alpha_start=_take(res["alpha"], dead),
+                            beta_start=_take(res["beta"], dead))
             res["margin"][dead] = again["margin"]
             keep = (P.conj_margin(res["margin"]).min(1).values <= 0).nonzero().flatten()
+        stored = _stored(P, res, cur["margin"].repeat(2, 1))
         out.children = {"lo": _take(res["lo"], keep), "up": _take(res["up"], keep),
-                        "sg": _take(c_sg, keep), "alpha": _take(res["alpha"], keep),
+                        "sg": _take(c_sg, keep), "alpha": _take(stored["alpha"], keep),
+                        "beta": _take(stored["beta"], keep),
                         "margin": res["margin"][keep],
                         "which": cw[keep], "local": cl[keep],
+                        "asplit": _split_coefficients(P, res, cw, cl)[keep],
                         "depth": cur["depth"].repeat(2)[keep] + 1}
     return out
 
@@ -532,7 +726,7 @@ def relu_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dead
         # the interval-split ones (two per neuron and row, e.g. sigmoid's tangent points)
         per_domain = sum(P.sizes) * (2 * lower.element_size() + 1) + 1 + sum(
             2 * P.C.shape[0] * s * lower.element_size()
-            for r, s in zip(P.relus, P.sizes) if not P.at_zero[r])
+            for r, s in zip(P.relus, P.sizes) if WARM_START_RELU or not P.at_zero[r])
         max_domains = max(batch * 4, DOMAIN_MEMORY // per_domain)
     lo, up, sg = P.root_domain()
     res = P.bound(lo, up, sg, first_split=len(P.relus), iterations=iterations, deadline=deadline)
@@ -548,8 +742,9 @@ def relu_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dead
             return BabResult("candidate", *c, domains=1, reason="the optimum of the box's LP")
         res["margin"][closed] = torch.inf
     frontier = ReluFrontier(P, {"lo": res["lo"], "up": res["up"], "sg": sg,
-                                "alpha": res["alpha"],
+                                **_stored(P, res),
                                 "margin": res["margin"], "which": which, "local": local,
+                                "asplit": _split_coefficients(P, res, which, local),
                                 "depth": torch.zeros(1, dtype=torch.long, device=lower.device)}, max_domains)
     expander = expander if expander is not None else LocalExpander(model)
     problem = ReluProblem(lower, upper, list(Cs), list(ds), P.root, iterations, branching)
