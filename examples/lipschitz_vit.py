@@ -19,13 +19,15 @@ how-to: docs/howto-lipschitz.md ("A Lipschitz vision transformer").
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
 
-from models import trained
-from verifier.analysis.lipschitz import crown_l2, lipschitz_certify, lipschitz_constant
-from verifier.train.data import load_npz
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `models` (the zoo)
+from models import trained  # noqa: E402
+from verifier.analysis.lipschitz import crown_l2, lipschitz_certify, lipschitz_constant  # noqa: E402
+from verifier.train.data import load_npz  # noqa: E402
 
 torch.set_num_threads(1)
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist_test1k.npz"
