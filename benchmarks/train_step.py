@@ -3,9 +3,9 @@
 One step = the clean forward pass, the loss's bounds (none, IBP, or IBP + CROWN-IBP), the
 backward pass and the optimizer step: ``verifier.train.trainer.train_step`` exactly as
 ``verifier train`` runs it. For each model the three methods are timed in turns (natural, IBP,
-CROWN-IBP, repeated), each step on a fresh batch of the shipped MNIST training digits (random
+CROWN-IBP, CROWN-IBP with loss fusion, repeated), each step on a fresh batch of the shipped MNIST training digits (random
 pixels where the file is missing), and the median wall time per step is printed with the ratio
-CROWN-IBP / IBP.
+CROWN-IBP / IBP (crown-ibp-lf: ``loss_fusion``, one backward row per sample).
 
     OMP_NUM_THREADS=1 python benchmarks/train_step.py                 # cnn_cert 32/256 and 16/128
     python benchmarks/train_step.py --reps 20 --eps 0.3 --beta 1.0 --models 32:256
@@ -48,8 +48,10 @@ def load(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def make_state(method: str, width: int, fc: int, lr: float = 5e-4) -> tuple[TrainConfig, TrainState]:
+    fused = method == "crown-ibp-lf"        # CROWN-IBP with loss fusion
     cfg = TrainConfig(model="cnn_cert", model_kwargs={"width": width, "fc": fc, "bn": True},
-                      method=method, ibp_init=True, batch_size=100, lr=lr, reg_weight=0.5)
+                      method="crown-ibp" if fused else method, loss_fusion=fused, ibp_init=True,
+                      batch_size=100, lr=lr, reg_weight=0.5)
     net = build_model(cfg, (1, 28, 28), 10)
     bm = BoundedModel(net, input_shape=(1, 28, 28))
     net.train()
@@ -64,7 +66,7 @@ def run(args) -> None:
     nb = x.shape[0] // args.batch
     for spec in args.models:
         width, fc = (int(v) for v in spec.split(":"))
-        states = {m: make_state(m, width, fc) for m in ("natural", "ibp", "crown-ibp")}
+        states = {m: make_state(m, width, fc) for m in ("natural", "ibp", "crown-ibp", "crown-ibp-lf")}
         times = {m: [] for m in states}
         k = 0
         for rep in range(args.warmup + args.reps):
@@ -81,9 +83,10 @@ def run(args) -> None:
         print(f"cnn_cert width {width} fc {fc} bn, batch {args.batch}, eps {args.eps}, beta "
               f"{args.beta}, {args.reps} reps, {torch.get_num_threads()} thread(s):")
         for m, v in med.items():
-            print(f"  {m:10s} median {1000 * v:8.1f} ms/step  (min {1000 * min(times[m]):.1f}, "
+            print(f"  {m:12s} median {1000 * v:8.1f} ms/step  (min {1000 * min(times[m]):.1f}, "
                   f"max {1000 * max(times[m]):.1f})")
-        print(f"  ratio crown-ibp / ibp = {med['crown-ibp'] / med['ibp']:.2f}   "
+        print(f"  ratio crown-ibp / ibp = {med['crown-ibp'] / med['ibp']:.2f}   crown-ibp-lf / ibp "
+              f"= {med['crown-ibp-lf'] / med['ibp']:.2f}   "
               f"ibp / natural = {med['ibp'] / med['natural']:.2f}", flush=True)
 
 
@@ -110,7 +113,7 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--profile", choices=["natural", "ibp", "crown-ibp"],
+    p.add_argument("--profile", choices=["natural", "ibp", "crown-ibp", "crown-ibp-lf"],
                    help="print a torch.profiler table of 4 steps of this method instead")
     p.add_argument("--rows", type=int, default=30)
     a = p.parse_args()

@@ -20,6 +20,7 @@ Train a classifier to be certifiably robust under an L-inf ball of radius --eps 
 inputs in [0, 1]) with bound-propagation losses, then evaluate it on the test set. --method:
   ibp        ce(m)                                m: IBP lower bounds of the margins f_y - f_j
   crown-ibp  ce(beta*m_crown_ibp + (1-beta)*m)    over the eps ball, ce(v) = log(1 + sum exp(-v_j))
+             (--loss-fusion: beta*U + (1-beta)*ce(m), U: CROWN-IBP's bound on the CE itself)
   mtl-ibp    (1-alpha)*ce(z_adv) + alpha*ce(m)    z_adv: the margins at a PGD point of the ball
   cc-ibp     ce((1-alpha)*z_adv + alpha*m)        (De Palma et al. 2024)
   sabr       ce(m_S)   m_S: IBP over the box of radius sabr_lambda*eps around a PGD point of
@@ -44,7 +45,7 @@ examples:
 _FLAGS = ["dataset", "train_path", "test_path", "train_subset", "test_subset", "model", "method",
           "eps", "train_eps", "schedule", "epochs", "warmup_epochs", "ramp_epochs", "batch_size",
           "lr", "seed", "output", "threads", "device", "pgd_weight", "reg_weight", "eval_eps",
-          "alpha", "sabr_lambda", "pgd_steps"]
+          "alpha", "sabr_lambda", "pgd_steps", "loss_fusion"]
 
 
 def _default(key: str) -> str:
@@ -79,6 +80,10 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pgd-steps", type=int, metavar="N",
                    help="steps of the training attack (mtl-ibp, cc-ibp, sabr, --pgd-weight) "
                         f"{_default('pgd_steps')}")
+    g.add_argument("--loss-fusion", action="store_true", default=None,
+                   help="crown-ibp: bound the cross-entropy itself, one backward row per sample "
+                        "instead of one per margin (faster, can be looser; docs/howto-train.md) "
+                        f"{_default('loss_fusion')}")
     g.add_argument("--eps", type=nonneg_float,
                    help=f"the target L-inf radius (evaluation) {_default('eps')}")
     g.add_argument("--train-eps", type=nonneg_float, help="the radius trained at (default --eps)")

@@ -49,6 +49,7 @@ class TrainConfig:
     kappa_end: float = 0.0                 # ... and from its end on
     beta_start: float = 1.0                # CROWN-IBP weight in the mixed lower bound
     beta_end: float = 0.0
+    loss_fusion: bool = False              # crown-ibp: bound the cross-entropy itself (1 backward row)
     batch_size: int = 64                   # with lr 2e-3: the README's digits run (clean ~0.8)
     lr: float = 2e-3                       # Adam's learning rate
     lr_milestones: list = field(default_factory=list)   # epochs where lr *= lr_decay
@@ -128,6 +129,9 @@ class TrainConfig:
         if self.weight_eps > 0 and self.method not in ("ibp", "crown-ibp"):
             bad("weight_eps", "training under weight perturbations needs method ibp or crown-ibp, "
                               f"not {self.method}")
+        if self.loss_fusion and self.method != "crown-ibp":
+            bad("loss_fusion", f"bounds CROWN-IBP's cross-entropy; method {self.method} has no "
+                               "CROWN-IBP pass to fuse")
         if not (0 <= self.alpha <= 1 and math.isfinite(self.alpha)):
             bad("alpha", f"must lie in [0, 1] (0: adversarial loss, 1: IBP loss), got {self.alpha}")
         if not (0 < self.sabr_lambda <= 1 and math.isfinite(self.sabr_lambda)):
@@ -185,7 +189,7 @@ def _coerce(key: str, v):
         if not isinstance(v, str):
             raise ConfigError(f"config key {key!r}: expected a string, got {v!r}")
         return v
-    if key in ("ibp_init", "weight_relative"):
+    if key in ("ibp_init", "weight_relative", "loss_fusion"):
         if not isinstance(v, bool):
             raise ConfigError(f"config key {key!r}: expected true or false, got {v!r}")
         return v

@@ -10,6 +10,21 @@ the true class at 0 and class j at ``-m_j``). The margin lower bound is IBP's, o
 mixed with IBP's: ``m = beta * m_crown_ibp + (1 - beta) * m_ibp`` (any convex mix of sound lower
 bounds is sound). The training loss is ``kappa * natural_ce + (1 - kappa) * robust_ce``.
 
+Loss fusion (``loss_fusion``, CROWN-IBP only; after Xu et al. 2020, "Automatic perturbation
+analysis for scalable certified robustness and beyond") bounds the cross-entropy itself with
+one CROWN-IBP row per sample instead of one per margin. With ``d_j = f_j - f_y`` and IBP's
+``l_j <= d_j <= u_j`` over the ball, a shift ``M >= 0`` and, since exp is convex, its chord
+``exp(d - M) <= a_j + b_j d`` on ``[l_j, u_j]``:
+
+    CE(x') = M + log(exp(-M) + sum_{j != y} exp(d_j - M))
+          <= M + log(A + sum_j b_j d_j(x'))            A = exp(-M) + sum_j a_j
+          <= M + log(A + Lambda)                        log is increasing
+
+where ``Lambda`` is CROWN-IBP's upper bound on the single linear function ``sum_j b_j (f_j - f_y)``
+over the ball. The backward pass carries 1 row instead of n - 1 (about 9x less work on 10
+classes); the bound can be looser than the per-margin one where IBP's ``[l_j, u_j]`` is wide
+(the chord of exp is then far above it).
+
 Warm-up regularizers (used while eps ramps up, after Shi et al. 2021), computed from the IBP
 intervals ``[l, u]`` (center c, radius r) of each ReLU's input:
 * ``tightness``: per pre-activation layer k, the growth of the mean radius over the previous
@@ -79,6 +94,41 @@ def certified_margins(bm: BoundedModel, x: torch.Tensor, y: torch.Tensor, eps: f
                          weights=weights, intervals=res.nodes, upper=False)
         lower = beta * cres.lower + (1 - beta) * lower if beta < 1 else cres.lower
     return lower, res.nodes
+
+
+def fused_robust_ce(bm: BoundedModel, x: torch.Tensor, y: torch.Tensor, eps: float, beta: float,
+                    n_classes: int, clip=(0.0, 1.0), batch_stats=None, weights=None):
+    """-> (per-sample upper bound ``[B]`` of the cross-entropy over the ball, the IBP margin
+    lower bounds ``[B, n-1]``, IBP node intervals): CROWN-IBP with loss fusion (module doc),
+    mixed with IBP's robust cross-entropy by ``beta`` (a convex mix of two upper bounds);
+    differentiable in the model's parameters."""
+    C = margin_spec(y, n_classes, dtype=x.dtype)
+    ball = LpBall(x, eps, clip=clip) if eps > 0 or weights is None else x
+    res = bm.bounds(ball, "ibp", spec=C, live=True, batch_stats=batch_stats, weights=weights)
+    z = torch.cat([torch.zeros_like(res.lower[:, :1]), -res.lower], 1)
+    ibp_ce = torch.logsumexp(z, 1)
+    if beta <= 0:
+        return ibp_ce, res.lower, res.nodes
+    lo, hi = -res.upper, -res.lower                       # d_j = f_j - f_y, j != y
+    m = hi.detach().amax(1, keepdim=True).clamp(min=0)    # any shift is exact; this one avoids overflow
+    el, eh = torch.exp(lo - m), torch.exp(hi - m)
+    w = hi - lo
+    narrow = w < 1e-6
+    # the chord's slope; on a (near) point interval the tangent's, which is the same line there
+    b = torch.where(narrow, torch.exp((lo + hi) / 2 - m), (eh - el) / torch.where(narrow, 1.0, w))
+    a = el - b * lo
+    big_a = torch.exp(-m).squeeze(1) + a.sum(1)
+    # -sum_j b_j (f_j - f_y) = sum_j b_j (row j of C) . f: its lower bound is -Lambda
+    spec = (b.unsqueeze(2) * C).sum(1, keepdim=True)      # [B, 1, n]
+    cres = bm.bounds(ball, "crown-ibp", spec=spec, live=True, batch_stats=batch_stats,
+                     weights=weights, intervals=res.nodes, upper=False)
+    lam = -cres.lower[:, 0]
+    tiny = torch.finfo(x.dtype).tiny
+    fused = m.squeeze(1) + torch.log((big_a + lam).clamp(min=tiny))
+    # never worse than IBP's own bound (both are sound upper bounds)
+    fused = torch.minimum(fused, ibp_ce)
+    ce = beta * fused + (1 - beta) * ibp_ce if beta < 1 else fused
+    return ce, res.lower, res.nodes
 
 
 def pgd_ce(net, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, generator=None,

@@ -32,7 +32,7 @@ from ..weights import WeightPerturbation
 from .config import ATTACK_METHODS, ConfigError, TrainConfig, default, to_dict
 from .data import Dataset, load_dataset
 from .init import ibp_init_
-from .losses import certified_margins, pgd_ce, robust_ce, warmup_regularizers
+from .losses import certified_margins, fused_robust_ce, pgd_ce, robust_ce, warmup_regularizers
 from .mixed import mixed_loss
 from .schedule import Schedule
 
@@ -158,9 +158,14 @@ def train_step(cfg: TrainConfig, state: TrainState, xb, yb, s: dict, n_classes: 
                 tight, bal = warmup_regularizers(state.bm, nodes, cfg.reg_tau)
                 loss = loss + cfg.reg_weight * (1 - s["progress"]) * (tight + bal)
     elif cfg.method != "natural" and (eps > 0 or weights is not None):
-        lower, nodes = certified_margins(state.bm, xb, yb, eps, s["beta"], cfg.method, n_classes,
-                                         batch_stats=stats, weights=weights)
-        rob = robust_ce(lower)
+        if cfg.loss_fusion:
+            per_sample, lower, nodes = fused_robust_ce(state.bm, xb, yb, eps, s["beta"], n_classes,
+                                                       batch_stats=stats, weights=weights)
+            rob = per_sample.mean()
+        else:
+            lower, nodes = certified_margins(state.bm, xb, yb, eps, s["beta"], cfg.method, n_classes,
+                                             batch_stats=stats, weights=weights)
+            rob = robust_ce(lower)
         loss = s["kappa"] * nat + (1 - s["kappa"]) * rob
         out.update(rob=float(rob.detach()), cert=float((lower > 0).all(1).float().mean()))
         if cfg.reg_weight > 0 and s["progress"] < 1 and eps > 0:
