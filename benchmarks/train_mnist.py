@@ -6,6 +6,8 @@ images; prints clean / PGD / certified accuracy and wall time.
     python benchmarks/train_mnist.py fashion-0.1      # Fashion-MNIST, full set, eps 0.1
     python benchmarks/train_mnist.py mnist-0.1 --width 16 --fc 256 --ship models/   # smaller model
     python benchmarks/train_mnist.py mnist-0.3 --method mtl-ibp --alpha 0.5 --pgd-steps 1
+    python benchmarks/train_mnist.py mnist-0.1 --method ibp sabr        # two runs, one table
+    python benchmarks/train_mnist.py --table runs/mnist-0.1 runs/mnist-0.1-sabr   # finished runs
 
 MNIST: trained on /work/shared/datasets/mnist_train10k.npz (or --data-dir), evaluated on the
 1,000 test images of mnist_test1k.npz; Fashion-MNIST: the IDX files of Debian's
@@ -54,15 +56,19 @@ RUNS = {
 }
 
 
-def config_for(name: str, args) -> dict:
+def config_for(name: str, args, method: str | None = None) -> dict:
+    tag = (f"-{method}" if method else "") + ("-lf" if args.loss_fusion else "")
+    out = args.output if args.output and len(args.runs) * len(args.method or [None]) == 1 else None
     d = {**_COMMON, **RUNS[name], "seed": args.seed, "threads": args.threads,
-         "output": args.output or f"runs/{name}" + (f"-{args.method}" if args.method else "")}
+         "output": out or (f"{args.output}/{name}{tag}" if args.output else f"runs/{name}{tag}")}
     d["model_kwargs"] = {**_COMMON["model_kwargs"], **RUNS[name].get("model_kwargs", {}),
                          "width": args.width, "fc": args.fc}
-    if args.method is not None:   # another loss on the same recipe (verifier.train.mixed)
+    if method is not None:   # another loss on the same recipe (verifier.train.mixed)
         if d["method"] == "natural":
             raise SystemExit(f"{name}: the natural baseline takes no --method")
-        d["method"] = args.method
+        d["method"] = method
+    if args.loss_fusion:
+        d["loss_fusion"] = True
     for key in ("alpha", "sabr_lambda", "pgd_steps"):
         if getattr(args, key) is not None:
             d[key] = getattr(args, key)
@@ -81,6 +87,29 @@ def config_for(name: str, args) -> dict:
         d["ramp_epochs"] = max(1, min(args.epochs - d["warmup_epochs"], round(d["ramp_epochs"] * f)))
         d["lr_milestones"] = [max(1, round(m * f)) for m in d["lr_milestones"]]
     return d
+
+
+def table(dirs: list[Path]) -> str:
+    """The markdown table of finished runs: method x eps, clean, PGD, certified by IBP and by the
+    cascade's later methods (IBP, then CROWN, then alpha-CROWN: each column counts what its
+    method or an earlier one proved; "-" where the run did not evaluate it), training time."""
+    rows = ["| data, eps | method | epochs | clean | PGD | certified: IBP / +CROWN / +alpha-CROWN "
+            "| training time |", "|---|---|---|---|---|---|---|"]
+    for d in dirs:
+        rep = json.loads((d / "report.json").read_text())
+        cfg = json.loads((d / "config.json").read_text())
+        c = rep["certified_acc"]
+        cert = " / ".join(f"{100 * c[k]:.1f}%" if k in c else "-"
+                          for k in ("ibp", "ibp+crown", "ibp+crown+alpha-crown"))
+        m = cfg["method"] + (" (fused)" if cfg.get("loss_fusion") else "")
+        extra = {"mtl-ibp": f" alpha {cfg.get('alpha')}", "cc-ibp": f" alpha {cfg.get('alpha')}",
+                 "sabr": f" lambda {cfg.get('sabr_lambda')}"}.get(cfg["method"], "")
+        data = {"npz": "MNIST", "digits": "digits"}.get(
+            cfg["dataset"], "Fashion-MNIST" if "fashion" in str(cfg.get("train_path")).lower() else "IDX")
+        rows.append(f"| {data} {cfg['eps']:g} | {m}{extra} | {cfg['epochs']} | "
+                    f"{100 * rep['clean_acc']:.1f}% | {100 * rep['pgd_acc']:.1f}% | {cert} | "
+                    f"{rep['train_time_s']:.0f} s |")
+    return "\n".join(rows)
 
 
 def ship(name: str, cfg, out_dir: Path, report: dict, dest: Path, command: str) -> None:
@@ -118,14 +147,20 @@ def ship(name: str, cfg, out_dir: Path, report: dict, dest: Path, command: str) 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="*", default=["mnist-0.1", "mnist-0.3"], choices=sorted(RUNS))
+    p.add_argument("runs", nargs="*", metavar="RUN",
+                   help=f"{', '.join(sorted(RUNS))} (default mnist-0.1 mnist-0.3)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, help="shorter runs (the schedule is scaled down)")
     p.add_argument("--width", type=int, default=32, help="cnn_cert: channels of the first convolution")
     p.add_argument("--fc", type=int, default=256, help="cnn_cert: width of the hidden dense layer")
-    p.add_argument("--method", choices=["ibp", "crown-ibp", "mtl-ibp", "cc-ibp", "sabr"],
-                   help="the training loss (default ibp; see verifier train --help)")
+    p.add_argument("--method", nargs="+", choices=["ibp", "crown-ibp", "mtl-ibp", "cc-ibp", "sabr"],
+                   help="the training loss, or several: one run each, one table (default ibp; "
+                        "see verifier train --help)")
+    p.add_argument("--loss-fusion", action="store_true",
+                   help="crown-ibp: bound the cross-entropy itself (one backward row per sample)")
+    p.add_argument("--table", nargs="+", metavar="DIR",
+                   help="only print the table of finished runs (their report.json and config.json)")
     p.add_argument("--alpha", type=float, help="mtl-ibp / cc-ibp: the IBP share (default 0.5)")
     p.add_argument("--sabr-lambda", type=float, help="sabr: small-box radius / eps (default 0.4)")
     p.add_argument("--pgd-steps", type=int, help="steps of the training attack (default 5)")
@@ -138,30 +173,43 @@ def main() -> int:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--ship", metavar="DIR", help="copy the model into DIR and record it in DIR/zoo.json")
     a = p.parse_args()
+    if a.table:
+        print(table([Path(d) for d in a.table]))
+        return 0
+    a.runs = a.runs or ["mnist-0.1", "mnist-0.3"]
+    unknown = [r for r in a.runs if r not in RUNS]
+    if unknown:
+        p.error(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(sorted(RUNS))}")
     from verifier.train.config import from_dict
     from verifier.train.run import run_training
+    done = []
     for name in a.runs:
-        d = config_for(name, a)
-        cfg = from_dict(d)
-        print(f"== {name}: {json.dumps(d)}", flush=True)
-        t0 = time.perf_counter()
-        report = run_training(cfg, resume=a.resume, progress=sys.stderr.isatty())
-        wall = time.perf_counter() - t0
-        c = report["certified_acc"]
-        print(f"{name}: clean {report['clean_acc']:.3f}  PGD {report['pgd_acc']:.3f}  certified "
-              + "  ".join(f"{m} {v:.3f}" for m, v in c.items())
-              + f"  (n={report['n']}, eps={cfg.eps}; train {report['train_time_s']:.0f} s, "
-              f"wall {wall:.0f} s, violations {report['violations']})", flush=True)
-        if a.ship:
-            cmd = (f"python benchmarks/train_mnist.py {name} --width {a.width} --fc {a.fc} "
-                   + (f"--method {a.method} " if a.method else "")
-                   + "".join(f"--{k.replace('_', '-')} {getattr(a, k):g} "
-                             for k in ("alpha", "sabr_lambda", "pgd_steps") if getattr(a, k) is not None)
-                   + (f"--epochs {a.epochs} " if a.epochs is not None else "")
-                   + (f"--eval-methods {' '.join(a.eval_methods)} " if a.eval_methods else "")
-                   + (f"--eval-budget {a.eval_budget:g} " if a.eval_budget is not None else "")
-                   + f"--threads {a.threads} --seed {a.seed}")
-            ship(name, cfg, Path(cfg.output), report, Path(a.ship), cmd)
+        for method in (a.method or [None]):
+            d = config_for(name, a, method)
+            cfg = from_dict(d)
+            print(f"== {name}: {json.dumps(d)}", flush=True)
+            t0 = time.perf_counter()
+            report = run_training(cfg, resume=a.resume, progress=sys.stderr.isatty())
+            wall = time.perf_counter() - t0
+            done.append(Path(cfg.output))
+            c = report["certified_acc"]
+            print(f"{name}: clean {report['clean_acc']:.3f}  PGD {report['pgd_acc']:.3f}  certified "
+                  + "  ".join(f"{m} {v:.3f}" for m, v in c.items())
+                  + f"  (n={report['n']}, eps={cfg.eps}; train {report['train_time_s']:.0f} s, "
+                  f"wall {wall:.0f} s, violations {report['violations']})", flush=True)
+            if a.ship:
+                cmd = (f"python benchmarks/train_mnist.py {name} --width {a.width} --fc {a.fc} "
+                       + (f"--method {method} " if method else "")
+                       + ("--loss-fusion " if a.loss_fusion else "")
+                       + "".join(f"--{k.replace('_', '-')} {getattr(a, k):g} "
+                                 for k in ("alpha", "sabr_lambda", "pgd_steps") if getattr(a, k) is not None)
+                       + (f"--epochs {a.epochs} " if a.epochs is not None else "")
+                       + (f"--eval-methods {' '.join(a.eval_methods)} " if a.eval_methods else "")
+                       + (f"--eval-budget {a.eval_budget:g} " if a.eval_budget is not None else "")
+                       + f"--threads {a.threads} --seed {a.seed}")
+                ship(name, cfg, Path(cfg.output), report, Path(a.ship), cmd)
+    print()
+    print(table(done))
     return 0
 
 

@@ -1,0 +1,61 @@
+"""benchmarks/train_mnist.py: the configs it builds (several methods, loss fusion) and the table
+it prints from finished runs."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("train_mnist", ROOT / "benchmarks" / "train_mnist.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _args(**kw):
+    base = dict(runs=["mnist-0.3"], seed=0, threads=1, epochs=None, width=32, fc=256, method=None,
+                loss_fusion=False, alpha=None, sabr_lambda=None, pgd_steps=None, eval_methods=None,
+                eval_budget=None, output=None, data_dir="/data")
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_one_output_folder_per_method_and_loss_fusion_set():
+    tm = _script()
+    a = _args(method=["ibp", "sabr"], output="out")
+    outs = [tm.config_for("mnist-0.3", a, m)["output"] for m in a.method]
+    assert outs == ["out/mnist-0.3-ibp", "out/mnist-0.3-sabr"]
+    d = tm.config_for("mnist-0.3", _args(method=["crown-ibp"], loss_fusion=True), "crown-ibp")
+    assert d["method"] == "crown-ibp" and d["loss_fusion"] is True
+    assert d["output"] == "runs/mnist-0.3-crown-ibp-lf"
+    one = tm.config_for("mnist-0.3", _args(method=["sabr"], output="here"), "sabr")
+    assert one["output"] == "here"                      # a single run keeps the folder it was given
+    with pytest.raises(SystemExit, match="natural baseline takes no --method"):
+        tm.config_for("mnist-natural", _args(runs=["mnist-natural"]), "sabr")
+
+
+def test_table_of_finished_runs(tmp_path):
+    tm = _script()
+    runs = []
+    for i, (method, cert, ds) in enumerate([
+            ("ibp", {"ibp": 0.859, "ibp+crown": 0.861}, "npz"),
+            ("sabr", {"ibp": 0.7, "ibp+crown": 0.75, "ibp+crown+alpha-crown": 0.76}, "idx")]):
+        d = tmp_path / f"r{i}"
+        d.mkdir()
+        (d / "report.json").write_text(json.dumps({"clean_acc": 0.926, "pgd_acc": 0.89,
+                                                   "certified_acc": cert, "train_time_s": 1786.6}))
+        (d / "config.json").write_text(json.dumps({
+            "method": method, "eps": 0.3 if ds == "npz" else 0.1, "epochs": 60, "dataset": ds,
+            "train_path": "/usr/share/datasets/fashion-mnist", "sabr_lambda": 0.4}))
+        runs.append(d)
+    lines = tm.table(runs).splitlines()
+    assert lines[2] == "| MNIST 0.3 | ibp | 60 | 92.6% | 89.0% | 85.9% / 86.1% / - | 1787 s |"
+    assert lines[3] == ("| Fashion-MNIST 0.1 | sabr lambda 0.4 | 60 | 92.6% | 89.0% | "
+                        "70.0% / 75.0% / 76.0% | 1787 s |")
