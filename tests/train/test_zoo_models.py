@@ -16,6 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 ZOO = ROOT / "models" / "zoo.json"
 TEST1K = Path("/work/shared/datasets/mnist_test1k.npz")
+FASHION = Path("/usr/share/datasets/fashion-mnist")     # Debian's dataset-fashion-mnist
 ENTRIES = json.loads(ZOO.read_text())["models"] if ZOO.exists() else []
 FIELDS = {"name", "onnx", "dataset", "mean", "std", "method", "eps", "command", "measured"}
 
@@ -40,9 +41,15 @@ def test_zoo_entry_onnx_matches_state_dict_and_claim(entry):
     with torch.no_grad():
         ref = net(x).numpy()
     np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], ref, rtol=1e-4, atol=1e-4)
-    if not TEST1K.exists() or not entry["dataset"].startswith("MNIST"):
+    if entry["dataset"].startswith("Fashion-MNIST"):
+        if not FASHION.exists():
+            pytest.skip("Fashion-MNIST (Debian's dataset-fashion-mnist) is not installed")
+        from verifier.train.data import load_idx_folder
+        ds = load_idx_folder(FASHION, "test").subset(1000)
+    elif not TEST1K.exists() or not entry["dataset"].startswith("MNIST"):
         pytest.skip("the shared MNIST test images are not here")
-    ds = load_npz(TEST1K)
+    else:
+        ds = load_npz(TEST1K)
     bm = BoundedModel.from_onnx(ROOT / entry["onnx"])
     v = bm.bounds(LpBall(ds.x, entry["eps"], clip=(0, 1)), "ibp", spec=margin_spec(ds.y, 10)).verified
     assert float(v.float().mean()) == pytest.approx(entry["measured"]["certified_acc"]["ibp"], abs=1e-3)
