@@ -130,6 +130,88 @@ def test_subspace_model_matches_the_full_model_and_its_bounds_hold():
     assert bool((y >= res.lower - 1e-5).all()) and bool((y <= res.upper + 1e-5).all())
 
 
+FRONTS = {
+    # net, input shape
+    "flatten_then_dense": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(36, 10), nn.Tanh(),
+                                                 nn.Linear(10, 3)), (1, 6, 6)),
+    "flat_input_into_relu": (lambda: nn.Sequential(nn.ReLU(), nn.Linear(36, 3)), (36,)),
+    "dense_skip_sum": (lambda: _DenseSkip(), (36,)),
+    "all_affine": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(36, 5), nn.Linear(5, 3)), (1, 6, 6)),
+}
+
+
+class _DenseSkip(nn.Module):
+    """Two dense layers and a sum of both (all affine), a slice, then ReLUs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(36, 12), nn.Linear(12, 12)
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(12, 3))
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.head(h + self.b(h)) + self.b(h)[:, :3]
+
+
+@pytest.mark.parametrize("name", sorted(FRONTS))
+def test_fixed_inputs_fold_through_any_affine_front(name):
+    """Whatever reads the input (a reshape, a ReLU directly, a skip sum, an all-affine net),
+    the folded model equals the full one at lifted points, has ``n_vary`` inputs and no node
+    of the front left, and its CROWN bounds over sub-boxes hold on the full model."""
+    from verifier.bounds.crown import crown
+    from verifier.complete.subspace import affine_front
+    torch.manual_seed(7)
+    build, shape = FRONTS[name]
+    net = build().eval()
+    bm = BoundedModel(net, input_shape=shape)
+    n_in = int(np.prod(shape))
+    g = torch.Generator().manual_seed(5)
+    base = torch.rand(n_in, generator=g) * 2 - 1
+    vary = torch.tensor([0, 7, 13, n_in - 1])
+    assert foldable(bm.graph, bm.input, len(vary))
+    sub = SubspaceModel(bm, vary, base.double())
+    assert sub.input_shape == (4,) and sub.graph[sub.input].shape == (4,)
+    front, frontier = affine_front(bm.graph, bm.input)
+    gone = set(front) - set(frontier) - {bm.input}
+    assert not gone & {n.name for n in sub.graph}
+    assert all(sub.graph[f if f != bm.input else f"{f}__lift"].inputs == [sub.input] for f in frontier)
+    v = torch.rand(64, 4, generator=g) * 2 - 1
+    x = sub.lift(v)
+    assert x.shape == (64, *shape) and torch.equal(sub.restrict(x), v)
+    with torch.no_grad():
+        np.testing.assert_allclose(sub.graph_forward(v).numpy(), net(x).numpy(), atol=2e-5)
+        blo = -1 + torch.rand(3, 4, generator=g)
+        bhi = blo + 0.6 * torch.rand(3, 4, generator=g)
+        res = crown(sub.graph, {sub.input: Box(blo, bhi)}, None)
+        pts = blo.unsqueeze(1) + torch.rand(3, 400, 4, generator=g) * (bhi - blo).unsqueeze(1)
+        y = net(sub.lift(pts.reshape(-1, 4))).reshape(3, 400, -1)
+    assert bool((y >= res.lower.unsqueeze(1) - 1e-5).all())
+    assert bool((y <= res.upper.unsqueeze(1) + 1e-5).all())
+
+
+def test_a_front_that_ends_in_a_feature_map_is_not_folded():
+    """A convolution's output folded into a dense layer would make the patch-form passes after
+    it dense: such fronts (a conv on the image, an image read by a ReLU) are left alone."""
+    for net, shape in ((nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(),
+                                      nn.Linear(64, 3)), (1, 6, 6)),
+                       (nn.Sequential(nn.ReLU(), nn.Flatten(), nn.Linear(36, 3)), (1, 6, 6))):
+        bm = BoundedModel(net.eval(), input_shape=shape)
+        assert not foldable(bm.graph, bm.input, 4)
+        with pytest.raises(ValueError, match="feature map"):
+            SubspaceModel(bm, torch.arange(4), torch.zeros(36, dtype=torch.float64))
+
+
+def test_folding_refuses_oversized_fronts(monkeypatch):
+    from verifier.complete import subspace
+    net = nn.Sequential(nn.Flatten(), nn.Linear(36, 10), nn.ReLU(), nn.Linear(10, 3))
+    bm = BoundedModel(net, input_shape=(1, 6, 6))
+    assert foldable(bm.graph, bm.input, 4)
+    monkeypatch.setattr(subspace, "MAX_FOLD_ENTRIES", 39)     # 10 outputs x 4 inputs = 40
+    assert not foldable(bm.graph, bm.input, 4)
+    with pytest.raises(ValueError, match="cannot be folded"):
+        SubspaceModel(bm, torch.arange(4), torch.zeros(36, dtype=torch.float64))
+
+
 @pytest.fixture(scope="module")
 def instance():
     net, lo, hi = _generator_classifier()

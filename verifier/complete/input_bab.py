@@ -375,9 +375,10 @@ def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dea
     ``frontier_bytes`` (``BestFirstFrontier``). ``vary``: the inputs that may be split (a
     bool mask ``[*input_shape]`` or flat indices; default: those with ``lower < upper``): the
     spec's fixed inputs stay at their value even where float32 rounding leaves them a box of
-    one ulp. When the input is a flat vector read only by linear layers, the domains are
-    boxes over the varying inputs alone, the others fixed at ``base`` (float64, default the
-    box's centre) and folded into those layers (``subspace``). ``start``: the domains to begin with (default: the whole box), a batch as the
+    one ulp. When the affine layers the input goes through first end in vectors
+    (``subspace.foldable``), the domains are boxes over the varying inputs alone, the others
+    fixed at ``base`` (float64, default the box's centre) and folded into those layers
+    (``subspace``). ``start``: the domains to begin with (default: the whole box), a batch as the
     expansions return (``lo, hi``, ``l:NODE, u:NODE`` intervals sound over each domain's part
     of the problem, ``key``); ``domains``: those bounded before (counted in the result)."""
     t0 = time.perf_counter()
@@ -393,7 +394,7 @@ def input_split_bab(model, lower: torch.Tensor, upper: torch.Tensor, Cs, ds, dea
         start = {"lo": lower.unsqueeze(0), "hi": upper.unsqueeze(0),
                  "key": torch.full((1,), -torch.inf, dtype=lower.dtype, device=lower.device)}
     sub = None
-    if 0 < vary.numel() < scale.numel() and foldable(model.graph, model.input):
+    if 0 < vary.numel() < scale.numel() and foldable(model.graph, model.input, int(vary.numel())):
         # the domains live in the subspace of the varying inputs
         base = ((lower.double() + upper.double()) / 2 if base is None else base.double()).flatten()
         sub = SubspaceModel(model, vary, base)
