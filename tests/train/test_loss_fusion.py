@@ -179,6 +179,36 @@ def test_fused_loss_is_differentiable_and_close_to_the_per_margin_loss_on_a_smal
     assert abs(float(ub.mean()) - float(per_margin)) < 0.05 * float(per_margin) + 1e-3
 
 
+def test_fused_bound_holds_under_weight_perturbations():
+    """Flatness training: with a weight set (every parameter within 2% of its value) the fused
+    bound holds for sampled models of the set at sampled and attacked inputs of the ball."""
+    import copy
+    from verifier.weights import WeightPerturbation
+    net = _make("mlp").eval()
+    bm = BoundedModel(net, input_shape=(1, 8, 8))
+    x, y = _batch()
+    eps, rel = 0.03, 0.02
+    with torch.no_grad():
+        ub, _, _ = fused_robust_ce(bm, x, y, eps, 1.0, 10,
+                                   weights=WeightPerturbation("*", rel, relative=True))
+    gen = torch.Generator().manual_seed(9)
+    lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    worst = torch.full((len(x),), -float("inf"))
+    for k in range(12):
+        other = copy.deepcopy(net)
+        with torch.no_grad():
+            for q in other.parameters():
+                u = torch.rand(q.shape, generator=gen) * 2 - 1
+                if k % 2:
+                    u = u.sign()                             # a vertex of the weight box
+                q.add_(rel * q.abs() * u)
+            for _ in range(5):
+                pts = lo + torch.rand(x.shape, generator=gen) * (hi - lo)
+                worst = torch.maximum(worst, _ce_per_sample(other, pts, y))
+        worst = torch.maximum(worst, _pgd_ce(other, x, y, eps, steps=15, seed=k))
+    assert (worst <= ub + 1e-5).all(), (worst, ub)
+
+
 @pytest.mark.parametrize("d, match", [
     ({"method": "ibp", "loss_fusion": True}, r"'loss_fusion'.*method ibp has no CROWN-IBP pass"),
     ({"method": "crown-ibp", "loss_fusion": "yes"}, r"'loss_fusion': expected true or false"),
