@@ -348,3 +348,20 @@ def onnx2torch_or_skip():
     except Exception as e:
         pytest.skip(f"onnx2torch not usable here ({type(e).__name__})")
     return onnx2torch
+
+
+def randomize_batchnorm(net: torch.nn.Module, gen: torch.Generator | int = 0) -> torch.nn.Module:
+    """Give every BatchNorm layer of ``net`` random affine parameters and running statistics
+    (scales in [0.5, 1.5], variances in [0.5, 1.5]) drawn from ``gen`` (a generator, or its
+    seed), so that a test's network does not carry the identity BatchNorm of a fresh module; in
+    place, returns ``net``."""
+    if isinstance(gen, int):
+        gen = torch.Generator().manual_seed(gen)
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    return net

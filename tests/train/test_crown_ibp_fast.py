@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from helpers import randomize_batchnorm  # noqa: E402
 from models import cnn_cert, mlp, resnet_block_net, small_cnn  # noqa: E402
 
 from verifier import BoundedModel, LpBall, margin_spec  # noqa: E402
@@ -46,14 +47,7 @@ def _make(name, seed=0):
     torch.manual_seed(seed)
     build, shape = NETS[name]
     net = build()
-    gen = torch.Generator().manual_seed(seed)
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    randomize_batchnorm(net, seed)
     return net.eval(), shape
 
 

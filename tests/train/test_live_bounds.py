@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from helpers import randomize_batchnorm  # noqa: E402
 from models import cnn_cert, mlp, resnet_block_net, small_cnn  # noqa: E402
 
 from verifier import BoundedModel, LpBall, margin_spec  # noqa: E402
@@ -28,22 +29,11 @@ NETS = {
 }
 
 
-def _randomize_bn(net, gen):
-    """Non-trivial BatchNorm parameters and running statistics."""
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-
-
 def _make(name, seed=0):
     torch.manual_seed(seed)
     build, shape = NETS[name]
     net = build()
-    _randomize_bn(net, torch.Generator().manual_seed(seed))
+    randomize_batchnorm(net, torch.Generator().manual_seed(seed))
     return net.eval(), shape
 
 

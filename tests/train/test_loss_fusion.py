@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from helpers import randomize_batchnorm  # noqa: E402
 from models import cnn_cert, mlp  # noqa: E402
 
 from verifier import BoundedModel  # noqa: E402
@@ -32,14 +33,7 @@ NETS = {
 def _make(name, seed=0):
     torch.manual_seed(seed)
     net = NETS[name]()
-    gen = torch.Generator().manual_seed(seed)
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    randomize_batchnorm(net, seed)
     return net
 
 
