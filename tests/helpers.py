@@ -365,3 +365,17 @@ def randomize_batchnorm(net: torch.nn.Module, gen: torch.Generator | int = 0) ->
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
     return net
+
+
+def frozen_stats_copy(net: torch.nn.Module, stats: dict) -> torch.nn.Module:
+    """An eval-mode copy of ``net`` whose BatchNorm layers normalize with the captured batch
+    statistics ``stats`` ({module name: (mean, var)}, ``verifier.graph.live.BatchStats``): the
+    function that bounds computed in training mode must enclose."""
+    import copy
+    frozen = copy.deepcopy(net).eval()
+    mods = dict(frozen.named_modules())
+    with torch.no_grad():
+        for name, (mean, var) in stats.items():
+            mods[name].running_mean.copy_(mean.detach())
+            mods[name].running_var.copy_(var.detach())
+    return frozen

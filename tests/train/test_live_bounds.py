@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from helpers import randomize_batchnorm  # noqa: E402
+from helpers import frozen_stats_copy, randomize_batchnorm  # noqa: E402
 from models import cnn_cert, mlp, resnet_block_net, small_cnn  # noqa: E402
 
 from verifier import BoundedModel, LpBall, margin_spec  # noqa: E402
@@ -84,18 +84,6 @@ def test_live_gradient_matches_finite_differences(name):
     assert fd != 0
 
 
-def _frozen_stats_copy(net, stats):
-    """An eval-mode copy whose BatchNorm layers normalize with the captured batch statistics:
-    the function the training-mode live bounds must enclose."""
-    m2 = copy.deepcopy(net).eval()
-    mods = dict(m2.named_modules())
-    for name, (mean, var) in stats.items():
-        with torch.no_grad():
-            mods[name].running_mean.copy_(mean.detach())
-            mods[name].running_var.copy_(var.detach())
-    return m2
-
-
 @pytest.mark.parametrize("name", ["cnn_cert_bn", "resnet", "small_cnn"])
 @pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
 @pytest.mark.parametrize("training", [False, True])
@@ -113,7 +101,7 @@ def test_live_bounds_enclose_samples_and_pgd(name, method, training):
         net.train()
         with BatchStats(net) as stats:
             net(x)
-        target = _frozen_stats_copy(net, stats)
+        target = frozen_stats_copy(net, stats)
         net.eval()
         net.train()
     res = bm.bounds(ball, method, spec=C, live=True, batch_stats=stats)

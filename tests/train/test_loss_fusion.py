@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from helpers import randomize_batchnorm  # noqa: E402
+from helpers import frozen_stats_copy, randomize_batchnorm  # noqa: E402
 from models import cnn_cert, mlp  # noqa: E402
 
 from verifier import BoundedModel  # noqa: E402
@@ -99,7 +99,7 @@ def test_fused_bound_holds_with_batch_statistics():
         net(x)
     with torch.no_grad():
         ub, _, _ = fused_robust_ce(bm, x, y, eps, 1.0, 10, batch_stats=stats)
-    frozen = _freeze_batch_stats(net, stats)
+    frozen = frozen_stats_copy(net, stats)
     worst = _pgd_ce(frozen, x, y, eps)
     gen = torch.Generator().manual_seed(5)
     lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
@@ -108,17 +108,6 @@ def test_fused_bound_holds_with_batch_statistics():
             pts = lo + torch.rand(x.shape, generator=gen) * (hi - lo)
             worst = torch.maximum(worst, _ce_per_sample(frozen, pts, y))
     assert (worst <= ub + 1e-5).all()
-
-
-def _freeze_batch_stats(net, stats):
-    """A copy of ``net`` in eval mode whose BatchNorm layers use the captured batch statistics."""
-    frozen = copy.deepcopy(net).eval()
-    mods = dict(frozen.named_modules())
-    with torch.no_grad():
-        for name, (mean, var) in stats.items():
-            mods[name].running_mean.copy_(mean.detach())
-            mods[name].running_var.copy_(var.detach())
-    return frozen
 
 
 @pytest.mark.parametrize("eps", [0.02, 0.3])
@@ -176,7 +165,6 @@ def test_fused_loss_is_differentiable_and_close_to_the_per_margin_loss_on_a_smal
 def test_fused_bound_holds_under_weight_perturbations():
     """Flatness training: with a weight set (every parameter within 2% of its value) the fused
     bound holds for sampled models of the set at sampled and attacked inputs of the ball."""
-    import copy
     from verifier.weights import WeightPerturbation
     net = _make("mlp").eval()
     bm = BoundedModel(net, input_shape=(1, 8, 8))
