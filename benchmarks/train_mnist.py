@@ -174,8 +174,15 @@ def main() -> int:
     p.add_argument("--ship", metavar="DIR", help="copy the model into DIR and record it in DIR/zoo.json")
     a = p.parse_args()
     if a.table:
+        missing = [d for d in a.table if not all((Path(d) / f).is_file()
+                                                 for f in ("report.json", "config.json"))]
+        if missing:
+            p.error(f"--table: {', '.join(missing)} hold no finished run (report.json and "
+                    "config.json)")
         print(table([Path(d) for d in a.table]))
         return 0
+    if a.loss_fusion and a.method != ["crown-ibp"]:
+        p.error("--loss-fusion fuses CROWN-IBP's bound: it needs --method crown-ibp (alone)")
     a.runs = a.runs or ["mnist-0.1", "mnist-0.3"]
     unknown = [r for r in a.runs if r not in RUNS]
     if unknown:

@@ -2,7 +2,7 @@
 
 One step = the clean forward pass, the loss's bounds (none, IBP, or IBP + CROWN-IBP), the
 backward pass and the optimizer step: ``verifier.train.trainer.train_step`` exactly as
-``verifier train`` runs it. For each model the three methods are timed in turns (natural, IBP,
+``verifier train`` runs it. For each model the four methods are timed in turns (natural, IBP,
 CROWN-IBP, CROWN-IBP with loss fusion, repeated), each step on a fresh batch of the shipped MNIST training digits (random
 pixels where the file is missing), and the median wall time per step is printed with the ratio
 CROWN-IBP / IBP (crown-ibp-lf: ``loss_fusion``, one backward row per sample).

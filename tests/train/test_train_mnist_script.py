@@ -59,3 +59,16 @@ def test_table_of_finished_runs(tmp_path):
     assert lines[2] == "| MNIST 0.3 | ibp | 60 | 92.6% | 89.0% | 85.9% / 86.1% / - | 1787 s |"
     assert lines[3] == ("| Fashion-MNIST 0.1 | sabr lambda 0.4 | 60 | 92.6% | 89.0% | "
                         "70.0% / 75.0% / 76.0% | 1787 s |")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--table", "no_such_run"], "no_such_run hold no finished run"),
+    (["mnist-0.3", "--method", "sabr", "--loss-fusion"], "needs --method crown-ibp"),
+    (["mnist-0.4"], "unknown run(s) mnist-0.4"),
+])
+def test_bad_arguments_are_one_clear_error(argv, needle, tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_mnist.py"), *argv],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -45,10 +45,15 @@ from ..perturbation import LpBall
 from ..projected_gradient import Variable, projected_gradient, sign_step
 
 
+def robust_ce_per_sample(margin_lower: torch.Tensor) -> torch.Tensor:
+    """``log(1 + sum_j exp(-m_j))`` per sample ``[B]``; ``margin_lower: [B, n-1]``."""
+    z = torch.cat([torch.zeros_like(margin_lower[:, :1]), -margin_lower], 1)
+    return torch.logsumexp(z, 1)
+
+
 def robust_ce(margin_lower: torch.Tensor) -> torch.Tensor:
     """``log(1 + sum_j exp(-m_j))`` per sample, averaged; ``margin_lower: [B, n-1]``."""
-    z = torch.cat([torch.zeros_like(margin_lower[:, :1]), -margin_lower], 1)
-    return torch.logsumexp(z, 1).mean()
+    return robust_ce_per_sample(margin_lower).mean()
 
 
 def relu_inputs(bm: BoundedModel) -> list[str]:
@@ -76,6 +81,15 @@ def warmup_regularizers(bm: BoundedModel, nodes: dict, tau: float = 1.0) -> tupl
     return torch.stack(tight).mean(), torch.stack(bal).mean()
 
 
+def _ibp_margins(bm: BoundedModel, x, y, eps, n_classes, clip, batch_stats, weights):
+    """-> (margin spec C, the perturbation set, IBP's live bounds of C f over it): the input
+    ball (the point itself when only the weights move)."""
+    C = margin_spec(y, n_classes, dtype=x.dtype)
+    ball = LpBall(x, eps, clip=clip) if eps > 0 or weights is None else x
+    return C, ball, bm.bounds(ball, "ibp", spec=C, live=True, batch_stats=batch_stats,
+                              weights=weights)
+
+
 def certified_margins(bm: BoundedModel, x: torch.Tensor, y: torch.Tensor, eps: float, beta: float,
                       method: str, n_classes: int, clip=(0.0, 1.0), batch_stats=None, weights=None):
     """-> (margin lower bounds ``[B, n-1]``, IBP node intervals): IBP's, or CROWN-IBP's mixed
@@ -83,9 +97,7 @@ def certified_margins(bm: BoundedModel, x: torch.Tensor, y: torch.Tensor, eps: f
     ``weights``: a weight perturbation (``verifier.weights``) centered at the current
     parameters: the bounds then hold for every model in that set too (flatness training);
     with ``eps`` 0 the input is fixed."""
-    C = margin_spec(y, n_classes, dtype=x.dtype)
-    ball = LpBall(x, eps, clip=clip) if eps > 0 or weights is None else x
-    res = bm.bounds(ball, "ibp", spec=C, live=True, batch_stats=batch_stats, weights=weights)
+    C, ball, res = _ibp_margins(bm, x, y, eps, n_classes, clip, batch_stats, weights)
     lower = res.lower
     if method == "crown-ibp" and beta > 0:
         # the IBP intervals just computed are CROWN-IBP's intermediate bounds; the loss reads
@@ -102,11 +114,8 @@ def fused_robust_ce(bm: BoundedModel, x: torch.Tensor, y: torch.Tensor, eps: flo
     lower bounds ``[B, n-1]``, IBP node intervals): CROWN-IBP with loss fusion (module doc),
     mixed with IBP's robust cross-entropy by ``beta`` (a convex mix of two upper bounds);
     differentiable in the model's parameters."""
-    C = margin_spec(y, n_classes, dtype=x.dtype)
-    ball = LpBall(x, eps, clip=clip) if eps > 0 or weights is None else x
-    res = bm.bounds(ball, "ibp", spec=C, live=True, batch_stats=batch_stats, weights=weights)
-    z = torch.cat([torch.zeros_like(res.lower[:, :1]), -res.lower], 1)
-    ibp_ce = torch.logsumexp(z, 1)
+    C, ball, res = _ibp_margins(bm, x, y, eps, n_classes, clip, batch_stats, weights)
+    ibp_ce = robust_ce_per_sample(res.lower)
     if beta <= 0:
         return ibp_ce, res.lower, res.nodes
     lo, hi = -res.upper, -res.lower                       # d_j = f_j - f_y, j != y
