@@ -15,11 +15,11 @@ from verifier.complete.relu_bab import ReluPrepared, relu_split_bab
 N_IN = 20
 
 
-def _net(seed, hidden=(16, 16), n_in=N_IN):
+def _net(seed, hidden=(16, 16), n_in=N_IN, act=nn.ReLU):
     torch.manual_seed(seed)
     layers, w = [], n_in
     for h in hidden:
-        layers += [nn.Linear(w, h), nn.ReLU()]
+        layers += [nn.Linear(w, h), act()]
         w = h
     layers.append(nn.Linear(w, 1))
     return nn.Sequential(*layers)
@@ -33,7 +33,7 @@ def _pre_activations(net, x):
     """The inputs of every ReLU of a Sequential, in order, and the output."""
     pre = []
     for m in net:
-        if isinstance(m, nn.ReLU):
+        if isinstance(m, (nn.ReLU, nn.LeakyReLU)):
             pre.append(x)
         x = m(x)
     return pre, x
@@ -336,12 +336,14 @@ def test_kept_parameters_give_the_kept_bound():
     assert float((res["margin"][fin] - cold["margin"][fin]).max()) > 1e-3
 
 
-def test_new_split_beta_keeps_the_parents_bound():
+@pytest.mark.parametrize("act", [nn.ReLU, lambda: nn.LeakyReLU(0.1)], ids=["relu", "leaky"])
+def test_new_split_beta_keeps_the_parents_bound(act):
     """``_new_split_beta``: started from its parent's kept alpha and beta, with the new split's
     beta chosen so, each child's bound (no step taken) is at least its parent's on every row
-    whose coefficient on the split ReLU's output is positive (the rows it is derived for)."""
+    whose coefficient on the split neuron's output is positive (the rows it is derived for);
+    a LeakyReLU's lower piece has its own slope (the rule's ``piece_slopes``)."""
     from verifier.complete.relu_bab import _new_split_beta, _split_coefficients
-    net = _net(4, hidden=(16, 16))
+    net = _net(4, hidden=(16, 16), act=act)
     bm = BoundedModel(net, input_shape=(N_IN,))
     lo, hi = _box()
     P = ReluPrepared(bm, lo, hi, [torch.tensor([[1.0], [-1.0]])], [torch.tensor([0.0, 0.0])])

@@ -107,7 +107,7 @@ def chain_layers(graph, lower: torch.Tensor, upper: torch.Tensor):
     g = copy.deepcopy(graph).to(torch.float64)
     order = g.ancestors_order(g.output)
     relus = [n for n in order if g[n].op != "input" and RULES[g[n].op].splits]
-    if not relus or any(g[r].op != "relu" for r in relus):
+    if not relus or any(RULES[g[r].op].piece_slopes(g[r]) != (0.0, 1.0) for r in relus):
         return None
     lo, hi = lower.double().flatten(), upper.double().flatten()
     vary = (hi > lo).nonzero().flatten()

@@ -380,14 +380,15 @@ def _batch_dim(alpha: torch.Tensor, node) -> int:
 
 def _split_coefficients(P: ReluPrepared, res: dict, which, local):
     """``[n, R]``: each row's coefficient (lower-bound A, at the kept parameters) on the output of
-    the neuron each domain is to be split on (0 where none or not a ReLU): the new split's
-    starting beta in the children (``_new_split_beta``)."""
+    the neuron each domain is to be split on (0 where none, or where its rule has no
+    ``piece_slopes``): the new split's starting beta in the children (``_new_split_beta``)."""
     n, S = res["margin"].shape
     out = res["margin"].new_zeros(n, S)
     for i, r in enumerate(P.relus):
         sel = (which == i).nonzero().flatten()
         A = res["A_relu"].get(r)
-        if sel.numel() and A is not None and P.graph[r].op == "relu":
+        node = P.graph[r]
+        if sel.numel() and A is not None and RULES[node.op].piece_slopes(node) is not None:
             out[sel] = A.reshape(A.shape[0], S, -1)[sel, :, local[sel]]
     return out
 
@@ -396,14 +397,17 @@ def _new_split_beta(P: ReluPrepared, warm_a: dict, warm_b: dict, a, lo, up, whic
                     sign) -> None:
     """Start the new split's multiplier of each child so that, at its parent's kept alpha and
     beta, the child's linear bound has its parent's coefficients: a row with coefficient
-    ``a > 0`` on the split ReLU's output used the lower line ``alpha·z``; the active child
-    (``h = z``) gets ``beta = a (1 - alpha)``, the inactive one (``h = 0``) ``beta = a·alpha``
+    ``a > 0`` on the split neuron's output used the lower line ``alpha·z``; with the rule's
+    ``piece_slopes`` ``(s0, s1)`` (a ReLU's (0, 1)) the active child (``h = s1 z``) gets
+    ``beta = a (s1 - alpha)``, the inactive one (``h = s0 z``) ``beta = a (alpha - s0)``
     (``a <= 0``: the upper line, which either side already beats; beta 0). Any beta >= 0 is
     sound: this only chooses where the optimization starts. In place in ``warm_b``."""
     a = a.clamp(min=0)
     for i, r in enumerate(P.relus):
-        if P.graph[r].op != "relu":
+        slopes = RULES[P.graph[r].op].piece_slopes(P.graph[r])
+        if slopes is None:
             continue
+        s0, s1 = slopes
         sel = (which == i).nonzero().flatten()
         if not sel.numel():
             continue
@@ -413,10 +417,10 @@ def _new_split_beta(P: ReluPrepared, warm_a: dict, warm_b: dict, a, lo, up, whic
         al = warm_a.get(r)
         if al is not None and al.shape[:2] == (n, S):
             aj = al.reshape(n, S, -1)[sel, :, loc]
-        else:   # CROWN's slope: 1 where u > -l
+        else:   # CROWN's slope: the upper piece's where u > -l, else the lower piece's
             l, u = lo[p].reshape(n, -1)[sel, loc], up[p].reshape(n, -1)[sel, loc]
-            aj = (u > -l).to(a.dtype).unsqueeze(1).expand(-1, S)
-        fac = torch.where(sign[sel].unsqueeze(1) > 0, 1 - aj, aj)
+            aj = torch.where(u > -l, s1, s0).to(a.dtype).unsqueeze(1).expand(-1, S)
+        fac = torch.where(sign[sel].unsqueeze(1) > 0, s1 - aj, aj - s0)
         b = warm_b.get(r)
         if b is None or b.shape[:2] != (n, S):
             b = a.new_zeros(n, S, *P.graph[r].shape)

@@ -314,6 +314,10 @@ class ReLU(ElementwiseRelaxation):
     def slope_bound(self, node) -> float:
         return max(1.0, abs(node.params.get("negative_slope", self.slope)))
 
+    def piece_slopes(self, node) -> tuple[float, float]:
+        """The negative slope below 0 (0 for ReLU), 1 above."""
+        return float(node.params.get("negative_slope", self.slope)), 1.0
+
     def split_point(self, node, lower, upper):
         """0: each half is linear (exact)."""
         return torch.zeros_like(lower)

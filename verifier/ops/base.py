@@ -18,7 +18,8 @@ node, or raises ``NotSupported`` naming the op and the question:
 5. ``deviation(node, centers, devs)``: a bound on ``||y - y0||_2`` from its inputs' (weight
    perturbation analysis); ``lipschitz(node, Ls)``: a global L2 Lipschitz bound composed from its
    inputs' (``-> (L, own constant, how)``);
-6. ``splittable``: branch and bound may split the node's input at 0 (each half is linear);
+6. ``splittable``: branch and bound may split the node's input at 0 (each half is linear),
+   ``piece_slopes(node)``: the slopes of those two halves (below 0, above 0);
    ``split_point(node, lower, upper)``: where branch and bound splits an input interval of an
    element-wise nonlinearity (``splits``: the rule gives one; the relaxation tightens on each
    half);
@@ -170,6 +171,13 @@ class BoundRule:
         """Free parameters of the relaxation over the input intervals for ``S`` spec rows:
         -> (initial ``[B, S, ...]`` reproducing ``backward``'s lines, low, high) with every value
         in ``[low, high]`` sound, or None where the relaxation has no freedom here."""
+        return None
+
+    def piece_slopes(self, node) -> tuple[float, float] | None:
+        """``(below, above)``: the slopes of a ``splittable`` node's two linear halves (input
+        below 0, above 0; a ReLU's are (0, 1)), None for other rules. Branch and bound starts a
+        new split's multiplier from them; the triangle LP (``complete/lp_refine.py``) takes
+        nodes with (0, 1) only."""
         return None
 
     def split_point(self, node, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
