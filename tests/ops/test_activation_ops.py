@@ -100,6 +100,24 @@ def test_rule_relaxation_contains_f_on_dense_grid(op, params, dtype):
         assert torch.allclose(diag_l[stable], (s * slope)[stable])
 
 
+@pytest.mark.parametrize("op", sorted(RULES))
+def test_piece_slopes_are_the_functions_slopes(op):
+    """A rule that names the slopes of its split halves (``piece_slopes``) is linear with those
+    slopes on each side of 0 (branch and bound's new-split start and the triangle LP rely on
+    it); only ``splittable`` rules name them."""
+    rule = RULES[op]
+    for params in ([p for o, p in ACTS if o == op] or [{}]):
+        node = Node(name="act", op=op, inputs=["x"], shape=(7,), params=dict(params))
+        got = rule.piece_slopes(node)
+        if got is None:
+            continue
+        assert rule.splittable, op
+        s0, s1 = got
+        x = torch.tensor([-5.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 5.0], dtype=torch.float64)
+        y = rule.point(node, [x])
+        assert torch.allclose(y, torch.where(x < 0, s0 * x, s1 * x)), (op, params)
+
+
 def test_sigmoid_tanh_relaxation_is_not_trivially_loose():
     """On a wide straddling interval the lines must be informative: slopes > 0 and the gap at 0
     well below the range of f (guards against a 'sound but useless' regression)."""
