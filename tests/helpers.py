@@ -379,3 +379,26 @@ def frozen_stats_copy(net: torch.nn.Module, stats: dict) -> torch.nn.Module:
             mods[name].running_mean.copy_(mean.detach())
             mods[name].running_var.copy_(var.detach())
     return frozen
+
+
+def check_domains_sound(P, res, match, pre, y, tol: float = 1e-4) -> int:
+    """Branch-and-bound domains against sampled points: ``res`` is ``ReluPrepared.bound``'s
+    result for ``n`` domains of one row with ``d = 0``, ``match [n, points]`` which points
+    satisfy each domain's splits, ``pre`` the values of the split nodes' inputs at the points
+    (in ``P.relus`` order) and ``y [points, 1]`` the output. Every domain with a point has a
+    finite margin at or below the points' minimum of ``y`` and refined pre-activation bounds
+    that contain the points' values. -> the number of domains checked."""
+    lower = res["margin"][:, 0]
+    checked = 0
+    for b in range(lower.shape[0]):
+        pts = match[b].nonzero().flatten()
+        if pts.numel() == 0:
+            continue
+        checked += 1
+        assert torch.isfinite(lower[b]), "a domain with points was declared infeasible"
+        assert float(lower[b]) <= float(y[pts, 0].min()) + tol, (b, float(lower[b]))
+        for z, r in zip(pre, P.relus):
+            p = P.pre[r]
+            zz = z[pts]
+            assert bool((zz >= res["lo"][p][b] - tol).all()) and bool((zz <= res["up"][p][b] + tol).all()), (b, r)
+    return checked

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import check_domains_sound
 from verifier import BoundedModel
 from verifier.complete import verify
 from verifier.complete.relu_bab import ReluPrepared, relu_split_bab
@@ -87,37 +88,32 @@ def _pgd_points(net, x0, lo, hi, steps=30):
     return torch.cat(pts)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_every_subdomain_bound_holds_on_its_points(seed):
+def _split_problem(seed, n=24):
+    """A 3-layer MLP on a 6-dim box, its problem (bound y itself, d = 0) and ``n`` random
+    domains (``_random_splits``)."""
     net = _net(seed, hidden=(12, 12, 12), n_in=6)
     bm = BoundedModel(net, input_shape=(6,))
     lo, hi = _box(6, r=1.0)
     P = ReluPrepared(bm, lo, hi, [torch.tensor([[1.0]])], [torch.tensor([0.0])])
-    n = 24
-    d_lo, d_up, sg = _random_splits(P, net, n, seed)
-    res = P.bound(d_lo, d_up, sg, first_split=0, iterations=15)
-    g = torch.Generator().manual_seed(seed)
-    x = lo + torch.rand(40_000, 6, generator=g) * (hi - lo)
+    return net, P, lo, hi, n, _random_splits(P, net, n, seed)
+
+
+def _domain_points(net, P, sg, lo, hi, g):
+    """Random and PGD points of the box: (split nodes' inputs, output, ``[n, points]`` which
+    points satisfy each domain's splits)."""
+    x = lo + torch.rand(40_000, lo.shape[0], generator=g) * (hi - lo)
     x = torch.cat([x, _pgd_points(net, x[:300], lo, hi)])
     with torch.no_grad():
         pre, y = _pre_activations(net, x)
-    match = _matching(pre, sg, P.relus)                          # [n, points]
-    lower = res["margin"][:, 0]                                  # d = 0: the bound of y itself
-    checked = 0
-    for b in range(n):
-        pts = match[b].nonzero().flatten()
-        if pts.numel() == 0:
-            continue
-        checked += 1
-        assert torch.isfinite(lower[b]), "a domain with points was declared infeasible"
-        true_min = float(y[pts, 0].min())
-        assert float(lower[b]) <= true_min + 1e-4, (b, float(lower[b]), true_min)
-        # the refined intermediate bounds hold on the domain's points too
-        for z, r in zip(pre, P.relus):
-            p = P.pre[r]
-            zz = z[pts]
-            assert bool((zz >= res["lo"][p][b] - 1e-4).all()) and bool((zz <= res["up"][p][b] + 1e-4).all())
-    assert checked >= n // 2
+    return pre, y, _matching(pre, sg, P.relus)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_every_subdomain_bound_holds_on_its_points(seed):
+    net, P, lo, hi, n, (d_lo, d_up, sg) = _split_problem(seed)
+    res = P.bound(d_lo, d_up, sg, first_split=0, iterations=15)
+    pre, y, match = _domain_points(net, P, sg, lo, hi, torch.Generator().manual_seed(seed))
+    assert check_domains_sound(P, res, match, pre, y) >= n // 2
 
 
 def test_beta_only_tightens_and_sometimes_does():
@@ -291,30 +287,14 @@ def test_domain_limit_gives_unknown():
 def test_warm_started_bounds_hold_on_their_points(seed, iterations):
     """Any start (alpha anywhere, even outside its range: clamped; beta >= 0 of any size, even
     on unsplit neurons: ignored there) gives sound bounds after any number of steps."""
-    net = _net(seed, hidden=(12, 12, 12), n_in=6)
-    bm = BoundedModel(net, input_shape=(6,))
-    lo, hi = _box(6, r=1.0)
-    P = ReluPrepared(bm, lo, hi, [torch.tensor([[1.0]])], [torch.tensor([0.0])])
-    n = 24
-    d_lo, d_up, sg = _random_splits(P, net, n, seed)
+    net, P, lo, hi, n, (d_lo, d_up, sg) = _split_problem(seed)
     g = torch.Generator().manual_seed(seed + 100)
     alpha = {r: torch.rand(n, 1, 12, generator=g) * 3 - 1 for r in P.relus}
     beta = {r: torch.rand(n, 1, 12, generator=g) * 10 for r in P.relus}
     res = P.bound(d_lo, d_up, sg, first_split=0, iterations=iterations,
                   alpha_start=alpha, beta_start=beta)
-    x = lo + torch.rand(40_000, 6, generator=g) * (hi - lo)
-    x = torch.cat([x, _pgd_points(net, x[:300], lo, hi)])
-    with torch.no_grad():
-        pre, y = _pre_activations(net, x)
-    match = _matching(pre, sg, P.relus)
-    checked = 0
-    for b in range(n):
-        pts = match[b].nonzero().flatten()
-        if pts.numel() == 0:
-            continue
-        checked += 1
-        assert float(res["margin"][b, 0]) <= float(y[pts, 0].min()) + 1e-4, b
-    assert checked >= n // 2
+    pre, y, match = _domain_points(net, P, sg, lo, hi, g)
+    assert check_domains_sound(P, res, match, pre, y) >= n // 2
 
 
 def test_kept_parameters_give_the_kept_bound():

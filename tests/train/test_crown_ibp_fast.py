@@ -5,7 +5,6 @@ plain computation (differential), and the loss's bounds against sampled and PGD 
 network (BatchNorm in eval mode and in training mode with the batch's statistics)."""
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
 
@@ -142,87 +141,6 @@ def test_fold_keeps_a_linear_node_with_other_consumers():
     torch.manual_seed(0)
     bm = BoundedModel(Two().eval(), input_shape=(1, 4, 4))
     assert len(fold_channel_scales(bm.graph)) == len(bm.graph)
-
-
-@pytest.mark.parametrize("name", ["cnn_cert_bn", "resnet", "sigmoid_bn"])
-def test_reused_intervals_give_the_same_crown_ibp_bounds(name):
-    net, shape = _make(name, seed=2)
-    bm = BoundedModel(net, input_shape=shape)
-    x, y = _batch(shape, seed=3)
-    C = margin_spec(y, 10)
-    ball = LpBall(x, 0.04, clip=(0, 1))
-    ibp = bm.bounds(ball, "ibp", spec=C)
-    plain = bm.bounds(ball, "crown-ibp", spec=C)
-    reused = bm.bounds(ball, "crown-ibp", spec=C, intervals=ibp.nodes)
-    torch.testing.assert_close(reused.lower, plain.lower, rtol=0, atol=1e-6)
-    torch.testing.assert_close(reused.upper, plain.upper, rtol=0, atol=1e-6)
-    # only the lower side by the backward pass: the same lower bounds (no output-box rows),
-    # upper bounds from intervals only
-    one = bm.bounds(ball, "crown-ibp", spec=C, intervals=ibp.nodes, upper=False)
-    ref = crown(bm.graph, {bm.input: ball}, C, "crown-ibp", box_rows=False)
-    torch.testing.assert_close(one.lower, ref.lower, rtol=0, atol=1e-6)
-    assert (one.upper >= plain.upper - 1e-6).all()
-
-
-def test_intervals_and_lower_only_are_crown_ibp_options():
-    net, shape = _make("mlp")
-    bm = BoundedModel(net, input_shape=shape)
-    ball = LpBall(torch.rand(2, *shape), 0.01)
-    nodes = bm.bounds(ball, "ibp").nodes
-    with pytest.raises(VerifierError, match="crown-ibp"):
-        bm.bounds(ball, "crown", intervals=nodes)
-    with pytest.raises(VerifierError, match="crown-ibp"):
-        bm.bounds(ball, "ibp", upper=False)
-
-
-@pytest.mark.parametrize("name", ["cnn_cert_bn", "sigmoid_bn", "resnet"])
-def test_folded_channel_scales_compute_the_same_function(name):
-    net, shape = _make(name, seed=4)
-    bm = BoundedModel(net, input_shape=shape)
-    g = bm.graph
-    folded = fold_channel_scales(g)
-    n_affine = sum(1 for n in g if n.op == "affine")
-    if name == "resnet":
-        # its BatchNorms follow convolutions too; the input normalization (if any) has no
-        # linear node before it
-        assert len(folded) < len(g)
-    else:
-        assert len(folded) == len(g) - n_affine and not any(n.op == "affine" for n in folded)
-    x, _ = _batch(shape, n=7, seed=5)
-    out0, vals0 = evaluate(g, {bm.input: x})
-    out1, vals1 = evaluate(folded, {bm.input: x})
-    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out0, net(x), rtol=1e-5, atol=1e-5)
-    for n in folded.order:  # every node that survives keeps its value
-        torch.testing.assert_close(vals1[n], vals0[n], rtol=1e-5, atol=1e-5)
-
-
-def test_fold_keeps_a_linear_node_with_other_consumers():
-    """conv -> BatchNorm where the conv's value is also read elsewhere is not folded."""
-    class Two(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(1, 3, 3, padding=1)
-            self.bn = nn.BatchNorm2d(3)
-            self.fc = nn.Linear(2 * 3 * 16, 4)
-
-        def forward(self, x):
-            h = self.conv(x)
-            return self.fc(torch.cat([torch.relu(self.bn(h)), h], 1).flatten(1))
-
-    torch.manual_seed(0)
-    bm = BoundedModel(Two().eval(), input_shape=(1, 4, 4))
-    assert len(fold_channel_scales(bm.graph)) == len(bm.graph)
-
-
-def frozen_stats_copy(net, stats):
-    m2 = copy.deepcopy(net).eval()
-    mods = dict(m2.named_modules())
-    for name, (mean, var) in stats.items():
-        with torch.no_grad():
-            mods[name].running_mean.copy_(mean.detach())
-            mods[name].running_var.copy_(var.detach())
-    return m2
 
 
 @pytest.mark.parametrize("name", ["cnn_cert_bn", "resnet", "sigmoid_bn"])
