@@ -69,7 +69,7 @@ def config_for(name: str, args, method: str | None = None) -> dict:
         d["method"] = method
     if args.loss_fusion:
         d["loss_fusion"] = True
-    for key in ("alpha", "sabr_lambda", "pgd_steps"):
+    for key in ("alpha", "sabr_lambda", "pgd_steps", "train_eps"):
         if getattr(args, key) is not None:
             d[key] = getattr(args, key)
     if args.eval_methods:
@@ -106,7 +106,11 @@ def table(dirs: list[Path]) -> str:
                  "sabr": f" lambda {cfg.get('sabr_lambda')}"}.get(cfg["method"], "")
         data = {"npz": "MNIST", "digits": "digits"}.get(
             cfg["dataset"], "Fashion-MNIST" if "fashion" in str(cfg.get("train_path")).lower() else "IDX")
-        rows.append(f"| {data} {cfg['eps']:g} | {m}{extra} | {cfg['epochs']} | "
+        kw = cfg.get("model_kwargs") or {}
+        if (kw.get("width", 32), kw.get("fc", 256)) != (32, 256):
+            extra += f", width {kw.get('width', 32)} fc {kw.get('fc', 256)}"
+        trained = f" (trained at {cfg['train_eps']:g})" if cfg.get("train_eps") is not None else ""
+        rows.append(f"| {data} {cfg['eps']:g}{trained} | {m}{extra} | {cfg['epochs']} | "
                     f"{100 * rep['clean_acc']:.1f}% | {100 * rep['pgd_acc']:.1f}% | {cert} | "
                     f"{rep['train_time_s']:.0f} s |")
     return "\n".join(rows)
@@ -164,6 +168,8 @@ def main() -> int:
     p.add_argument("--alpha", type=float, help="mtl-ibp / cc-ibp: the IBP share (default 0.5)")
     p.add_argument("--sabr-lambda", type=float, help="sabr: small-box radius / eps (default 0.4)")
     p.add_argument("--pgd-steps", type=int, help="steps of the training attack (default 5)")
+    p.add_argument("--train-eps", type=float, help="the radius trained at (default: the run's, "
+                   "e.g. 0.4 for mnist-0.3)")
     p.add_argument("--eval-methods", nargs="+", help="verification methods of the report, run in a "
                    "cascade (default ibp crown alpha-crown)")
     p.add_argument("--eval-budget", type=float, metavar="S",

@@ -21,7 +21,8 @@ def _script():
 
 def _args(**kw):
     base = dict(runs=["mnist-0.3"], seed=0, threads=1, epochs=None, width=32, fc=256, method=None,
-                loss_fusion=False, alpha=None, sabr_lambda=None, pgd_steps=None, eval_methods=None,
+                loss_fusion=False, alpha=None, sabr_lambda=None, pgd_steps=None, train_eps=None,
+                eval_methods=None,
                 eval_budget=None, output=None, data_dir="/data")
     base.update(kw)
     return argparse.Namespace(**base)
@@ -37,6 +38,8 @@ def test_one_output_folder_per_method_and_loss_fusion_set():
     assert d["output"] == "runs/mnist-0.3-crown-ibp-lf"
     one = tm.config_for("mnist-0.3", _args(method=["sabr"], output="here"), "sabr")
     assert one["output"] == "here"                      # a single run keeps the folder it was given
+    assert d["train_eps"] == 0.4                        # the run's own ...
+    assert tm.config_for("mnist-0.3", _args(train_eps=0.33), None)["train_eps"] == 0.33  # ... or given
     with pytest.raises(SystemExit, match="natural baseline takes no --method"):
         tm.config_for("mnist-natural", _args(runs=["mnist-natural"]), "sabr")
 
@@ -59,6 +62,12 @@ def test_table_of_finished_runs(tmp_path):
     assert lines[2] == "| MNIST 0.3 | ibp | 60 | 92.6% | 89.0% | 85.9% / 86.1% / - | 1787 s |"
     assert lines[3] == ("| Fashion-MNIST 0.1 | sabr lambda 0.4 | 60 | 92.6% | 89.0% | "
                         "70.0% / 75.0% / 76.0% | 1787 s |")
+    # the radius trained at and a model other than width 32 / fc 256, where the config has them
+    cfg = json.loads((runs[0] / "config.json").read_text())
+    cfg.update(train_eps=0.4, model_kwargs={"width": 64, "fc": 512, "bn": True})
+    (runs[0] / "config.json").write_text(json.dumps(cfg))
+    assert tm.table(runs[:1]).splitlines()[2].startswith(
+        "| MNIST 0.3 (trained at 0.4) | ibp, width 64 fc 512 | 60 |")
 
 
 @pytest.mark.parametrize("argv, needle", [
