@@ -215,7 +215,8 @@ def main() -> int:
                        + (f"--method {method} " if method else "")
                        + ("--loss-fusion " if a.loss_fusion else "")
                        + "".join(f"--{k.replace('_', '-')} {getattr(a, k):g} "
-                                 for k in ("alpha", "sabr_lambda", "pgd_steps") if getattr(a, k) is not None)
+                                 for k in ("alpha", "sabr_lambda", "pgd_steps", "train_eps")
+                                 if getattr(a, k) is not None)
                        + (f"--epochs {a.epochs} " if a.epochs is not None else "")
                        + (f"--eval-methods {' '.join(a.eval_methods)} " if a.eval_methods else "")
                        + (f"--eval-budget {a.eval_budget:g} " if a.eval_budget is not None else "")
