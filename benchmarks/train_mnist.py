@@ -109,6 +109,8 @@ def table(dirs: list[Path]) -> str:
         kw = cfg.get("model_kwargs") or {}
         if (kw.get("width", 32), kw.get("fc", 256)) != (32, 256):
             extra += f", width {kw.get('width', 32)} fc {kw.get('fc', 256)}"
+        if cfg.get("seed"):
+            extra += f", seed {cfg['seed']}"
         trained = f" (trained at {cfg['train_eps']:g})" if cfg.get("train_eps") is not None else ""
         rows.append(f"| {data} {cfg['eps']:g}{trained} | {m}{extra} | {cfg['epochs']} | "
                     f"{100 * rep['clean_acc']:.1f}% | {100 * rep['pgd_acc']:.1f}% | {cert} | "

@@ -64,10 +64,10 @@ def test_table_of_finished_runs(tmp_path):
                         "70.0% / 75.0% / 76.0% | 1787 s |")
     # the radius trained at and a model other than width 32 / fc 256, where the config has them
     cfg = json.loads((runs[0] / "config.json").read_text())
-    cfg.update(train_eps=0.4, model_kwargs={"width": 64, "fc": 512, "bn": True})
+    cfg.update(train_eps=0.4, model_kwargs={"width": 64, "fc": 512, "bn": True}, seed=1)
     (runs[0] / "config.json").write_text(json.dumps(cfg))
     assert tm.table(runs[:1]).splitlines()[2].startswith(
-        "| MNIST 0.3 (trained at 0.4) | ibp, width 64 fc 512 | 60 |")
+        "| MNIST 0.3 (trained at 0.4) | ibp, width 64 fc 512, seed 1 | 60 |")
 
 
 @pytest.mark.parametrize("argv, needle", [
