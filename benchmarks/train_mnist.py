@@ -195,35 +195,39 @@ def main() -> int:
     unknown = [r for r in a.runs if r not in RUNS]
     if unknown:
         p.error(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(sorted(RUNS))}")
-    from verifier.train.config import from_dict
+    from verifier.train.config import ConfigError, from_dict
     from verifier.train.run import run_training
+    # every run's config is checked before the first one trains
+    plan = [(name, method, config_for(name, a, method))
+            for name in a.runs for method in (a.method or [None])]
+    try:
+        cfgs = [from_dict(d) for _, _, d in plan]
+    except ConfigError as e:
+        p.error(str(e))
     done = []
-    for name in a.runs:
-        for method in (a.method or [None]):
-            d = config_for(name, a, method)
-            cfg = from_dict(d)
-            print(f"== {name}: {json.dumps(d)}", flush=True)
-            t0 = time.perf_counter()
-            report = run_training(cfg, resume=a.resume, progress=sys.stderr.isatty())
-            wall = time.perf_counter() - t0
-            done.append(Path(cfg.output))
-            c = report["certified_acc"]
-            print(f"{name}: clean {report['clean_acc']:.3f}  PGD {report['pgd_acc']:.3f}  certified "
-                  + "  ".join(f"{m} {v:.3f}" for m, v in c.items())
-                  + f"  (n={report['n']}, eps={cfg.eps}; train {report['train_time_s']:.0f} s, "
-                  f"wall {wall:.0f} s, violations {report['violations']})", flush=True)
-            if a.ship:
-                cmd = (f"python benchmarks/train_mnist.py {name} --width {a.width} --fc {a.fc} "
-                       + (f"--method {method} " if method else "")
-                       + ("--loss-fusion " if a.loss_fusion else "")
-                       + "".join(f"--{k.replace('_', '-')} {getattr(a, k):g} "
-                                 for k in ("alpha", "sabr_lambda", "pgd_steps", "train_eps")
-                                 if getattr(a, k) is not None)
-                       + (f"--epochs {a.epochs} " if a.epochs is not None else "")
-                       + (f"--eval-methods {' '.join(a.eval_methods)} " if a.eval_methods else "")
-                       + (f"--eval-budget {a.eval_budget:g} " if a.eval_budget is not None else "")
-                       + f"--threads {a.threads} --seed {a.seed}")
-                ship(name, cfg, Path(cfg.output), report, Path(a.ship), cmd)
+    for (name, method, d), cfg in zip(plan, cfgs):
+        print(f"== {name}: {json.dumps(d)}", flush=True)
+        t0 = time.perf_counter()
+        report = run_training(cfg, resume=a.resume, progress=sys.stderr.isatty())
+        wall = time.perf_counter() - t0
+        done.append(Path(cfg.output))
+        c = report["certified_acc"]
+        print(f"{name}: clean {report['clean_acc']:.3f}  PGD {report['pgd_acc']:.3f}  certified "
+              + "  ".join(f"{m} {v:.3f}" for m, v in c.items())
+              + f"  (n={report['n']}, eps={cfg.eps}; train {report['train_time_s']:.0f} s, "
+              f"wall {wall:.0f} s, violations {report['violations']})", flush=True)
+        if a.ship:
+            cmd = (f"python benchmarks/train_mnist.py {name} --width {a.width} --fc {a.fc} "
+                   + (f"--method {method} " if method else "")
+                   + ("--loss-fusion " if a.loss_fusion else "")
+                   + "".join(f"--{k.replace('_', '-')} {getattr(a, k):g} "
+                             for k in ("alpha", "sabr_lambda", "pgd_steps", "train_eps")
+                             if getattr(a, k) is not None)
+                   + (f"--epochs {a.epochs} " if a.epochs is not None else "")
+                   + (f"--eval-methods {' '.join(a.eval_methods)} " if a.eval_methods else "")
+                   + (f"--eval-budget {a.eval_budget:g} " if a.eval_budget is not None else "")
+                   + f"--threads {a.threads} --seed {a.seed}")
+            ship(name, cfg, Path(cfg.output), report, Path(a.ship), cmd)
     print()
     print(table(done))
     return 0

@@ -74,6 +74,8 @@ def test_table_of_finished_runs(tmp_path):
     (["--table", "no_such_run"], "no_such_run hold no finished run"),
     (["mnist-0.3", "--method", "sabr", "--loss-fusion"], "needs --method crown-ibp"),
     (["mnist-0.4"], "unknown run(s) mnist-0.4"),
+    (["mnist-0.3", "--train-eps", "-1"], "'train_eps': -1.0 is outside [0, 1]"),
+    (["mnist-0.3", "--method", "ibp", "mtl-ibp", "--alpha", "2"], "'alpha'"),
 ])
 def test_bad_arguments_are_one_clear_error(argv, needle, tmp_path):
     import subprocess
