@@ -88,10 +88,10 @@ def _pgd_points(net, x0, lo, hi, steps=30):
     return torch.cat(pts)
 
 
-def _split_problem(seed, n=24):
+def _split_problem(seed, n=24, act=nn.ReLU):
     """A 3-layer MLP on a 6-dim box, its problem (bound y itself, d = 0) and ``n`` random
     domains (``_random_splits``)."""
-    net = _net(seed, hidden=(12, 12, 12), n_in=6)
+    net = _net(seed, hidden=(12, 12, 12), n_in=6, act=act)
     bm = BoundedModel(net, input_shape=(6,))
     lo, hi = _box(6, r=1.0)
     P = ReluPrepared(bm, lo, hi, [torch.tensor([[1.0]])], [torch.tensor([0.0])])
@@ -283,11 +283,13 @@ def test_domain_limit_gives_unknown():
     assert r.status == "unknown" and "domain limit" in r.reason
 
 
+@pytest.mark.parametrize("act", [nn.ReLU, lambda: nn.LeakyReLU(0.2)], ids=["relu", "leaky"])
 @pytest.mark.parametrize("seed,iterations", [(0, 0), (1, 3), (2, 10)])
-def test_warm_started_bounds_hold_on_their_points(seed, iterations):
+def test_warm_started_bounds_hold_on_their_points(seed, iterations, act):
     """Any start (alpha anywhere, even outside its range: clamped; beta >= 0 of any size, even
-    on unsplit neurons: ignored there) gives sound bounds after any number of steps."""
-    net, P, lo, hi, n, (d_lo, d_up, sg) = _split_problem(seed)
+    on unsplit neurons: ignored there) gives sound bounds after any number of steps, for ReLU
+    and LeakyReLU splits alike."""
+    net, P, lo, hi, n, (d_lo, d_up, sg) = _split_problem(seed, act=act)
     g = torch.Generator().manual_seed(seed + 100)
     alpha = {r: torch.rand(n, 1, 12, generator=g) * 3 - 1 for r in P.relus}
     beta = {r: torch.rand(n, 1, 12, generator=g) * 10 for r in P.relus}
