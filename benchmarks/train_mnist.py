@@ -76,6 +76,8 @@ def config_for(name: str, args, method: str | None = None) -> dict:
         d["eval_methods"] = list(args.eval_methods)
     if args.eval_budget is not None:
         d["eval_budget_s"] = args.eval_budget
+    if getattr(args, "bab_timeout", None) is not None:
+        d["eval_bab_timeout_s"] = args.bab_timeout
     if d["dataset"] == "npz":
         data = Path(args.data_dir or SHARED)
         d.update(train_path=str(data / "mnist_train10k.npz"), test_path=str(data / "mnist_test1k.npz"))
@@ -92,15 +94,17 @@ def config_for(name: str, args, method: str | None = None) -> dict:
 def table(dirs: list[Path]) -> str:
     """The markdown table of finished runs: method x eps, clean, PGD, certified by IBP and by the
     cascade's later methods (IBP, then CROWN, then alpha-CROWN: each column counts what its
-    method or an earlier one proved; "-" where the run did not evaluate it), training time."""
+    method or an earlier one proved; "-" where the run did not evaluate it; then "+BaB", the
+    complete method, where the run has it), training time."""
     rows = ["| data, eps | method | epochs | clean | PGD | certified: IBP / +CROWN / +alpha-CROWN "
-            "| training time |", "|---|---|---|---|---|---|---|"]
+            "(/ +BaB) | training time |", "|---|---|---|---|---|---|---|"]
     for d in dirs:
         rep = json.loads((d / "report.json").read_text())
         cfg = json.loads((d / "config.json").read_text())
         c = rep["certified_acc"]
         cert = " / ".join(f"{100 * c[k]:.1f}%" if k in c else "-"
                           for k in ("ibp", "ibp+crown", "ibp+crown+alpha-crown"))
+        cert += "".join(f" / +BaB {100 * v:.1f}%" for k, v in c.items() if k.endswith("+bab"))
         m = cfg["method"] + (" (fused)" if cfg.get("loss_fusion") else "")
         extra = {"mtl-ibp": f" alpha {cfg.get('alpha')}", "cc-ibp": f" alpha {cfg.get('alpha')}",
                  "sabr": f" lambda {cfg.get('sabr_lambda')}"}.get(cfg["method"], "")
@@ -176,6 +180,9 @@ def main() -> int:
                    "cascade (default ibp crown alpha-crown)")
     p.add_argument("--eval-budget", type=float, metavar="S",
                    help="seconds each evaluation method after IBP may take (default: no cap)")
+    p.add_argument("--bab-timeout", type=float, metavar="S",
+                   help="seconds per test image of the complete method bab (--eval-methods ... "
+                        "bab; default 30)")
     p.add_argument("--output", help="the run folder (default runs/NAME)")
     p.add_argument("--data-dir", help="where the datasets are (default: the shared/Debian folders)")
     p.add_argument("--resume", action="store_true")
@@ -226,6 +233,7 @@ def main() -> int:
                    + (f"--epochs {a.epochs} " if a.epochs is not None else "")
                    + (f"--eval-methods {' '.join(a.eval_methods)} " if a.eval_methods else "")
                    + (f"--eval-budget {a.eval_budget:g} " if a.eval_budget is not None else "")
+                   + (f"--bab-timeout {a.bab_timeout:g} " if a.bab_timeout is not None else "")
                    + f"--threads {a.threads} --seed {a.seed}")
             ship(name, cfg, Path(cfg.output), report, Path(a.ship), cmd)
     print()

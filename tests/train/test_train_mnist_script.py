@@ -49,7 +49,8 @@ def test_table_of_finished_runs(tmp_path):
     runs = []
     for i, (method, cert, ds) in enumerate([
             ("ibp", {"ibp": 0.859, "ibp+crown": 0.861}, "npz"),
-            ("sabr", {"ibp": 0.7, "ibp+crown": 0.75, "ibp+crown+alpha-crown": 0.76}, "idx")]):
+            ("sabr", {"ibp": 0.7, "ibp+crown": 0.75, "ibp+crown+alpha-crown": 0.76}, "idx"),
+            ("crown-ibp", {"ibp": 0.868, "ibp+crown": 0.868, "ibp+crown+bab": 0.881}, "npz")]):
         d = tmp_path / f"r{i}"
         d.mkdir()
         (d / "report.json").write_text(json.dumps({"clean_acc": 0.926, "pgd_acc": 0.89,
@@ -62,6 +63,7 @@ def test_table_of_finished_runs(tmp_path):
     assert lines[2] == "| MNIST 0.3 | ibp | 60 | 92.6% | 89.0% | 85.9% / 86.1% / - | 1787 s |"
     assert lines[3] == ("| Fashion-MNIST 0.1 | sabr lambda 0.4 | 60 | 92.6% | 89.0% | "
                         "70.0% / 75.0% / 76.0% | 1787 s |")
+    assert "| 86.8% / 86.8% / - / +BaB 88.1% | 1787 s |" in lines[4]   # the complete method's
     # the radius trained at and a model other than width 32 / fc 256, where the config has them
     cfg = json.loads((runs[0] / "config.json").read_text())
     cfg.update(train_eps=0.4, model_kwargs={"width": 64, "fc": 512, "bn": True}, seed=1)
@@ -76,6 +78,7 @@ def test_table_of_finished_runs(tmp_path):
     (["mnist-0.4"], "unknown run(s) mnist-0.4"),
     (["mnist-0.3", "--train-eps", "-1"], "'train_eps': -1.0 is outside [0, 1]"),
     (["mnist-0.3", "--method", "ibp", "mtl-ibp", "--alpha", "2"], "'alpha'"),
+    (["mnist-0.3", "--eval-methods", "ibp", "bab", "--bab-timeout", "0"], "'eval_bab_timeout_s'"),
 ])
 def test_bad_arguments_are_one_clear_error(argv, needle, tmp_path):
     import subprocess

@@ -24,7 +24,7 @@ ATTACK_METHODS = ("mtl-ibp", "cc-ibp", "sabr")
 # the default grid of the certified-accuracy-against-eps plot, in multiples of eps: the fall of
 # certified accuracy below, at and past the radius of interest
 AUTO_GRID = (0.25, 0.5, 1.0, 1.5, 2.0)
-EVAL_METHODS = ("ibp", "crown", "crown-ibp", "alpha-crown")
+EVAL_METHODS = ("ibp", "crown", "crown-ibp", "alpha-crown", "bab")
 
 
 @dataclass
@@ -76,6 +76,7 @@ class TrainConfig:
     eval_pgd_steps: int = 20
     eval_batch: int = 100
     eval_budget_s: float | None = None     # time cap of each method after the first (None: none)
+    eval_bab_timeout_s: float = 30.0       # eval method bab: seconds per sample
 
     def __post_init__(self):
         self.validate()
@@ -150,6 +151,8 @@ class TrainConfig:
             bad("eval_methods", f"{unknown} not among {', '.join(EVAL_METHODS)}")
         if self.eval_budget_s is not None and not self.eval_budget_s > 0:
             bad("eval_budget_s", f"must be > 0 seconds or null, got {self.eval_budget_s}")
+        if not (self.eval_bab_timeout_s > 0 and math.isfinite(self.eval_bab_timeout_s)):
+            bad("eval_bab_timeout_s", f"must be > 0 seconds, got {self.eval_bab_timeout_s}")
         if self.eval_eps is not None and any(not (0 <= e <= 1) for e in self.eval_eps):
             bad("eval_eps", f"values must lie in [0, 1], got {self.eval_eps}")
         if not isinstance(self.model_kwargs, dict):
@@ -165,7 +168,7 @@ _INTS = {"train_subset", "test_subset", "epochs", "warmup_epochs", "ramp_epochs"
          "pgd_steps", "seed", "threads", "eval_pgd_steps", "eval_batch"}
 _FLOATS = {"eps", "train_eps", "kappa_start", "kappa_end", "beta_start", "beta_end", "lr",
            "lr_decay", "weight_decay", "grad_clip", "reg_weight", "reg_tau", "pgd_weight", "weight_eps",
-           "eval_budget_s", "alpha", "sabr_lambda"}
+           "eval_budget_s", "alpha", "sabr_lambda", "eval_bab_timeout_s"}
 _STRS = {"dataset", "train_path", "test_path", "model", "method", "schedule", "output",
          "weight_params", "device"}
 _OPTIONAL = {"train_path", "test_path", "train_subset", "test_subset", "train_eps", "grad_clip",

@@ -17,6 +17,15 @@ and on an IBP-trained model most samples are certified by IBP already.
 can take hours): once a method has used its budget it is not run on the later batches, the
 samples it skipped are counted in ``budget_skipped`` and simply not certified by it, so its
 certified accuracy stays a lower bound (sound, possibly low).
+
+Method ``"bab"`` is complete verification: each sample it gets is one call of
+``verifier.complete.verify`` (attack, alpha-CROWN, then branch and bound on the ReLU signs)
+on the property "no point of the clipped ball makes another class score at least the true
+one", within ``bab_timeout`` seconds per sample; ``unsat`` certifies the sample. It runs only on
+samples that PGD did not break (a broken one cannot be certified), so after the incomplete
+methods it costs at most ``bab_timeout`` times the samples that PGD holds and they left open.
+The report counts its verdicts (``bab_verdicts``: unsat / sat / timeout / unknown); a ``sat``
+is a counterexample that the 20-step PGD missed, replayed on the model.
 """
 from __future__ import annotations
 
@@ -24,13 +33,16 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from ..api import BoundedModel, margin_spec
 from ..attack import pgd
+from ..complete.verify import verify
 from ..perturbation import LpBall
 from ..report import pyplot, train_figure
+from ..spec.vnnlib import OutputConstraint, Region, VnnlibSpec
 from .data import Dataset
 
 
@@ -41,10 +53,13 @@ def _batches(ds: Dataset, bs: int):
 
 def evaluate(net: nn.Module, ds: Dataset, eps: float, methods=("ibp", "crown", "alpha-crown"),
              eps_grid=(), grid_methods=("ibp", "crown-ibp"), pgd_steps: int = 20, batch: int = 100,
-             progress: bool = False, cascade: bool = True, budget_s: float | None = None) -> dict:
+             progress: bool = False, cascade: bool = True, budget_s: float | None = None,
+             bab_timeout: float = 30.0) -> dict:
     """-> a dict of accuracies (fractions of ``ds``), times and counts (see the module doc)."""
     if budget_s is not None and not budget_s > 0:
         raise ValueError(f"budget_s must be > 0 seconds (or None), got {budget_s}")
+    if not bab_timeout > 0:
+        raise ValueError(f"bab_timeout must be > 0 seconds, got {bab_timeout}")
     from tqdm import tqdm
     net = net.eval()
     bm = BoundedModel(net, input_shape=ds.input_shape)
@@ -54,6 +69,7 @@ def evaluate(net: nn.Module, ds: Dataset, eps: float, methods=("ibp", "crown", "
     times = {m: 0.0 for m in methods}
     skipped = {m: 0 for m in methods}
     violations = 0
+    bab_verdicts = {}
     t_pgd = 0.0
     grid = {m: [0] * len(eps_grid) for m in grid_methods}
     bar = tqdm(total=n, desc="evaluate", disable=not progress, leave=False)
@@ -78,8 +94,20 @@ def evaluate(net: nn.Module, ds: Dataset, eps: float, methods=("ibp", "crown", "
             t0 = time.perf_counter()
             todo = (~done).nonzero().flatten() if cascade else torch.arange(len(y), device=y.device)
             v = torch.zeros_like(ok)
+            if m == "bab":       # only where PGD found nothing
+                todo = todo[robust[todo]]
             if j > 0 and budget_s is not None and times[m] >= budget_s:
                 skipped[m] += todo.numel()      # over its budget: not run, not certified
+            elif m == "bab":
+                for i in todo.tolist():
+                    left = bab_timeout if budget_s is None or j == 0 else \
+                        min(bab_timeout, budget_s - (times[m] + time.perf_counter() - t0))
+                    if left <= 0:
+                        skipped[m] += 1
+                        continue
+                    status = _complete(bm, x[i], int(y[i]), eps, ds.n_classes, left)
+                    bab_verdicts[status] = bab_verdicts.get(status, 0) + 1
+                    v[i] = status == "unsat"
             elif todo.numel():
                 sub = LpBall(x[todo], eps, clip=(0.0, 1.0))
                 v[todo] = bm.bounds(sub, m, spec=C[todo]).verified
@@ -104,6 +132,7 @@ def evaluate(net: nn.Module, ds: Dataset, eps: float, methods=("ibp", "crown", "
         "violations": violations,
         "budget_s": budget_s,
         "budget_skipped": {m: skipped[m] for m in methods if skipped[m]},
+        **({"bab_timeout_s": bab_timeout, "bab_verdicts": bab_verdicts} if "bab" in methods else {}),
         "certified_vs_eps": {"eps": list(eps_grid), **{m: [c / n for c in grid[m]] for m in grid_methods}},
     }
 
@@ -121,6 +150,23 @@ def certified_under_weights(net: nn.Module, ds: Dataset, eps: float, weights,
         for m in methods:
             out[m] += int(bm.bounds(inp, m, spec=C, weights=weights).verified.sum())
     return {m: v / len(ds) for m, v in out.items()}
+
+
+def _complete(bm: BoundedModel, x: torch.Tensor, label: int, eps: float, n_classes: int,
+              timeout: float) -> str:
+    """Complete verification of one sample (``verify``'s status): is there a point of the L-inf
+    ball of radius ``eps`` around ``x``, clipped to [0, 1], where some class ``j != label``
+    scores at least ``label``? One conjunction ``f_label - f_j <= 0`` per other class."""
+    flat = x.detach().double().cpu().flatten().numpy()
+    lo, hi = np.clip(flat - eps, 0.0, 1.0), np.clip(flat + eps, 0.0, 1.0)
+    rows = []
+    for j in range(n_classes):
+        if j != label:
+            c = np.zeros((1, n_classes))
+            c[0, label], c[0, j] = 1.0, -1.0
+            rows.append(OutputConstraint(c, np.zeros(1)))
+    spec = VnnlibSpec(flat.size, n_classes, [Region(lo, hi, rows)])
+    return verify(bm, spec, timeout=timeout, methods=("alpha-crown",)).status
 
 
 def chance_accuracy(labels: torch.Tensor, n_classes: int) -> float:
