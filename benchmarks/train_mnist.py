@@ -35,7 +35,8 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 _COMMON = dict(model="cnn_cert", model_kwargs={"width": 32, "fc": 256, "bn": True}, method="ibp",
                ibp_init=True, batch_size=100, lr=5e-4, lr_decay=0.2, schedule="smooth",
                kappa_start=1.0, kappa_end=0.0, reg_weight=0.5, grad_clip=10.0,
-               eval_methods=["ibp", "crown", "alpha-crown"], eval_pgd_steps=50)
+               eval_methods=["ibp", "crown", "alpha-crown"], eval_pgd_steps=50,
+               eval_pgd_restarts=10)
 
 RUNS = {
     "mnist-0.1": dict(dataset="npz", eps=0.1, train_eps=0.2, epochs=80, warmup_epochs=1,
@@ -147,7 +148,8 @@ def ship(name: str, cfg, out_dir: Path, report: dict, dest: Path, command: str) 
                                   if cfg.dataset == "npz" else f"the first {report['n']} test images"),
                      "eps": cfg.eps, "certified_mode": report["certified_mode"],
                      "clean_acc": report["clean_acc"],
-                     "pgd_acc": report["pgd_acc"], "pgd": f"{report['pgd_steps']}-step PGD on every margin",
+                     "pgd_acc": report["pgd_acc"], "pgd": f"{report['pgd_steps']}-step PGD on every margin, "
+                            f"{report.get('pgd_restarts', 1)} start(s)",
                      "certified_acc": cert, "best_verification_method": best,
                      "train_time_s": report.get("train_time_s"),
                      "eval_time_s": report.get("eval_time_s")},

@@ -89,3 +89,21 @@ def test_bab_budget_and_config(setup):
     assert cfg.eval_bab_timeout_s == 5.0
     with pytest.raises(ConfigError, match="eval_bab_timeout_s"):
         from_dict({"eval_bab_timeout_s": -1})
+
+
+def test_pgd_restarts_only_lower_pgd_accuracy_and_never_below_the_exact(setup):
+    net, ds = setup
+    one = evaluate(net, ds, EPS, methods=("ibp",), pgd_steps=10, batch=40, eps_grid=())
+    more = evaluate(net, ds, EPS, methods=("ibp",), pgd_steps=10, batch=40, eps_grid=(),
+                    pgd_restarts=6)
+    assert more["pgd_restarts"] == 6 and one["pgd_restarts"] == 1
+    with torch.no_grad():
+        right = (net(ds.x).argmax(1) == ds.y).nonzero().flatten().tolist()
+    exact = sum(_exact_robust(net, ds.x[i], int(ds.y[i]), EPS) for i in right)
+    # random starts only add attacks; no attack breaks a sample that is robust (MILP)
+    assert exact / len(ds) <= more["pgd_acc"] <= one["pgd_acc"]
+    assert more["violations"] == 0
+    with pytest.raises(ValueError, match="pgd_restarts"):
+        evaluate(net, ds, EPS, methods=("ibp",), pgd_restarts=0)
+    with pytest.raises(ConfigError, match="eval_pgd_restarts"):
+        from_dict({"eval_pgd_restarts": 0})

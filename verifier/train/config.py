@@ -74,6 +74,7 @@ class TrainConfig:
     eval_eps: list | None = None           # certified accuracy vs eps (IBP, CROWN-IBP);
                                            # None: eps x AUTO_GRID; []: no grid
     eval_pgd_steps: int = 20
+    eval_pgd_restarts: int = 1             # starts of the evaluation's PGD: the centre, then random
     eval_batch: int = 100
     eval_budget_s: float | None = None     # time cap of each method after the first (None: none)
     eval_bab_timeout_s: float = 30.0       # eval method bab: seconds per sample
@@ -107,7 +108,7 @@ class TrainConfig:
             v = getattr(self, k)
             if v is not None and not (0 <= v <= 1 and math.isfinite(v)):
                 bad(k, f"{v} is outside [0, 1] (pixel scale)")
-        for k in ("epochs", "batch_size", "threads", "eval_batch"):
+        for k in ("epochs", "batch_size", "threads", "eval_batch", "eval_pgd_restarts"):
             if getattr(self, k) < 1:
                 bad(k, f"must be >= 1, got {getattr(self, k)}")
         for k in ("warmup_epochs", "ramp_epochs", "pgd_steps", "eval_pgd_steps", "seed"):
@@ -165,7 +166,7 @@ class TrainConfig:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _INTS = {"train_subset", "test_subset", "epochs", "warmup_epochs", "ramp_epochs", "batch_size",
-         "pgd_steps", "seed", "threads", "eval_pgd_steps", "eval_batch"}
+         "pgd_steps", "seed", "threads", "eval_pgd_steps", "eval_batch", "eval_pgd_restarts"}
 _FLOATS = {"eps", "train_eps", "kappa_start", "kappa_end", "beta_start", "beta_end", "lr",
            "lr_decay", "weight_decay", "grad_clip", "reg_weight", "reg_tau", "pgd_weight", "weight_eps",
            "eval_budget_s", "alpha", "sabr_lambda", "eval_bab_timeout_s"}

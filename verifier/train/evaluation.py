@@ -5,7 +5,9 @@ accuracy by each bounding method, and certified accuracy against eps; the report
 A sample counts as certified by a method when every margin lower bound ``f_y - f_j`` over the
 L-inf ball (clipped to the pixel range [0, 1]) is positive (which implies a correct clean
 prediction), and as PGD-robust when it is correctly classified and the attack (``verifier.attack.pgd``
-minimizing each margin) finds no point that flips it. A certified sample that PGD breaks would
+minimizing each margin, ``pgd_steps`` steps from the centre, then ``pgd_restarts - 1`` more
+runs from random points of the ball on the samples the first left standing) finds no point
+that flips it. A certified sample that PGD breaks would
 be a soundness bug: the report counts such samples (``violations``; always 0 when all is well).
 
 With ``cascade=True`` (the default) each method runs only on the samples that the methods
@@ -54,12 +56,14 @@ def _batches(ds: Dataset, bs: int):
 def evaluate(net: nn.Module, ds: Dataset, eps: float, methods=("ibp", "crown", "alpha-crown"),
              eps_grid=(), grid_methods=("ibp", "crown-ibp"), pgd_steps: int = 20, batch: int = 100,
              progress: bool = False, cascade: bool = True, budget_s: float | None = None,
-             bab_timeout: float = 30.0) -> dict:
+             bab_timeout: float = 30.0, pgd_restarts: int = 1) -> dict:
     """-> a dict of accuracies (fractions of ``ds``), times and counts (see the module doc)."""
     if budget_s is not None and not budget_s > 0:
         raise ValueError(f"budget_s must be > 0 seconds (or None), got {budget_s}")
     if not bab_timeout > 0:
         raise ValueError(f"bab_timeout must be > 0 seconds, got {bab_timeout}")
+    if pgd_restarts < 1:
+        raise ValueError(f"pgd_restarts must be >= 1, got {pgd_restarts}")
     from tqdm import tqdm
     net = net.eval()
     bm = BoundedModel(net, input_shape=ds.input_shape)
@@ -84,7 +88,13 @@ def evaluate(net: nn.Module, ds: Dataset, eps: float, methods=("ibp", "crown", "
         t0 = time.perf_counter()
         if eps > 0 and pgd_steps > 0:
             res = pgd(lambda z: net(z), ball, -C, steps=pgd_steps, restarts=1, seed=0)
-            robust = ok & (res.value < 0).all(1)      # value = -margin at the best point
+            robust = ok & (res.value < 0).all(1)
+            left = robust.nonzero().flatten()
+            if pgd_restarts > 1 and left.numel():   # random starts where the centre's failed
+                # (pgd's restart 0 is the centre again: R - 1 random starts after it)
+                more = pgd(lambda z: net(z), LpBall(x[left], eps, clip=(0.0, 1.0)), -C[left],
+                           steps=pgd_steps, restarts=pgd_restarts, seed=1)
+                robust[left] = (more.value < 0).all(1)      # value = -margin at the best point
         else:
             robust = ok
         t_pgd += time.perf_counter() - t0
@@ -123,7 +133,7 @@ def evaluate(net: nn.Module, ds: Dataset, eps: float, methods=("ibp", "crown", "
     bar.close()
     return {
         "n": n, "eps": eps, "clean_acc": clean / n, "pgd_acc": pgd_ok / n,
-        "pgd_steps": pgd_steps,
+        "pgd_steps": pgd_steps, "pgd_restarts": pgd_restarts,
         "certified_acc": {name: cert[m] / n for name, m in zip(_names(methods, cascade), methods)},
         "certified_mode": ("cascade: each entry counts the samples certified by its last method or "
                            "an earlier one" if cascade else "each method on every sample"),

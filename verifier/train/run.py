@@ -32,7 +32,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
     report = evaluate(state.net, test_ds, cfg.eps, methods=cfg.eval_methods,
                       eps_grid=cfg.eval_eps_grid(), pgd_steps=cfg.eval_pgd_steps,
                       batch=cfg.eval_batch, progress=progress,
-                      budget_s=cfg.eval_budget_s, bab_timeout=cfg.eval_bab_timeout_s)
+                      budget_s=cfg.eval_budget_s, bab_timeout=cfg.eval_bab_timeout_s,
+                      pgd_restarts=cfg.eval_pgd_restarts)
     report.update(train_time_s=round(sum(h["time_s"] for h in state.history), 1),
                   session_train_time_s=round(train_time, 1),
                   eval_time_s=round(time.perf_counter() - t1, 1), dataset=test_ds.name,

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 # config keys that may differ between a run and its resumption
 _RESUME_FREE = {"output", "threads", "device", "eval_methods", "eval_eps", "eval_pgd_steps", "eval_batch",
-                "eval_budget_s", "eval_bab_timeout_s", "test_subset", "test_path"}
+                "eval_budget_s", "eval_bab_timeout_s", "eval_pgd_restarts", "test_subset", "test_path"}
 
 
 def load_data(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
