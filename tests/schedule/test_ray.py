@@ -79,9 +79,7 @@ def test_a_task_hanging_past_its_hard_limit_is_killed_and_the_others_finish(loca
     s.hard_limit = lambda args: 1.0 if args[0] > 5 else 1e9
     t0 = time.perf_counter()
     out = dict(s.run(_hang, [(60,), (0.1,), (0.2,), (0.1,)]))
-    # not the 60 s the task asked for (a generous margin: starting a worker again after the
-    # kill took over 15 s on the 2-core machine under load)
-    assert time.perf_counter() - t0 < 40
+    assert time.perf_counter() - t0 < 15            # not the 60 s the task asked for
     assert out[0].value is None and out[0].attempts == 1   # killed once, not retried
     assert out[0].error == "killed after running 1 s, past its timeout"
     assert {i: (o.value, o.error) for i, o in out.items() if i} == \
@@ -341,9 +339,7 @@ def test_ray_domain_pool_cancel_stops_running_relu_batches_within_a_step(relu_ca
     t0 = time.perf_counter()
     relu_pool.cancel()
     relu_pool.pids()   # each actor's next call waits for its running batch to end
-    # within a few steps, not the half minute (more under load) the batches would still run;
-    # 3 s was too tight on the 2-core machine under load
-    assert time.perf_counter() - t0 < 10.0
+    assert time.perf_counter() - t0 < 3.0
 
 
 def test_ray_domain_pool_expands_a_relu_batch_exactly_as_in_process(relu_case, relu_pool):
