@@ -27,7 +27,7 @@ one", within ``bab_timeout`` seconds per sample; ``unsat`` certifies the sample.
 samples that PGD did not break (a broken one cannot be certified), so after the incomplete
 methods it costs at most ``bab_timeout`` times the samples that PGD holds and they left open.
 The report counts its verdicts (``bab_verdicts``: unsat / sat / timeout / unknown); a ``sat``
-is a counterexample that the 20-step PGD missed, replayed on the model.
+is a counterexample that the evaluation's PGD missed, replayed on the model.
 """
 from __future__ import annotations
 
@@ -89,12 +89,12 @@ def evaluate(net: nn.Module, ds: Dataset, eps: float, methods=("ibp", "crown", "
         if eps > 0 and pgd_steps > 0:
             res = pgd(lambda z: net(z), ball, -C, steps=pgd_steps, restarts=1, seed=0)
             robust = ok & (res.value < 0).all(1)
-            left = robust.nonzero().flatten()
-            if pgd_restarts > 1 and left.numel():   # random starts where the centre's failed
+            standing = robust.nonzero().flatten()
+            if pgd_restarts > 1 and standing.numel():   # random starts where the centre's failed
                 # (pgd's restart 0 is the centre again: R - 1 random starts after it)
-                more = pgd(lambda z: net(z), LpBall(x[left], eps, clip=(0.0, 1.0)), -C[left],
-                           steps=pgd_steps, restarts=pgd_restarts, seed=1)
-                robust[left] = (more.value < 0).all(1)      # value = -margin at the best point
+                more = pgd(lambda z: net(z), LpBall(x[standing], eps, clip=(0.0, 1.0)),
+                           -C[standing], steps=pgd_steps, restarts=pgd_restarts, seed=1)
+                robust[standing] = (more.value < 0).all(1)  # value = -margin at the best point
         else:
             robust = ok
         t_pgd += time.perf_counter() - t0
