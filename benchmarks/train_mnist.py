@@ -77,7 +77,7 @@ def config_for(name: str, args, method: str | None = None) -> dict:
         d["eval_methods"] = list(args.eval_methods)
     if args.eval_budget is not None:
         d["eval_budget_s"] = args.eval_budget
-    if getattr(args, "bab_timeout", None) is not None:
+    if args.bab_timeout is not None:
         d["eval_bab_timeout_s"] = args.bab_timeout
     if d["dataset"] == "npz":
         data = Path(args.data_dir or SHARED)

@@ -3,7 +3,6 @@ leave open is decided by branch and bound; its verdicts agree with an exact MILP
 margin over the clipped ball, and it certifies samples that CROWN cannot."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn

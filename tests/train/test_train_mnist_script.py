@@ -23,7 +23,7 @@ def _args(**kw):
     base = dict(runs=["mnist-0.3"], seed=0, threads=1, epochs=None, width=32, fc=256, method=None,
                 loss_fusion=False, alpha=None, sabr_lambda=None, pgd_steps=None, train_eps=None,
                 eval_methods=None,
-                eval_budget=None, output=None, data_dir="/data")
+                eval_budget=None, bab_timeout=None, output=None, data_dir="/data")
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -40,6 +40,9 @@ def test_one_output_folder_per_method_and_loss_fusion_set():
     assert one["output"] == "here"                      # a single run keeps the folder it was given
     assert d["train_eps"] == 0.4                        # the run's own ...
     assert tm.config_for("mnist-0.3", _args(train_eps=0.33), None)["train_eps"] == 0.33  # ... or given
+    assert "eval_bab_timeout_s" not in d                  # bab's per-image limit: the config's ...
+    assert tm.config_for("mnist-0.3", _args(bab_timeout=12.0), None)["eval_bab_timeout_s"] == 12.0
+    assert tm.config_for("mnist-0.3", _args(), None)["eval_pgd_restarts"] == 10  # PGD starts
     with pytest.raises(SystemExit, match="natural baseline takes no --method"):
         tm.config_for("mnist-natural", _args(runs=["mnist-natural"]), "sabr")
 
