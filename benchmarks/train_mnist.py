@@ -5,6 +5,7 @@ images; prints clean / PGD / certified accuracy and wall time.
     python benchmarks/train_mnist.py mnist-0.3        # eps 0.3
     python benchmarks/train_mnist.py fashion-0.1      # Fashion-MNIST, full set, eps 0.1
     python benchmarks/train_mnist.py mnist-0.1 --width 16 --fc 256 --ship models/   # smaller model
+    python benchmarks/train_mnist.py mnist-0.3 --extra-convs 1     # a 3x3 convolution more per stage
     python benchmarks/train_mnist.py mnist-0.3 --method mtl-ibp --alpha 0.5 --pgd-steps 1
     python benchmarks/train_mnist.py mnist-0.1 --method ibp sabr        # two runs, one table
     python benchmarks/train_mnist.py --table runs/mnist-0.1 runs/mnist-0.1-sabr   # finished runs
@@ -64,6 +65,8 @@ def config_for(name: str, args, method: str | None = None) -> dict:
          "output": out or (f"{args.output}/{name}{tag}" if args.output else f"runs/{name}{tag}")}
     d["model_kwargs"] = {**_COMMON["model_kwargs"], **RUNS[name].get("model_kwargs", {}),
                          "width": args.width, "fc": args.fc}
+    if args.extra_convs:
+        d["model_kwargs"]["extra_convs"] = args.extra_convs
     if method is not None:   # another loss on the same recipe (verifier.train.mixed)
         if d["method"] == "natural":
             raise SystemExit(f"{name}: the natural baseline takes no --method")
@@ -79,6 +82,8 @@ def config_for(name: str, args, method: str | None = None) -> dict:
         d["eval_budget_s"] = args.eval_budget
     if args.bab_timeout is not None:
         d["eval_bab_timeout_s"] = args.bab_timeout
+    if args.pgd_restarts is not None:
+        d["eval_pgd_restarts"] = args.pgd_restarts
     if d["dataset"] == "npz":
         data = Path(args.data_dir or SHARED)
         d.update(train_path=str(data / "mnist_train10k.npz"), test_path=str(data / "mnist_test1k.npz"))
@@ -114,6 +119,8 @@ def table(dirs: list[Path]) -> str:
         kw = cfg.get("model_kwargs") or {}
         if (kw.get("width", 32), kw.get("fc", 256)) != (32, 256):
             extra += f", width {kw.get('width', 32)} fc {kw.get('fc', 256)}"
+        if kw.get("extra_convs"):
+            extra += f", {kw['extra_convs']} extra conv(s) per stage"
         if cfg.get("seed"):
             extra += f", seed {cfg['seed']}"
         trained = f" (trained at {cfg['train_eps']:g})" if cfg.get("train_eps") is not None else ""
@@ -166,6 +173,8 @@ def main() -> int:
     p.add_argument("--epochs", type=int, help="shorter runs (the schedule is scaled down)")
     p.add_argument("--width", type=int, default=32, help="cnn_cert: channels of the first convolution")
     p.add_argument("--fc", type=int, default=256, help="cnn_cert: width of the hidden dense layer")
+    p.add_argument("--extra-convs", type=int, default=0, metavar="K",
+                   help="cnn_cert: K 3x3 stride-1 convolutions after each strided one (default 0)")
     p.add_argument("--method", nargs="+", choices=["ibp", "crown-ibp", "mtl-ibp", "cc-ibp", "sabr"],
                    help="the training loss, or several: one run each, one table (default ibp; "
                         "see verifier train --help)")
@@ -182,6 +191,9 @@ def main() -> int:
                    "cascade (default ibp crown alpha-crown)")
     p.add_argument("--eval-budget", type=float, metavar="S",
                    help="seconds each evaluation method after IBP may take (default: no cap)")
+    p.add_argument("--pgd-restarts", type=int, metavar="R",
+                   help="PGD starts of the evaluation per image: the centre, then R-1 random ones "
+                        "(default 10)")
     p.add_argument("--bab-timeout", type=float, metavar="S",
                    help="seconds per test image of the complete method bab (--eval-methods ... "
                         "bab; default 30)")
@@ -198,6 +210,8 @@ def main() -> int:
                     "config.json)")
         print(table([Path(d) for d in a.table]))
         return 0
+    if a.extra_convs < 0:
+        p.error(f"--extra-convs {a.extra_convs}: the number of extra convolutions is 0 or more")
     if a.loss_fusion and a.method != ["crown-ibp"]:
         p.error("--loss-fusion fuses CROWN-IBP's bound: it needs --method crown-ibp (alone)")
     a.runs = a.runs or ["mnist-0.1", "mnist-0.3"]
@@ -227,6 +241,7 @@ def main() -> int:
               f"wall {wall:.0f} s, violations {report['violations']})", flush=True)
         if a.ship:
             cmd = (f"python benchmarks/train_mnist.py {name} --width {a.width} --fc {a.fc} "
+                   + (f"--extra-convs {a.extra_convs} " if a.extra_convs else "")
                    + (f"--method {method} " if method else "")
                    + ("--loss-fusion " if a.loss_fusion else "")
                    + "".join(f"--{k.replace('_', '-')} {getattr(a, k):g} "
@@ -236,6 +251,7 @@ def main() -> int:
                    + (f"--eval-methods {' '.join(a.eval_methods)} " if a.eval_methods else "")
                    + (f"--eval-budget {a.eval_budget:g} " if a.eval_budget is not None else "")
                    + (f"--bab-timeout {a.bab_timeout:g} " if a.bab_timeout is not None else "")
+                   + (f"--pgd-restarts {a.pgd_restarts} " if a.pgd_restarts is not None else "")
                    + f"--threads {a.threads} --seed {a.seed}")
             ship(name, cfg, Path(cfg.output), report, Path(a.ship), cmd)
     print()

@@ -47,9 +47,19 @@ def load(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def make_state(method: str, width: int, fc: int, lr: float = 5e-4) -> tuple[TrainConfig, TrainState]:
+def parse_model(spec: str) -> tuple[int, int, int]:
+    """``WIDTH:FC`` or ``WIDTH:FC:EXTRA`` -> (width, fc, extra_convs)."""
+    v = [int(t) for t in spec.split(":")]
+    if len(v) not in (2, 3):
+        raise SystemExit(f"--models {spec!r}: expected WIDTH:FC or WIDTH:FC:EXTRA")
+    return v[0], v[1], v[2] if len(v) == 3 else 0
+
+
+def make_state(method: str, width: int, fc: int, lr: float = 5e-4,
+               extra: int = 0) -> tuple[TrainConfig, TrainState]:
     fused = method == "crown-ibp-lf"        # CROWN-IBP with loss fusion
-    cfg = TrainConfig(model="cnn_cert", model_kwargs={"width": width, "fc": fc, "bn": True},
+    cfg = TrainConfig(model="cnn_cert", model_kwargs={"width": width, "fc": fc, "bn": True,
+                                                      "extra_convs": extra},
                       method="crown-ibp" if fused else method, loss_fusion=fused, ibp_init=True,
                       batch_size=100, lr=lr, reg_weight=0.5)
     net = build_model(cfg, (1, 28, 28), 10)
@@ -65,8 +75,8 @@ def run(args) -> None:
     s = {"eps": args.eps, "kappa": 0.5, "beta": args.beta, "progress": 0.5, "warmup": False}
     nb = x.shape[0] // args.batch
     for spec in args.models:
-        width, fc = (int(v) for v in spec.split(":"))
-        states = {m: make_state(m, width, fc) for m in ("natural", "ibp", "crown-ibp", "crown-ibp-lf")}
+        width, fc, extra = parse_model(spec)
+        states = {m: make_state(m, width, fc, extra=extra) for m in ("natural", "ibp", "crown-ibp", "crown-ibp-lf")}
         times = {m: [] for m in states}
         k = 0
         for rep in range(args.warmup + args.reps):
@@ -80,7 +90,8 @@ def run(args) -> None:
                 if rep >= args.warmup:
                     times[m].append(dt)
         med = {m: statistics.median(v) for m, v in times.items()}
-        print(f"cnn_cert width {width} fc {fc} bn, batch {args.batch}, eps {args.eps}, beta "
+        print(f"cnn_cert width {width} fc {fc}" + (f" extra_convs {extra}" if extra else "")
+              + f" bn, batch {args.batch}, eps {args.eps}, beta "
               f"{args.beta}, {args.reps} reps, {torch.get_num_threads()} thread(s):")
         for m, v in med.items():
             print(f"  {m:12s} median {1000 * v:8.1f} ms/step  (min {1000 * min(times[m]):.1f}, "
@@ -94,8 +105,8 @@ def profile(args) -> None:
     from torch.profiler import ProfilerActivity, profile as tprofile
     x, y = load(args.batch * 8)
     s = {"eps": args.eps, "kappa": 0.5, "beta": args.beta, "progress": 0.5, "warmup": False}
-    width, fc = (int(v) for v in args.models[0].split(":"))
-    cfg, st = make_state(args.profile, width, fc)
+    width, fc, extra = parse_model(args.models[0])
+    cfg, st = make_state(args.profile, width, fc, extra=extra)
     for i in range(2):
         train_step(cfg, st, x[i * 100:(i + 1) * 100], y[i * 100:(i + 1) * 100], s, 10, None)
     with tprofile(activities=[ProfilerActivity.CPU]) as prof:
@@ -106,7 +117,7 @@ def profile(args) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["32:256", "16:128"], help="WIDTH:FC of cnn_cert")
+    p.add_argument("--models", nargs="+", default=["32:256", "16:128"], help="WIDTH:FC[:EXTRA] of cnn_cert (EXTRA: 3x3 convolutions per stage)")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--eps", type=float, default=0.3)
     p.add_argument("--beta", type=float, default=1.0)

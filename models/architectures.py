@@ -128,24 +128,34 @@ def resnet_block_net(in_ch: int = 3, n_classes: int = 10, width: int = 8,
 
 
 def cnn_cert(in_ch: int = 1, n_classes: int = 10, input_size: int = 28, width: int = 16,
-             fc: int = 256, bn: bool = False) -> nn.Module:
+             fc: int = 256, bn: bool = False, extra_convs: int = 0) -> nn.Module:
     """A CNN for certified (IBP / CROWN-IBP) training on a CPU, in the shape of the "small" and
     "medium" models of the IBP papers: ``Conv(4x4, stride 2) -> ReLU -> Conv(4x4, stride 2) ->
     ReLU -> Flatten -> Linear(fc) -> ReLU -> Linear(n_classes)``, with a BatchNorm after each
     convolution and the hidden dense layer when ``bn``.
 
     ``width``: channels of the first convolution (the second has twice as many); an input of
-    side s becomes s/2, then s/4 (28 -> 14 -> 7, with padding 1).
+    side s becomes s/2, then s/4 (28 -> 14 -> 7, with padding 1). ``extra_convs``: that many
+    ``Conv(3x3, stride 1, padding 1) -> [BatchNorm] -> ReLU`` after each strided convolution
+    (same channels and side), for a deeper model.
     """
+    if extra_convs < 0:
+        raise ValueError(f"extra_convs={extra_convs} must be 0 or more")
     side = (input_size + 2 - 4) // 2 + 1
     side = (side + 2 - 4) // 2 + 1
     if side < 1:
         raise ValueError(f"input_size={input_size} is too small for this network")
     norm2 = (lambda c: [nn.BatchNorm2d(c)]) if bn else (lambda c: [])
     norm1 = (lambda c: [nn.BatchNorm1d(c)]) if bn else (lambda c: [])
+
+    def same(c: int) -> list[nn.Module]:  # the extra 3x3 convolutions of one stage
+        return [m for _ in range(extra_convs)
+                for m in (nn.Conv2d(c, c, 3, stride=1, padding=1), *norm2(c), nn.ReLU())]
+
     layers: list[nn.Module] = [
-        nn.Conv2d(in_ch, width, 4, stride=2, padding=1), *norm2(width), nn.ReLU(),
+        nn.Conv2d(in_ch, width, 4, stride=2, padding=1), *norm2(width), nn.ReLU(), *same(width),
         nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), *norm2(2 * width), nn.ReLU(),
+        *same(2 * width),
         nn.Flatten(), nn.Linear(2 * width * side * side, fc), *norm1(fc), nn.ReLU(),
         nn.Linear(fc, n_classes),
     ]

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from models import ZOO, build, mlp, resnet_block_net, small_cnn  # noqa: E402
+from models import ZOO, build, cnn_cert, mlp, resnet_block_net, small_cnn  # noqa: E402
 from verifier import BoundedModel, LpBall, margin_spec  # noqa: E402
 
 N_SAMPLES = 300
@@ -133,9 +133,23 @@ def test_builders_validate_their_arguments():
         small_cnn(pool="min")
     with pytest.raises(KeyError, match="unknown model"):
         build("vgg16")
+    with pytest.raises(ValueError, match="extra_convs=-1"):
+        cnn_cert(extra_convs=-1)
 
 
 def test_builders_accept_other_sizes():
     assert mlp(6, [5, 4, 3], 2)(torch.rand(1, 2, 3)).shape == (1, 2)
     assert small_cnn(3, 5, input_size=17, pool="avg")(torch.rand(1, 3, 17, 17)).shape == (1, 5)
     assert resnet_block_net(1, 4, width=4, n_blocks=1)(torch.rand(1, 1, 9, 12)).shape == (1, 4)
+
+
+def test_cnn_cert_extra_convolutions_keep_channels_and_side():
+    """extra_convs=K: K 3x3 stride-1 convolutions (with their BatchNorm) after each strided one."""
+    net = cnn_cert(1, 10, 28, width=4, fc=16, bn=True, extra_convs=2)
+    convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (1, 4, (4, 4), (2, 2)), (4, 4, (3, 3), (1, 1)), (4, 4, (3, 3), (1, 1)),
+        (4, 8, (4, 4), (2, 2)), (8, 8, (3, 3), (1, 1)), (8, 8, (3, 3), (1, 1))]
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net) == 6
+    assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert len(cnn_cert(width=4, extra_convs=0)) == len(cnn_cert(width=4))

@@ -25,6 +25,7 @@ NETS = {
     "mlp": (lambda: mlp(64, [32, 16], 10), (1, 8, 8)),
     "small_cnn": (lambda: small_cnn(1, 10, 8, width=4), (1, 8, 8)),
     "cnn_cert_bn": (lambda: cnn_cert(1, 10, 8, width=4, fc=16, bn=True), (1, 8, 8)),
+    "cnn_cert_deep": (lambda: cnn_cert(1, 10, 8, width=4, fc=16, bn=True, extra_convs=1), (1, 8, 8)),
     "resnet": (lambda: resnet_block_net(1, 10, width=4, n_blocks=1), (1, 8, 8)),
 }
 
@@ -84,7 +85,7 @@ def test_live_gradient_matches_finite_differences(name):
     assert fd != 0
 
 
-@pytest.mark.parametrize("name", ["cnn_cert_bn", "resnet", "small_cnn"])
+@pytest.mark.parametrize("name", ["cnn_cert_bn", "cnn_cert_deep", "resnet", "small_cnn"])
 @pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
 @pytest.mark.parametrize("training", [False, True])
 def test_live_bounds_enclose_samples_and_pgd(name, method, training):

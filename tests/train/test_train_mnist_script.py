@@ -23,7 +23,8 @@ def _args(**kw):
     base = dict(runs=["mnist-0.3"], seed=0, threads=1, epochs=None, width=32, fc=256, method=None,
                 loss_fusion=False, alpha=None, sabr_lambda=None, pgd_steps=None, train_eps=None,
                 eval_methods=None,
-                eval_budget=None, bab_timeout=None, output=None, data_dir="/data")
+                eval_budget=None, bab_timeout=None, pgd_restarts=None, extra_convs=0, output=None,
+                data_dir="/data")
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -42,7 +43,11 @@ def test_one_output_folder_per_method_and_loss_fusion_set():
     assert tm.config_for("mnist-0.3", _args(train_eps=0.33), None)["train_eps"] == 0.33  # ... or given
     assert "eval_bab_timeout_s" not in d                  # bab's per-image limit: the config's ...
     assert tm.config_for("mnist-0.3", _args(bab_timeout=12.0), None)["eval_bab_timeout_s"] == 12.0
-    assert tm.config_for("mnist-0.3", _args(), None)["eval_pgd_restarts"] == 10  # PGD starts
+    assert tm.config_for("mnist-0.3", _args(), None)["eval_pgd_restarts"] == 10  # PGD starts ...
+    assert tm.config_for("mnist-0.3", _args(pgd_restarts=3), None)["eval_pgd_restarts"] == 3
+    assert "extra_convs" not in d["model_kwargs"]         # the two-convolution cnn_cert ...
+    deep = tm.config_for("mnist-0.3", _args(extra_convs=2, width=16), None)["model_kwargs"]
+    assert deep == {"width": 16, "fc": 256, "bn": True, "extra_convs": 2}   # ... or a deeper one
     with pytest.raises(SystemExit, match="natural baseline takes no --method"):
         tm.config_for("mnist-natural", _args(runs=["mnist-natural"]), "sabr")
 
@@ -73,6 +78,10 @@ def test_table_of_finished_runs(tmp_path):
     (runs[0] / "config.json").write_text(json.dumps(cfg))
     assert tm.table(runs[:1]).splitlines()[2].startswith(
         "| MNIST 0.3 (trained at 0.4) | ibp, width 64 fc 512, seed 1 | 60 |")
+    cfg.update(model_kwargs={"width": 16, "fc": 256, "bn": True, "extra_convs": 1}, seed=0)
+    (runs[0] / "config.json").write_text(json.dumps(cfg))
+    assert tm.table(runs[:1]).splitlines()[2].startswith(
+        "| MNIST 0.3 (trained at 0.4) | ibp, width 16 fc 256, 1 extra conv(s) per stage | 60 |")
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -82,6 +91,8 @@ def test_table_of_finished_runs(tmp_path):
     (["mnist-0.3", "--train-eps", "-1"], "'train_eps': -1.0 is outside [0, 1]"),
     (["mnist-0.3", "--method", "ibp", "mtl-ibp", "--alpha", "2"], "'alpha'"),
     (["mnist-0.3", "--eval-methods", "ibp", "bab", "--bab-timeout", "0"], "'eval_bab_timeout_s'"),
+    (["mnist-0.3", "--pgd-restarts", "0"], "'eval_pgd_restarts'"),
+    (["mnist-0.3", "--extra-convs", "-1"], "--extra-convs -1"),
 ])
 def test_bad_arguments_are_one_clear_error(argv, needle, tmp_path):
     import subprocess
