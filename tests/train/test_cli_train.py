@@ -63,6 +63,8 @@ def test_train_command_writes_model_onnx_and_report(tmp_path, capsys):
     (["--dataset", "npz", "--train-path", "a.npz", "--test-path", "b.npz"], "a.npz: no such file"),
     (["--dataset", "idx", "--train-path", "/nonexistent/folder"], "no such dataset folder"),
     (["--config", "/nonexistent.yaml"], "no such config file"),
+    (["--augment-shift", "-1"], "--augment-shift"),
+    (["--augment-shift", "8"], "'augment_shift': 8 pixels needs images"),
 ])
 def test_train_command_errors_are_one_line(tmp_path, capsys, extra, match):
     args = [a for a in ARGS if a not in ("--model-kwargs", '{"in_dim": 64, "hidden": [32]}')] \
@@ -83,6 +85,8 @@ def test_flags_not_given_leave_the_python_api_defaults():
     a = build_parser().parse_args(["train"])
     assert load_config(None, {k: getattr(a, k) for k in _FLAGS}) == TrainConfig()
     assert (TrainConfig().batch_size, TrainConfig().lr) == (64, 2e-3)
+    a = build_parser().parse_args(["train", "--augment-shift", "2"])
+    assert load_config(None, {k: getattr(a, k) for k in _FLAGS}).augment_shift == 2
 
 
 def test_help_states_the_config_defaults(capsys):

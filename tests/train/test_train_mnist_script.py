@@ -22,6 +22,7 @@ def _script():
 def _args(**kw):
     base = dict(runs=["mnist-0.3"], seed=0, threads=1, epochs=None, width=32, fc=256, method=None,
                 loss_fusion=False, alpha=None, sabr_lambda=None, pgd_steps=None, train_eps=None,
+                augment_shift=None,
                 eval_methods=None,
                 eval_budget=None, bab_timeout=None, pgd_restarts=None, extra_convs=0, output=None,
                 data_dir="/data")
@@ -48,6 +49,8 @@ def test_one_output_folder_per_method_and_loss_fusion_set():
     assert "extra_convs" not in d["model_kwargs"]         # the two-convolution cnn_cert ...
     deep = tm.config_for("mnist-0.3", _args(extra_convs=2, width=16), None)["model_kwargs"]
     assert deep == {"width": 16, "fc": 256, "bn": True, "extra_convs": 2}   # ... or a deeper one
+    assert "augment_shift" not in d                       # no shifts unless asked for
+    assert tm.config_for("mnist-0.3", _args(augment_shift=2), None)["augment_shift"] == 2
     with pytest.raises(SystemExit, match="natural baseline takes no --method"):
         tm.config_for("mnist-natural", _args(runs=["mnist-natural"]), "sabr")
 
@@ -82,6 +85,10 @@ def test_table_of_finished_runs(tmp_path):
     (runs[0] / "config.json").write_text(json.dumps(cfg))
     assert tm.table(runs[:1]).splitlines()[2].startswith(
         "| MNIST 0.3 (trained at 0.4) | ibp, width 16 fc 256, 1 extra conv(s) per stage | 60 |")
+    cfg.update(model_kwargs={"width": 32, "fc": 256, "bn": True}, augment_shift=2)
+    (runs[0] / "config.json").write_text(json.dumps(cfg))
+    assert tm.table(runs[:1]).splitlines()[2].startswith(
+        "| MNIST 0.3 (trained at 0.4) | ibp, shifts of up to 2 px | 60 |")
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -12,8 +12,8 @@ import sys
 
 from ..train.config import AUTO_GRID, METHODS, default, load_config
 from .lipschitz import cmd_train_lipschitz, lipschitz_train_arguments
-from .util import (EXIT_OK, CliError, device_name, finite_float, nonneg_float, output_dir,
-                   positive_int)
+from .util import (EXIT_OK, CliError, device_name, finite_float, nonneg_float, nonneg_int,
+                   output_dir, positive_int)
 
 TRAIN_DESCRIPTION = """\
 Train a classifier to be certifiably robust under an L-inf ball of radius --eps (pixel scale,
@@ -45,7 +45,7 @@ examples:
 _FLAGS = ["dataset", "train_path", "test_path", "train_subset", "test_subset", "model", "method",
           "eps", "train_eps", "schedule", "epochs", "warmup_epochs", "ramp_epochs", "batch_size",
           "lr", "seed", "output", "threads", "device", "pgd_weight", "reg_weight", "eval_eps",
-          "alpha", "sabr_lambda", "pgd_steps", "loss_fusion"]
+          "alpha", "sabr_lambda", "pgd_steps", "loss_fusion", "augment_shift"]
 
 
 def _default(key: str) -> str:
@@ -97,6 +97,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"weight of an adversarial (PGD) loss term {_default('pgd_weight')}")
     g.add_argument("--reg-weight", type=nonneg_float,
                    help=f"weight of the warm-up regularizers {_default('reg_weight')}")
+    g.add_argument("--augment-shift", type=nonneg_int, metavar="K",
+                   help="move each training image by a random offset of up to K pixels per axis, "
+                        f"zero-filled {_default('augment_shift')}")
     g = p.add_argument_group("optimization and output")
     g.add_argument("--epochs", type=positive_int, metavar="N",
                    help=f"training epochs {_default('epochs')}")

@@ -63,6 +63,7 @@ class TrainConfig:
     weight_params: str = "*"               # ... of these parameters (glob) ...
     weight_relative: bool = True           # ... |dW| <= weight_eps |W| (else |dW| <= weight_eps)
     pgd_weight: float = 0.0                # adversarial CE term (0: off)
+    augment_shift: int = 0                 # training images moved by up to this many pixels (0: off)
     pgd_steps: int = 5                     # attack steps of that term and of mtl-ibp/cc-ibp/sabr
     alpha: float = 0.5                     # mtl-ibp / cc-ibp: the IBP share of the convex combination
     sabr_lambda: float = 0.4               # sabr: small-box radius / eps
@@ -111,7 +112,8 @@ class TrainConfig:
         for k in ("epochs", "batch_size", "threads", "eval_batch", "eval_pgd_restarts"):
             if getattr(self, k) < 1:
                 bad(k, f"must be >= 1, got {getattr(self, k)}")
-        for k in ("warmup_epochs", "ramp_epochs", "pgd_steps", "eval_pgd_steps", "seed"):
+        for k in ("warmup_epochs", "ramp_epochs", "pgd_steps", "eval_pgd_steps", "seed",
+                  "augment_shift"):
             if getattr(self, k) < 0:
                 bad(k, f"must be >= 0, got {getattr(self, k)}")
         if self.warmup_epochs + self.ramp_epochs > self.epochs:
@@ -166,7 +168,8 @@ class TrainConfig:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _INTS = {"train_subset", "test_subset", "epochs", "warmup_epochs", "ramp_epochs", "batch_size",
-         "pgd_steps", "seed", "threads", "eval_pgd_steps", "eval_batch", "eval_pgd_restarts"}
+         "pgd_steps", "seed", "threads", "eval_pgd_steps", "eval_batch", "eval_pgd_restarts",
+         "augment_shift"}
 _FLOATS = {"eps", "train_eps", "kappa_start", "kappa_end", "beta_start", "beta_end", "lr",
            "lr_decay", "weight_decay", "grad_clip", "reg_weight", "reg_tau", "pgd_weight", "weight_eps",
            "eval_budget_s", "alpha", "sabr_lambda", "eval_bab_timeout_s"}

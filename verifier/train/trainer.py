@@ -2,8 +2,8 @@
 resume.
 
 Determinism: the model is drawn with ``torch.manual_seed(seed)``; epoch ``e`` shuffles with a
-generator seeded by ``(seed, e)`` and PGD starts draw from a generator seeded by
-``(seed, e, step)``, so nothing random depends on how the run got to an epoch. The checkpoint
+generator seeded by ``(seed, e)``, PGD starts draw from a generator seeded by ``(seed, e, step)``
+and the shifts of ``augment_shift`` from one seeded by ``(seed, e, step, 1)``, so nothing random depends on how the run got to an epoch. The checkpoint
 (``OUTPUT/checkpoint.pt``, written atomically at the end of every epoch) holds the model,
 optimizer and lr-scheduler states, the global RNG state, the epoch count and the history; a
 resumed run starts at the first unfinished epoch and ends with the same weights as an
@@ -79,6 +79,21 @@ def _gen(*keys: int) -> torch.Generator:
     for k in keys:
         s = (s * 1_000_003 + int(k)) % (2 ** 62)
     return torch.Generator(device="cpu").manual_seed(s)
+
+
+def random_shift(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Each image of ``x`` ([B, C, H, W]) moved by its own random whole-pixel offset (dy, dx),
+    each uniform in [-k, k], the uncovered border filled with 0 (the pixel range's lower end)."""
+    if k == 0:
+        return x
+    B, C, H, W = x.shape
+    padded = F.pad(x, (k, k, k, k))
+    dy, dx = torch.randint(0, 2 * k + 1, (2, B), generator=gen).to(x.device)
+    rows = (dy[:, None] + torch.arange(H, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, None, :]
+    b = torch.arange(B, device=x.device)[:, None, None, None]
+    c = torch.arange(C, device=x.device)[None, :, None, None]
+    return padded[b, c, rows, cols]
 
 
 @dataclass
@@ -204,6 +219,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbac
     # everything the config can get wrong (data, model, checkpoint) fails before the folder
     # exists; a folder this call made is removed again if the run fails before writing into it
     train_ds, _ = data if data is not None else load_data(cfg)
+    if cfg.augment_shift and (train_ds.x.ndim != 4
+                              or cfg.augment_shift >= min(train_ds.x.shape[-2:])):
+        raise ConfigError(f"config key 'augment_shift': {cfg.augment_shift} pixels needs images "
+                          f"[N, C, H, W] larger than the shift; the training data is "
+                          f"{list(train_ds.x.shape)}")
     state = _new_state(cfg, train_ds)
     if resume and ckpt_path.exists():
         _load(state, cfg, ckpt_path)
@@ -239,7 +259,10 @@ def _epochs(cfg: TrainConfig, state: TrainState, train_ds: Dataset, ckpt_path: P
             idx = perm[step * bs:(step + 1) * bs]
             s = schedule.at(epoch, step)
             dev = state.bm.device
-            vals = train_step(cfg, state, train_ds.x[idx].to(dev), train_ds.y[idx].to(dev), s,
+            xb = train_ds.x[idx]
+            if cfg.augment_shift:
+                xb = random_shift(xb, cfg.augment_shift, _gen(cfg.seed, epoch, step, 1))
+            vals = train_step(cfg, state, xb.to(dev), train_ds.y[idx].to(dev), s,
                               train_ds.n_classes,
                               _gen(cfg.seed, epoch, step))
             for k, v in vals.items():
