@@ -88,7 +88,7 @@ def random_shift(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
         return x
     B, C, H, W = x.shape
     padded = F.pad(x, (k, k, k, k))
-    dy, dx = torch.randint(0, 2 * k + 1, (2, B), generator=gen).to(x.device)
+    dy, dx = torch.randint(0, 2 * k + 1, (2, B), generator=gen, device="cpu").to(x.device)
     rows = (dy[:, None] + torch.arange(H, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, None, :]
     b = torch.arange(B, device=x.device)[:, None, None, None]
