@@ -49,7 +49,10 @@ def load(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def parse_model(spec: str) -> tuple[int, int, int]:
     """``WIDTH:FC`` or ``WIDTH:FC:EXTRA`` -> (width, fc, extra_convs)."""
-    v = [int(t) for t in spec.split(":")]
+    try:
+        v = [int(t) for t in spec.split(":")]
+    except ValueError:
+        v = []
     if len(v) not in (2, 3):
         raise SystemExit(f"--models {spec!r}: expected WIDTH:FC or WIDTH:FC:EXTRA")
     return v[0], v[1], v[2] if len(v) == 3 else 0

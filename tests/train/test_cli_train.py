@@ -64,6 +64,8 @@ def test_train_command_writes_model_onnx_and_report(tmp_path, capsys):
     (["--dataset", "idx", "--train-path", "/nonexistent/folder"], "no such dataset folder"),
     (["--config", "/nonexistent.yaml"], "no such config file"),
     (["--augment-shift", "-1"], "--augment-shift"),
+    (["--model", "cnn_cert", "--model-kwargs", '{"input_size": 8, "extra_convs": -1}'],
+     "'model_kwargs': extra_convs=-1 must be 0 or more"),
     (["--augment-shift", "8"], "'augment_shift': 8 pixels needs images"),
 ])
 def test_train_command_errors_are_one_line(tmp_path, capsys, extra, match):

@@ -58,7 +58,7 @@ def build_model(cfg: TrainConfig, input_shape, n_classes: int) -> nn.Module:
                                     input_shape)
     except ModelLoadError as e:
         raise ConfigError(f"config key 'model': {str(e).replace('--arch-kwargs', 'model_kwargs').replace('--arch', 'model')}") from None
-    except TypeError as e:
+    except (TypeError, ValueError) as e:   # an unknown keyword, or a value the builder refuses
         raise ConfigError(f"config key 'model_kwargs': {e}") from None
     with torch.no_grad():
         try:
