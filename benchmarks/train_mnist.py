@@ -73,7 +73,8 @@ def config_for(name: str, args, method: str | None = None) -> dict:
         d["method"] = method
     if args.loss_fusion:
         d["loss_fusion"] = True
-    for key in ("alpha", "sabr_lambda", "pgd_steps", "train_eps", "augment_shift"):
+    for key in ("alpha", "sabr_lambda", "pgd_steps", "train_eps", "augment_shift", "lr",
+                "batch_size"):
         if getattr(args, key) is not None:
             d[key] = getattr(args, key)
     if args.eval_methods:
@@ -123,6 +124,10 @@ def table(dirs: list[Path]) -> str:
             extra += f", {kw['extra_convs']} extra conv(s) per stage"
         if cfg.get("augment_shift"):
             extra += f", shifts of up to {cfg['augment_shift']} px"
+        if cfg.get("lr", _COMMON["lr"]) != _COMMON["lr"]:
+            extra += f", lr {cfg['lr']:g}"
+        if cfg.get("batch_size", _COMMON["batch_size"]) != _COMMON["batch_size"]:
+            extra += f", batch {cfg['batch_size']}"
         if cfg.get("seed"):
             extra += f", seed {cfg['seed']}"
         trained = f" (trained at {cfg['train_eps']:g})" if cfg.get("train_eps") is not None else ""
@@ -189,6 +194,8 @@ def main() -> int:
     p.add_argument("--pgd-steps", type=int, help="steps of the training attack (default 5)")
     p.add_argument("--augment-shift", type=int, metavar="K",
                    help="move each training image by up to K pixels per axis (default 0)")
+    p.add_argument("--lr", type=float, help="Adam's learning rate (default 5e-4)")
+    p.add_argument("--batch-size", type=int, help="training batch size (default 100)")
     p.add_argument("--train-eps", type=float, help="the radius trained at (default: the run's, "
                    "e.g. 0.4 for mnist-0.3)")
     p.add_argument("--eval-methods", nargs="+", help="verification methods of the report, run in a "
@@ -250,7 +257,7 @@ def main() -> int:
                    + ("--loss-fusion " if a.loss_fusion else "")
                    + "".join(f"--{k.replace('_', '-')} {getattr(a, k):g} "
                              for k in ("alpha", "sabr_lambda", "pgd_steps", "train_eps",
-                                       "augment_shift")
+                                       "augment_shift", "lr", "batch_size")
                              if getattr(a, k) is not None)
                    + (f"--epochs {a.epochs} " if a.epochs is not None else "")
                    + (f"--eval-methods {' '.join(a.eval_methods)} " if a.eval_methods else "")

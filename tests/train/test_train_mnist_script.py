@@ -22,7 +22,7 @@ def _script():
 def _args(**kw):
     base = dict(runs=["mnist-0.3"], seed=0, threads=1, epochs=None, width=32, fc=256, method=None,
                 loss_fusion=False, alpha=None, sabr_lambda=None, pgd_steps=None, train_eps=None,
-                augment_shift=None,
+                augment_shift=None, lr=None, batch_size=None,
                 eval_methods=None,
                 eval_budget=None, bab_timeout=None, pgd_restarts=None, extra_convs=0, output=None,
                 data_dir="/data")
@@ -51,6 +51,9 @@ def test_one_output_folder_per_method_and_loss_fusion_set():
     assert deep == {"width": 16, "fc": 256, "bn": True, "extra_convs": 2}   # ... or a deeper one
     assert "augment_shift" not in d                       # no shifts unless asked for
     assert tm.config_for("mnist-0.3", _args(augment_shift=2), None)["augment_shift"] == 2
+    assert (d["lr"], d["batch_size"]) == (5e-4, 100)       # the recipe's optimizer ...
+    fast = tm.config_for("mnist-0.3", _args(lr=1e-3, batch_size=50), None)
+    assert (fast["lr"], fast["batch_size"]) == (1e-3, 50)  # ... or another
     with pytest.raises(SystemExit, match="natural baseline takes no --method"):
         tm.config_for("mnist-natural", _args(runs=["mnist-natural"]), "sabr")
 
@@ -89,6 +92,10 @@ def test_table_of_finished_runs(tmp_path):
     (runs[0] / "config.json").write_text(json.dumps(cfg))
     assert tm.table(runs[:1]).splitlines()[2].startswith(
         "| MNIST 0.3 (trained at 0.4) | ibp, shifts of up to 2 px | 60 |")
+    cfg.update(augment_shift=0, lr=1e-3, batch_size=50)
+    (runs[0] / "config.json").write_text(json.dumps(cfg))
+    assert tm.table(runs[:1]).splitlines()[2].startswith(
+        "| MNIST 0.3 (trained at 0.4) | ibp, lr 0.001, batch 50 | 60 |")
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -100,6 +107,8 @@ def test_table_of_finished_runs(tmp_path):
     (["mnist-0.3", "--eval-methods", "ibp", "bab", "--bab-timeout", "0"], "'eval_bab_timeout_s'"),
     (["mnist-0.3", "--pgd-restarts", "0"], "'eval_pgd_restarts'"),
     (["mnist-0.3", "--extra-convs", "-1"], "--extra-convs -1"),
+    (["mnist-0.3", "--lr", "0"], "'lr': must be > 0"),
+    (["mnist-0.3", "--batch-size", "0"], "'batch_size'"),
 ])
 def test_bad_arguments_are_one_clear_error(argv, needle, tmp_path):
     import subprocess
