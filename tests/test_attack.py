@@ -142,3 +142,31 @@ def test_per_element_eps_for_linf():
     res = pgd(lambda z: z.flatten(1), p, torch.eye(6, dtype=torch.float64), steps=10)
     want = eps.expand(2, 3, 2).reshape(2, 6)
     assert torch.allclose(res.value, want)
+
+
+def test_random_only_restarts_are_the_center_runs_later_restarts():
+    """``center_start=False``: every restart starts at a random point, and R - 1 such restarts
+    make exactly the calls that restarts 1 .. R-1 of a center-started run of R make (a caller
+    that has already attacked from the center does not pay for it again)."""
+    p = _ball("inf", (0.0, 1.0))
+    W = torch.randn(3, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def recorder():
+        calls = []
+
+        def fn(x):
+            calls.append(x.detach().clone())
+            return torch.tanh(x.flatten(1) * 3)
+        return calls, fn
+
+    with_center, f1 = recorder()
+    pgd(f1, p, W, steps=4, restarts=3, seed=5)
+    random_only, f2 = recorder()
+    res = pgd(f2, p, W, steps=4, restarts=2, seed=5, center_start=False)
+    per_restart = (len(with_center) - 1) // 3            # the center's value first, then each restart
+    assert len(random_only) == 1 + 2 * per_restart
+    assert all(torch.equal(a, b) for a, b in zip(random_only[1:], with_center[1 + per_restart:]))
+    center = p.center.unsqueeze(1).expand(3, 3, 2, 5).reshape(9, 2, 5)
+    assert torch.equal(with_center[1], center)             # restart 0 of the default run ...
+    assert not torch.equal(random_only[1], center)          # ... and of the random-only one
+    assert bool(inside(p, res.x).all())

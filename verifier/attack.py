@@ -176,16 +176,18 @@ def _step(g, norm, alpha, sparsity):
 
 
 def pgd(fn, perturbation: Perturbation, objective_weights: torch.Tensor, steps: int = 20,
-        restarts: int = 1, seed: int = 0, step_frac: float = 2.5, l1_sparsity: float = 0.05
-        ) -> PGDResult:
+        restarts: int = 1, seed: int = 0, step_frac: float = 2.5, l1_sparsity: float = 0.05,
+        center_start: bool = True) -> PGDResult:
     """Maximize ``W[b, m] · fn(x)`` over ``x`` in sample b's set, for every b and objective m.
 
     ``fn: [N, *in_shape] -> [N, *out]`` (differentiable, any N; flattened to ``[N, K]``);
     ``objective_weights``: ``[M, K]`` shared by the batch, or ``[B, M, *out]`` per sample.
     Each restart runs ``steps`` steps of size ``step_frac * radius / steps`` (radius: the
     per-element half width of a box-shaped set, else eps); restart 0 starts at the center, the
-    others at random points of the set (generator seeded with ``seed``). The best iterate over
-    all restarts is returned; every returned point lies in the set (``inside``).
+    others at random points of the set (generator seeded with ``seed``; with ``center_start``
+    False every restart starts at a random point, the same ones as restarts 1, 2, ... would).
+    The best iterate over all restarts (and the center) is returned; every returned point lies
+    in the set (``inside``).
     """
     c, lo, hi, norm, eps = _geometry(perturbation)
     B, shape = c.shape[0], tuple(c.shape[1:])
@@ -219,7 +221,7 @@ def pgd(fn, perturbation: Perturbation, objective_weights: torch.Tensor, steps: 
                    inside=lambda x: inside(perturbation, x))
 
     def start(r, gen):
-        if r == 0:
+        if r == 0 and center_start:
             return {"x": center.clone()}
         return {"x": _random_start(perturbation, c, lo, hi, norm, eps, M, gen)}
 

@@ -102,6 +102,17 @@ def test_pgd_restarts_only_lower_pgd_accuracy_and_never_below_the_exact(setup):
     # random starts only add attacks; no attack breaks a sample that is robust (MILP)
     assert exact / len(ds) <= more["pgd_acc"] <= one["pgd_acc"]
     assert more["violations"] == 0
+    # the same verdicts as attacking every sample from the centre, then (where that failed) with
+    # a run of 6 restarts whose first starts at the centre again: that run is not repeated
+    from verifier.attack import pgd
+    C = margin_spec(ds.y, 10)
+    with torch.no_grad():
+        ok = net(ds.x).argmax(1) == ds.y
+    first = pgd(net, LpBall(ds.x, EPS, clip=(0.0, 1.0)), -C, steps=10, restarts=1, seed=0)
+    held = (ok & (first.value < 0).all(1)).nonzero().flatten()
+    again = pgd(net, LpBall(ds.x[held], EPS, clip=(0.0, 1.0)), -C[held], steps=10, restarts=6,
+                seed=1)
+    assert int((again.value < 0).all(1).sum()) / len(ds) == more["pgd_acc"]
     with pytest.raises(ValueError, match="pgd_restarts"):
         evaluate(net, ds, EPS, methods=("ibp",), pgd_restarts=0)
     with pytest.raises(ConfigError, match="eval_pgd_restarts"):

@@ -91,9 +91,10 @@ def evaluate(net: nn.Module, ds: Dataset, eps: float, methods=("ibp", "crown", "
             robust = ok & (res.value < 0).all(1)
             standing = robust.nonzero().flatten()
             if pgd_restarts > 1 and standing.numel():   # random starts where the centre's failed
-                # (pgd's restart 0 is the centre again: R - 1 random starts after it)
+                # R - 1 random starts (the centre's run, just done, is not repeated)
                 more = pgd(lambda z: net(z), LpBall(x[standing], eps, clip=(0.0, 1.0)),
-                           -C[standing], steps=pgd_steps, restarts=pgd_restarts, seed=1)
+                           -C[standing], steps=pgd_steps, restarts=pgd_restarts - 1, seed=1,
+                           center_start=False)
                 robust[standing] = (more.value < 0).all(1)  # value = -margin at the best point
         else:
             robust = ok
