@@ -58,6 +58,10 @@ RUNS = {
 }
 
 
+# the command-line options that become config keys of the same name when given
+PASSED = ("alpha", "sabr_lambda", "pgd_steps", "train_eps", "augment_shift", "lr", "batch_size")
+
+
 def config_for(name: str, args, method: str | None = None) -> dict:
     tag = (f"-{method}" if method else "") + ("-lf" if args.loss_fusion else "")
     out = args.output if args.output and len(args.runs) * len(args.method or [None]) == 1 else None
@@ -73,8 +77,7 @@ def config_for(name: str, args, method: str | None = None) -> dict:
         d["method"] = method
     if args.loss_fusion:
         d["loss_fusion"] = True
-    for key in ("alpha", "sabr_lambda", "pgd_steps", "train_eps", "augment_shift", "lr",
-                "batch_size"):
+    for key in PASSED:
         if getattr(args, key) is not None:
             d[key] = getattr(args, key)
     if args.eval_methods:
@@ -256,9 +259,7 @@ def main() -> int:
                    + (f"--method {method} " if method else "")
                    + ("--loss-fusion " if a.loss_fusion else "")
                    + "".join(f"--{k.replace('_', '-')} {getattr(a, k):g} "
-                             for k in ("alpha", "sabr_lambda", "pgd_steps", "train_eps",
-                                       "augment_shift", "lr", "batch_size")
-                             if getattr(a, k) is not None)
+                             for k in PASSED if getattr(a, k) is not None)
                    + (f"--epochs {a.epochs} " if a.epochs is not None else "")
                    + (f"--eval-methods {' '.join(a.eval_methods)} " if a.eval_methods else "")
                    + (f"--eval-budget {a.eval_budget:g} " if a.eval_budget is not None else "")

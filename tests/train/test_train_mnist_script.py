@@ -108,6 +108,7 @@ def test_table_of_finished_runs(tmp_path):
     (["mnist-0.3", "--pgd-restarts", "0"], "'eval_pgd_restarts'"),
     (["mnist-0.3", "--extra-convs", "-1"], "--extra-convs -1"),
     (["mnist-0.3", "--lr", "0"], "'lr': must be > 0"),
+    (["mnist-0.3", "--lr", "inf"], "'lr': must be > 0 and finite"),
     (["mnist-0.3", "--batch-size", "0"], "'batch_size'"),
 ])
 def test_bad_arguments_are_one_clear_error(argv, needle, tmp_path):

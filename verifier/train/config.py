@@ -124,8 +124,8 @@ class TrainConfig:
         for k in ("kappa_start", "kappa_end", "beta_start", "beta_end"):
             if not 0 <= getattr(self, k) <= 1:
                 bad(k, f"must lie in [0, 1], got {getattr(self, k)}")
-        if not self.lr > 0:
-            bad("lr", f"must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            bad("lr", f"must be > 0 and finite, got {self.lr}")
         if not 0 < self.lr_decay <= 1:
             bad("lr_decay", f"must lie in (0, 1], got {self.lr_decay}")
         if any(not isinstance(m, int) or m < 1 for m in self.lr_milestones):
