@@ -59,7 +59,8 @@ RUNS = {
 
 
 # the command-line options that become config keys of the same name when given
-PASSED = ("alpha", "sabr_lambda", "pgd_steps", "train_eps", "augment_shift", "lr", "batch_size")
+PASSED = ("alpha", "sabr_lambda", "pgd_steps", "train_eps", "augment_shift", "lr", "batch_size",
+          "ema_decay")
 
 
 def config_for(name: str, args, method: str | None = None) -> dict:
@@ -131,6 +132,8 @@ def table(dirs: list[Path]) -> str:
             extra += f", lr {cfg['lr']:g}"
         if cfg.get("batch_size", _COMMON["batch_size"]) != _COMMON["batch_size"]:
             extra += f", batch {cfg['batch_size']}"
+        if cfg.get("ema_decay"):
+            extra += f", EMA {cfg['ema_decay']:g}"
         if cfg.get("seed"):
             extra += f", seed {cfg['seed']}"
         trained = f" (trained at {cfg['train_eps']:g})" if cfg.get("train_eps") is not None else ""
@@ -199,6 +202,8 @@ def main() -> int:
                    help="move each training image by up to K pixels per axis (default 0)")
     p.add_argument("--lr", type=float, help="Adam's learning rate (default 5e-4)")
     p.add_argument("--batch-size", type=int, help="training batch size (default 100)")
+    p.add_argument("--ema-decay", type=float, metavar="D",
+                   help="ship a moving average of the weights, decay D per step (default 0: off)")
     p.add_argument("--train-eps", type=float, help="the radius trained at (default: the run's, "
                    "e.g. 0.4 for mnist-0.3)")
     p.add_argument("--eval-methods", nargs="+", help="verification methods of the report, run in a "

@@ -22,7 +22,7 @@ def _script():
 def _args(**kw):
     base = dict(runs=["mnist-0.3"], seed=0, threads=1, epochs=None, width=32, fc=256, method=None,
                 loss_fusion=False, alpha=None, sabr_lambda=None, pgd_steps=None, train_eps=None,
-                augment_shift=None, lr=None, batch_size=None,
+                augment_shift=None, lr=None, batch_size=None, ema_decay=None,
                 eval_methods=None,
                 eval_budget=None, bab_timeout=None, pgd_restarts=None, extra_convs=0, output=None,
                 data_dir="/data")
@@ -54,6 +54,8 @@ def test_one_output_folder_per_method_and_loss_fusion_set():
     assert (d["lr"], d["batch_size"]) == (5e-4, 100)       # the recipe's optimizer ...
     fast = tm.config_for("mnist-0.3", _args(lr=1e-3, batch_size=50), None)
     assert (fast["lr"], fast["batch_size"]) == (1e-3, 50)  # ... or another
+    assert "ema_decay" not in d                             # the last weights unless asked for
+    assert tm.config_for("mnist-0.3", _args(ema_decay=0.999), None)["ema_decay"] == 0.999
     with pytest.raises(SystemExit, match="natural baseline takes no --method"):
         tm.config_for("mnist-natural", _args(runs=["mnist-natural"]), "sabr")
 
@@ -96,6 +98,10 @@ def test_table_of_finished_runs(tmp_path):
     (runs[0] / "config.json").write_text(json.dumps(cfg))
     assert tm.table(runs[:1]).splitlines()[2].startswith(
         "| MNIST 0.3 (trained at 0.4) | ibp, lr 0.001, batch 50 | 60 |")
+    cfg.update(lr=5e-4, batch_size=100, ema_decay=0.999)
+    (runs[0] / "config.json").write_text(json.dumps(cfg))
+    assert tm.table(runs[:1]).splitlines()[2].startswith(
+        "| MNIST 0.3 (trained at 0.4) | ibp, EMA 0.999 | 60 |")
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -108,6 +114,7 @@ def test_table_of_finished_runs(tmp_path):
     (["mnist-0.3", "--pgd-restarts", "0"], "'eval_pgd_restarts'"),
     (["mnist-0.3", "--extra-convs", "-1"], "--extra-convs -1"),
     (["mnist-0.3", "--lr", "0"], "'lr': must be > 0"),
+    (["mnist-0.3", "--ema-decay", "1"], "'ema_decay': must lie in [0, 1)"),
     (["mnist-0.3", "--lr", "inf"], "'lr': must be > 0 and finite"),
     (["mnist-0.3", "--batch-size", "0"], "'batch_size'"),
 ])

@@ -30,7 +30,8 @@ Settings come from a config file (YAML or TOML: the keys of verifier.train.Train
 docs/howto-train.md) with the flags below overriding it.
 A checkpoint is written after every epoch (OUTPUT/checkpoint.pt); --resume continues a stopped
 run from it, ending with the same weights as an uninterrupted run. At the end OUTPUT holds
-model.pt (state dict), model.onnx, report.json and report.png: clean accuracy, PGD accuracy,
+model.pt (state dict; with --ema-decay the moving average, the last weights in model_last.pt),
+model.onnx, report.json and report.png: clean accuracy, PGD accuracy,
 certified accuracy by each method of the config key eval_methods, and certified accuracy
 against eps (eval_eps)."""
 
@@ -45,7 +46,7 @@ examples:
 _FLAGS = ["dataset", "train_path", "test_path", "train_subset", "test_subset", "model", "method",
           "eps", "train_eps", "schedule", "epochs", "warmup_epochs", "ramp_epochs", "batch_size",
           "lr", "seed", "output", "threads", "device", "pgd_weight", "reg_weight", "eval_eps",
-          "alpha", "sabr_lambda", "pgd_steps", "loss_fusion", "augment_shift"]
+          "alpha", "sabr_lambda", "pgd_steps", "loss_fusion", "augment_shift", "ema_decay"]
 
 
 def _default(key: str) -> str:
@@ -106,6 +107,10 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=positive_int, metavar="N",
                    help=f"samples per optimizer step {_default('batch_size')}")
     g.add_argument("--lr", type=finite_float, help=f"Adam's learning rate {_default('lr')}")
+    g.add_argument("--ema-decay", type=finite_float, metavar="D",
+                   help="the model is a moving average of the weights, decay D per step, e.g. "
+                        "0.999; the last weights are saved as model_last.pt (0: off) "
+                        f"{_default('ema_decay')}")
     g.add_argument("--seed", type=int,
                    help=f"the weights' and the shuffling's seed {_default('seed')}")
     g.add_argument("--threads", type=positive_int, metavar="N",
@@ -150,7 +155,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     print(f"PGD accuracy       {report['pgd_acc']:.4f}  ({report['pgd_steps']} steps)")
     print(f"certified accuracy {cert}")
     print(f"training {report['train_time_s']:.1f} s, evaluation {report['eval_time_s']:.1f} s; "
-          f"files in {cfg.output}: model.pt model.onnx report.json report.png")
+          f"files in {cfg.output}: model.pt{' model_last.pt' if cfg.ema_decay > 0 else ''} "
+          "model.onnx report.json report.png")
     _print_warnings(report)
     return EXIT_OK
 

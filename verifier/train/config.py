@@ -56,6 +56,7 @@ class TrainConfig:
     lr_decay: float = 0.2
     weight_decay: float = 0.0
     grad_clip: float | None = 10.0
+    ema_decay: float = 0.0                 # the model shipped: an EMA of the weights (0: the last)
     ibp_init: bool = False                 # Shi et al. 2021 initialization (for models with BatchNorm)
     reg_weight: float = 0.5                # warm-up regularizers' weight (0: off)
     reg_tau: float = 1.0
@@ -147,6 +148,8 @@ class TrainConfig:
         for k in ("weight_decay", "reg_weight", "pgd_weight", "weight_eps"):
             if getattr(self, k) < 0:
                 bad(k, f"must be >= 0, got {getattr(self, k)}")
+        if not (0 <= self.ema_decay < 1 and math.isfinite(self.ema_decay)):
+            bad("ema_decay", f"must lie in [0, 1) (0: off), got {self.ema_decay}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             bad("grad_clip", f"must be > 0 or null, got {self.grad_clip}")
         unknown = [m for m in self.eval_methods if m not in EVAL_METHODS]
@@ -171,7 +174,7 @@ _INTS = {"train_subset", "test_subset", "epochs", "warmup_epochs", "ramp_epochs"
          "pgd_steps", "seed", "threads", "eval_pgd_steps", "eval_batch", "eval_pgd_restarts",
          "augment_shift"}
 _FLOATS = {"eps", "train_eps", "kappa_start", "kappa_end", "beta_start", "beta_end", "lr",
-           "lr_decay", "weight_decay", "grad_clip", "reg_weight", "reg_tau", "pgd_weight", "weight_eps",
+           "lr_decay", "weight_decay", "ema_decay", "grad_clip", "reg_weight", "reg_tau", "pgd_weight", "weight_eps",
            "eval_budget_s", "alpha", "sabr_lambda", "eval_bab_timeout_s"}
 _STRS = {"dataset", "train_path", "test_path", "model", "method", "schedule", "output",
          "weight_params", "device"}

@@ -27,6 +27,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
     out = Path(cfg.output)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
     torch.save({k: v.cpu() for k, v in state.net.state_dict().items()}, out / "model.pt")
+    if state.raw is not None:   # ema_decay: model.pt is the average, these the last weights
+        torch.save({k: v.cpu() for k, v in state.raw.items()}, out / "model_last.pt")
     export_onnx(state.net, train_ds.input_shape, out / "model.onnx")
     t1 = time.perf_counter()
     report = evaluate(state.net, test_ds, cfg.eps, methods=cfg.eval_methods,
@@ -38,6 +40,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
                   session_train_time_s=round(train_time, 1),
                   eval_time_s=round(time.perf_counter() - t1, 1), dataset=test_ds.name,
                   method=cfg.method, train_eps=cfg.eps_train, epochs=cfg.epochs)
+    if cfg.ema_decay > 0:
+        report["weights"] = (f"the moving average of the weights (ema_decay {cfg.ema_decay:g}); "
+                             "the last weights are model_last.pt")
     if cfg.weight_eps > 0:
         w = WeightPerturbation(cfg.weight_params, cfg.weight_eps, relative=cfg.weight_relative)
         report["weight_perturbation"] = {"params": cfg.weight_params, "eps": cfg.weight_eps,

@@ -8,6 +8,12 @@ and the shifts of ``augment_shift`` from one seeded by ``(seed, e, step, 1)``, s
 optimizer and lr-scheduler states, the global RNG state, the epoch count and the history; a
 resumed run starts at the first unfinished epoch and ends with the same weights as an
 uninterrupted one (same config, same number of threads).
+
+With ``ema_decay`` d > 0 the run also keeps an exponential moving average of the model's state
+(parameters and BatchNorm statistics; the checkpoint holds it too): after optimizer step n,
+``ema = r * ema + (1 - r) * weights`` with ``r = min(d, (1 + n) / (10 + n))``, starting from the
+initial weights. The trained model ``train`` returns is then the average; the last weights stay
+in ``TrainState.raw``.
 """
 from __future__ import annotations
 
@@ -104,6 +110,25 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     epoch: int          # epochs completed
     history: list
+    ema: dict | None = None   # ema_decay > 0: the moving average of net.state_dict()
+    raw: dict | None = None   # after train() with ema_decay > 0: the last weights (net holds the EMA)
+
+
+def ema_rate(decay: float, n: int) -> float:
+    """The averaging rate of the n-th update (n = 1, 2, ...): ``min(decay, (1 + n) / (10 + n))``,
+    so the first steps do not leave the average stuck near the initial weights."""
+    return min(decay, (1 + n) / (10 + n))
+
+
+def ema_update_(ema: dict, net: nn.Module, rate: float) -> None:
+    """``ema <- rate * ema + (1 - rate) * net's state``, in place; integer buffers (BatchNorm's
+    batch count) are copied."""
+    with torch.no_grad():
+        for k, v in net.state_dict().items():
+            if ema[k].is_floating_point():
+                ema[k].mul_(rate).add_(v.detach(), alpha=1 - rate)
+            else:
+                ema[k].copy_(v)
 
 
 def _new_state(cfg: TrainConfig, train: Dataset) -> TrainState:
@@ -114,13 +139,17 @@ def _new_state(cfg: TrainConfig, train: Dataset) -> TrainState:
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_milestones),
                                                  gamma=cfg.lr_decay)
-    return TrainState(net, bm, opt, sched, 0, [])
+    ema = ({k: v.detach().clone() for k, v in net.state_dict().items()}
+           if cfg.ema_decay > 0 else None)
+    return TrainState(net, bm, opt, sched, 0, [], ema)
 
 
 def _save(state: TrainState, cfg: TrainConfig, path: Path) -> None:
     ckpt = {"model": state.net.state_dict(), "optimizer": state.optimizer.state_dict(),
             "scheduler": state.scheduler.state_dict(), "epoch": state.epoch,
             "rng": torch.get_rng_state(), "history": state.history, "config": to_dict(cfg)}
+    if state.ema is not None:
+        ckpt["ema"] = state.ema
     tmp = path.with_suffix(".tmp")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
@@ -143,6 +172,12 @@ def _load(state: TrainState, cfg: TrainConfig, path: Path) -> None:
     state.net.load_state_dict(ckpt["model"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
+    if state.ema is not None:
+        if "ema" not in ckpt:
+            raise ConfigError(f"{path}: the checkpoint holds no moving average of the weights "
+                              "(ema_decay); use the run's config or another output folder")
+        for k, v in ckpt["ema"].items():
+            state.ema[k].copy_(v)
     state.epoch = int(ckpt["epoch"])
     state.history = list(ckpt.get("history", []))
     if "rng" in ckpt:
@@ -236,6 +271,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbac
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise
+    if state.ema is not None:    # the model is the average; the last weights stay in state.raw
+        state.raw = {k: v.detach().clone() for k, v in state.net.state_dict().items()}
+        state.net.load_state_dict(state.ema)
     state.net.eval()
     return state
 
@@ -265,6 +303,8 @@ def _epochs(cfg: TrainConfig, state: TrainState, train_ds: Dataset, ckpt_path: P
             vals = train_step(cfg, state, xb.to(dev), train_ds.y[idx].to(dev), s,
                               train_ds.n_classes,
                               _gen(cfg.seed, epoch, step))
+            if state.ema is not None:
+                ema_update_(state.ema, state.net, ema_rate(cfg.ema_decay, epoch * steps + step + 1))
             for k, v in vals.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(eps=f"{s['eps']:.3f}", loss=f"{vals['loss']:.3f}")
